@@ -1,0 +1,77 @@
+"""Expert load balancing: the auxiliary-loss-free bias controller, the loss terms, MaxVio metrics.
+
+Modes (`balance.mode`):
+- aux_free (DeepSeek-V3): after each optimizer step, each router's selection bias moves by
+  γ·sign(mean_load − load_i), with loads counted over the whole global batch; plus the small
+  complementary sequence-wise loss α·Σ f_i P_i (`balance.seq_aux_alpha`).
+- aux_loss: the classic batch-wise auxiliary loss (per micro-batch), no bias.
+- none: no balancing at all (the baseline the other two are compared with).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .config import BalanceConfig
+from .model.moe import BalanceLoss, MoE
+
+
+def maxvio(counts: torch.Tensor) -> float:
+    """(max_i load_i − mean load) / mean load; 0 is perfect balance."""
+    c = counts.double()
+    mean = c.mean()
+    if mean <= 0:
+        return 0.0
+    return float((c.max() - mean) / mean)
+
+
+def balance_loss_spec(cfg: BalanceConfig) -> BalanceLoss:
+    if cfg.mode == "aux_free":
+        return BalanceLoss("seq", cfg.seq_aux_alpha)
+    if cfg.mode == "aux_loss":
+        return BalanceLoss("batch", cfg.aux_loss_alpha)
+    return BalanceLoss(None, 0.0)
+
+
+class BiasController:
+    """Moves each MoE layer's selection bias towards balance after every optimizer step.
+
+    `reduce`, when given, sums the per-layer counts over the data-parallel world (all ranks must see the
+    same loads so their biases stay identical).
+    """
+
+    def __init__(self, cfg: BalanceConfig, max_steps: int) -> None:
+        self.cfg = cfg
+        self.max_steps = max_steps
+
+    def gamma(self, step: int) -> float:
+        """γ for the update that follows optimizer step `step` (0-based); 0 after the stop fraction."""
+        if self.cfg.mode != "aux_free":
+            return 0.0
+        if step >= self.cfg.bias_update_stop_frac * self.max_steps:
+            return 0.0
+        return self.cfg.bias_update_rate
+
+    @torch.no_grad()
+    def update(
+        self,
+        layers: Iterable[MoE],
+        counts: dict[int, torch.Tensor],
+        step: int,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> float:
+        gamma = self.gamma(step)
+        if gamma == 0.0:
+            return gamma
+        for moe in layers:
+            load = counts.get(moe.layer_id)
+            if load is None:
+                continue
+            load = load.to(torch.float32)
+            if reduce is not None:
+                load = reduce(load)
+            bias = moe.gate.e_score_correction_bias
+            bias += gamma * torch.sign(load.mean() - load).to(bias.device)
+        return gamma

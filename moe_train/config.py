@@ -1,0 +1,434 @@
+"""Configuration schema, registration with Hydra's ConfigStore, and start-up validation.
+
+The dataclasses are the single source of truth for every key: Hydra rejects unknown keys and wrong types
+because the composed config is typed by them, and :func:`validate` checks the rules that tie several keys
+together.  Validation runs once, before any work (data, model, process groups) starts, so a bad config
+costs the user seconds, not a queue slot.
+
+Model field names follow transformers' ``DeepseekV3Config`` so a Hugging Face ``config.json`` maps onto
+``model`` one to one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    # vocab_size None: taken from the data's tokenizer at start-up (257 for the byte tokenizer).
+    vocab_size: int | None = None
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    moe_intermediate_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None  # HF field; MLA has no kv heads, kept for config.json round trips
+    n_shared_experts: int = 1
+    n_routed_experts: int = 16
+    routed_scaling_factor: float = 1.0
+    num_experts_per_tok: int = 4
+    n_group: int = 4
+    topk_group: int = 2
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    q_lora_rank: int | None = 64
+    kv_lora_rank: int = 64
+    qk_rope_head_dim: int = 16
+    qk_nope_head_dim: int = 32
+    v_head_dim: int = 32
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    # YaRN: {type: yarn, factor, original_max_position_embeddings, beta_fast, beta_slow, mscale,
+    #        mscale_all_dim}
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    num_nextn_predict_layers: int = 1
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    # Start from Hugging Face DeepseekV3 weights (a directory with config.json + safetensors).
+    init_from: str | None = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"  # stdlib | memmap | synthetic
+    tokenizer: str | None = None  # None: byte-level; else a tokenizers `tokenizer.json`
+    path: str | None = None  # memmap: directory holding train.bin / val.bin / meta.json
+    cache_dir: str | None = None  # None: $MOE_TRAIN_CACHE or ~/.cache/moe_train
+    seq_len: int = 128
+    batch_size: int = 16  # sequences per optimizer step (the global batch, whatever the layout)
+    val_fraction: float = 0.05
+    synthetic_vocab: int = 257
+    synthetic_tokens: int = 1_000_000
+
+
+@dataclass
+class OptimConfig:
+    engine: str = "torch"  # torch | deepspeed
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    decay: str = "cosine"  # cosine | constant
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # <= 0 disables clipping
+
+
+@dataclass
+class BalanceConfig:
+    mode: str = "aux_free"  # aux_free | aux_loss | none
+    bias_update_rate: float = 1e-3  # gamma; DeepSeek-V3 uses 1e-3
+    # gamma drops to 0 after this fraction of max_steps (DeepSeek-V3 freezes it for its last 500B tokens).
+    bias_update_stop_frac: float = 1.0
+    seq_aux_alpha: float = 1e-4  # complementary sequence-wise balance loss (0 disables)
+    aux_loss_alpha: float = 1e-2  # classic batch-wise auxiliary loss, used only in mode=aux_loss
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 0  # 0: only at the end
+    resume: str = "auto"  # auto | none | path to a checkpoint directory or to one checkpoint
+    keep_last: int = 2
+    progress: bool = True
+    mtp_weight: float = 0.3  # lambda; DeepSeek-V3: 0.3 then 0.1
+    mtp_weight_final: float = 0.1
+    mtp_weight_switch_frac: float = 0.7  # fraction of max_steps after which mtp_weight_final applies
+    log_expert_load: bool = True  # per-layer load vectors in metrics.jsonl (for the load heatmap)
+    profile: bool = False  # Chrome trace of a few steps into <run dir>/profile/
+    recompute: str = "none"
+    # Peak dense bf16 TFLOP/s of one device for MFU; None: known GPUs (H100/H200: 989) or no MFU.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "moe_train"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    ep: int = 1
+    schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
+    dispatcher: str = "alltoall"  # alltoall | hierarchical
+    gpus_per_node: int | None = None  # None: LOCAL_WORLD_SIZE
+    overlap: bool = False
+    microbatches: int = 1  # micro-batches per optimizer step on each data-parallel rank
+    stage_layers: list[int] | None = None
+    backend: str | None = None  # None: nccl on cuda, gloo on cpu
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run_dir: str | None = None  # None: Hydra's run dir (or the working directory outside Hydra)
+
+
+def register_configs() -> None:
+    """Register the schema so `configs/train.yaml` can name it in its defaults list (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(overrides: list[str] | None = None, config_dir: str | None = None) -> DictConfig:
+    """Compose the project config outside a Hydra app (tests, notebooks, bench scripts)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir or CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="train", overrides=list(overrides or []))
+    return cfg
+
+
+def to_object(cfg: DictConfig | TrainConfig) -> TrainConfig:
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _positive(cfg: Any, prefix: str, names: list[str]) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v is None or v <= 0:
+            _fail(f"{prefix}.{n}", v, "must be a positive number")
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(key, value, "one of " + ", ".join(allowed))
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    _positive(
+        m,
+        prefix,
+        [
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+            "rope_theta",
+            "rms_norm_eps",
+            "moe_layer_freq",
+        ],
+    )
+    if m.vocab_size is not None and m.vocab_size <= 0:
+        _fail(
+            f"{prefix}.vocab_size", m.vocab_size, "a positive number, or null to take it from the tokenizer"
+        )
+    for n in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers", "qk_nope_head_dim"):
+        if getattr(m, n) < 0:
+            _fail(f"{prefix}.{n}", getattr(m, n), "must be >= 0")
+    if m.q_lora_rank is not None and m.q_lora_rank <= 0:
+        _fail(f"{prefix}.q_lora_rank", m.q_lora_rank, "a positive number, or null for a full-rank query")
+    if m.num_key_value_heads is not None and m.num_key_value_heads != m.num_attention_heads:
+        _fail(
+            f"{prefix}.num_key_value_heads",
+            m.num_key_value_heads,
+            f"null or num_attention_heads={m.num_attention_heads} "
+            "(MLA gives every head its own key and value)",
+        )
+    if m.qk_rope_head_dim % 2:
+        _fail(f"{prefix}.qk_rope_head_dim", m.qk_rope_head_dim, "an even number (RoPE rotates pairs)")
+    if m.first_k_dense_replace > m.num_hidden_layers:
+        _fail(
+            f"{prefix}.first_k_dense_replace",
+            m.first_k_dense_replace,
+            f"at most num_hidden_layers={m.num_hidden_layers}",
+        )
+    _choice(f"{prefix}.scoring_func", m.scoring_func, ("sigmoid", "softmax"))
+    _choice(f"{prefix}.topk_method", m.topk_method, ("noaux_tc", "greedy", "group_limited_greedy"))
+    _choice(f"{prefix}.hidden_act", m.hidden_act, ("silu",))
+    if m.n_routed_experts % m.n_group:
+        _fail(
+            f"{prefix}.n_routed_experts",
+            m.n_routed_experts,
+            f"must be divisible by n_group={m.n_group} (experts form equal groups)",
+        )
+    if m.topk_group > m.n_group:
+        _fail(f"{prefix}.topk_group", m.topk_group, f"at most n_group={m.n_group}")
+    per_group = m.n_routed_experts // m.n_group
+    if m.num_experts_per_tok > m.topk_group * per_group:
+        _fail(
+            f"{prefix}.num_experts_per_tok",
+            m.num_experts_per_tok,
+            f"at most topk_group*experts_per_group={m.topk_group}*{per_group}={m.topk_group * per_group} "
+            "(experts a token may reach)",
+        )
+    if m.n_group > 1 and per_group < 2 and m.scoring_func == "sigmoid":
+        _fail(f"{prefix}.n_group", m.n_group, "groups of at least 2 experts (group score = sum of top-2)")
+    if m.attention_bias:
+        _fail(f"{prefix}.attention_bias", True, "false (DeepSeek-V3 attention has no biases)")
+    if m.tie_word_embeddings:
+        _fail(f"{prefix}.tie_word_embeddings", True, "false (DeepSeek-V3 keeps embedding and head untied)")
+    if m.rope_scaling is not None:
+        rs = dict(m.rope_scaling)
+        kind = rs.get("type", rs.get("rope_type"))
+        if kind not in ("yarn",):
+            _fail(f"{prefix}.rope_scaling.type", kind, "yarn (or rope_scaling=null)")
+        known = {
+            "type",
+            "rope_type",
+            "factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
+        }
+        unknown = sorted(set(rs) - known)
+        if unknown:
+            _fail(f"{prefix}.rope_scaling", unknown, "keys among " + ", ".join(sorted(known)))
+        if float(rs.get("factor", 1.0)) < 1.0:
+            _fail(f"{prefix}.rope_scaling.factor", rs.get("factor"), ">= 1")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Check every cross-field rule; raise ConfigError naming key, value and what is allowed."""
+    validate_model(cfg.model)
+    d, o, b, t, p = cfg.data, cfg.optim, cfg.balance, cfg.trainer, cfg.parallel
+    _choice("data.name", d.name, ("stdlib", "memmap", "synthetic"))
+    _positive(d, "data", ["seq_len", "batch_size"])
+    if not 0.0 < d.val_fraction < 0.5:
+        _fail("data.val_fraction", d.val_fraction, "between 0 and 0.5 (exclusive)")
+    if d.seq_len > cfg.model.max_position_embeddings:
+        _fail(
+            "data.seq_len",
+            d.seq_len,
+            f"at most model.max_position_embeddings={cfg.model.max_position_embeddings}",
+        )
+    if d.name == "memmap":
+        if not d.path:
+            _fail(
+                "data.path", d.path, "a directory with train.bin, val.bin and meta.json when data.name=memmap"
+            )
+        elif not os.path.isdir(d.path):
+            _fail(
+                "data.path", d.path, "an existing directory (build one with python -m moe_train.data.prepare)"
+            )
+    if d.tokenizer is not None and not os.path.isfile(d.tokenizer):
+        _fail("data.tokenizer", d.tokenizer, "an existing tokenizer.json file, or null for bytes")
+    if d.name == "synthetic":
+        _positive(d, "data", ["synthetic_vocab", "synthetic_tokens"])
+
+    _choice("optim.engine", o.engine, ("torch", "deepspeed"))
+    _choice("optim.decay", o.decay, ("cosine", "constant"))
+    _positive(o, "optim", ["lr", "eps"])
+    if o.warmup_steps < 0:
+        _fail("optim.warmup_steps", o.warmup_steps, ">= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        _fail("optim.min_lr_ratio", o.min_lr_ratio, "between 0 and 1")
+    for n in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, n) < 1.0:
+            _fail(f"optim.{n}", getattr(o, n), "in [0, 1)")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", o.weight_decay, ">= 0")
+    if o.engine == "deepspeed":
+        _fail("optim.engine", o.engine, "torch in this version (DeepSpeed ZeRO is not integrated yet)")
+
+    _choice("balance.mode", b.mode, ("aux_free", "aux_loss", "none"))
+    for n in ("bias_update_rate", "seq_aux_alpha", "aux_loss_alpha"):
+        if getattr(b, n) < 0:
+            _fail(f"balance.{n}", getattr(b, n), ">= 0")
+    if not 0.0 <= b.bias_update_stop_frac <= 1.0:
+        _fail("balance.bias_update_stop_frac", b.bias_update_stop_frac, "between 0 and 1")
+    if b.mode == "aux_free" and cfg.model.scoring_func != "sigmoid":
+        _fail(
+            "balance.mode",
+            b.mode,
+            "aux_free needs model.scoring_func=sigmoid (the bias shifts sigmoid scores)",
+        )
+
+    _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_batches"])
+    _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16"))
+    _choice("trainer.recompute", t.recompute, ("none",))
+    if t.ckpt_every < 0:
+        _fail("trainer.ckpt_every", t.ckpt_every, ">= 0 (0 saves only at the end)")
+    if t.keep_last < 1:
+        _fail("trainer.keep_last", t.keep_last, ">= 1")
+    if t.mtp_weight < 0 or t.mtp_weight_final < 0:
+        _fail("trainer.mtp_weight", (t.mtp_weight, t.mtp_weight_final), ">= 0")
+    if t.resume not in ("auto", "none") and not os.path.exists(t.resume):
+        _fail("trainer.resume", t.resume, "auto, none, or an existing checkpoint directory")
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("trainer.device", t.device, "cpu or auto: CUDA is not available on this machine")
+
+    _choice("parallel.schedule", p.schedule, ("1f1b", "dualpipe", "dualpipev"))
+    _choice("parallel.dispatcher", p.dispatcher, ("alltoall", "hierarchical"))
+    _positive(p, "parallel", ["pp", "ep", "microbatches"])
+    if p.pp != 1:
+        _fail("parallel.pp", p.pp, "1 in this version (pipeline parallelism is not implemented yet)")
+    if p.ep != 1:
+        _fail("parallel.ep", p.ep, "1 in this version (expert parallelism is not implemented yet)")
+    if p.overlap:
+        _fail(
+            "parallel.overlap", p.overlap, "false in this version (the overlap engine is not implemented yet)"
+        )
+    if world_size % (p.pp * p.ep):
+        _fail("WORLD_SIZE", world_size, f"a multiple of parallel.pp*parallel.ep={p.pp * p.ep}")
+    dp = world_size // p.pp
+    if d.batch_size % (dp * p.microbatches):
+        _fail(
+            "data.batch_size",
+            d.batch_size,
+            f"a multiple of dp*parallel.microbatches={dp}*{p.microbatches}={dp * p.microbatches}",
+        )
+
+
+def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The fully resolved config as plain containers (for metrics, wandb and checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n)) if math.isfinite(n) else str(n)
+
+
+__all__ = [
+    "MISSING",
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "BalanceConfig",
+    "TrainerConfig",
+    "LoggerConfig",
+    "WandbConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "register_configs",
+    "load_config",
+    "to_object",
+    "validate",
+    "validate_model",
+    "resolved_dict",
+]

@@ -1,0 +1,43 @@
+"""Single-device model math. Parallelism enters only through the MoE dispatcher seam and stage splitting."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from .accounting import ParamCounts, count_params, train_flops_per_token
+from .init import init_weights
+from .moe import BalanceLoss, MoE
+from .stats import MoEStats, RouterRecord
+from .transformer import ModelOutput, Transformer, is_moe_layer
+
+
+def build_model(
+    cfg: ModelConfig,
+    balance: BalanceLoss | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Transformer:
+    """Build on `device` and initialise deterministically; device='meta' only builds the shapes."""
+    device = torch.device(device)
+    with torch.device(device):
+        model = Transformer(cfg, balance)
+    if device.type != "meta":
+        init_weights(model, seed, cfg.initializer_range)
+    return model
+
+
+__all__ = [
+    "BalanceLoss",
+    "MoE",
+    "MoEStats",
+    "ModelOutput",
+    "ParamCounts",
+    "RouterRecord",
+    "Transformer",
+    "build_model",
+    "count_params",
+    "init_weights",
+    "is_moe_layer",
+    "train_flops_per_token",
+]

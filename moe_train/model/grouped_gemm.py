@@ -1,0 +1,64 @@
+"""Expert SwiGLU over tokens already sorted by expert: one grouped GEMM per projection.
+
+On CUDA (bf16) `torch._grouped_mm` runs all experts in one kernel.  On CPU the reference path loops over
+experts: CPU `_grouped_mm` has a forward (for 16-byte-aligned shapes) but no working backward, and the loop
+is the semantics the GPU path is tested against (tests compare the two forwards on CPU;
+bench/grouped_gemm_check.py compares forward and backward in bf16 on the GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    return x.is_cuda and hasattr(torch, "_grouped_mm")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+
+def expert_swiglu_grouped(
+    x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """x: (M, H) sorted by expert; counts: (E,) rows per expert; w_gate_up: (E, 2I, H); w_down: (E, H, I)."""
+    dtype = _compute_dtype(x)
+    if x.is_cuda and dtype != torch.bfloat16:
+        raise ValueError(f"torch._grouped_mm needs bf16 inputs on CUDA, got {dtype}")
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    xa = x.to(dtype)
+    gu = torch._grouped_mm(xa, w_gate_up.to(dtype).transpose(-2, -1), offs=offs)
+    g, u = gu.chunk(2, dim=-1)
+    h = F.silu(g) * u
+    return torch._grouped_mm(h, w_down.to(dtype).transpose(-2, -1), offs=offs)
+
+
+def expert_swiglu_reference(
+    x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """The same math as `expert_swiglu_grouped`, one matmul pair per expert (host reads `counts`)."""
+    outs = []
+    for e, xe in enumerate(torch.split(x, counts.tolist(), dim=0)):
+        if xe.shape[0] == 0:
+            continue
+        g, u = F.linear(xe, w_gate_up[e]).chunk(2, dim=-1)
+        outs.append(F.linear(F.silu(g) * u, w_down[e]))
+    if not outs:
+        # keep the graph connected to the weights so every expert gets a (zero) gradient
+        return x.new_zeros(0, w_down.shape[1]) + 0 * (w_gate_up.sum() + w_down.sum())
+    return torch.cat(outs, dim=0)
+
+
+def expert_swiglu(
+    x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
+    """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference."""
+    if impl == "grouped" or (
+        impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
+    ):
+        return expert_swiglu_grouped(x, counts, w_gate_up, w_down)
+    return expert_swiglu_reference(x, counts, w_gate_up, w_down)

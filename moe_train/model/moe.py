@@ -1,0 +1,150 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts behind a sigmoid (or softmax) router.
+
+Router math follows DeepSeek-V3: scores s = sigmoid(u·e) in fp32; a selection-only bias b
+(`e_score_correction_bias`) is added to choose the top-k, never to weigh them; with n_group > 1 a token may
+only use experts of its `topk_group` best groups (group score = sum of the group's top-2 biased scores);
+gates are the selected s, normalised to sum 1 when `norm_topk_prob`, times `routed_scaling_factor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .dispatch import Dispatcher, LocalDispatcher
+from .grouped_gemm import expert_swiglu
+from .mlp import SwiGLU
+from .stats import MoEStats, RouterRecord
+
+
+@dataclass(frozen=True)
+class BalanceLoss:
+    """Which differentiable balance term the router adds: 'seq' (per sequence), 'batch' (per micro-batch)."""
+
+    kind: str | None = None  # None | "seq" | "batch"
+    alpha: float = 0.0
+
+
+@dataclass
+class Routing:
+    topk_idx: torch.Tensor  # (N, K) int64
+    topk_weight: torch.Tensor  # (N, K) fp32 gate values
+    scores: torch.Tensor  # (N, E) fp32 affinities s (without bias)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.scoring = cfg.scoring_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # Selection-only bias, updated by the balance controller (not by the optimizer).
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
+        )
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach()
+        if self.scoring == "sigmoid":
+            choice = choice + self.e_score_correction_bias.unsqueeze(0)
+        if self.n_group > 1:
+            n = choice.shape[0]
+            grouped = choice.view(n, self.n_group, -1)
+            if self.scoring == "sigmoid":
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_score = grouped.amax(dim=-1)
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            choice = choice.masked_fill(
+                ~group_mask.unsqueeze(-1).expand_as(grouped).reshape(n, -1), float("-inf")
+            )
+        topk_idx = choice.topk(self.top_k, dim=-1).indices
+        topk_weight = scores.gather(1, topk_idx)
+        if self.norm_topk_prob and self.top_k > 1:
+            topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
+        return Routing(topk_idx, topk_weight * self.scale, scores)
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts' weights, fused per projection so one grouped GEMM serves all of them.
+
+    `first_expert`/`num_local` say which global experts this module holds (all of them in one process);
+    expert parallelism constructs it with a slice.
+    """
+
+    def __init__(self, cfg: ModelConfig, first_expert: int = 0, num_local: int | None = None) -> None:
+        super().__init__()
+        self.first_expert = first_expert
+        self.num_local = cfg.n_routed_experts if num_local is None else num_local
+        h, i = cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_local, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(self.num_local, h, i))
+        self.impl = "auto"  # auto | grouped | reference (tests force one)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl)
+
+
+def balance_terms(routing: Routing, batch: int, seq: int, kind: str) -> torch.Tensor:
+    """Σ_i f_i P_i (DeepSeek-V3 eq. 17-20): f_i = E/(K·T)·count_i, P_i = mean over tokens of s_i/Σ_j s_j.
+
+    kind 'seq' computes it per sequence and averages over sequences; 'batch' over all tokens at once.
+    """
+    scores = routing.scores
+    n_exp, k = scores.shape[-1], routing.topk_idx.shape[-1]
+    probs = scores / scores.sum(-1, keepdim=True)
+    groups = batch if kind == "seq" else 1
+    probs = probs.view(groups, -1, n_exp)
+    tokens = probs.shape[1]
+    onehot = torch.zeros(groups, tokens, n_exp, device=scores.device)
+    onehot.scatter_(2, routing.topk_idx.view(groups, tokens, k), 1.0)
+    f = onehot.sum(1) * (n_exp / (k * tokens))
+    p = probs.mean(1)
+    return (f * p).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, balance: BalanceLoss | None = None) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_experts = cfg.n_routed_experts
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts > 0
+            else None
+        )
+        self.balance = balance or BalanceLoss()
+        self.dispatcher: Dispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        routing = self.gate(flat)
+        if stats is not None:
+            counts = torch.bincount(routing.topk_idx.reshape(-1), minlength=self.n_experts).detach()
+            loss = None
+            if self.training and self.balance.kind and self.balance.alpha > 0:
+                loss = self.balance.alpha * balance_terms(routing, B, T, self.balance.kind)
+            stats.add(RouterRecord(self.layer_id, counts, loss))
+        rows, local_counts, plan = self.dispatcher.dispatch(
+            flat, routing.topk_idx, routing.topk_weight, self.n_experts
+        )
+        y = self.dispatcher.combine(self.experts(rows, local_counts), plan)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, T, H)

@@ -1,0 +1,138 @@
+"""The DeepSeek-V3 decoder: embedding, first-k dense blocks, MoE blocks, final norm, untied head, MTP.
+
+Layers live in a ModuleDict keyed by their *global* index, so parameter names (`layers.7.mlp...`) are the
+same in every layout: pipeline stages hold a subset of the same keys, deterministic initialisation and
+checkpoints key on these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA
+from .mlp import SwiGLU
+from .moe import BalanceLoss, MoE
+from .norm import RMSNorm
+from .rope import RotaryTable
+from .stats import MoEStats
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """MTP blocks (layer >= num_hidden_layers) are MoE blocks, like DeepSeek-V3's."""
+    if layer >= cfg.num_hidden_layers:
+        return True
+    return layer >= cfg.first_k_dense_replace and layer % cfg.moe_layer_freq == 0
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, rotary: RotaryTable, balance: BalanceLoss | None
+    ) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module
+        if is_moe_layer(cfg, layer_id):
+            self.mlp = MoE(cfg, layer_id, balance)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, MoE):
+            return h + self.mlp(x, stats)
+        return h + self.mlp(x)
+
+
+class MTPLayer(nn.Module):
+    """Multi-token prediction depth k: combine h^{k-1}_i with Emb(t_{i+k}), one block, shared head."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, rotary: RotaryTable, balance: BalanceLoss | None
+    ) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = DecoderLayer(cfg, layer_id, rotary, balance)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, stats: MoEStats | None) -> torch.Tensor:
+        h = self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))
+        return self.block(h, stats)
+
+
+@dataclass
+class ModelOutput:
+    lm_loss: torch.Tensor | None
+    mtp_loss: torch.Tensor | None  # mean over MTP depths, unweighted (the trainer applies lambda)
+    logits: torch.Tensor | None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, balance: BalanceLoss | None = None) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError(
+                "model.vocab_size must be resolved (from the tokenizer) before building the model"
+            )
+        self.cfg = cfg
+        self.rotary = RotaryTable(
+            cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(cfg, i, self.rotary, balance) for i in range(cfg.num_hidden_layers)}
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            MTPLayer(cfg, cfg.num_hidden_layers + d, self.rotary, balance)
+            for d in range(cfg.num_nextn_predict_layers)
+        )
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def hidden_states(self, input_ids: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers.values():
+            h = layer(h, stats)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        stats: MoEStats | None = None,
+        return_logits: bool = False,
+    ) -> ModelOutput:
+        """labels[:, i] is the token after input_ids[:, i]; MTP depth k predicts labels[:, i + k]."""
+        h = self.hidden_states(input_ids, stats)
+        logits = self.logits(h)
+        if labels is None:
+            return ModelOutput(None, None, logits)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1))
+        mtp_loss = None
+        if len(self.mtp) and labels.shape[1] > len(self.mtp):
+            losses = []
+            h_prev = h
+            for k, layer in enumerate(self.mtp, start=1):
+                n = labels.shape[1] - k
+                emb_next = self.embed_tokens(labels[:, k - 1 : k - 1 + n])
+                h_prev = layer(h_prev[:, :n], emb_next, stats)
+                mtp_logits = self.lm_head(layer.norm(h_prev))
+                losses.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(), labels[:, k:].reshape(-1)))
+            mtp_loss = torch.stack(losses).mean()
+        return ModelOutput(lm_loss, mtp_loss, logits if return_logits else None)

@@ -1,0 +1,31 @@
+"""Optimizer engines. `torch`: AdamW with fp32 master weights and moments (fused on CUDA)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+from .param_groups import split_decay
+from .schedule import lr_at
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    decay, skip = split_decay(model)
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay, "names": decay},
+        {"params": [params[n] for n in skip], "weight_decay": 0.0, "names": skip},
+    ]
+    on_cuda = all(p.is_cuda for p in params.values())
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True if on_cuda else None
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+__all__ = ["build_optimizer", "lr_at", "set_lr", "split_decay"]

@@ -1,0 +1,146 @@
+"""Where metrics go: metrics.jsonl (always, rank 0), a live progress bar, a console summary, wandb.
+
+Loggers share one tiny interface (`log(record)`, `close()`), and the hub fans a record out to each.  wandb
+is imported only when enabled, so `import moe_train` stays fast and GPU images without wandb work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them visible instead of invalid JSON
+    return v
+
+
+class JsonlLogger:
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ProgressLogger:
+    """tqdm bar with loss, tokens/s and MaxVio; off when stderr is not a terminal unless forced."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step")
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if record.get("kind") == "train":
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                maxvio=f"{record['maxvio_batch']:.2f}",
+                refresh=False,
+            )
+        elif record.get("kind") == "eval":
+            self.bar.write(
+                f"step {record['step']}: val_loss {record['val_loss']:.4f}  "
+                f"maxvio_global {record['maxvio_global']:.3f}"
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class ConsoleLogger:
+    """Plain lines when there is no terminal for a progress bar (batch jobs, CI)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        kind = record.get("kind")
+        if kind == "train":
+            print(
+                f"step {record['step']:>6}  loss {record['loss']:.4f}  lm {record['lm_loss']:.4f}  "
+                f"lr {record['lr']:.2e}  gnorm {record['grad_norm']:.3f}  "
+                f"tok/s {record['tokens_per_s']:.0f}  "
+                f"maxvio {record['maxvio_batch']:.3f}",
+                flush=True,
+            )
+        elif kind == "eval":
+            print(
+                f"step {record['step']:>6}  val_loss {record['val_loss']:.4f}  "
+                f"maxvio_global {record['maxvio_global']:.3f}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        pass
+
+
+class WandbLogger:
+    def __init__(self, run_dir: str, cfg: Any, config_dict: dict[str, Any], run_id: str | None) -> None:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name,
+            tags=list(cfg.tags),
+            mode=cfg.mode,
+            dir=run_dir,
+            config=config_dict,
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
+        self.run_id = self.run.id
+
+    def log(self, record: dict[str, Any]) -> None:
+        flat = {}
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                flat[f"{record.get('kind', 'train')}/{k}"] = v
+        self.run.log(flat, step=int(record["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsHub:
+    def __init__(self, loggers: list[Any]) -> None:
+        self.loggers = loggers
+
+    def log(self, record: dict[str, Any]) -> None:
+        for lg in self.loggers:
+            lg.log(record)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    width = max(len(k) for k in summary) if summary else 0
+    print("\n" + "=" * 48)
+    print("run summary")
+    print("-" * 48)
+    for k, v in summary.items():
+        sv = f"{v:.4f}" if isinstance(v, float) else str(v)
+        print(f"  {k:<{width}}  {sv}")
+    print("=" * 48, flush=True)
