@@ -71,7 +71,7 @@ class DataConfig:
     path: str | None = None  # memmap: directory holding train.bin / val.bin / meta.json
     cache_dir: str | None = None  # None: $MOE_TRAIN_CACHE or ~/.cache/moe_train
     seq_len: int = 128
-    batch_size: int = 16  # sequences per optimizer step (the global batch, whatever the layout)
+    batch_size: int = 32  # sequences per optimizer step (the global batch, whatever the layout)
     val_fraction: float = 0.05
     synthetic_vocab: int = 257
     synthetic_tokens: int = 1_000_000

@@ -290,8 +290,15 @@ def _plot_maxvio(train: list, evals: list, out_dir: str, title: str) -> str | No
     if steps:
         ax.plot(steps, values, color="tab:blue", linewidth=1.8, label="MaxVio_batch (mean over layers)")
     if g_steps:
-        ax.plot(g_steps, g_values, "s--", color="tab:red", markersize=5, linewidth=1.0,
-                label="MaxVio_global (eval)")
+        ax.plot(
+            g_steps,
+            g_values,
+            "s--",
+            color="tab:red",
+            markersize=5,
+            linewidth=1.0,
+            label="MaxVio_global (eval)",
+        )
     ax.axhline(0.0, color="grey", linewidth=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel("MaxVio (max load / mean load − 1)")
@@ -351,8 +358,9 @@ def _plot_expert_load(records: list[dict[str, Any]], train: list, out_dir: str, 
     for ax, (layer, steps, mat) in zip(axes, data, strict=True):
         # LogNorm would mask zero loads as "bad"; a dead expert must read as maximally under-loaded.
         shown = np.where(mat == 0, np.finfo(np.float64).tiny, mat)
-        mesh = ax.pcolormesh(_edges(steps), np.arange(mat.shape[0] + 1) - 0.5, shown,
-                             cmap=cmap, norm=norm, shading="flat")
+        mesh = ax.pcolormesh(
+            _edges(steps), np.arange(mat.shape[0] + 1) - 0.5, shown, cmap=cmap, norm=norm, shading="flat"
+        )
         ax.set_ylabel(f"layer {layer}\nexpert")
         ax.yaxis.set_major_locator(mticker.MaxNLocator(nbins=4, integer=True))
     axes[-1].set_xlabel("step")
@@ -395,8 +403,7 @@ def make_report(run_dir: str, out_dir: str | None = None) -> list[str]:
         _plot_simple(train, "lr", out_dir, "lr.png", f"Learning rate — {title}", "learning rate"),
         _plot_maxvio(train, evals, out_dir, title),
         _plot_expert_load(records, train, out_dir, title),
-        _plot_simple(train, "tokens_per_s", out_dir, "throughput.png", f"Throughput — {title}",
-                     "tokens / s"),
+        _plot_simple(train, "tokens_per_s", out_dir, "throughput.png", f"Throughput — {title}", "tokens / s"),
     ]
     return [p for p in written if p is not None]
 

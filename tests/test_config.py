@@ -83,3 +83,27 @@ def test_cli_error_is_one_message_and_nonzero_exit(tmp_path):
     )
     assert unknown_key.returncode != 0
     assert "max_stepz" in unknown_key.stderr and "Traceback" not in unknown_key.stderr
+
+
+def test_every_key_is_documented():
+    import dataclasses
+
+    from moe_train.config import TrainConfig
+
+    doc = open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8").read()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            name = prefix + f.name
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.default_factory, type)):
+                sub = f.default_factory if callable(f.default_factory) else None
+                if sub is not None and dataclasses.is_dataclass(sub):
+                    yield from keys(sub, name + ".")
+                    continue
+            yield name
+
+    # a key is documented by its full name in backticks, or as `.field` after its sibling in a shared row
+    missing = [
+        k for k in keys(TrainConfig) if f"`{k}`" not in doc and f"`.{k.rsplit('.', 1)[-1]}`" not in doc
+    ]
+    assert missing == []

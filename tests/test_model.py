@@ -125,9 +125,10 @@ def test_mtp_loss_present_and_predicts_two_ahead():
     x = torch.randint(0, 97, (2, 20))
     out = model(x[:, :-1], x[:, 1:])
     assert out.mtp_loss is not None and torch.isfinite(out.mtp_loss)
-    # recompute the MTP loss by hand: position i combines h_i with Emb(t_{i+1}) and predicts t_{i+2}
+    # recompute the MTP loss by hand: position i combines the main model's normalised h_i with
+    # Emb(t_{i+1}) and predicts t_{i+2}
     inp, lab = x[:, :-1], x[:, 1:]
-    h = model.hidden_states(inp)
+    h = model.norm(model.hidden_states(inp))
     layer = model.mtp[0]
     h1 = layer(h[:, :-1], model.embed_tokens(lab[:, :-1]), None)
     ref = torch.nn.functional.cross_entropy(

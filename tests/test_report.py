@@ -55,10 +55,28 @@ def _write_run(run_dir: Path, with_expert_load: bool = True, garbage: bool = Tru
             del rec["expert_load"]
         lines.append(json.dumps(rec))
         if step == 5:
-            lines.append(json.dumps({"kind": "eval", "step": 5, "val_loss": 8.0, "maxvio_global": 0.3,
-                                     "maxvio_global_per_layer": {"1": 0.2, "2": 0.4}}))
-    lines.append(json.dumps({"kind": "eval", "step": 10, "val_loss": 6.0, "maxvio_global": 0.25,
-                             "maxvio_global_per_layer": {"1": 0.2, "2": 0.3}}))
+            lines.append(
+                json.dumps(
+                    {
+                        "kind": "eval",
+                        "step": 5,
+                        "val_loss": 8.0,
+                        "maxvio_global": 0.3,
+                        "maxvio_global_per_layer": {"1": 0.2, "2": 0.4},
+                    }
+                )
+            )
+    lines.append(
+        json.dumps(
+            {
+                "kind": "eval",
+                "step": 10,
+                "val_loss": 6.0,
+                "maxvio_global": 0.25,
+                "maxvio_global_per_layer": {"1": 0.2, "2": 0.3},
+            }
+        )
+    )
     lines.append(json.dumps({"kind": "summary", "steps": 10}))
     text = "\n".join(lines) + "\n"
     if garbage:

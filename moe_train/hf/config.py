@@ -95,14 +95,25 @@ _IGNORED = frozenset(
     }
 )
 
-# Fields accepted at exactly the value moe_train computes (None: the field may also be absent or null).
-_FIXED: dict[str, tuple[Any, ...]] = {
-    "rope_interleave": (True, None),  # False rotates halves: a different function of the same weights
-    "attention_dropout": (0, 0.0, None),
-    "quantization_config": (None,),  # FP8 checkpoints: dequantize first (DeepSeek's fp8_cast_bf16.py)
+# Fields accepted only at the values moe_train computes (None: absent or null), with what to tell the user.
+_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "rope_interleave": ((True, None), "true (false rotates halves: another function of the same weights)"),
+    "attention_dropout": ((0, 0.0, None), "0 (moe_train has no dropout)"),
+    "quantization_config": (
+        (None,),
+        "absent: dequantize FP8 checkpoints to bf16 first (DeepSeek's inference/fp8_cast_bf16.py) and "
+        "remove quantization_config",
+    ),
 }
 
-_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+_YARN_KEYS = (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
 # DeepSeek's hub code defaults for YaRN keys a file leaves out (moe_train.model.rope uses the same).
 _YARN_DEFAULTS = {"original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
 
@@ -138,19 +149,20 @@ def _read_rope(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | 
     scaling = d.get("rope_scaling")
     params = d.get("rope_parameters")
     if scaling is not None and params is not None:
-        # transformers writes both only when they agree; a file with two different answers is ambiguous
-        a = {k: v for k, v in dict(scaling).items() if k not in ("rope_theta",)}
-        b = {k: v for k, v in dict(params).items() if k not in ("rope_theta",)}
-        if {k: v for k, v in a.items() if k not in ("type", "rope_type")} != {
-            k: v for k, v in b.items() if k not in ("type", "rope_type")
-        }:
+        # a file may carry both spellings; two different answers are ambiguous
+        def strip(x: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in x.items() if k not in ("type", "rope_type", "rope_theta")}
+
+        if strip(dict(scaling)) != strip(dict(params)):
             raise ConfigError(f"{source}: rope_scaling={scaling!r} and rope_parameters={params!r} disagree")
     rs = dict(params if params is not None else scaling or {})
     theta = d.get("rope_theta")
     if "rope_theta" in rs:
         inner = rs.pop("rope_theta")
         if theta is not None and not _same(theta, inner):
-            raise ConfigError(f"{source}: rope_theta={theta!r} and rope_parameters.rope_theta={inner!r} disagree")
+            raise ConfigError(
+                f"{source}: rope_theta={theta!r} and rope_parameters.rope_theta={inner!r} disagree"
+            )
         theta = inner
     theta = float(HF_DEFAULTS["rope_theta"] if theta is None else theta)
     kinds = {rs.pop(k) for k in ("type", "rope_type") if k in rs}
@@ -164,7 +176,9 @@ def _read_rope(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | 
     if rs.pop("truncate", True) is not True:
         raise ConfigError(f"{source}: rope_scaling.truncate=false is not supported (DeepSeek-V3 truncates)")
     if rs.get("partial_rotary_factor", 1.0) not in (1, 1.0):
-        raise ConfigError(f"{source}: rope_scaling.partial_rotary_factor={rs['partial_rotary_factor']!r}: 1.0")
+        raise ConfigError(
+            f"{source}: rope_scaling.partial_rotary_factor={rs['partial_rotary_factor']!r}: 1.0"
+        )
     rs.pop("partial_rotary_factor", None)
     if rs.get("attention_factor") is not None:
         raise ConfigError(
@@ -174,7 +188,9 @@ def _read_rope(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | 
     rs.pop("attention_factor", None)
     unknown = sorted(set(rs) - set(_YARN_KEYS))
     if unknown:
-        raise ConfigError(f"{source}: rope_scaling keys {unknown} are not supported; known: {list(_YARN_KEYS)}")
+        raise ConfigError(
+            f"{source}: rope_scaling keys {unknown} are not supported; known: {list(_YARN_KEYS)}"
+        )
     if rs.get("factor") is None:
         raise ConfigError(f"{source}: rope_scaling.factor is required for yarn")
     out: dict[str, Any] = {"type": "yarn"}
@@ -201,9 +217,9 @@ def _check_yarn_mscale(rs: dict[str, Any], source: str) -> None:
     m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
     if not m or not m_all or not _same(m, m_all):
         raise ConfigError(
-            f"{source}: rope_scaling.mscale={m!r}, rope_scaling.mscale_all_dim={m_all!r} is not supported: with "
-            "factor > 1 both must be given, non-zero and equal (the DeepSeek-V3 reference has one mscale; "
-            "transformers and DeepSeek's hub code disagree on the other cases); docs/checkpoints.md explains"
+            f"{source}: rope_scaling.mscale={m!r}, rope_scaling.mscale_all_dim={m_all!r} is not supported: "
+            "with factor > 1 both must be given, non-zero and equal (the DeepSeek-V3 reference has one "
+            "mscale; transformers and DeepSeek's hub code disagree otherwise); see docs/checkpoints.md"
         )
 
 
@@ -211,29 +227,32 @@ def _check_routing(cfg: ModelConfig, source: str) -> None:
     """Refuse router settings whose meaning differs between DeepSeek-V3's code, transformers and moe_train."""
     if cfg.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
         raise ConfigError(
-            f"{source}: topk_method={cfg.topk_method!r} is not supported: noaux_tc, greedy or group_limited_greedy"
+            f"{source}: topk_method={cfg.topk_method!r} is not supported: "
+            "noaux_tc, greedy or group_limited_greedy"
         )
     if cfg.topk_method == "noaux_tc" and cfg.scoring_func != "sigmoid":
         raise ConfigError(
-            f"{source}: topk_method=noaux_tc with scoring_func={cfg.scoring_func!r} is not supported: noaux_tc "
-            "(the bias-corrected top-k) needs scoring_func=sigmoid"
+            f"{source}: topk_method=noaux_tc with scoring_func={cfg.scoring_func!r} is not supported: "
+            "noaux_tc (the bias-corrected top-k) needs scoring_func=sigmoid"
         )
     if cfg.topk_method == "greedy" and cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
         raise ConfigError(
-            f"{source}: topk_method=greedy with n_group={cfg.n_group}, topk_group={cfg.topk_group} is ambiguous: "
-            "DeepSeek's hub code ignores groups for greedy, its reference code limits them; set n_group=1, "
-            "topk_group=1 (plain top-k) or topk_method=group_limited_greedy"
+            f"{source}: topk_method=greedy with n_group={cfg.n_group}, topk_group={cfg.topk_group} is "
+            "ambiguous: DeepSeek's hub code ignores groups for greedy, its reference code limits them; set "
+            "n_group=1, topk_group=1 (plain top-k) or topk_method=group_limited_greedy"
         )
     if cfg.num_experts_per_tok == 1 and cfg.norm_topk_prob:
         raise ConfigError(
-            f"{source}: num_experts_per_tok=1 with norm_topk_prob=true is not supported: transformers and the "
-            "DeepSeek-V3 reference normalise the single gate to 1, moe_train (like DeepSeek's hub code) keeps it "
-            "un-normalised so the router still learns; set norm_topk_prob=false"
+            f"{source}: num_experts_per_tok=1 with norm_topk_prob=true is not supported: transformers and "
+            "the DeepSeek-V3 reference normalise the single gate to 1, moe_train (like DeepSeek's hub code) "
+            "keeps it un-normalised so the router still learns; set norm_topk_prob=false"
         )
 
 
 def hf_config_to_model_config(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """A ModelConfig from a Hugging Face DeepSeek-V3 config.json dict; unsupported fields raise ConfigError."""
+    """A ModelConfig from a Hugging Face DeepSeek-V3 config.json dict.
+
+    Unknown fields and unsupported values raise ConfigError naming them; `source` prefixes the messages."""
     d = dict(d)
     model_type = d.get("model_type", "deepseek_v3")
     if model_type != "deepseek_v3":
@@ -250,9 +269,9 @@ def hf_config_to_model_config(d: dict[str, Any], source: str = "config.json") ->
 
     head_dim = d.pop("head_dim", None)
     qk_head_dim = d.pop("qk_head_dim", None)
-    for key, allowed in _FIXED.items():
+    for key, (allowed, what) in _FIXED.items():
         if key in d and d[key] not in allowed:
-            raise ConfigError(f"{source}: {key}={d[key]!r} is not supported: {allowed[0]!r}")
+            raise ConfigError(f"{source}: {key}={d[key]!r} is not supported: {what}")
     known = set(_MAPPED) | {"rope_theta", "rope_scaling", "rope_parameters"} | _IGNORED | set(_FIXED)
     unknown = sorted(set(d) - known)
     if unknown:
@@ -262,16 +281,17 @@ def hf_config_to_model_config(d: dict[str, Any], source: str = "config.json") ->
         )
 
     values = {k: d.get(k, HF_DEFAULTS[k]) for k in _MAPPED}
-    if values["num_key_value_heads"] not in (None, values["num_attention_heads"]):
-        raise ConfigError(
-            f"{source}: num_key_value_heads={values['num_key_value_heads']!r} is not supported: MLA has one "
-            f"key/value per head, so num_attention_heads={values['num_attention_heads']!r} (or null)"
-        )
+    if values["num_key_value_heads"] != values["num_attention_heads"]:
+        # MLA ignores it (so does transformers' sdpa path); its DeepseekV3Config defaults it to 128 whatever
+        # the number of heads, so small models made with transformers carry a meaningless value
+        values["num_key_value_heads"] = None
     for k in ("routed_scaling_factor", "rms_norm_eps", "initializer_range"):
         values[k] = float(values[k])
     cfg = ModelConfig(**values, rope_theta=theta, rope_scaling=scaling)
     if head_dim is not None and head_dim != cfg.qk_rope_head_dim:
-        raise ConfigError(f"{source}: head_dim={head_dim!r} is not supported: qk_rope_head_dim={cfg.qk_rope_head_dim}")
+        raise ConfigError(
+            f"{source}: head_dim={head_dim!r} is not supported: qk_rope_head_dim={cfg.qk_rope_head_dim}"
+        )
     if qk_head_dim is not None and qk_head_dim != cfg.qk_nope_head_dim + cfg.qk_rope_head_dim:
         raise ConfigError(
             f"{source}: qk_head_dim={qk_head_dim!r} is not qk_nope_head_dim + qk_rope_head_dim "
@@ -283,7 +303,10 @@ def hf_config_to_model_config(d: dict[str, Any], source: str = "config.json") ->
 
 
 def model_config_to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    """config.json in the hub spelling; raises ConfigError for settings other readers would compute differently."""
+    """config.json in the hub spelling.
+
+    Raises ConfigError for settings that other readers (transformers, DeepSeek's code) would compute
+    differently from moe_train, so an export never silently changes what the model computes."""
     source = "model"
     validate_model(cfg, prefix=source)
     _check_routing(cfg, source)

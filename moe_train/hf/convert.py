@@ -34,6 +34,7 @@ _DTYPES = {
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or a CLI name (float32/fp32, bfloat16/bf16, float16/fp16); None stays."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
@@ -56,21 +57,26 @@ def read_hf_config(path: str) -> ModelConfig:
 def _local_expert(model: nn.Module, entry: Entry) -> int | None:
     """The index of entry's expert inside the model's (possibly expert-parallel) slice, None if not held."""
     experts = model.get_submodule(entry.ours.rsplit(".", 1)[0])
-    assert isinstance(experts, RoutedExperts)
+    if not isinstance(experts, RoutedExperts):
+        raise TypeError(f"{entry.ours} is not a RoutedExperts parameter")
     local = entry.expert - experts.first_expert
     return local if 0 <= local < experts.num_local else None
 
 
 def _plan(model: nn.Module, cfg: ModelConfig, path: str) -> tuple[dict[str, str], list[Entry], list[int]]:
-    """Check the files against the model; return (files, entries to read, MTP depths absent from the files)."""
+    """Check the files against the model; return (files, entries to read, MTP depths the files lack)."""
     files = io.weight_files(path)
     shapes = io.tensor_shapes(files)
     table = hub_entries(cfg)
     known = {e.hub for e in table}
     unexpected = sorted(k for k in shapes if k not in known)
     if unexpected:
-        hint = " (FP8 scales: dequantize the checkpoint first)" if any("scale" in k for k in unexpected) else ""
-        raise ValueError(f"{path}: tensors moe_train does not know{hint}: {unexpected[:8]}" + _more(unexpected))
+        hint = (
+            " (FP8 scales: dequantize the checkpoint first)" if any("scale" in k for k in unexpected) else ""
+        )
+        raise ValueError(
+            f"{path}: tensors moe_train does not know{hint}: {unexpected[:8]}" + _more(unexpected)
+        )
     held = model.state_dict(keep_vars=True)
     wanted = [e for e in table if e.ours is None or e.ours in held]
     wanted = [e for e in wanted if e.kind not in (GATE, UP, DOWN) or _local_expert(model, e) is not None]

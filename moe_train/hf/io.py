@@ -10,7 +10,7 @@ import glob
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -52,13 +52,17 @@ def weight_files(path: str) -> dict[str, str]:
     return out
 
 
+def _by_file(files: dict[str, str], keys: Iterable[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        out.setdefault(files[k], []).append(k)
+    return dict(sorted(out.items()))
+
+
 def tensor_shapes(files: dict[str, str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, safetensors dtype string), read from the headers only."""
     out: dict[str, tuple[tuple[int, ...], str]] = {}
-    by_file: dict[str, list[str]] = {}
-    for k, file in files.items():
-        by_file.setdefault(file, []).append(k)
-    for file, keys in by_file.items():
+    for file, keys in _by_file(files, files).items():
         with safe_open(file, framework="pt", device="cpu") as f:
             for k in keys:
                 s = f.get_slice(k)
@@ -66,19 +70,18 @@ def tensor_shapes(files: dict[str, str]) -> dict[str, tuple[tuple[int, ...], str
     return out
 
 
-def iter_tensors(files: dict[str, str], keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(files: dict[str, str], keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for `keys`, one at a time, file by file (each file opened once)."""
-    by_file: dict[str, list[str]] = {}
-    for k in keys:
-        by_file.setdefault(files[k], []).append(k)
-    for file in sorted(by_file):
+    for file, names in _by_file(files, keys).items():
         with safe_open(file, framework="pt", device="cpu") as f:
-            for k in by_file[file]:
+            for k in names:
                 yield k, f.get_tensor(k)
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
-    """Greedy split of (name, nbytes), in order, into shards of at most max_shard_size (a bigger tensor alone)."""
+    """Greedy split of (name, nbytes), in order, into shards of at most max_shard_size bytes.
+
+    A tensor bigger than max_shard_size gets a shard of its own (transformers does the same)."""
     shards: list[list[str]] = [[]]
     used = 0
     for name, n in sizes:
@@ -109,9 +112,11 @@ def write_shards(
     os.makedirs(path, exist_ok=True)
     remove_old_weights(path)
     shards = plan_shards([(n, nbytes(n)) for n in names], max_shard_size)
-    files = [SINGLE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]
+    files = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map: dict[str, str] = {}
     for file, shard in zip(files, shards, strict=True):
         # clone: safetensors refuses tensors that share storage (expert slices of one fused parameter do)

@@ -63,7 +63,9 @@ def _block(cfg: ModelConfig, layer: int, hub: str, ours: str) -> list[Entry]:
     h = cfg.hidden_size
     out = [Entry(hub + "input_layernorm.weight", ours + "input_layernorm.weight", SAME, (h,))]
     out += [Entry(hub + n, ours + n, SAME, s) for n, s in _attn(cfg)]
-    out.append(Entry(hub + "post_attention_layernorm.weight", ours + "post_attention_layernorm.weight", SAME, (h,)))
+    out.append(
+        Entry(hub + "post_attention_layernorm.weight", ours + "post_attention_layernorm.weight", SAME, (h,))
+    )
     if not is_moe_layer(cfg, layer):
         i = cfg.intermediate_size
         for n, s in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
@@ -72,7 +74,9 @@ def _block(cfg: ModelConfig, layer: int, hub: str, ours: str) -> list[Entry]:
     e_n, i = cfg.n_routed_experts, cfg.moe_intermediate_size
     out.append(Entry(hub + "mlp.gate.weight", ours + "mlp.gate.weight", SAME, (e_n, h)))
     out.append(
-        Entry(hub + "mlp.gate.e_score_correction_bias", ours + "mlp.gate.e_score_correction_bias", SAME, (e_n,))
+        Entry(
+            hub + "mlp.gate.e_score_correction_bias", ours + "mlp.gate.e_score_correction_bias", SAME, (e_n,)
+        )
     )
     gate_up, down = ours + "mlp.experts.gate_up_proj", ours + "mlp.experts.down_proj"
     for e in range(e_n):
@@ -111,10 +115,6 @@ def hub_entries(cfg: ModelConfig) -> list[Entry]:
             Entry(hub + "shared_head.head.weight", "lm_head.weight", COPY, (v, h)),
         ]
     return out
-
-
-def is_mtp(entry: Entry) -> bool:
-    return entry.ours is not None and entry.ours.startswith("mtp.")
 
 
 def mtp_depth(cfg: ModelConfig, hub_key: str) -> int | None:

@@ -17,11 +17,16 @@ def build_model(
     balance: BalanceLoss | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    expert_slice: tuple[int, int] | None = None,
 ) -> Transformer:
-    """Build on `device` and initialise deterministically; device='meta' only builds the shapes."""
+    """Build on `device` and initialise deterministically; device='meta' only builds the shapes.
+
+    expert_slice=(first, count) builds only those routed experts (expert parallelism); their values equal
+    the same experts of the full model.
+    """
     device = torch.device(device)
     with torch.device(device):
-        model = Transformer(cfg, balance)
+        model = Transformer(cfg, balance, expert_slice)
     if device.type != "meta":
         init_weights(model, seed, cfg.initializer_range)
     return model

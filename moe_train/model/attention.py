@@ -15,6 +15,10 @@ from ..config import ModelConfig
 from .norm import RMSNorm
 from .rope import RotaryTable, softmax_scale
 
+# The latent norms use a fixed eps, not rms_norm_eps: DeepSeek-V3's reference and hub code and transformers
+# all build them with RMSNorm's default, so another rms_norm_eps would otherwise compute something else.
+LATENT_NORM_EPS = 1e-6
+
 
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryTable) -> None:
@@ -29,12 +33,12 @@ class MLA(nn.Module):
         h = cfg.hidden_size
         if self.q_lora_rank:
             self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_head_dim, bias=False)
         else:
             self.q_proj = nn.Linear(h, self.n_heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, self.n_heads * (self.nope + self.v_head_dim), bias=False
         )

@@ -48,8 +48,9 @@ def expert_swiglu_reference(
         g, u = F.linear(xe, w_gate_up[e]).chunk(2, dim=-1)
         outs.append(F.linear(F.silu(g) * u, w_down[e]))
     if not outs:
-        # keep the graph connected to the weights so every expert gets a (zero) gradient
-        return x.new_zeros(0, w_down.shape[1]) + 0 * (w_gate_up.sum() + w_down.sum())
+        # Keep the graph connected to the weights (every expert gets a zero gradient) and to x: under
+        # expert parallelism x arrived by an all-to-all whose backward every rank must run, tokens or not.
+        return x.new_zeros(0, w_down.shape[1]) + 0 * (x.sum() + w_gate_up.sum() + w_down.sum())
     return torch.cat(outs, dim=0)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .dispatch import Dispatcher, LocalDispatcher
+from .dispatch import Dispatcher, LocalDispatcher, expert_counts
 from .grouped_gemm import expert_swiglu
 from .mlp import SwiGLU
 from .stats import MoEStats, RouterRecord
@@ -27,6 +27,18 @@ class BalanceLoss:
 
     kind: str | None = None  # None | "seq" | "batch"
     alpha: float = 0.0
+
+
+@dataclass(frozen=True)
+class MoEOptions:
+    """What every MoE layer of a model shares: its balance-loss term and which routed experts it holds.
+
+    `expert_slice` = (first global expert, count); None holds all of them (one process). Expert
+    parallelism passes a slice so each rank allocates and initialises only its own experts.
+    """
+
+    balance: BalanceLoss = BalanceLoss()
+    expert_slice: tuple[int, int] | None = None
 
 
 @dataclass
@@ -117,18 +129,19 @@ def balance_terms(routing: Routing, batch: int, seq: int, kind: str) -> torch.Te
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, balance: BalanceLoss | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, options: MoEOptions | None = None) -> None:
         super().__init__()
+        options = options or MoEOptions()
         self.layer_id = layer_id
         self.n_experts = cfg.n_routed_experts
         self.gate = Router(cfg)
-        self.experts = RoutedExperts(cfg)
+        self.experts = RoutedExperts(cfg, *(options.expert_slice or (0, None)))
         self.shared_experts = (
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
             if cfg.n_shared_experts > 0
             else None
         )
-        self.balance = balance or BalanceLoss()
+        self.balance = options.balance
         self.dispatcher: Dispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
@@ -136,7 +149,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, H)
         routing = self.gate(flat)
         if stats is not None:
-            counts = torch.bincount(routing.topk_idx.reshape(-1), minlength=self.n_experts).detach()
+            counts = expert_counts(routing.topk_idx, self.n_experts)  # no host sync, unlike bincount
             loss = None
             if self.training and self.balance.kind and self.balance.alpha > 0:
                 loss = self.balance.alpha * balance_terms(routing, B, T, self.balance.kind)

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import MLA
 from .mlp import SwiGLU
-from .moe import BalanceLoss, MoE
+from .moe import BalanceLoss, MoE, MoEOptions
 from .norm import RMSNorm
 from .rope import RotaryTable
 from .stats import MoEStats
@@ -30,9 +30,7 @@ def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(
-        self, cfg: ModelConfig, layer_id: int, rotary: RotaryTable, balance: BalanceLoss | None
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryTable, moe: MoEOptions) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -40,7 +38,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module
         if is_moe_layer(cfg, layer_id):
-            self.mlp = MoE(cfg, layer_id, balance)
+            self.mlp = MoE(cfg, layer_id, moe)
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
@@ -55,14 +53,12 @@ class DecoderLayer(nn.Module):
 class MTPLayer(nn.Module):
     """Multi-token prediction depth k: combine h^{k-1}_i with Emb(t_{i+k}), one block, shared head."""
 
-    def __init__(
-        self, cfg: ModelConfig, layer_id: int, rotary: RotaryTable, balance: BalanceLoss | None
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryTable, moe: MoEOptions) -> None:
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.block = DecoderLayer(cfg, layer_id, rotary, balance)
+        self.block = DecoderLayer(cfg, layer_id, rotary, moe)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, stats: MoEStats | None) -> torch.Tensor:
@@ -78,8 +74,14 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, balance: BalanceLoss | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        balance: BalanceLoss | None = None,
+        expert_slice: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
+        moe = MoEOptions(balance or BalanceLoss(), expert_slice)
         if cfg.vocab_size is None:
             raise ValueError(
                 "model.vocab_size must be resolved (from the tokenizer) before building the model"
@@ -90,12 +92,12 @@ class Transformer(nn.Module):
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(cfg, i, self.rotary, balance) for i in range(cfg.num_hidden_layers)}
+            {str(i): DecoderLayer(cfg, i, self.rotary, moe) for i in range(cfg.num_hidden_layers)}
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(
-            MTPLayer(cfg, cfg.num_hidden_layers + d, self.rotary, balance)
+            MTPLayer(cfg, cfg.num_hidden_layers + d, self.rotary, moe)
             for d in range(cfg.num_nextn_predict_layers)
         )
 
@@ -119,14 +121,17 @@ class Transformer(nn.Module):
         return_logits: bool = False,
     ) -> ModelOutput:
         """labels[:, i] is the token after input_ids[:, i]; MTP depth k predicts labels[:, i + k]."""
-        h = self.hidden_states(input_ids, stats)
-        logits = self.logits(h)
+        h = self.norm(self.hidden_states(input_ids, stats))
+        logits = self.lm_head(h)
         if labels is None:
             return ModelOutput(None, None, logits)
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1))
         mtp_loss = None
         if len(self.mtp) and labels.shape[1] > len(self.mtp):
             losses = []
+            # Depth 1 combines the main model's *normalised* output with Emb(t_{i+1}), as transformers,
+            # vLLM and SGLang feed DeepSeek-V3's released MTP weights; deeper ones take the raw output
+            # of the previous MTP block.
             h_prev = h
             for k, layer in enumerate(self.mtp, start=1):
                 n = labels.shape[1] - k

@@ -1,0 +1,92 @@
+"""Gradient reduction and the global gradient norm under data + expert parallelism.
+
+Every rank weights its micro-batch losses by their share of the *global* batch, so gradients are *summed*
+(not averaged) across ranks. Dense parameters are replicated on all dp ranks of a stage: sum over dp.
+Routed-expert parameters exist on one rank of each ep group, whose all-to-all backward already gathered the
+gradient of every token of the group: sum over expert-dp (the replicas of the same expert slice).
+The norm for clipping counts each parameter once: dense ones from any rank, experts summed over ep.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .expert import expert_param_names
+from .mesh import Mesh
+
+
+def _all_reduce_sum(grads: list[torch.Tensor], group, bucket_bytes: int = 64 << 20) -> None:
+    """Sum in flat buckets: one collective per bucket instead of one per parameter."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush() -> None:
+        if not bucket:
+            return
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=group)
+        for g, new in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+            g.copy_(new)
+        bucket.clear()
+
+    for g in grads:
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        if size >= bucket_bytes:
+            flush()
+            size = 0
+    flush()
+
+
+def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    experts = expert_param_names(model)
+    dense, expert = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (expert if n in experts else dense).append(p)
+    return dense, expert
+
+
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+def reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
+    if not mesh.distributed:
+        return
+    dense, expert = split_params(model)
+    if mesh.layout.dp > 1:
+        _all_reduce_sum(_grads(dense), mesh.group("dp"))
+    if mesh.layout.edp > 1:
+        _all_reduce_sum(_grads(expert), mesh.group("edp"))
+
+
+def global_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
+    dense, expert = split_params(model)
+    dev = next(model.parameters()).device
+    sq_dense = sum(
+        (p.grad.float().pow(2).sum() for p in dense if p.grad is not None), torch.zeros((), device=dev)
+    )
+    sq_expert = sum(
+        (p.grad.float().pow(2).sum() for p in expert if p.grad is not None), torch.zeros((), device=dev)
+    )
+    if mesh.distributed and mesh.layout.ep > 1:
+        dist.all_reduce(sq_expert, group=mesh.group("ep"))
+    return (sq_dense + sq_expert).sqrt()
+
+
+def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float) -> float:
+    """Clip to max_norm (inf: measure only) by the layout-independent global norm; returns the norm."""
+    norm = global_grad_norm(model, mesh)
+    if max_norm != float("inf"):
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+    return float(norm)
