@@ -384,8 +384,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _positive(p, "parallel", ["pp", "ep", "microbatches"])
     if p.pp != 1:
         _fail("parallel.pp", p.pp, "1 in this version (pipeline parallelism is not implemented yet)")
-    if p.ep != 1:
-        _fail("parallel.ep", p.ep, "1 in this version (expert parallelism is not implemented yet)")
+    if cfg.model.n_routed_experts % p.ep:
+        _fail("parallel.ep", p.ep, f"a divisor of model.n_routed_experts={cfg.model.n_routed_experts}")
     if p.overlap:
         _fail(
             "parallel.overlap", p.overlap, "false in this version (the overlap engine is not implemented yet)"
@@ -393,6 +393,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if world_size % (p.pp * p.ep):
         _fail("WORLD_SIZE", world_size, f"a multiple of parallel.pp*parallel.ep={p.pp * p.ep}")
     dp = world_size // p.pp
+    if dp % p.ep:
+        _fail("parallel.ep", p.ep, f"a divisor of dp = WORLD_SIZE/parallel.pp = {dp}")
     if d.batch_size % (dp * p.microbatches):
         _fail(
             "data.batch_size",

@@ -41,6 +41,7 @@ def test_default_config_is_valid():
         (["data.batch_size=-1"], "data.batch_size", "positive"),
         (["parallel.microbatches=3"], "data.batch_size", "multiple of dp*parallel.microbatches"),
         (["parallel.pp=2"], "parallel.pp", "1 in this version"),
+        (["parallel.ep=3"], "parallel.ep", "a divisor of model.n_routed_experts=16"),
         (["balance.mode=aux_free", "model.scoring_func=softmax"], "balance.mode", "scoring_func=sigmoid"),
         (["trainer.resume=/no/such/ckpt"], "trainer.resume", "auto, none"),
         (["optim.beta2=1.5"], "optim.beta2", "in [0, 1)"),

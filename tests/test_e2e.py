@@ -84,3 +84,29 @@ def test_default_run_learns_the_stdlib_corpus(tmp_path):
     summary = [r for r in records(run_dir) if r["kind"] == "summary"][-1]
     assert summary["steps"] == 300
     assert summary["val_loss"] <= 0.7 * summary["unigram_entropy_nats"], summary
+
+
+@pytest.mark.slow
+def test_torchrun_expert_parallel_on_cpu(tmp_path):
+    """docs/parallelism.md's command: 4 CPU processes, experts sharded 4 ways, one metrics file."""
+    run_dir = tmp_path / "ep4"
+    env = dict(os.environ, PYTHONPATH=ROOT, MOE_TRAIN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "4",
+        "train.py",
+        "parallel.ep=4",
+        "trainer.max_steps=3",
+        "trainer.log_every=1",
+        "data.batch_size=8",
+        f"hydra.run.dir={run_dir}",
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train = [r for r in records(run_dir) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["a2a_dispatch_remote_bytes"] > 0 for r in train)
+    assert res.stdout.count("run summary") == 1

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import run_world
 
+from distributed import run_world
 from moe_train.config import ModelConfig
 from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions

@@ -20,6 +20,33 @@ class LocalPlan:
     weight: torch.Tensor  # (N*K,) gate weight of each sorted row (fp32)
     n_tokens: int
     token_weight: torch.Tensor  # (N, K) the same gate weights in token order (fp32); combine uses these
+    inverse: torch.Tensor  # (N*K,) position of each (token, k) pair in the sorted order (order's inverse)
+
+
+class _Gather(torch.autograd.Function):
+    """out = x[index], where out's rows are a permutation of `fanout` copies of each row of x (copy c of row
+    t at position inverse[t * fanout + c]); the backward gathers by `inverse` and sums over the copies.
+
+    Why: autograd's backward of a gather is a scatter (index_add_ / index_put_), which on CUDA is slow for
+    bf16 rows (atomics, ~0.9 ms a layer on the V2-Lite proxy) or sorts the indices; a gather by the inverse
+    permutation moves the same bytes at copy speed, and the fixed-order sum keeps it deterministic.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fanout: int
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.rows, ctx.fanout = x.shape[0], fanout
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)
+        if ctx.fanout > 1:
+            g = g.view(ctx.rows, ctx.fanout, -1).sum(1)
+        return g, None, None, None
 
 
 def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -54,12 +81,11 @@ class LocalDispatcher:
         order = torch.argsort(flat, stable=True)
         token_of = order // k
         counts = expert_counts(flat, n_experts)
-        plan = LocalPlan(order, token_of, topk_weight.reshape(-1)[order], x.shape[0], topk_weight)
-        # Gather through a K-fold expand and a permutation rather than x[token_of]: the backward of a
-        # permutation has no duplicate indices, so it is deterministic on CPU (x[token_of]'s is not).
-        # index_select rather than [order]: its backward is a plain index_add_ (no duplicates here, so
-        # still deterministic), where advanced indexing's backward sorts the indices first.
-        rows = x.unsqueeze(1).expand(x.shape[0], k, x.shape[1]).reshape(-1, x.shape[1]).index_select(0, order)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        plan = LocalPlan(order, token_of, topk_weight.reshape(-1)[order], x.shape[0], topk_weight, inverse)
+        # rows = x[token_of], but not through autograd's scatter-add backward (duplicate indices: atomics,
+        # not deterministic): the backward gathers each token's K rows by `inverse` and sums them in k order.
+        rows = _Gather.apply(x, token_of, inverse, k)
         return rows, counts, plan
 
     def combine(self, y: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
@@ -67,10 +93,10 @@ class LocalDispatcher:
 
         Why not a weighted index_add_ into the tokens: that made and kept (for backward) an fp32 copy of all
         N·K rows and added them with atomics, about 2 ms per layer on the 12-layer V2-Lite proxy. Here each
-        row is moved once each way (the backward of index_copy_ is a gather), the reduction over k runs in
-        a fixed order (deterministic), and products are in y's dtype with fp32 accumulation in the sum
-        (bf16 on GPU, as in DeepSeek-V3's reference MoE; unchanged fp32 on CPU).
+        row is moved once each way by a gather (forward by `inverse`, backward by `order`), the reduction
+        over k runs in a fixed order (deterministic), and products are in y's dtype with fp32 accumulation
+        in the sum (bf16 on GPU, as in DeepSeek-V3's reference MoE; unchanged fp32 on CPU).
         """
         n, k, hidden = plan.n_tokens, plan.token_weight.shape[-1], y.shape[-1]
-        y_tok = y.new_empty(y.shape).index_copy_(0, plan.order, y)
+        y_tok = _Gather.apply(y, plan.inverse, plan.order, 1)
         return (y_tok.view(n, k, hidden) * plan.token_weight.to(y.dtype).unsqueeze(-1)).sum(1)

@@ -123,6 +123,10 @@ class Mesh:
     def group(self, name: str) -> Any:
         return self.groups.get(name)
 
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
 
 def _new_groups(all_groups: list[list[int]], rank: int, backend: str | None) -> Any:
     """Every rank must call new_group for every group, in the same order; keep the one holding `rank`."""

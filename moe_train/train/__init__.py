@@ -6,9 +6,11 @@ import os
 import sys
 from typing import Any
 
+import torch.distributed as dist
 from omegaconf import DictConfig
 
 from ..config import ConfigError, TrainConfig, to_object, validate
+from ..parallel.mesh import Mesh, build_mesh
 
 
 class UserError(SystemExit):
@@ -29,6 +31,15 @@ def run_dir_of(cfg: TrainConfig) -> str:
     return os.getcwd()
 
 
+def shared_run_dir(run_dir: str, mesh: Mesh) -> str:
+    """Rank 0's run dir for every rank (each rank's Hydra may have stamped its own time)."""
+    if not mesh.distributed:
+        return run_dir
+    box = [run_dir]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     """Validate, build, train; returns the run summary. Bad input exits with status 2 and one message."""
     from .trainer import NonFiniteLossError, Trainer
@@ -36,7 +47,9 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     try:
         obj = to_object(cfg)
         validate(obj, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        trainer = Trainer(obj, run_dir_of(obj))
+        p = obj.parallel
+        mesh = build_mesh(p.pp, p.ep, p.gpus_per_node, obj.trainer.device, p.backend)
+        trainer = Trainer(obj, shared_run_dir(run_dir_of(obj), mesh), mesh)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ..balance import BiasController, balance_loss_spec, maxvio
@@ -24,6 +25,11 @@ from ..data import GlobalBatchSampler, build_dataset
 from ..data.sampler import val_batches
 from ..model import MoEStats, build_model, count_params, train_flops_per_token
 from ..optim import build_optimizer, lr_at, set_lr
+from ..parallel.dispatch import CommCounters
+from ..parallel.expert import apply_expert_parallel, expert_slice
+from ..parallel.grads import clip_gradients, reduce_gradients
+from ..parallel.mesh import Mesh, build_mesh
+from ..parallel.state import full_shapes, full_state, load_full_state
 from . import checkpoint as ckpt
 from .metrics import (
     ConsoleLogger,
@@ -40,13 +46,13 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
+COMM_KEYS = tuple(
+    f"{d}{s}" for d in ("dispatch", "combine") for s in ("", "_remote", "_intra_node", "_inter_node")
+)
+
+
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
@@ -83,12 +89,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: str, mesh: Mesh | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
-        os.makedirs(run_dir, exist_ok=True)
-        t = cfg.trainer
-        self.device = pick_device(t.device)
+        t, p = cfg.trainer, cfg.parallel
+        self.mesh = mesh or build_mesh(p.pp, p.ep, p.gpus_per_node, t.device, p.backend)
+        if self.mesh.is_logging_rank:
+            os.makedirs(run_dir, exist_ok=True)
+        self.device = self.mesh.device
         self.amp = autocast_dtype(self.device, t.dtype)
         torch.manual_seed(t.seed)
         random.seed(t.seed)
@@ -105,7 +113,15 @@ class Trainer:
         self.sampler = GlobalBatchSampler(self.data.train, cfg.data.seq_len, cfg.data.batch_size, t.seed)
         self.val = val_batches(self.data.val, cfg.data.seq_len, cfg.data.batch_size, t.eval_batches)
 
-        self.model = build_model(cfg.model, balance_loss_spec(cfg.balance), self.device, t.seed)
+        self.model = build_model(
+            cfg.model,
+            balance_loss_spec(cfg.balance),
+            self.device,
+            t.seed,
+            expert_slice=expert_slice(cfg.model.n_routed_experts, self.mesh),
+        )
+        self.counters = CommCounters()
+        apply_expert_parallel(self.model, self.mesh, self.counters)
         if cfg.model.init_from:
             from ..hf import load_hf_weights
 
@@ -130,35 +146,37 @@ class Trainer:
         if path is None:
             return
         state = ckpt.load_checkpoint(path, map_location=self.device)
-        ckpt.check_model_state(self.model.state_dict(), state["model"], path)
-        self.model.load_state_dict(state["model"])
-        if state["optim"] is not None:
-            self.optimizer.load_state_dict(state["optim"])
+        ckpt.check_model_state(full_shapes(self.model, self.cfg.model.n_routed_experts), state["model"], path)
+        load_full_state(self.model, self.optimizer, state["model"], state["optim"])
         tr = state["trainer"]
         self.step = int(tr.get("step", state["meta"]["step"]))
         self.wandb_id = tr.get("wandb_id")
-        if "rng" in tr:
+        if "rng" in tr and not self.mesh.distributed:
             set_rng_state(tr["rng"])
-        print(f"resumed from {path} at step {self.step}", flush=True)
+        if self.mesh.is_logging_rank:
+            print(f"resumed from {path} at step {self.step}", flush=True)
 
-    def save(self) -> str:
-        trainer_state = {
-            "step": self.step,
-            "rng": rng_state(),
-            "wandb_id": self.wandb_id,
-            "data_step": self.step,
-        }
-        return ckpt.save_checkpoint(
-            self.ckpt_root,
-            self.step,
-            self.model.state_dict(),
-            self.optimizer.state_dict(),
-            trainer_state,
-            OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-            keep_last=self.cfg.trainer.keep_last,
-        )
+    def save(self) -> str | None:
+        """Every rank joins the gather; rank 0 writes the whole-model checkpoint (layout-independent)."""
+        model_sd, optim_sd = full_state(self.model, self.optimizer, self.mesh)
+        path = None
+        if self.mesh.is_logging_rank:
+            trainer_state = {"step": self.step, "rng": rng_state(), "wandb_id": self.wandb_id}
+            path = ckpt.save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                model_sd,
+                optim_sd,
+                trainer_state,
+                OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+                keep_last=self.cfg.trainer.keep_last,
+            )
+        self.mesh.barrier()
+        return path
 
     def _write_run_info(self) -> None:
+        if not self.mesh.is_logging_rank:
+            return
         info = {
             "data": self.data.info,
             "params_total": self.params.total,
@@ -166,6 +184,8 @@ class Trainer:
             "params_mtp": self.params.mtp_total,
             "train_flops_per_token": self.flops_per_token,
             "device": str(self.device),
+            "world_size": self.mesh.world,
+            "layout": {"pp": self.mesh.layout.pp, "dp": self.mesh.layout.dp, "ep": self.mesh.layout.ep},
             "autocast": str(self.amp) if self.amp else "fp32",
         }
         with open(os.path.join(self.run_dir, "run_info.json"), "w", encoding="utf-8") as f:
@@ -181,10 +201,12 @@ class Trainer:
         t = self.cfg.trainer
         return t.mtp_weight if step < t.mtp_weight_switch_frac * t.max_steps else t.mtp_weight_final
 
-    def train_step(self, step: int) -> dict[str, Any]:
+    def forward_backward(self, step: int) -> tuple[dict[str, float | None], MoEStats]:
+        """Gradients of step `step` on this rank (not yet reduced across ranks) and the loss totals."""
         cfg = self.cfg
         self.model.train()
-        micro = self.sampler.shard(step, rank=0, world=1, microbatches=cfg.parallel.microbatches)
+        mesh = self.mesh
+        micro = self.sampler.shard(step, mesh.dp_rank, mesh.layout.dp, cfg.parallel.microbatches)
         lam = self.mtp_weight(step)
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         has_mtp = has_bal = False
@@ -210,18 +232,30 @@ class Trainer:
             sums["loss"] += weight * loss.item()
             (loss * weight).backward()
             step_stats.records.extend(stats.records)
-        if not math.isfinite(sums["loss"]):
+        totals = self._sum_over_dp([sums[k] for k in LOSS_KEYS])
+        out_sums: dict[str, float | None] = dict(zip(LOSS_KEYS, totals, strict=True))
+        if not has_mtp:
+            out_sums["mtp_loss"] = None
+        if not has_bal:
+            out_sums["balance_loss"] = None
+        return out_sums, step_stats
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg, mesh = self.cfg, self.mesh
+        sums, step_stats = self.forward_backward(step)
+        if not math.isfinite(sums["loss"]):  # the same verdict on every rank: totals were all-reduced
             raise NonFiniteLossError(
                 f"non-finite loss {sums['loss']} at step {step} (lm_loss {sums['lm_loss']}); "
                 "weights were not updated. Lower optim.lr, check the data, or resume from a checkpoint."
             )
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        reduce_gradients(self.model, mesh)
+        grad_norm = clip_gradients(self.model, mesh, clip)
         lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        counts = step_stats.counts_by_layer()
+        counts = self._counts_over_dp(step_stats.counts_by_layer())
         gamma = self.bias.update(self.model.moe_layers(), counts, step)
         per_layer = {str(k): maxvio(v) for k, v in sorted(counts.items())}
         record: dict[str, Any] = {
@@ -229,9 +263,9 @@ class Trainer:
             "step": step + 1,
             "loss": sums["loss"],
             "lm_loss": sums["lm_loss"],
-            "mtp_loss": sums["mtp_loss"] if has_mtp else None,
-            "balance_loss": sums["balance_loss"] if has_bal else None,
-            "mtp_weight": lam if has_mtp else None,
+            "mtp_loss": sums["mtp_loss"],
+            "balance_loss": sums["balance_loss"],
+            "mtp_weight": self.mtp_weight(step) if sums["mtp_loss"] is not None else None,
             "lr": lr,
             "grad_norm": grad_norm,
             "bias_update_rate": gamma,
@@ -240,23 +274,53 @@ class Trainer:
         }
         if cfg.trainer.log_expert_load:
             record["expert_load"] = {str(k): v.tolist() for k, v in sorted(counts.items())}
+        record.update(self._comm_bytes())
         return record
+
+    # ------------------------------------------------------------------------------- cross-rank sums
+    def _sum_over_dp(self, values: list[float]) -> list[float]:
+        if not self.mesh.distributed or self.mesh.layout.dp == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.mesh.group("dp"))
+        return t.tolist()
+
+    def _counts_over_dp(self, counts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Loads of the whole global batch: every rank then moves its biases identically."""
+        if not counts or not self.mesh.distributed or self.mesh.layout.dp == 1:
+            return counts
+        layers = sorted(counts)
+        t = torch.stack([counts[k] for k in layers]).to(self.device)
+        dist.all_reduce(t, group=self.mesh.group("dp"))
+        return {k: t[i].cpu() for i, k in enumerate(layers)}
+
+    def _comm_bytes(self) -> dict[str, float]:
+        """Expert all-to-all bytes of this step, summed over ranks (nothing with ep = 1)."""
+        if self.mesh.layout.ep == 1:
+            return {}
+        got = self.counters.take()
+        totals = self._sum_over_dp([float(got.get(k, 0)) for k in COMM_KEYS])
+        return {f"a2a_{k}_bytes": v for k, v in zip(COMM_KEYS, totals, strict=True)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         self.model.eval()
-        losses, stats = [], MoEStats()
+        stats = MoEStats()
+        dp, r = self.mesh.layout.dp, self.mesh.dp_rank
+        loss_sum = 0.0
         for batch in self.val:
-            batch = batch.to(self.device)
+            rows = batch.shape[0] // dp
+            shard = batch[r * rows : (r + 1) * rows].to(self.device)
             with self._autocast():
-                out = self.model(batch[:, :-1], batch[:, 1:], stats)
-            losses.append(out.lm_loss.item())
-        counts = stats.counts_by_layer()
+                out = self.model(shard[:, :-1], shard[:, 1:], stats)
+            loss_sum += out.lm_loss.item() * rows / batch.shape[0]
+        (loss_sum,) = self._sum_over_dp([loss_sum])
+        counts = self._counts_over_dp(stats.counts_by_layer())
         per_layer = {str(k): maxvio(v) for k, v in sorted(counts.items())}
         return {
             "kind": "eval",
             "step": self.step,
-            "val_loss": float(np.mean(losses)),
+            "val_loss": loss_sum / len(self.val),
             "maxvio_global": float(np.mean(list(per_layer.values()))) if per_layer else 0.0,
             "maxvio_global_per_layer": per_layer,
         }
@@ -264,8 +328,11 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- run
     def _loggers(self) -> MetricsHub:
         t, lg = self.cfg.trainer, self.cfg.logger
-        loggers: list[Any] = [JsonlLogger(os.path.join(self.run_dir, "metrics.jsonl"))]
         tty = stderr_is_tty()
+        if not self.mesh.is_logging_rank:
+            self.progress = ProgressLogger(t.max_steps, self.step, enabled=False)
+            return MetricsHub([])
+        loggers: list[Any] = [JsonlLogger(os.path.join(self.run_dir, "metrics.jsonl"))]
         self.progress = ProgressLogger(t.max_steps, self.step, enabled=t.progress and tty)
         loggers.append(self.progress)
         if lg.console and not (t.progress and tty):
@@ -323,7 +390,7 @@ class Trainer:
             hub.log({"kind": "summary", "step": self.step, **summary})
         finally:
             hub.close()
-        if self.cfg.logger.console:
+        if self.cfg.logger.console and self.mesh.is_logging_rank:
             print_summary(summary)
         return summary
 
