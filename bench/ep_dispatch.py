@@ -39,6 +39,7 @@ SIZES = {
     "layer_hidden": 2048,
 }
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
+PROFILE = False
 
 
 def sync() -> None:
@@ -59,6 +60,19 @@ def timed(fn, iters: int, warmup: int = 3) -> float:
     t = torch.tensor([(time.perf_counter() - t0) / iters], device=DEV)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
+
+
+def profile_once(fn, rank: int) -> None:
+    """Top ops of a few calls (rank 0 prints): where dispatch+combine spends host and device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            fn()
+        sync()
+    if rank == 0:
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
 
 
 def routing(tokens: int, n_experts: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +107,12 @@ def bench_dispatch(mesh, rows: list[str]) -> None:
                     got, _, p = disp.dispatch(x, idx, w, n_experts)
                     disp.combine(got, p)
 
+            if (
+                PROFILE
+                and hidden == SIZES["hidden"][-1]
+                and tokens == SIZES["tokens"][len(SIZES["tokens"]) // 2]
+            ):
+                profile_once(ours, mesh.rank)
             iters = 20 if tokens * hidden < 2**26 else 10
             t_raw, t_ours = timed(raw, iters), timed(ours, iters)
             mb = (
@@ -142,8 +162,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU/gloo, to check the script")
+    ap.add_argument("--profile", action="store_true", help="print the profiler's top ops for one size")
     args = ap.parse_args()
-    global DEV, SIZES
+    global DEV, SIZES, PROFILE
+    PROFILE = args.profile
     if args.smoke:
         DEV, SIZES = "cpu", {"hidden": (64,), "tokens": (128,), "layer_tokens": (64,), "layer_hidden": 64}
     mesh = build_mesh(ep=2, device=DEV)

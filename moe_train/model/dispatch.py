@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from .gather import gather_rows
+
 
 @dataclass
 class LocalPlan:
@@ -21,32 +23,6 @@ class LocalPlan:
     n_tokens: int
     token_weight: torch.Tensor  # (N, K) the same gate weights in token order (fp32); combine uses these
     inverse: torch.Tensor  # (N*K,) position of each (token, k) pair in the sorted order (order's inverse)
-
-
-class _Gather(torch.autograd.Function):
-    """out = x[index], where out's rows are a permutation of `fanout` copies of each row of x (copy c of row
-    t at position inverse[t * fanout + c]); the backward gathers by `inverse` and sums over the copies.
-
-    Why: autograd's backward of a gather is a scatter (index_add_ / index_put_), which on CUDA is slow for
-    bf16 rows (atomics, ~0.9 ms a layer on the V2-Lite proxy) or sorts the indices; a gather by the inverse
-    permutation moves the same bytes at copy speed, and the fixed-order sum keeps it deterministic.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, fanout: int
-    ) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        ctx.rows, ctx.fanout = x.shape[0], fanout
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (inverse,) = ctx.saved_tensors
-        g = grad.index_select(0, inverse)
-        if ctx.fanout > 1:
-            g = g.view(ctx.rows, ctx.fanout, -1).sum(1)
-        return g, None, None, None
 
 
 def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -85,7 +61,7 @@ class LocalDispatcher:
         plan = LocalPlan(order, token_of, topk_weight.reshape(-1)[order], x.shape[0], topk_weight, inverse)
         # rows = x[token_of], but not through autograd's scatter-add backward (duplicate indices: atomics,
         # not deterministic): the backward gathers each token's K rows by `inverse` and sums them in k order.
-        rows = _Gather.apply(x, token_of, inverse, k)
+        rows = gather_rows(x, token_of, inverse.view(-1, k))
         return rows, counts, plan
 
     def combine(self, y: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
@@ -98,5 +74,5 @@ class LocalDispatcher:
         in the sum (bf16 on GPU, as in DeepSeek-V3's reference MoE; unchanged fp32 on CPU).
         """
         n, k, hidden = plan.n_tokens, plan.token_weight.shape[-1], y.shape[-1]
-        y_tok = _Gather.apply(y, plan.inverse, plan.order, 1)
+        y_tok = gather_rows(y, plan.inverse, plan.order.view(-1, 1))
         return (y_tok.view(n, k, hidden) * plan.token_weight.to(y.dtype).unsqueeze(-1)).sum(1)

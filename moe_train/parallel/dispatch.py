@@ -9,8 +9,8 @@ All-to-all dispatcher, per MoE layer:
    each row to its valid slots and sorts them by local expert for the grouped GEMM.
 3. combine: the receiver forms each row's gate-weighted partial sum over its slots, so one row per
    (token, rank) travels back; the sender adds the partial sums of a token's ranks.
-Every gather below indexes with unique positions (a permutation of an expanded view), never with repeated
-ones, so CPU backward passes are deterministic (see docs/architecture.md).
+Rows move with `gather_rows`, whose backward is a gather by the inverse map (no scatter-add): copy speed on
+GPUs, and deterministic summation order on CPU (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..model.gather import gather_rows
 from .comm import A2A, a2a_start, a2a_wait, all_to_all, all_to_all_nograd, exchange_counts
 
 
@@ -54,16 +55,20 @@ class CommCounters:
 @dataclass
 class A2APlan:
     n_tokens: int
-    pair_index: torch.Tensor  # (P,) positions in the (rank, token)-expanded view of x: rank·N + token
-    pair_token: torch.Tensor  # (P,) source token of each sent row
+    k: int
+    fan: int  # most ranks one token can reach: min(ep, k)
+    pair_token: torch.Tensor  # (P,) source token of each sent row, rows in (rank, token) order
+    pair_pos: torch.Tensor  # (P,) slot of each pair in the (token, fan) layout: token·fan + c
+    tok_slots: torch.Tensor  # (N, fan) the pair (sent row) in each slot of a token (0 where unused)
+    tok_mask: torch.Tensor  # (N, fan) bool: slot used
     send_splits: list[int]
     recv_splits: list[int]
-    slot_order: torch.Tensor  # (M,) positions in the received (row, slot) view, sorted by local expert
+    recv_weight: torch.Tensor  # (R, K) gate weight per received row and slot, 0 for other ranks' slots
+    slot_order: torch.Tensor  # (M,) positions in the received (row, slot) layout, sorted by local expert
     slot_row: torch.Tensor  # (M,) received row of each sorted slot
-    slot_weight: torch.Tensor  # (M,) gate weight of each sorted slot (fp32, differentiable)
-    recv_weight: torch.Tensor  # (R, K) received weights: the dispatch exchange is chained after it
+    slot_pos: torch.Tensor  # (R, K) sorted position of each received (row, slot) (0 where unused)
+    slot_valid: torch.Tensor  # (R, K) bool: the slot is one of this rank's experts
     local_counts: torch.Tensor  # (experts_per_rank,) rows per local expert
-    k: int
 
 
 @dataclass
@@ -71,6 +76,12 @@ class Pending:
     plan: A2APlan
     buf: torch.Tensor
     comm: A2A
+
+
+def _inverse(order: torch.Tensor, size: int) -> torch.Tensor:
+    """inv[order[i]] = i; positions not in `order` get 0 (callers mask them)."""
+    inv = torch.zeros(size, dtype=torch.long, device=order.device)
+    return inv.index_copy_(0, order, torch.arange(order.numel(), device=order.device))
 
 
 class AllToAllDispatcher:
@@ -92,45 +103,67 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------------------------------- plan
     def plan(self, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int) -> A2APlan:
+        """Host syncs: the pair count (nonzero), the split sizes and the received slot count."""
         n, k = topk_idx.shape
+        dev = topk_idx.device
         per_rank = n_experts // self.ep
+        fan = min(self.ep, k)
         dest = topk_idx // per_rank  # (N, K) owner rank of each slot
-        uses = torch.zeros(self.ep, n, dtype=torch.bool, device=topk_idx.device)
-        uses[dest.t().reshape(-1), torch.arange(n, device=topk_idx.device).repeat(k)] = True
+        uses = torch.zeros(self.ep * n, dtype=torch.bool, device=dev)
+        uses[(dest.t() * n + torch.arange(n, device=dev)).reshape(-1)] = True
+        uses = uses.view(self.ep, n)
         pair_rank, pair_token = uses.nonzero(as_tuple=True)  # sorted by rank, then token
         send_counts = uses.sum(1)
         recv_counts = exchange_counts(send_counts, self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
 
-        pair_index = pair_rank * n + pair_token  # unique positions in the (rank, token)-expanded view
-        same = dest[pair_token] == pair_rank.unsqueeze(1)  # (P, K): slot lives on the row's rank
-        local_id = torch.where(same, topk_idx[pair_token] - pair_rank.unsqueeze(1) * per_rank, -1)
-        w_rows = topk_weight.unsqueeze(0).expand(self.ep, -1, -1).reshape(-1, k)[pair_index]
+        # slot c of a token = the rank's order among the token's ranks (ascending)
+        rank_order = uses.long().cumsum(0) - 1
+        pair_pos = pair_token * fan + rank_order[pair_rank, pair_token]
+        tok_slots = _inverse(pair_pos, n * fan).view(n, fan)
+        tok_mask = (
+            torch.zeros(n * fan, dtype=torch.bool, device=dev).index_fill_(0, pair_pos, True).view(n, fan)
+        )
+
+        same = dest.index_select(0, pair_token) == pair_rank.unsqueeze(1)  # (P, K): slot lives there
+        local_id = torch.where(
+            same, topk_idx.index_select(0, pair_token) - pair_rank.unsqueeze(1) * per_rank, -1
+        )
+        w_rows = gather_rows(topk_weight, pair_token, tok_slots, tok_mask)
         w_rows = torch.where(same, w_rows, torch.zeros_like(w_rows))
         recv_id = all_to_all_nograd(local_id, recv_splits, send_splits, self.group)
         recv_w = all_to_all(w_rows, recv_splits, send_splits, self.group)
 
+        rows = sum(recv_splits)
         flat_id = recv_id.reshape(-1)
-        valid = (flat_id >= 0).nonzero().squeeze(1)
-        slot_order = valid[torch.argsort(flat_id[valid], stable=True)]
-        local_counts = torch.bincount(flat_id[valid], minlength=per_rank)
+        valid = flat_id >= 0
+        key = torch.where(valid, flat_id, per_rank)  # other ranks' slots sort last
+        counts = torch.zeros(per_rank + 1, dtype=torch.long, device=dev).scatter_add_(
+            0, key, torch.ones_like(key)
+        )
+        m = rows * k - int(counts[per_rank])
+        slot_order = torch.argsort(key, stable=True)[:m]
         return A2APlan(
             n_tokens=n,
-            pair_index=pair_index,
+            k=k,
+            fan=fan,
             pair_token=pair_token,
+            pair_pos=pair_pos,
+            tok_slots=tok_slots,
+            tok_mask=tok_mask,
             send_splits=send_splits,
             recv_splits=recv_splits,
+            recv_weight=recv_w,
             slot_order=slot_order,
             slot_row=slot_order // k,
-            slot_weight=recv_w.reshape(-1)[slot_order].float(),
-            local_counts=local_counts,
-            recv_weight=recv_w,
-            k=k,
+            slot_pos=_inverse(slot_order, rows * k).view(rows, k),
+            slot_valid=valid.view(rows, k),
+            local_counts=counts[:per_rank],
         )
 
     # ------------------------------------------------------------------------------ dispatch (async)
     def dispatch_start(self, x: torch.Tensor, plan: A2APlan) -> Pending:
-        send = x.unsqueeze(0).expand(self.ep, -1, -1).reshape(-1, x.shape[-1])[plan.pair_index]
+        send = gather_rows(x, plan.pair_token, plan.tok_slots, plan.tok_mask)
         comm = A2A(plan.recv_splits, plan.send_splits, self.group, log=self.event_log, name="dispatch")
         if self.counters is not None:
             row_bytes = x.shape[-1] * x.element_size()
@@ -138,16 +171,19 @@ class AllToAllDispatcher:
         return Pending(plan, a2a_start(send, comm, after=(plan.recv_weight,)), comm)
 
     def dispatch_wait(self, pending: Pending) -> torch.Tensor:
+        """Received rows, expanded to their slots and sorted by local expert."""
         rows = a2a_wait(pending.buf, pending.comm)
         plan = pending.plan
-        h = rows.shape[-1]
-        return rows.unsqueeze(1).expand(-1, plan.k, -1).reshape(-1, h)[plan.slot_order]
+        return gather_rows(rows, plan.slot_row, plan.slot_pos, plan.slot_valid)
 
     # ------------------------------------------------------------------------------- combine (async)
     def combine_start(self, y: torch.Tensor, plan: A2APlan) -> Pending:
-        partial = torch.zeros(sum(plan.recv_splits), y.shape[-1], dtype=torch.float32, device=y.device)
-        partial.index_add_(0, plan.slot_row, y.float() * plan.slot_weight.unsqueeze(-1))
-        partial = partial.to(y.dtype)
+        """Each received row's gate-weighted sum over its slots (products in y's dtype, fp32 sum)."""
+        n_rows, hidden = sum(plan.recv_splits), y.shape[-1]
+        y_slots = gather_rows(y, plan.slot_pos.reshape(-1), plan.slot_order.view(-1, 1)).view(
+            n_rows, plan.k, hidden
+        )
+        partial = (y_slots * plan.recv_weight.to(y.dtype).unsqueeze(-1)).sum(1)
         comm = A2A(plan.send_splits, plan.recv_splits, self.group, log=self.event_log, name="combine")
         if self.counters is not None:
             row_bytes = y.shape[-1] * y.element_size()
@@ -155,11 +191,14 @@ class AllToAllDispatcher:
         return Pending(plan, a2a_start(partial, comm), comm)
 
     def combine_wait(self, pending: Pending) -> torch.Tensor:
+        """Sum of each token's partial results from its ranks."""
         back = a2a_wait(pending.buf, pending.comm)
         plan = pending.plan
-        out = torch.zeros(plan.n_tokens, back.shape[-1], dtype=torch.float32, device=back.device)
-        out.index_add_(0, plan.pair_token, back.float())
-        return out.to(back.dtype)
+        n, hidden = plan.n_tokens, back.shape[-1]
+        per_slot = gather_rows(back, plan.tok_slots.reshape(-1), plan.pair_pos.view(-1, 1)).view(
+            n, plan.fan, hidden
+        )
+        return (per_slot * plan.tok_mask.unsqueeze(-1).to(back.dtype)).sum(1)
 
     # ------------------------------------------------------------------ the Dispatcher seam (blocking)
     def dispatch(
