@@ -18,15 +18,18 @@ def build_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     expert_slice: tuple[int, int] | None = None,
+    layer_ids: list[int] | None = None,
+    first: bool = True,
+    last: bool = True,
 ) -> Transformer:
     """Build on `device` and initialise deterministically; device='meta' only builds the shapes.
 
-    expert_slice=(first, count) builds only those routed experts (expert parallelism); their values equal
-    the same experts of the full model.
+    expert_slice=(first, count) builds only those routed experts (expert parallelism); layer_ids/first/last
+    build one pipeline stage. Either way the values equal the same parameters of the whole model.
     """
     device = torch.device(device)
     with torch.device(device):
-        model = Transformer(cfg, balance, expert_slice)
+        model = Transformer(cfg, balance, expert_slice, layer_ids, first, last)
     if device.type != "meta":
         init_weights(model, seed, cfg.initializer_range)
     return model

@@ -7,6 +7,7 @@ checkpoints key on these names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +75,22 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    """The whole model, or one pipeline stage of it.
+
+    A stage holds `layer_ids` (global indices) and, when `first`, the embedding; when `last`, the final norm,
+    the head and the MTP blocks — plus its own copy of the embedding, which MTP reads (the pipeline sums the
+    two copies' gradients). Names stay those of the whole model, so initialisation, checkpoints and HF
+    conversion see one set of names whatever the layout.
+    """
+
     def __init__(
         self,
         cfg: ModelConfig,
         balance: BalanceLoss | None = None,
         expert_slice: tuple[int, int] | None = None,
+        layer_ids: Sequence[int] | None = None,
+        first: bool = True,
+        last: bool = True,
     ) -> None:
         super().__init__()
         moe = MoEOptions(balance or BalanceLoss(), expert_slice)
@@ -87,18 +99,19 @@ class Transformer(nn.Module):
                 "model.vocab_size must be resolved (from the tokenizer) before building the model"
             )
         self.cfg = cfg
+        self.is_first, self.is_last = first, last
         self.rotary = RotaryTable(
             cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(cfg, i, self.rotary, moe) for i in range(cfg.num_hidden_layers)}
-        )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        needs_embedding = first or (last and cfg.num_nextn_predict_layers > 0)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if needs_embedding else None
+        ids = range(cfg.num_hidden_layers) if layer_ids is None else layer_ids
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, self.rotary, moe) for i in ids})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if last else None
         self.mtp = nn.ModuleList(
             MTPLayer(cfg, cfg.num_hidden_layers + d, self.rotary, moe)
-            for d in range(cfg.num_nextn_predict_layers)
+            for d in range(cfg.num_nextn_predict_layers if last else 0)
         )
 
     def moe_layers(self) -> list[MoE]:
@@ -113,6 +126,21 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
 
+    def stage_forward(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        stats: MoEStats | None = None,
+        return_logits: bool = False,
+    ) -> torch.Tensor | ModelOutput:
+        """x: token ids on the first stage, hidden states elsewhere. Hidden states out, or the losses."""
+        h = self.embed_tokens(x) if self.is_first else x
+        for layer in self.layers.values():
+            h = layer(h, stats)
+        if not self.is_last:
+            return h
+        return self._head(h, labels, stats, return_logits)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -121,7 +149,12 @@ class Transformer(nn.Module):
         return_logits: bool = False,
     ) -> ModelOutput:
         """labels[:, i] is the token after input_ids[:, i]; MTP depth k predicts labels[:, i + k]."""
-        h = self.norm(self.hidden_states(input_ids, stats))
+        return self.stage_forward(input_ids, labels, stats, return_logits)
+
+    def _head(
+        self, h: torch.Tensor, labels: torch.Tensor | None, stats: MoEStats | None, return_logits: bool
+    ) -> ModelOutput:
+        h = self.norm(h)
         logits = self.lm_head(h)
         if labels is None:
             return ModelOutput(None, None, logits)

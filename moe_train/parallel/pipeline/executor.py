@@ -1,0 +1,197 @@
+"""One executor for every schedule: it walks a rank's action list and runs each action on its stage module.
+
+Communication follows the rule in `schedules.py`: an action receives its input right before it runs and
+sends its output right after (non-blocking `isend`, waited at the end of the step). Every message carries a
+tag made of (direction, stage, micro-batch), so a receive matches its send whatever order the two ranks
+post them in (DualPipe with pp ≥ 6 interleaves activations and gradients differently on the two sides of a
+link). Shapes need no exchange: every rank reads the same global batch, so it knows each micro-batch's shape.
+
+B and W are split by running autograd twice over the stage's retained graph: B asks only for the gradient of
+the stage input (parameters' `.grad` stay untouched), W later only for the parameters. This is exact; it
+costs a second traversal of the backward graph, which the overlap engine's cut sub-steps will remove.
+FB runs its forward and then its backward (the overlap engine interleaves them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ...model import MoEStats, Transformer
+from .schedules import Action, Kind, Schedule
+
+
+def _tag(direction: int, stage: int, mb: int) -> int:
+    return (direction * 1024 + stage) * 65536 + mb
+
+
+@dataclass
+class _Slot:
+    """What a (stage, micro-batch) keeps between its forward and its backward."""
+
+    x: torch.Tensor  # stage input (token ids on the first stage)
+    roots: list[torch.Tensor]  # tensors to backpropagate from
+    grads: list[torch.Tensor | None]  # their incoming gradients (None: filled from a receive)
+    b_done: bool = False
+
+
+@dataclass
+class StepOutput:
+    sums: dict[str, float] = field(default_factory=dict)  # this rank's share of the weighted loss totals
+    stats: MoEStats = field(default_factory=MoEStats)
+    has_mtp: bool = False
+    has_balance: bool = False
+
+
+class PipelineExecutor:
+    def __init__(
+        self,
+        schedule: Schedule,
+        rank: int,
+        stages: dict[int, Transformer],
+        peers: list[int],
+        group: Any,
+        hidden_size: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """rank: this rank's pipeline index; stages: stage id -> module for the stages it holds;
+        peers[i]: global rank of pipeline rank i (for p2p); group: the pipeline process group."""
+        self.schedule, self.rank, self.stages = schedule, rank, stages
+        self.peers, self.group = peers, group
+        self.hidden, self.dtype = hidden_size, dtype
+
+    # ------------------------------------------------------------------------------------------- p2p
+    def _send(self, t: torch.Tensor, to: int, tag: int, pending: list) -> None:
+        pending.append(dist.isend(t.contiguous(), self.peers[to], group=self.group, tag=tag))
+
+    def _recv(self, shape: tuple[int, ...], frm: int, tag: int, device) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=self.dtype, device=device)
+        dist.irecv(buf, self.peers[frm], group=self.group, tag=tag).wait()
+        return buf
+
+    # --------------------------------------------------------------------------------------- running
+    def run(self, micro: list[torch.Tensor], weights: list[float], mtp_weight: float) -> StepOutput:
+        """micro[m]: tokens [b, T+1] of micro-batch m; weights[m]: its share of the global batch."""
+        out = StepOutput(sums={"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0})
+        slots: dict[tuple[int, int], _Slot] = {}
+        local_fwd: dict[tuple[int, int], torch.Tensor] = {}
+        local_bwd: dict[tuple[int, int], torch.Tensor] = {}
+        sends: list = []
+        ctx = (micro, weights, mtp_weight, slots, local_fwd, local_bwd, sends, out)
+        for action in self.schedule.ranks[self.rank]:
+            for part in action.parts():
+                self._run_part(part, ctx)
+        for s in sends:
+            s.wait()
+        return out
+
+    def _run_part(self, a: Action, ctx) -> None:
+        if a.kind is Kind.F:
+            self._forward(a.stage, a.mb, ctx)
+        elif a.kind in (Kind.B, Kind.BW):
+            self._backward(a.stage, a.mb, ctx, inputs_only=a.kind is Kind.B)
+        elif a.kind is Kind.W:
+            self._weights(a.stage, a.mb, ctx)
+        else:  # FB parts are split by Action.parts()
+            raise ValueError(f"cannot run {a}")
+
+    def _forward(self, stage: int, mb: int, ctx) -> None:
+        micro, weights, mtp_weight, slots, local_fwd, _, sends, out = ctx
+        sch, module = self.schedule, self.stages[stage]
+        tokens = micro[mb]
+        device = next(module.parameters()).device
+        tokens = tokens.to(device)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        shape = (inputs.shape[0], inputs.shape[1], self.hidden)
+        if sch.is_first_stage(stage):
+            x = inputs
+        else:
+            frm = sch.recv_forward_from(stage)
+            x = (
+                local_fwd.pop((stage, mb))
+                if frm is None
+                else self._recv(shape, frm, _tag(0, stage, mb), device)
+            )
+            x.requires_grad_(True)
+        stats = MoEStats()
+        w = weights[mb]
+        if sch.is_last_stage(stage):
+            res = module.stage_forward(x, labels, stats)
+            loss = res.lm_loss
+            out.sums["lm_loss"] += w * res.lm_loss.item()
+            if res.mtp_loss is not None:
+                loss = loss + mtp_weight * res.mtp_loss
+                out.sums["mtp_loss"] += w * res.mtp_loss.item()
+                out.has_mtp = True
+            roots, grads = [loss * w], [None]
+            out.sums["loss"] += w * loss.item()
+        else:
+            h = module.stage_forward(x, None, stats)
+            to = sch.send_forward_to(stage)
+            if to is not None:
+                self._send(h.detach(), to, _tag(0, sch.next_stage(stage), mb), sends)
+            else:
+                local_fwd[(sch.next_stage(stage), mb)] = h.detach()
+            roots, grads = [h], [None]  # the gradient arrives with the backward
+        bal = stats.balance_loss()
+        if bal is not None:
+            roots.append(bal * w)
+            grads.append(None)
+            out.sums["balance_loss"] += w * bal.item()
+            out.sums["loss"] += w * bal.item()
+            out.has_balance = True
+        for r in stats.records:
+            r.balance_loss = None  # values were taken; keep only the counts beyond this point
+        out.stats.records.extend(stats.records)
+        slots[(stage, mb)] = _Slot(x, roots, grads)
+
+    def _incoming_grad(self, stage: int, mb: int, slot: _Slot, ctx) -> None:
+        _, _, _, _, _, local_bwd, _, _ = ctx
+        sch = self.schedule
+        if sch.is_last_stage(stage) or slot.grads[0] is not None:
+            return
+        frm = sch.recv_backward_from(stage)
+        h = slot.roots[0]
+        if frm is None:
+            slot.grads[0] = local_bwd.pop((stage, mb))
+        else:
+            slot.grads[0] = self._recv(tuple(h.shape), frm, _tag(1, stage, mb), h.device)
+
+    def _root_grads(self, slot: _Slot) -> list[torch.Tensor]:
+        return [
+            g if g is not None else torch.ones_like(r) for r, g in zip(slot.roots, slot.grads, strict=True)
+        ]
+
+    def _backward(self, stage: int, mb: int, ctx, inputs_only: bool) -> None:
+        _, _, _, slots, _, local_bwd, sends, _ = ctx
+        sch = self.schedule
+        slot = slots[(stage, mb)] if inputs_only else slots.pop((stage, mb))
+        self._incoming_grad(stage, mb, slot, ctx)
+        first = sch.is_first_stage(stage)
+        if inputs_only:
+            if not first:
+                (gx,) = torch.autograd.grad(slot.roots, [slot.x], self._root_grads(slot), retain_graph=True)
+                self._pass_back(stage, mb, gx, local_bwd, sends)
+            slot.b_done = True
+            return
+        torch.autograd.backward(slot.roots, self._root_grads(slot))
+        if not first:
+            self._pass_back(stage, mb, slot.x.grad, local_bwd, sends)
+
+    def _weights(self, stage: int, mb: int, ctx) -> None:
+        _, _, _, slots, _, _, _, _ = ctx
+        slot = slots.pop((stage, mb))
+        params = [p for p in self.stages[stage].parameters() if p.requires_grad]
+        torch.autograd.backward(slot.roots, self._root_grads(slot), inputs=params)
+
+    def _pass_back(self, stage: int, mb: int, gx: torch.Tensor, local_bwd: dict, sends: list) -> None:
+        sch = self.schedule
+        to = sch.send_backward_to(stage)
+        prev = sch.prev_stage(stage)
+        if to is not None:
+            self._send(gx, to, _tag(1, prev, mb), sends)
+        else:
+            local_bwd[(prev, mb)] = gx
