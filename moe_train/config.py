@@ -382,8 +382,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _choice("parallel.schedule", p.schedule, ("1f1b", "dualpipe", "dualpipev"))
     _choice("parallel.dispatcher", p.dispatcher, ("alltoall", "hierarchical"))
     _positive(p, "parallel", ["pp", "ep", "microbatches"])
-    if p.pp != 1:
-        _fail("parallel.pp", p.pp, "1 in this version (pipeline parallelism is not implemented yet)")
+    if p.pp > 1 or p.schedule != "1f1b":
+        from .parallel.pipeline.schedules import build_schedule
+        from .parallel.pipeline.stages import split_layers
+
+        try:
+            sch = build_schedule(p.schedule, p.pp, p.microbatches)
+            split_layers(cfg.model.num_hidden_layers, sch.n_chunks, p.stage_layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.model.n_routed_experts % p.ep:
         _fail("parallel.ep", p.ep, f"a divisor of model.n_routed_experts={cfg.model.n_routed_experts}")
     if p.overlap:

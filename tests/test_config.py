@@ -40,7 +40,11 @@ def test_default_config_is_valid():
         (["data.tokenizer=/nonexistent/tokenizer.json"], "data.tokenizer", "an existing tokenizer.json"),
         (["data.batch_size=-1"], "data.batch_size", "positive"),
         (["parallel.microbatches=3"], "data.batch_size", "multiple of dp*parallel.microbatches"),
-        (["parallel.pp=2"], "parallel.pp", "1 in this version"),
+        (
+            ["parallel.pp=2", "parallel.schedule=dualpipe", "parallel.microbatches=3"],
+            "parallel.microbatches",
+            "parallel.schedule=dualpipe",
+        ),
         (["parallel.ep=3"], "parallel.ep", "a divisor of model.n_routed_experts=16"),
         (["balance.mode=aux_free", "model.scoring_func=softmax"], "balance.mode", "scoring_func=sigmoid"),
         (["trainer.resume=/no/such/ckpt"], "trainer.resume", "auto, none"),

@@ -54,7 +54,7 @@ def run_layout(run_dir: str, overrides: tuple[str, ...]) -> dict:
     """Gradients of step 0 (reduced) and the metrics of a short run, for one layout."""
     t = Trainer(make_cfg(run_dir + "/grads", *overrides), run_dir + "/grads")
     t.forward_backward(0)
-    reduce_gradients(t.model, t.mesh)
+    reduce_gradients(t.model, t.mesh, t.ties)
     grads = full_gradients(t.model, t.mesh)
     t.mesh.barrier()
     t2 = Trainer(make_cfg(run_dir + "/run", *overrides), run_dir + "/run", mesh=t.mesh)
@@ -111,3 +111,37 @@ def test_ep4_and_dp4_ep2_on_4_processes(reference, tmp_path):
     results = run_world(4, _worker, str(tmp_path), [("parallel.ep=4",), ("parallel.ep=2",)])
     _compare(reference, results[0][0], "ep=4")
     _compare(reference, results[0][1], "dp=4,ep=2")
+
+
+PIPELINES_2 = [
+    ("parallel.pp=2", "parallel.microbatches=2"),
+    ("parallel.pp=2", "parallel.schedule=dualpipev", "parallel.microbatches=4"),
+    ("parallel.pp=2", "parallel.schedule=dualpipe", "parallel.microbatches=4"),
+]
+
+
+def test_pipelines_on_2_processes(reference, tmp_path):
+    """1F1B, DualPipeV and DualPipe with pp=2 through the trainer: the one-process losses and gradients."""
+    (rank0, _) = run_world(2, _worker, str(tmp_path), PIPELINES_2)
+    for result, layout in zip(rank0, PIPELINES_2, strict=True):
+        _compare(reference, result, " ".join(layout))
+    # DualPipe's step-2 checkpoint (two model copies, layers split over ranks) continues in one process
+    ckpt = tmp_path / "2" / "run" / "checkpoints" / "step_00000002"
+    run_dir = str(tmp_path / "resumed")
+    Trainer(make_cfg(run_dir, f"trainer.resume={ckpt}"), run_dir).run()
+    resumed = [r for r in _losses(run_dir) if r["kind"] == "train"]
+    dual = {r["step"]: r for r in rank0[2]["records"] if r["kind"] == "train"}
+    assert resumed[0]["step"] == 3 and resumed[0]["loss"] == pytest.approx(dual[3]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_pp2_ep2_and_pp4_on_4_processes(reference, tmp_path):
+    layouts = [
+        ("parallel.pp=2", "parallel.ep=2", "parallel.microbatches=2"),
+        ("parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev", "parallel.microbatches=4"),
+        ("parallel.pp=4", "parallel.microbatches=4"),
+        ("parallel.pp=4", "parallel.schedule=dualpipe", "parallel.microbatches=8"),
+    ]
+    results = run_world(4, _worker, str(tmp_path), layouts)
+    for result, layout in zip(results[0], layouts, strict=True):
+        _compare(reference, result, " ".join(layout))

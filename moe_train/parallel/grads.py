@@ -9,6 +9,8 @@ The norm for clipping counts each parameter once: dense ones from any rank, expe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -57,7 +59,9 @@ def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [p.grad for p in params]
 
 
-def reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
+def reduce_gradients(model: nn.Module, mesh: Mesh, ties: list[tuple[Any, list[str]]] | None = None) -> None:
+    """ties: (process group, parameter names) whose copies on other pipeline ranks must be summed too
+    (the embedding read by the first and the last chunk; DualPipe's two copies of every chunk)."""
     if not mesh.distributed:
         return
     dense, expert = split_params(model)
@@ -65,10 +69,17 @@ def reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
         _all_reduce_sum(_grads(dense), mesh.group("dp"))
     if mesh.layout.edp > 1:
         _all_reduce_sum(_grads(expert), mesh.group("edp"))
+    params = dict(model.named_parameters())
+    for group, names in ties or []:
+        _all_reduce_sum(_grads([params[n] for n in names]), group)
 
 
-def global_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
-    dense, expert = split_params(model)
+def global_grad_norm(model: nn.Module, mesh: Mesh, owned: set[str] | None = None) -> torch.Tensor:
+    """owned: the parameter names this pipeline rank counts (a copy held by several ranks counts once)."""
+    names = {n for n, _ in model.named_parameters()} if owned is None else owned
+    experts = expert_param_names(model)
+    dense = [p for n, p in model.named_parameters() if n in names and n not in experts]
+    expert = [p for n, p in model.named_parameters() if n in names and n in experts]
     dev = next(model.parameters()).device
     sq_dense = sum(
         (p.grad.float().pow(2).sum() for p in dense if p.grad is not None), torch.zeros((), device=dev)
@@ -78,12 +89,15 @@ def global_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
     )
     if mesh.distributed and mesh.layout.ep > 1:
         dist.all_reduce(sq_expert, group=mesh.group("ep"))
-    return (sq_dense + sq_expert).sqrt()
+    total = sq_dense + sq_expert
+    if mesh.distributed and mesh.layout.pp > 1:
+        dist.all_reduce(total, group=mesh.group("pp"))
+    return total.sqrt()
 
 
-def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float) -> float:
+def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float, owned: set[str] | None = None) -> float:
     """Clip to max_norm (inf: measure only) by the layout-independent global norm; returns the norm."""
-    norm = global_grad_norm(model, mesh)
+    norm = global_grad_norm(model, mesh, owned)
     if max_norm != float("inf"):
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in model.parameters():

@@ -1,8 +1,9 @@
-"""Full (layout-independent) model and optimizer state under expert parallelism.
+"""Full (layout-independent) model and optimizer state under expert and pipeline parallelism.
 
-Saving gathers each rank's expert slices over its ep group, so rank 0 holds exactly the state dict a
-one-process run would have (same names, full expert tensors); loading slices the experts this rank owns
-back out. A checkpoint written under one (dp, ep) layout therefore loads under any other. This keeps a whole
+Saving gathers each rank's expert slices over its ep group and the pipeline ranks' layers over pp, so rank 0
+holds exactly the state a one-process run would have (same names, full expert tensors; optimizer state keyed
+by parameter name); loading takes the layers and the expert slice a rank holds back out. A checkpoint written
+under one (pp, dp, ep) layout therefore loads under any other. This keeps a whole
 copy on rank 0 — fine for the model sizes CPU tests and single nodes use; sharded `torch.distributed
 .checkpoint` files replace it for large models (docs/checkpoints.md).
 """
@@ -36,25 +37,44 @@ def _gather0(t: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _optim_by_name(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name (not by position), so it survives any re-partitioning."""
+    sd = optimizer.state_dict()
+    by_name: dict[str, dict[str, Any]] = {}
+    for group in sd["param_groups"]:
+        for idx, name in zip(group["params"], group["names"], strict=True):
+            if idx in sd["state"]:
+                by_name[name] = dict(sd["state"][idx])
+    groups = [{k: v for k, v in g.items() if k not in ("params", "names")} for g in sd["param_groups"]]
+    return {"by_name": by_name, "param_groups": groups}
+
+
 def full_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model state dict, optimizer state dict) of the whole model, identical on every rank."""
+    """(model state dict, name-keyed optimizer state) of the whole model, on every rank.
+
+    Expert slices (and their Adam moments) are gathered over ep; pipeline ranks' parts are merged over pp.
+    """
     model_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optim_sd = optimizer.state_dict()
-    if mesh.layout.ep == 1:
-        return model_sd, optim_sd
+    optim_sd = _optim_by_name(optimizer)
     experts, _, _ = _expert_names_and_slice(model)
-    for name in sorted(experts):
-        model_sd[name] = _gather0(model_sd[name], mesh)
-    for group in optim_sd["param_groups"]:
-        for idx, name in zip(group["params"], group["names"], strict=True):
-            if name in experts and idx in optim_sd["state"]:
-                # state_dict() shares the per-parameter dicts with the live optimizer: copy before editing
-                st = optim_sd["state"][idx] = dict(optim_sd["state"][idx])
-                for key, val in list(st.items()):
-                    if torch.is_tensor(val) and val.ndim > 0:
-                        st[key] = _gather0(val, mesh)
+    if mesh.layout.ep > 1:
+        for name in sorted(experts):
+            model_sd[name] = _gather0(model_sd[name], mesh)
+        for name in sorted(experts):
+            st = optim_sd["by_name"].get(name, {})
+            for key, val in list(st.items()):
+                if torch.is_tensor(val) and val.ndim > 0:
+                    st[key] = _gather0(val, mesh)
+    if mesh.distributed and mesh.layout.pp > 1:
+        parts: list[Any] = [None] * mesh.layout.pp
+        dist.all_gather_object(parts, (model_sd, optim_sd["by_name"]), group=mesh.group("pp"))
+        for part_model, part_optim in parts:
+            for k, v in part_model.items():
+                model_sd.setdefault(k, v)
+            for k, v in part_optim.items():
+                optim_sd["by_name"].setdefault(k, v)
     return model_sd, optim_sd
 
 
@@ -64,25 +84,29 @@ def load_full_state(
     model_sd: dict[str, torch.Tensor],
     optim_sd: dict[str, Any] | None,
 ) -> None:
-    """Load a whole-model state into a model that may hold only a slice of the experts."""
+    """Load a whole-model state into a model that may hold only some layers and a slice of the experts."""
     experts, first, count = _expert_names_and_slice(model)
     own = model.state_dict()
-    sliced = {}
-    for k, v in model_sd.items():
-        if k in experts and k in own and v.shape[0] != own[k].shape[0]:
-            v = v[first : first + count]
-        sliced[k] = v
-    model.load_state_dict(sliced)
+
+    def fit(name: str, v: torch.Tensor) -> torch.Tensor:
+        if name in experts and v.ndim > 0 and v.shape[0] != own[name].shape[0]:
+            return v[first : first + count].clone()
+        return v
+
+    model.load_state_dict({k: fit(k, v) for k, v in model_sd.items() if k in own})
     if optimizer is None or optim_sd is None:
         return
-    for group in optim_sd["param_groups"]:
+    current = optimizer.state_dict()
+    state = {}
+    for group in current["param_groups"]:
         for idx, name in zip(group["params"], group["names"], strict=True):
-            if name in experts and idx in optim_sd["state"]:
-                st = optim_sd["state"][idx] = dict(optim_sd["state"][idx])
-                for key, val in list(st.items()):
-                    if torch.is_tensor(val) and val.ndim > 0 and val.shape[0] != own[name].shape[0]:
-                        st[key] = val[first : first + count].clone()
-    optimizer.load_state_dict(optim_sd)
+            saved = optim_sd["by_name"].get(name)
+            if saved is not None:
+                state[idx] = {k: fit(name, v) if torch.is_tensor(v) else v for k, v in saved.items()}
+    groups = [
+        {**g, **saved} for g, saved in zip(current["param_groups"], optim_sd["param_groups"], strict=True)
+    ]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def full_shapes(model: nn.Module, n_experts: int) -> dict[str, torch.Tensor]:
@@ -96,10 +120,17 @@ def full_shapes(model: nn.Module, n_experts: int) -> dict[str, torch.Tensor]:
 
 
 def full_gradients(model: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor]:
-    """Every parameter's gradient as the one-process model would hold it (expert slices gathered)."""
+    """Every parameter's gradient as the one-process model would hold it (expert slices gathered over ep,
+    pipeline ranks' layers merged over pp). Call after the gradient reduction."""
     experts, _, _ = _expert_names_and_slice(model)
     out = {}
     for name, p in model.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         out[name] = _gather0(g, mesh) if name in experts and mesh.layout.ep > 1 else g.detach().clone()
+    if mesh.distributed and mesh.layout.pp > 1:
+        parts: list[Any] = [None] * mesh.layout.pp
+        dist.all_gather_object(parts, out, group=mesh.group("pp"))
+        for part in parts:
+            for k, v in part.items():
+                out.setdefault(k, v)
     return out

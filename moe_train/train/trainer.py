@@ -23,13 +23,16 @@ from ..balance import BiasController, balance_loss_spec, maxvio
 from ..config import TrainConfig, resolved_dict
 from ..data import GlobalBatchSampler, build_dataset
 from ..data.sampler import val_batches
-from ..model import MoEStats, build_model, count_params, train_flops_per_token
+from ..model import MoEStats, build_model, count_params, is_moe_layer, train_flops_per_token
 from ..optim import build_optimizer, lr_at, set_lr
 from ..parallel.dispatch import CommCounters
 from ..parallel.expert import apply_expert_parallel, expert_slice
 from ..parallel.grads import clip_gradients, reduce_gradients
 from ..parallel.mesh import Mesh, build_mesh
-from ..parallel.state import full_shapes, full_state, load_full_state
+from ..parallel.pipeline.executor import PipelineExecutor
+from ..parallel.pipeline.schedules import build_schedule
+from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
+from ..parallel.state import full_state, load_full_state
 from . import checkpoint as ckpt
 from .metrics import (
     ConsoleLogger,
@@ -113,13 +116,35 @@ class Trainer:
         self.sampler = GlobalBatchSampler(self.data.train, cfg.data.seq_len, cfg.data.batch_size, t.seed)
         self.val = val_batches(self.data.val, cfg.data.seq_len, cfg.data.batch_size, t.eval_batches)
 
-        self.model = build_model(
-            cfg.model,
-            balance_loss_spec(cfg.balance),
-            self.device,
-            t.seed,
-            expert_slice=expert_slice(cfg.model.n_routed_experts, self.mesh),
-        )
+        balance = balance_loss_spec(cfg.balance)
+        experts = expert_slice(cfg.model.n_routed_experts, self.mesh)
+        self.pipeline = p.pp > 1 or p.schedule != "1f1b"
+        self.ties: list = []
+        self.owned: set[str] | None = None
+        if self.pipeline:
+            schedule = build_schedule(p.schedule, p.pp, p.microbatches)
+            self.model, stages, chunks = rank_model_and_stages(
+                cfg.model, schedule, self.mesh.pp_rank, balance, self.device, t.seed, experts, p.stage_layers
+            )
+            self.ties, self.owned = build_ties(self.model, self.mesh, schedule, chunks)
+            lay = self.mesh.layout
+            peers = [lay.rank_of(q, self.mesh.edp_rank, self.mesh.ep_rank) for q in range(lay.pp)]
+            self.executor = PipelineExecutor(
+                schedule,
+                self.mesh.pp_rank,
+                stages,
+                peers,
+                None,
+                cfg.model.hidden_size,
+                self.amp or torch.float32,
+            )
+        else:
+            self.model = build_model(cfg.model, balance, self.device, t.seed, expert_slice=experts)
+        self.moe_layer_ids = [
+            i
+            for i in range(cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers)
+            if is_moe_layer(cfg.model, i)
+        ]
         self.counters = CommCounters()
         apply_expert_parallel(self.model, self.mesh, self.counters)
         if cfg.model.init_from:
@@ -146,7 +171,8 @@ class Trainer:
         if path is None:
             return
         state = ckpt.load_checkpoint(path, map_location=self.device)
-        ckpt.check_model_state(full_shapes(self.model, self.cfg.model.n_routed_experts), state["model"], path)
+        expected = build_model(self.cfg.model, device="meta").state_dict()
+        ckpt.check_model_state(expected, state["model"], path)
         load_full_state(self.model, self.optimizer, state["model"], state["optim"])
         tr = state["trainer"]
         self.step = int(tr.get("step", state["meta"]["step"]))
@@ -211,6 +237,16 @@ class Trainer:
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         has_mtp = has_bal = False
         step_stats = MoEStats()
+        if self.pipeline:
+            weights = [mb.shape[0] / cfg.data.batch_size for mb in micro]
+            with self._autocast():
+                res = self.executor.run(micro, weights, lam)
+            sums, step_stats = res.sums, res.stats
+            # which terms exist is a property of the config; this rank may hold no MoE layer or no head
+            has_mtp = cfg.model.num_nextn_predict_layers > 0
+            spec = balance_loss_spec(cfg.balance)
+            has_bal = spec.kind is not None and spec.alpha > 0
+            micro = []
         for mb in micro:
             mb = mb.to(self.device, non_blocking=True)
             inputs, labels = mb[:, :-1], mb[:, 1:]
@@ -249,8 +285,8 @@ class Trainer:
                 "weights were not updated. Lower optim.lr, check the data, or resume from a checkpoint."
             )
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        reduce_gradients(self.model, mesh)
-        grad_norm = clip_gradients(self.model, mesh, clip)
+        reduce_gradients(self.model, mesh, self.ties)
+        grad_norm = clip_gradients(self.model, mesh, clip, self.owned)
         lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
@@ -278,20 +314,28 @@ class Trainer:
         return record
 
     # ------------------------------------------------------------------------------- cross-rank sums
+    def _data_group(self):
+        """Ranks whose contributions add up to the global batch: dp, or every rank when pipelined (each
+        pipeline rank holds other layers and the last stage alone sees the LM loss)."""
+        return self.mesh.group("world") if self.pipeline else self.mesh.group("dp")
+
     def _sum_over_dp(self, values: list[float]) -> list[float]:
-        if not self.mesh.distributed or self.mesh.layout.dp == 1:
+        if not self.mesh.distributed or (self.mesh.layout.dp == 1 and not self.pipeline):
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.mesh.group("dp"))
+        dist.all_reduce(t, group=self._data_group())
         return t.tolist()
 
     def _counts_over_dp(self, counts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Loads of the whole global batch: every rank then moves its biases identically."""
-        if not counts or not self.mesh.distributed or self.mesh.layout.dp == 1:
+        """Loads of the whole global batch for every MoE layer: every rank then moves its biases alike."""
+        if not self.mesh.distributed or (self.mesh.layout.dp == 1 and not self.pipeline):
             return counts
-        layers = sorted(counts)
-        t = torch.stack([counts[k] for k in layers]).to(self.device)
-        dist.all_reduce(t, group=self.mesh.group("dp"))
+        layers = self.moe_layer_ids
+        t = torch.zeros(len(layers), self.cfg.model.n_routed_experts, dtype=torch.long, device=self.device)
+        for i, k in enumerate(layers):
+            if k in counts:
+                t[i] = counts[k].to(self.device)
+        dist.all_reduce(t, group=self._data_group())
         return {k: t[i].cpu() for i, k in enumerate(layers)}
 
     def _comm_bytes(self) -> dict[str, float]:
@@ -310,7 +354,14 @@ class Trainer:
         loss_sum = 0.0
         for batch in self.val:
             rows = batch.shape[0] // dp
-            shard = batch[r * rows : (r + 1) * rows].to(self.device)
+            shard = batch[r * rows : (r + 1) * rows]
+            if self.pipeline:
+                with self._autocast():
+                    res = self.executor.forward_only([shard], [rows / batch.shape[0]])
+                loss_sum += res.sums["lm_loss"]
+                stats.records.extend(res.stats.records)
+                continue
+            shard = shard.to(self.device)
             with self._autocast():
                 out = self.model(shard[:, :-1], shard[:, 1:], stats)
             loss_sum += out.lm_loss.item() * rows / batch.shape[0]

@@ -88,6 +88,20 @@ class PipelineExecutor:
             s.wait()
         return out
 
+    @torch.no_grad()
+    def forward_only(self, micro: list[torch.Tensor], weights: list[float]) -> StepOutput:
+        """Evaluation: every micro-batch forward through the first pipeline, no backward, no stash."""
+        out = StepOutput(sums={"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0})
+        sends: list = []
+        ctx = (micro, weights, 0.0, {}, {}, {}, sends, out)
+        mine = [s for s in self.schedule.pipelines[0] if self.schedule.rank_of(s) == self.rank]
+        for mb in range(len(micro)):
+            for stage in mine:
+                self._forward(stage, mb, ctx, keep=False)
+        for s in sends:
+            s.wait()
+        return out
+
     def _run_part(self, a: Action, ctx) -> None:
         if a.kind is Kind.F:
             self._forward(a.stage, a.mb, ctx)
@@ -98,7 +112,7 @@ class PipelineExecutor:
         else:  # FB parts are split by Action.parts()
             raise ValueError(f"cannot run {a}")
 
-    def _forward(self, stage: int, mb: int, ctx) -> None:
+    def _forward(self, stage: int, mb: int, ctx, keep: bool = True) -> None:
         micro, weights, mtp_weight, slots, local_fwd, _, sends, out = ctx
         sch, module = self.schedule, self.stages[stage]
         tokens = micro[mb]
@@ -115,7 +129,8 @@ class PipelineExecutor:
                 if frm is None
                 else self._recv(shape, frm, _tag(0, stage, mb), device)
             )
-            x.requires_grad_(True)
+            if keep:
+                x.requires_grad_(True)
         stats = MoEStats()
         w = weights[mb]
         if sch.is_last_stage(stage):
@@ -146,7 +161,8 @@ class PipelineExecutor:
         for r in stats.records:
             r.balance_loss = None  # values were taken; keep only the counts beyond this point
         out.stats.records.extend(stats.records)
-        slots[(stage, mb)] = _Slot(x, roots, grads)
+        if keep:
+            slots[(stage, mb)] = _Slot(x, roots, grads)
 
     def _incoming_grad(self, stage: int, mb: int, slot: _Slot, ctx) -> None:
         _, _, _, _, _, local_bwd, _, _ = ctx

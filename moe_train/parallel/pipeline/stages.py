@@ -60,3 +60,112 @@ def build_stage(
         first=chunk == 0,
         last=chunk == len(chunks) - 1,
     )
+
+
+class StageView:
+    """One stage of a rank's partial model: the rank builds one `Transformer` holding the union of its
+    stages' layers (so parameter names, the optimizer and checkpoints are those of a plain model, and an
+    embedding used by both the first and the last chunk on one rank is one parameter), and each stage runs
+    its own slice of it."""
+
+    def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool) -> None:
+        self.model, self.layer_ids, self.first, self.last = model, layer_ids, first, last
+
+    def stage_forward(self, x, labels=None, stats=None):
+        m = self.model
+        h = m.embed_tokens(x) if self.first else x
+        for i in self.layer_ids:
+            h = m.layers[str(i)](h, stats)
+        if not self.last:
+            return h
+        return m._head(h, labels, stats, False)
+
+    def parameters(self):
+        m = self.model
+        mods = [m.layers[str(i)] for i in self.layer_ids]
+        if self.first or (self.last and len(m.mtp)):
+            mods.append(m.embed_tokens)
+        if self.last:
+            mods += [m.norm, m.lm_head, m.mtp]
+        seen: set[int] = set()
+        for mod in mods:
+            for p in mod.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+
+def rank_model_and_stages(
+    cfg: ModelConfig,
+    schedule,
+    pp_rank: int,
+    balance: BalanceLoss | None,
+    device,
+    seed: int,
+    expert_slice: tuple[int, int] | None,
+    stage_layers: list[int] | None = None,
+) -> tuple[Transformer, dict[int, StageView], list[list[int]]]:
+    """The partial model a pipeline rank holds and a view per stage it runs."""
+    chunks = split_layers(cfg.num_hidden_layers, schedule.n_chunks, stage_layers)
+    mine = schedule.stages_of(pp_rank)
+    held = sorted({schedule.chunks[s] for s in mine})
+    last_chunk = len(chunks) - 1
+    model = build_model(
+        cfg,
+        balance,
+        device,
+        seed,
+        expert_slice=expert_slice,
+        layer_ids=[i for c in held for i in chunks[c]],
+        first=0 in held,
+        last=last_chunk in held,
+    )
+    if model.embed_tokens is None and 0 in held:
+        raise AssertionError("chunk 0 without an embedding")
+    views = {
+        s: StageView(
+            model, chunks[schedule.chunks[s]], schedule.chunks[s] == 0, schedule.chunks[s] == last_chunk
+        )
+        for s in mine
+    }
+    return model, views, chunks
+
+
+def holders_of(name: str, schedule, chunks: list[list[int]], has_mtp: bool) -> tuple[int, ...]:
+    """The pipeline ranks that hold a copy of parameter `name`."""
+    holders = [
+        tuple(sorted({schedule.rank_of(s) for s in range(schedule.n_stages) if schedule.chunks[s] == c}))
+        for c in range(len(chunks))
+    ]
+    last = len(chunks) - 1
+    if name.startswith("layers."):
+        layer = int(name.split(".")[1])
+        return holders[next(c for c, ids in enumerate(chunks) if layer in ids)]
+    if name.startswith("embed_tokens."):
+        return tuple(sorted(set(holders[0]) | (set(holders[last]) if has_mtp else set())))
+    return holders[last]
+
+
+def build_ties(model: Transformer, mesh, schedule, chunks: list[list[int]]) -> tuple[list, set[str]]:
+    """(groups to sum copied gradients over with the names they cover, names this rank counts in the norm).
+
+    Every rank creates every group, in the same order (process-group creation is collective)."""
+    import torch.distributed as dist
+
+    has_mtp = model.cfg.num_nextn_predict_layers > 0
+    names = [n for n, _ in model.named_parameters()]
+    mine = {n: holders_of(n, schedule, chunks, has_mtp) for n in names}
+    all_sets = {holders_of(f"layers.{i}.x", schedule, chunks, has_mtp) for ids in chunks for i in ids}
+    all_sets |= {holders_of(n, schedule, chunks, has_mtp) for n in ("embed_tokens.weight", "norm.weight")}
+    lay, me = mesh.layout, mesh.pp_rank
+    ties = []
+    for hs in sorted(s for s in all_sets if len(s) > 1):
+        covered = [n for n in names if mine[n] == hs]
+        for edp in range(lay.edp):
+            for ep in range(lay.ep):
+                ranks = [lay.rank_of(p, edp, ep) for p in hs]
+                group = dist.new_group(ranks) if mesh.distributed else None
+                if mesh.rank in ranks and covered:
+                    ties.append((group, covered))
+    owned = {n for n in names if min(mine[n]) == me}
+    return ties, owned
