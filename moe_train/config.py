@@ -402,12 +402,30 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     dp = world_size // p.pp
     if dp % p.ep:
         _fail("parallel.ep", p.ep, f"a divisor of dp = WORLD_SIZE/parallel.pp = {dp}")
+    if p.gpus_per_node is not None and p.gpus_per_node < 1:
+        _fail("parallel.gpus_per_node", p.gpus_per_node, "a positive number, or null for LOCAL_WORLD_SIZE")
+    if p.dispatcher == "hierarchical" and p.ep > 1:
+        _check_hierarchical(cfg, world_size)
     if d.batch_size % (dp * p.microbatches):
         _fail(
             "data.batch_size",
             d.batch_size,
             f"a multiple of dp*parallel.microbatches={dp}*{p.microbatches}={dp * p.microbatches}",
         )
+
+
+def _check_hierarchical(cfg: TrainConfig, world_size: int) -> None:
+    """Whole expert groups per node (the mesh's own start-up check, run here before any process group)."""
+    from .parallel.mesh import Layout, MeshError, check_expert_groups
+
+    p = cfg.parallel
+    gpus_per_node = p.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    try:
+        check_expert_groups(
+            Layout(world_size, p.pp, p.ep, gpus_per_node), cfg.model.n_routed_experts, cfg.model.n_group
+        )
+    except MeshError as e:
+        raise ConfigError(f"parallel.dispatcher=hierarchical: {e}") from None
 
 
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:

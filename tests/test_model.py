@@ -182,3 +182,10 @@ def test_init_is_deterministic_and_per_expert():
             assert not torch.equal(p, r), n
     w = a.layers["1"].mlp.experts.gate_up_proj
     assert not torch.equal(w[0], w[1])
+
+
+def test_router_handles_zero_tokens_with_groups():
+    """An expert-parallel rank may get an empty micro-batch shard; group-limited routing must not choke."""
+    r = _router(n_group=4, topk_group=2)
+    out = r(torch.zeros(0, 128))
+    assert out.topk_idx.shape == (0, 4) and out.topk_weight.shape == (0, 4)

@@ -73,7 +73,7 @@ class Router(nn.Module):
             choice = choice + self.e_score_correction_bias.unsqueeze(0)
         if self.n_group > 1:
             n = choice.shape[0]
-            grouped = choice.view(n, self.n_group, -1)
+            grouped = choice.view(n, self.n_group, self.n_experts // self.n_group)
             if self.scoring == "sigmoid":
                 group_score = grouped.topk(2, dim=-1).values.sum(-1)
             else:
@@ -81,7 +81,7 @@ class Router(nn.Module):
             keep = group_score.topk(self.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
             choice = choice.masked_fill(
-                ~group_mask.unsqueeze(-1).expand_as(grouped).reshape(n, -1), float("-inf")
+                ~group_mask.unsqueeze(-1).expand_as(grouped).reshape(n, self.n_experts), float("-inf")
             )
         topk_idx = choice.topk(self.top_k, dim=-1).indices
         topk_weight = scores.gather(1, topk_idx)

@@ -78,6 +78,50 @@ class Layout:
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
 
+    def ep_node_shape(self) -> tuple[int, int]:
+        """(nodes one ep group spans, its ranks on each node).
+
+        Hierarchical dispatch needs every node of an ep group to hold the same number of its ranks, so that
+        "the rank with my local index on node b" exists: either the group fills whole nodes (ep a multiple
+        of gpus_per_node) or it lies inside one node (gpus_per_node a multiple of ep).
+        """
+        g, ep = self.gpus_per_node, self.ep
+        if ep % g == 0:
+            return ep // g, g
+        if g % ep == 0:
+            return 1, ep
+        raise MeshError(
+            f"parallel.ep={ep} and parallel.gpus_per_node={g}: an ep group must fill whole nodes or fit in "
+            "one (one of them a multiple of the other) for hierarchical dispatch"
+        )
+
+    def intra_node_groups(self) -> list[list[int]]:
+        """For each ep group, its ranks on one node (fast link): stage 2 of hierarchical dispatch."""
+        _, local = self.ep_node_shape()
+        return [g[i : i + local] for g in self.ep_groups() for i in range(0, self.ep, local)]
+
+    def inter_node_groups(self) -> list[list[int]]:
+        """For each ep group, its ranks with the same local index on each node: stage 1 (slow link)."""
+        nodes, local = self.ep_node_shape()
+        return [[g[n * local + i] for n in range(nodes)] for g in self.ep_groups() for i in range(local)]
+
+
+def check_expert_groups(layout: Layout, n_experts: int, n_group: int) -> None:
+    """Node-limited routing only limits nodes if every node of an ep group holds whole expert groups.
+
+    Experts are placed in order, `n_experts / ep` per ep rank, so node j of an ep group holds a contiguous
+    block of `n_experts / nodes` experts; it is a whole number of groups iff `nodes` divides `n_group`.
+    Then a token that may use `topk_group` groups reaches at most `topk_group` nodes.
+    """
+    nodes, local = layout.ep_node_shape()
+    if n_group % nodes:
+        raise MeshError(
+            f"model.n_group={n_group} expert groups cannot be placed whole on the {nodes} nodes of an "
+            f"ep group (parallel.ep={layout.ep}, parallel.gpus_per_node={layout.gpus_per_node}: "
+            f"ranks per node: {local}): a group would be split across nodes; use n_group a multiple of "
+            f"{nodes}, or ep / gpus_per_node such that an ep group spans a divisor of n_group nodes"
+        )
+
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -115,6 +159,16 @@ class Mesh:
     @property
     def dp_rank(self) -> int:
         return self.edp_rank * self.layout.ep + self.ep_rank
+
+    @property
+    def ep_node_rank(self) -> int:
+        """Index of this rank's node within its ep group (its rank in the inter-node group)."""
+        return self.ep_rank // self.layout.ep_node_shape()[1]
+
+    @property
+    def local_ep_rank(self) -> int:
+        """Index of this rank among its ep group's ranks on its node (its rank in the intra-node group)."""
+        return self.ep_rank % self.layout.ep_node_shape()[1]
 
     @property
     def is_logging_rank(self) -> bool:
@@ -172,4 +226,10 @@ def build_mesh(
     mesh.groups["ep"] = _new_groups(layout.ep_groups(), rank, backend)
     mesh.groups["edp"] = _new_groups(layout.edp_groups(), rank, backend)
     mesh.groups["pp"] = _new_groups(layout.pp_groups(), rank, backend)
+    try:
+        intra, inter = layout.intra_node_groups(), layout.inter_node_groups()
+    except MeshError:  # irregular node shape: only hierarchical dispatch needs these, and it says so
+        return mesh
+    mesh.groups["intra_node"] = _new_groups(intra, rank, backend)
+    mesh.groups["inter_node"] = _new_groups(inter, rank, backend)
     return mesh

@@ -146,7 +146,7 @@ class Trainer:
             if is_moe_layer(cfg.model, i)
         ]
         self.counters = CommCounters()
-        apply_expert_parallel(self.model, self.mesh, self.counters)
+        apply_expert_parallel(self.model, self.mesh, self.counters, dispatcher=p.dispatcher)
         if cfg.model.init_from:
             from ..hf import load_hf_weights
 
