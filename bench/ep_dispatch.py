@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import sync, timed  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.init import init_weights  # noqa: E402
 from moe_train.model.moe import MoE, MoEOptions  # noqa: E402
@@ -42,26 +42,6 @@ DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 PROFILE = False
 
 
-def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, iters: int, warmup: int = 3) -> float:
-    """Mean seconds per call after a barrier (both ranks start together); the slower rank's time."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    t = torch.tensor([(time.perf_counter() - t0) / iters], device=DEV)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
 def profile_once(fn, rank: int) -> None:
     """Top ops of a few calls (rank 0 prints): where dispatch+combine spends host and device time."""
     from torch.profiler import ProfilerActivity, profile
@@ -70,7 +50,7 @@ def profile_once(fn, rank: int) -> None:
     with profile(activities=acts) as prof:
         for _ in range(5):
             fn()
-        sync()
+        sync(DEV)
     if rank == 0:
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
 
@@ -114,7 +94,7 @@ def bench_dispatch(mesh, rows: list[str]) -> None:
             ):
                 profile_once(ours, mesh.rank)
             iters = 20 if tokens * hidden < 2**26 else 10
-            t_raw, t_ours = timed(raw, iters), timed(ours, iters)
+            t_raw, t_ours = timed(raw, iters, DEV), timed(ours, iters, DEV)
             mb = (
                 (send_rows + recv_rows) * hidden * a.element_size() / 2**20
             )  # both directions leave this rank
@@ -154,7 +134,7 @@ def bench_layer(mesh, rows: list[str]) -> None:
                 y = moe(x)
                 y.backward(torch.ones_like(y))
 
-            t = timed(step, 10)
+            t = timed(step, 10, DEV)
             rows.append(f"| {tokens} | {ep} | {t * 1e3:.2f} |")
 
 

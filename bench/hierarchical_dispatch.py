@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import timed  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.moe import Router  # noqa: E402
 from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters  # noqa: E402
@@ -36,26 +36,6 @@ from moe_train.parallel.mesh import build_mesh, check_expert_groups  # noqa: E40
 DEV = "cuda"
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 SIZES = {"hidden": 7168, "tokens": (2048, 8192), "experts": 256, "k": 8, "n_group": 8, "topk_group": 4}
-
-
-def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, iters: int, warmup: int = 3) -> float:
-    """Mean seconds per call after a barrier; the slowest rank's time."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    t = torch.tensor([(time.perf_counter() - t0) / iters], device=DEV)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
 
 
 def router(n_experts: int, k: int, n_group: int, topk_group: int, hidden: int, seed: int) -> Router:
@@ -110,8 +90,8 @@ def bench_topology(gpus_per_node: int, rows: list[str]) -> None:
             dist.all_reduce(t)
             iters = 10 if DEV == "cuda" else 3
             out[name] = (
-                timed(lambda d=disp: run(d), iters),
-                timed(lambda d=disp: run(d, grad=True), iters),
+                timed(lambda d=disp: run(d), iters, DEV),
+                timed(lambda d=disp: run(d, grad=True), iters, DEV),
                 *(t / (tokens * lay.world * hidden * x.element_size())).tolist(),
             )
             counters.take()

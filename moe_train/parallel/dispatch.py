@@ -84,6 +84,30 @@ def _inverse(order: torch.Tensor, size: int) -> torch.Tensor:
     return inv.index_copy_(0, order, torch.arange(order.numel(), device=order.device))
 
 
+def receiver_slots(recv_id: torch.Tensor, per_rank: int) -> dict[str, torch.Tensor]:
+    """Sort the received (row, slot) pairs that name one of this rank's experts by expert.
+
+    recv_id: (R, K) local expert id per received row and slot, −1 for slots served elsewhere. Returns the
+    fields the dispatchers' plans share: slot_order, slot_row, slot_pos, slot_valid, local_counts.
+    One host sync: the number of valid slots.
+    """
+    rows, k = recv_id.shape
+    flat_id = recv_id.reshape(-1)
+    valid = flat_id >= 0
+    key = torch.where(valid, flat_id, per_rank)  # other ranks' slots sort last
+    counts = torch.zeros(per_rank + 1, dtype=torch.long, device=recv_id.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    m = rows * k - int(counts[per_rank])
+    slot_order = torch.argsort(key, stable=True)[:m]
+    return {
+        "slot_order": slot_order,
+        "slot_row": slot_order // k,
+        "slot_pos": _inverse(slot_order, rows * k).view(rows, k),
+        "slot_valid": valid.view(rows, k),
+        "local_counts": counts[:per_rank],
+    }
+
+
 class AllToAllDispatcher:
     """Flat all-to-all over the expert-parallel group (`ep` ranks, `n_experts / ep` experts each)."""
 
@@ -134,15 +158,6 @@ class AllToAllDispatcher:
         recv_id = all_to_all_nograd(local_id, recv_splits, send_splits, self.group)
         recv_w = all_to_all(w_rows, recv_splits, send_splits, self.group)
 
-        rows = sum(recv_splits)
-        flat_id = recv_id.reshape(-1)
-        valid = flat_id >= 0
-        key = torch.where(valid, flat_id, per_rank)  # other ranks' slots sort last
-        counts = torch.zeros(per_rank + 1, dtype=torch.long, device=dev).scatter_add_(
-            0, key, torch.ones_like(key)
-        )
-        m = rows * k - int(counts[per_rank])
-        slot_order = torch.argsort(key, stable=True)[:m]
         return A2APlan(
             n_tokens=n,
             k=k,
@@ -154,11 +169,7 @@ class AllToAllDispatcher:
             send_splits=send_splits,
             recv_splits=recv_splits,
             recv_weight=recv_w,
-            slot_order=slot_order,
-            slot_row=slot_order // k,
-            slot_pos=_inverse(slot_order, rows * k).view(rows, k),
-            slot_valid=valid.view(rows, k),
-            local_counts=counts[:per_rank],
+            **receiver_slots(recv_id, per_rank),
         )
 
     # ------------------------------------------------------------------------------ dispatch (async)

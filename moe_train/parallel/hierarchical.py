@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from ..model.gather import gather_rows
 from .comm import A2A, a2a_start, a2a_wait, all_to_all_nograd, exchange_counts
-from .dispatch import CommCounters, _inverse
+from .dispatch import CommCounters, _inverse, receiver_slots
 from .mesh import Mesh
 
 
@@ -222,26 +222,13 @@ class HierarchicalDispatcher:
             "weights_intra",
         )
 
-        rows = id2.shape[0]
-        flat_id = id2.reshape(-1)
-        valid = flat_id >= 0
-        key = torch.where(valid, flat_id, per_rank)  # other ranks' slots sort last
-        counts = torch.zeros(per_rank + 1, dtype=torch.long, device=topk_idx.device).scatter_add_(
-            0, key, torch.ones_like(key)
-        )
-        m = rows * k - int(counts[per_rank])
-        slot_order = torch.argsort(key, stable=True)[:m]
         return HierPlan(
             n_tokens=n,
             k=k,
             inter=inter,
             intra=intra,
             recv_weight=w2,
-            slot_order=slot_order,
-            slot_row=slot_order // k,
-            slot_pos=_inverse(slot_order, rows * k).view(rows, k),
-            slot_valid=valid.view(rows, k),
-            local_counts=counts[:per_rank],
+            **receiver_slots(id2, per_rank),
         )
 
     # ------------------------------------------------------------------------------ dispatch (async)

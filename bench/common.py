@@ -1,0 +1,29 @@
+"""Timing helpers shared by the benches (run from the repository root; see bench/README.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], iters: int, device: str, warmup: int = 3) -> float:
+    """Mean seconds per call after a barrier (all ranks start together); the slowest rank's time."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    t = torch.tensor([(time.perf_counter() - t0) / iters], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
