@@ -145,3 +145,10 @@ def test_pp2_ep2_and_pp4_on_4_processes(reference, tmp_path):
     results = run_world(4, _worker, str(tmp_path), layouts)
     for result, layout in zip(results[0], layouts, strict=True):
         _compare(reference, result, " ".join(layout))
+
+
+def test_dualpipev_with_pp1_in_one_process(reference, tmp_path):
+    """pp=1 DualPipeV (the V's two chunks on one rank) through the trainer, no process group at all."""
+    _compare(
+        reference, run_layout(str(tmp_path), ("parallel.schedule=dualpipev", "parallel.microbatches=2")), "v1"
+    )

@@ -65,11 +65,14 @@ class PipelineExecutor:
 
     # ------------------------------------------------------------------------------------------- p2p
     def _send(self, t: torch.Tensor, to: int, tag: int, pending: list) -> None:
-        pending.append(dist.isend(t.contiguous(), self.peers[to], group=self.group, tag=tag))
+        op = dist.P2POp(dist.isend, t.contiguous(), self.peers[to], group=self.group, tag=tag)
+        pending.extend(dist.batch_isend_irecv([op]))
 
     def _recv(self, shape: tuple[int, ...], frm: int, tag: int, device) -> torch.Tensor:
         buf = torch.empty(shape, dtype=self.dtype, device=device)
-        dist.irecv(buf, self.peers[frm], group=self.group, tag=tag).wait()
+        op = dist.P2POp(dist.irecv, buf, self.peers[frm], group=self.group, tag=tag)
+        for work in dist.batch_isend_irecv([op]):
+            work.wait()
         return buf
 
     # --------------------------------------------------------------------------------------- running
