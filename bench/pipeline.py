@@ -166,6 +166,7 @@ def main() -> None:
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    dist.barrier()  # NCCL: batched p2p must not be the first collective of the group
     dtype = torch.bfloat16 if cuda else torch.float32
     seq = 32 if args.smoke else args.seq
     cfg = proxy(args.layers, args.smoke)
