@@ -136,7 +136,8 @@ class Trainer:
                 peers,
                 None,
                 cfg.model.hidden_size,
-                self.amp or torch.float32,
+                # the residual stream between stages keeps the weights' dtype, also under autocast
+                next(self.model.parameters()).dtype,
             )
         else:
             self.model = build_model(cfg.model, balance, self.device, t.seed, expert_slice=experts)
