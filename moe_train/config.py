@@ -119,7 +119,7 @@ class TrainerConfig:
     mtp_weight_switch_frac: float = 0.7  # fraction of max_steps after which mtp_weight_final applies
     log_expert_load: bool = True  # per-layer load vectors in metrics.jsonl (for the load heatmap)
     profile: bool = False  # Chrome trace of a few steps into <run dir>/profile/
-    recompute: str = "none"
+    recompute: str = "none"  # none | selective (norms, MLA up-projections, SwiGLU act) | full (blocks)
     # Peak dense bf16 TFLOP/s of one device for MFU; None: known GPUs (H100/H200: 989) or no MFU.
     peak_tflops: float | None = None
 
@@ -364,7 +364,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_batches"])
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16"))
-    _choice("trainer.recompute", t.recompute, ("none",))
+    _choice("trainer.recompute", t.recompute, ("none", "selective", "full"))
     if t.ckpt_every < 0:
         _fail("trainer.ckpt_every", t.ckpt_every, ">= 0 (0 saves only at the end)")
     if t.keep_last < 1:

@@ -122,9 +122,15 @@ PIPELINES_2 = [
 
 def test_pipelines_on_2_processes(reference, tmp_path):
     """1F1B, DualPipeV and DualPipe with pp=2 through the trainer: the one-process losses and gradients."""
-    (rank0, _) = run_world(2, _worker, str(tmp_path), PIPELINES_2)
-    for result, layout in zip(rank0, PIPELINES_2, strict=True):
+    bf16 = ("parallel.pp=2", "parallel.microbatches=2", "trainer.dtype=bf16")
+    (rank0, _) = run_world(2, _worker, str(tmp_path), [*PIPELINES_2, bf16])
+    for result, layout in zip(rank0[:-1], PIPELINES_2, strict=True):
         _compare(reference, result, " ".join(layout))
+    # under bf16 autocast the residual stream between stages stays fp32: p2p buffers must match it
+    # (a bf16 buffer hung NCCL); bf16 matmuls only round the losses
+    got = [r["loss"] for r in rank0[-1]["records"] if r["kind"] == "train"]
+    want = [r["loss"] for r in reference["records"] if r["kind"] == "train"]
+    assert got == pytest.approx(want, rel=2e-2)
     # DualPipe's step-2 checkpoint (two model copies, layers split over ranks) continues in one process
     ckpt = tmp_path / "2" / "run" / "checkpoints" / "step_00000002"
     run_dir = str(tmp_path / "resumed")

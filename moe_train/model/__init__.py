@@ -8,6 +8,7 @@ from ..config import ModelConfig
 from .accounting import ParamCounts, count_params, train_flops_per_token
 from .init import init_weights
 from .moe import BalanceLoss, MoE
+from .recompute import set_recompute
 from .stats import MoEStats, RouterRecord
 from .transformer import ModelOutput, Transformer, is_moe_layer
 
@@ -47,5 +48,6 @@ __all__ = [
     "count_params",
     "init_weights",
     "is_moe_layer",
+    "set_recompute",
     "train_flops_per_token",
 ]

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .norm import RMSNorm
+from .recompute import Recomputable, maybe_checkpoint
 from .rope import RotaryTable, softmax_scale
 
 # The latent norms use a fixed eps, not rms_norm_eps: DeepSeek-V3's reference and hub code and transformers
@@ -20,7 +21,7 @@ from .rope import RotaryTable, softmax_scale
 LATENT_NORM_EPS = 1e-6
 
 
-class MLA(nn.Module):
+class MLA(Recomputable, nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryTable) -> None:
         super().__init__()
         self.n_heads = cfg.num_attention_heads
@@ -48,11 +49,20 @@ class MLA(nn.Module):
         # parameter nor duplicated in state dicts.
         self._rotary = (rotary,)
 
+    def _q_up(self, q_latent: torch.Tensor) -> torch.Tensor:
+        return self.q_b_proj(self.q_a_layernorm.compute(q_latent))
+
+    def _kv_up(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.kv_b_proj(self.kv_a_layernorm.compute(latent))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         rotary = self._rotary[0]
+        # Selective recomputation: the up-projections behind the latent norms are recomputed from the
+        # (small) latents, so their wide outputs' norm intermediates are not kept.
+        selective = self.recompute == "selective" and self.training
         if self.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = maybe_checkpoint(selective, self._q_up, self.q_a_proj(x))
         else:
             q = self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.qk_head_dim).transpose(1, 2)
@@ -61,7 +71,7 @@ class MLA(nn.Module):
 
         kv_a = self.kv_a_proj_with_mqa(x)
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
+        kv = maybe_checkpoint(selective, self._kv_up, latent)
         kv = kv.view(B, T, self.n_heads, self.nope + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_head_dim], dim=-1)
         k_pe = rotary(k_pe.unsqueeze(1)).expand(B, self.n_heads, T, self.rope)

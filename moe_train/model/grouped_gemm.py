@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .mlp import swiglu_act
+from .recompute import maybe_checkpoint
+
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
     return x.is_cuda and hasattr(torch, "_grouped_mm")
@@ -23,9 +26,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def expert_swiglu_grouped(
-    x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    recompute: bool = False,
 ) -> torch.Tensor:
-    """x: (M, H) sorted by expert; counts: (E,) rows per expert; w_gate_up: (E, 2I, H); w_down: (E, H, I)."""
+    """x: (M, H) sorted by expert; counts: (E,) rows per expert; w_gate_up: (E, 2I, H); w_down: (E, H, I).
+
+    recompute: checkpoint silu(g)·u (selective recomputation) so silu(g) is not kept for backward.
+    """
     dtype = _compute_dtype(x)
     if x.is_cuda and dtype != torch.bfloat16:
         raise ValueError(f"torch._grouped_mm needs bf16 inputs on CUDA, got {dtype}")
@@ -33,12 +43,16 @@ def expert_swiglu_grouped(
     xa = x.to(dtype)
     gu = torch._grouped_mm(xa, w_gate_up.to(dtype).transpose(-2, -1), offs=offs)
     g, u = gu.chunk(2, dim=-1)
-    h = F.silu(g) * u
+    h = maybe_checkpoint(recompute, swiglu_act, g, u)
     return torch._grouped_mm(h, w_down.to(dtype).transpose(-2, -1), offs=offs)
 
 
 def expert_swiglu_reference(
-    x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """The same math as `expert_swiglu_grouped`, one matmul pair per expert (host reads `counts`)."""
     outs = []
@@ -46,7 +60,7 @@ def expert_swiglu_reference(
         if xe.shape[0] == 0:
             continue
         g, u = F.linear(xe, w_gate_up[e]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(g) * u, w_down[e]))
+        outs.append(F.linear(maybe_checkpoint(recompute, swiglu_act, g, u), w_down[e]))
     if not outs:
         # Keep the graph connected to the weights (every expert gets a zero gradient) and to x: under
         # expert parallelism x arrived by an all-to-all whose backward every rank must run, tokens or not.
@@ -55,11 +69,16 @@ def expert_swiglu_reference(
 
 
 def expert_swiglu(
-    x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, impl: str = "auto"
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    impl: str = "auto",
+    recompute: bool = False,
 ) -> torch.Tensor:
     """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference."""
     if impl == "grouped" or (
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
     ):
-        return expert_swiglu_grouped(x, counts, w_gate_up, w_down)
-    return expert_swiglu_reference(x, counts, w_gate_up, w_down)
+        return expert_swiglu_grouped(x, counts, w_gate_up, w_down, recompute)
+    return expert_swiglu_reference(x, counts, w_gate_up, w_down, recompute)

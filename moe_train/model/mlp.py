@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .recompute import Recomputable, maybe_checkpoint
 
-class SwiGLU(nn.Module):
+
+def swiglu_act(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class SwiGLU(Recomputable, nn.Module):
     def __init__(self, hidden: int, inner: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
@@ -15,4 +21,6 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Selective recomputation keeps gate and up but not silu(gate), recomputed in backward.
+        selective = self.recompute == "selective" and self.training
+        return self.down_proj(maybe_checkpoint(selective, swiglu_act, self.gate_proj(x), self.up_proj(x)))

@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
 from .grouped_gemm import expert_swiglu
 from .mlp import SwiGLU
+from .recompute import Recomputable, in_backward
 from .stats import MoEStats, RouterRecord
 
 
@@ -90,7 +91,7 @@ class Router(nn.Module):
         return Routing(topk_idx, topk_weight * self.scale, scores)
 
 
-class RoutedExperts(nn.Module):
+class RoutedExperts(Recomputable, nn.Module):
     """The routed experts' weights, fused per projection so one grouped GEMM serves all of them.
 
     `first_expert`/`num_local` say which global experts this module holds (all of them in one process);
@@ -107,7 +108,8 @@ class RoutedExperts(nn.Module):
         self.impl = "auto"  # auto | grouped | reference (tests force one)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl)
+        selective = self.recompute == "selective" and self.training
+        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, selective)
 
 
 def balance_terms(routing: Routing, batch: int, seq: int, kind: str) -> torch.Tensor:
@@ -153,7 +155,11 @@ class MoE(nn.Module):
             loss = None
             if self.training and self.balance.kind and self.balance.alpha > 0:
                 loss = self.balance.alpha * balance_terms(routing, B, T, self.balance.kind)
-            stats.add(RouterRecord(self.layer_id, counts, loss))
+            # A checkpointed block re-runs this forward inside backward: it must compute the same tensors
+            # (checkpointing matches saved tensors by order) but not record the router twice. The graph
+            # keeps the balance-loss term of the original forward.
+            if not in_backward():
+                stats.add(RouterRecord(self.layer_id, counts, loss))
         rows, local_counts, plan = self.dispatcher.dispatch(
             flat, routing.topk_idx, routing.topk_weight, self.n_experts
         )

@@ -19,6 +19,7 @@ from .attention import MLA
 from .mlp import SwiGLU
 from .moe import BalanceLoss, MoE, MoEOptions
 from .norm import RMSNorm
+from .recompute import Recomputable, maybe_checkpoint
 from .rope import RotaryTable
 from .stats import MoEStats
 
@@ -30,7 +31,7 @@ def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
     return layer >= cfg.first_k_dense_replace and layer % cfg.moe_layer_freq == 0
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Recomputable, nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, rotary: RotaryTable, moe: MoEOptions) -> None:
         super().__init__()
         self.layer_id = layer_id
@@ -44,6 +45,10 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
+        # Full recomputation: only the block input is kept; the whole block runs again inside backward.
+        return maybe_checkpoint(self.recompute == "full" and self.training, self._block, h, stats)
+
+    def _block(self, h: torch.Tensor, stats: MoEStats | None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h))
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):

@@ -24,11 +24,14 @@ from ..config import TrainConfig, resolved_dict
 from ..data import GlobalBatchSampler, build_dataset
 from ..data.sampler import val_batches
 from ..model import MoEStats, build_model, count_params, is_moe_layer, train_flops_per_token
+from ..model.memory import MemoryEstimate, estimate_memory
+from ..model.recompute import set_recompute
 from ..optim import build_optimizer, lr_at, set_lr
 from ..parallel.dispatch import CommCounters
 from ..parallel.expert import apply_expert_parallel, expert_slice
 from ..parallel.grads import clip_gradients, reduce_gradients
 from ..parallel.mesh import Mesh, build_mesh
+from ..parallel.pipeline.analysis import peak_activations
 from ..parallel.pipeline.executor import PipelineExecutor
 from ..parallel.pipeline.schedules import build_schedule
 from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
@@ -121,11 +124,19 @@ class Trainer:
         self.pipeline = p.pp > 1 or p.schedule != "1f1b"
         self.ties: list = []
         self.owned: set[str] | None = None
+        # (layer ids incl. MTP blocks, holds the head) per stage this rank runs, and micro-batches in flight
+        mem_stages: list[tuple[list[int], bool]]
+        in_flight = 1
         if self.pipeline:
             schedule = build_schedule(p.schedule, p.pp, p.microbatches)
             self.model, stages, chunks = rank_model_and_stages(
                 cfg.model, schedule, self.mesh.pp_rank, balance, self.device, t.seed, experts, p.stage_layers
             )
+            set_recompute(self.model, t.recompute)
+            mtp_ids = [cfg.model.num_hidden_layers + d for d in range(len(self.model.mtp))]
+            mem_stages = [(list(v.layer_ids) + (mtp_ids if v.last else []), v.last) for v in stages.values()]
+            # The executor keeps a stage's graph until its W pass, so activations count until W.
+            in_flight = peak_activations(schedule, release="W")[self.mesh.pp_rank]
             self.ties, self.owned = build_ties(self.model, self.mesh, schedule, chunks)
             lay = self.mesh.layout
             peers = [lay.rank_of(q, self.mesh.edp_rank, self.mesh.ep_rank) for q in range(lay.pp)]
@@ -141,6 +152,9 @@ class Trainer:
             )
         else:
             self.model = build_model(cfg.model, balance, self.device, t.seed, expert_slice=experts)
+            set_recompute(self.model, t.recompute)
+            mtp_ids = [cfg.model.num_hidden_layers + d for d in range(len(self.model.mtp))]
+            mem_stages = [([int(k) for k in self.model.layers] + mtp_ids, True)]
         self.moe_layer_ids = [
             i
             for i in range(cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers)
@@ -157,6 +171,17 @@ class Trainer:
         self.params = count_params(cfg.model)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_tflops(t.peak_tflops, self.device)
+        rows = cfg.data.batch_size // (self.mesh.layout.dp * p.microbatches)
+        self.memory: MemoryEstimate = estimate_memory(
+            self.model,
+            cfg.model,
+            mem_stages,
+            rows * cfg.data.seq_len,
+            in_flight,
+            t.recompute,
+            self.amp == torch.bfloat16,
+        )
+        print(self.memory.line(self.mesh.rank), flush=True)
         self.step = 0
         self.wandb_id: str | None = None
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
@@ -214,6 +239,8 @@ class Trainer:
             "world_size": self.mesh.world,
             "layout": {"pp": self.mesh.layout.pp, "dp": self.mesh.layout.dp, "ep": self.mesh.layout.ep},
             "autocast": str(self.amp) if self.amp else "fp32",
+            "recompute": self.cfg.trainer.recompute,
+            "memory_estimate_rank0": self.memory.as_dict(),
         }
         with open(os.path.join(self.run_dir, "run_info.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, default=str)

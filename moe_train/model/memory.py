@@ -1,0 +1,146 @@
+"""A per-rank memory estimate printed at start-up: model state plus activations of in-flight micro-batches.
+
+This is arithmetic, not a measurement. Model state is exact for the parameters this rank holds (its partial
+model under pipeline/expert parallelism): fp32 weights and gradients and AdamW's two fp32 moments, 16
+bytes/param, plus 2 bytes/param for bf16 copies of the weights when bf16 autocast is on (autocast casts each
+weight once per region and the casts are saved for backward). Activations count, per token and layer, the
+tensors autograd saves for backward (docs/parallelism.md, "Memory per rank"); they leave out the allocator's
+fragmentation, temporaries of the op being run, communication buffers and the T×T attention matrix
+(a fused/flash attention keeps none; CPU's math attention does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from ..config import ModelConfig
+from .transformer import is_moe_layer
+
+GIB = 1024**3
+FP32 = 4
+
+
+def _norm(d: int, a: int, mode: str) -> int:
+    """RMSNorm saves its input and an fp32 normalised copy; selective recomputation drops the copy."""
+    return a * d + (0 if mode == "selective" else FP32 * d)
+
+
+def attention_bytes(c: ModelConfig, a: int, mode: str) -> int:
+    """Bytes saved per token by one block's input norm and MLA (a = activation bytes per element)."""
+    n, qk = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
+    total = _norm(c.hidden_size, a, mode) + a * c.hidden_size  # input norm, its output (q_a / kv_a input)
+    if c.q_lora_rank:
+        # q latent -> latent norm -> q_b_proj; selective keeps only the latent (the up-projection region's
+        # input), not the norm's fp32 copy and output.
+        r = c.q_lora_rank
+        total += a * r if mode == "selective" else a * r + FP32 * r + a * r
+    r = c.kv_lora_rank
+    total += a * c.qk_rope_head_dim + (a * r if mode == "selective" else a * r + FP32 * r + a * r)
+    # q and k after rope/cat, v, the attention output (+ fp32 logsumexp) and its reshaped copy for o_proj
+    total += a * n * (2 * qk + 3 * c.v_head_dim) + FP32 * n
+    return total
+
+
+def _swiglu(h: int, inner: int, a: int, mode: str, input_saved: bool) -> int:
+    """gate and up outputs, silu(gate) (dropped by selective recomputation), their product (down's input)."""
+    return (0 if input_saved else a * h) + a * inner * (3 if mode == "selective" else 4)
+
+
+def mlp_bytes(c: ModelConfig, layer: int, a: int, mode: str) -> int:
+    """Bytes saved per token by one block's post-attention norm and its dense MLP or MoE."""
+    h = c.hidden_size
+    total = _norm(h, a, mode) + a * h  # post-attention norm and its output (the MLP's input)
+    if not is_moe_layer(c, layer):
+        return total + _swiglu(h, c.intermediate_size, a, mode, input_saved=True)
+    k, inner = c.num_experts_per_tok, c.moe_intermediate_size
+    total += FP32 * (h + c.n_routed_experts)  # router: fp32 input copy and the scores
+    # k routed rows per token: the dispatched row, the expert SwiGLU, the expert output (weighted in combine)
+    total += k * (_swiglu(h, inner, a, mode, input_saved=False) + a * h)
+    if c.n_shared_experts:
+        total += _swiglu(h, inner * c.n_shared_experts, a, mode, input_saved=True)
+    return total
+
+
+def layer_bytes(c: ModelConfig, layer: int, a: int, mode: str) -> int:
+    """Per token, what one block keeps between its forward and its backward.
+
+    full keeps only the block input; the recomputed block's own activations are live once, during its
+    backward, and are added once per rank by :func:`activation_bytes`, not per layer.
+    """
+    if mode == "full":
+        return a * c.hidden_size
+    return attention_bytes(c, a, mode) + mlp_bytes(c, layer, a, mode)
+
+
+def head_bytes(c: ModelConfig, a: int) -> int:
+    """Per token, the output head: logits, their fp32 copy and the log-softmax cross-entropy keeps (×
+    1 + MTP depths, which reuse the head)."""
+    assert c.vocab_size is not None
+    return (1 + c.num_nextn_predict_layers) * c.vocab_size * (a + 2 * FP32)
+
+
+def activation_bytes(
+    c: ModelConfig,
+    stages: Sequence[tuple[Sequence[int], bool]],
+    tokens: int,
+    in_flight: int,
+    a: int,
+    mode: str,
+) -> int:
+    """stages: (global layer ids incl. MTP blocks, holds the head) of each stage this rank runs.
+
+    Peak ≈ in_flight × the largest stage's bytes for one micro-batch of `tokens` tokens (+ one block's full
+    activations under mode=full, for the block being recomputed).
+    """
+    per_stage = [
+        tokens * (sum(layer_bytes(c, i, a, mode) for i in ids) + (head_bytes(c, a) if head else 0))
+        for ids, head in stages
+    ]
+    total = in_flight * max(per_stage, default=0)
+    layers = [i for ids, _ in stages for i in ids]
+    if mode == "full" and layers:
+        total += tokens * max(layer_bytes(c, i, a, "none") for i in layers)
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    params: int  # parameters this rank holds
+    state_bytes: int  # weights + grads + AdamW moments (+ bf16 weight copies)
+    activation_bytes: int
+    in_flight: int  # micro-batches whose activations are alive at the peak
+    recompute: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.state_bytes + self.activation_bytes
+
+    def line(self, rank: int) -> str:
+        return (
+            f"rank {rank}: params {self.params:,} ({self.state_bytes / GIB:.3f} GiB weights+grads+Adam), "
+            f"activations ~{self.activation_bytes / GIB:.3f} GiB (in-flight {self.in_flight}, "
+            f"recompute={self.recompute}), total ~{self.total_bytes / GIB:.3f} GiB (estimate)"
+        )
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def estimate_memory(
+    model: nn.Module,
+    c: ModelConfig,
+    stages: Sequence[tuple[Sequence[int], bool]],
+    tokens: int,
+    in_flight: int,
+    mode: str,
+    bf16: bool,
+) -> MemoryEstimate:
+    """The estimate for the rank holding `model` (its partial model); see the module docstring."""
+    params = sum(p.numel() for p in model.parameters())
+    per_param = 4 + 4 + 8 + (2 if bf16 else 0)  # fp32 weight, grad, AdamW exp_avg + exp_avg_sq, bf16 copy
+    a = 2 if bf16 else 4
+    acts = activation_bytes(c, stages, tokens, in_flight, a, mode)
+    return MemoryEstimate(params, params * per_param, acts, in_flight, mode)
