@@ -109,16 +109,6 @@ def load_full_state(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def full_shapes(model: nn.Module, n_experts: int) -> dict[str, torch.Tensor]:
-    """Meta tensors with the whole model's state shapes (expert slices widened to all experts)."""
-    experts, _, _ = _expert_names_and_slice(model)
-    out = {}
-    for k, v in model.state_dict().items():
-        shape = (n_experts, *v.shape[1:]) if k in experts else tuple(v.shape)
-        out[k] = torch.empty(shape, device="meta")
-    return out
-
-
 def full_gradients(model: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor]:
     """Every parameter's gradient as the one-process model would hold it (expert slices gathered over ep,
     pipeline ranks' layers merged over pp). Call after the gradient reduction."""
