@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..model.gather import gather_rows
-from .comm import A2A, a2a_start, a2a_wait, all_to_all, all_to_all_nograd, exchange_counts
+from .comm import A2A, a2a_start, a2a_wait, all_to_all, exchange_counts
 
 
 @dataclass
@@ -127,7 +127,8 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------------------------------- plan
     def plan(self, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int) -> A2APlan:
-        """Host syncs: the pair count (nonzero), the split sizes and the received slot count."""
+        """Host syncs: the split sizes and the received slot count. Collectives: the row counts, then one
+        exchange carrying each row's slot metadata (local expert ids and gate weights together)."""
         n, k = topk_idx.shape
         dev = topk_idx.device
         per_rank = n_experts // self.ep
@@ -136,10 +137,12 @@ class AllToAllDispatcher:
         uses = torch.zeros(self.ep * n, dtype=torch.bool, device=dev)
         uses[(dest.t() * n + torch.arange(n, device=dev)).reshape(-1)] = True
         uses = uses.view(self.ep, n)
-        pair_rank, pair_token = uses.nonzero(as_tuple=True)  # sorted by rank, then token
         send_counts = uses.sum(1)
         recv_counts = exchange_counts(send_counts, self.group)
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        # the pair count is known now: a static-size nonzero needs no second host sync
+        pairs = torch.nonzero_static(uses, size=sum(send_splits))  # sorted by rank, then token
+        pair_rank, pair_token = pairs[:, 0], pairs[:, 1]
 
         # slot c of a token = the rank's order among the token's ranks (ascending)
         rank_order = uses.long().cumsum(0) - 1
@@ -155,8 +158,12 @@ class AllToAllDispatcher:
         )
         w_rows = gather_rows(topk_weight, pair_token, tok_slots, tok_mask)
         w_rows = torch.where(same, w_rows, torch.zeros_like(w_rows))
-        recv_id = all_to_all_nograd(local_id, recv_splits, send_splits, self.group)
-        recv_w = all_to_all(w_rows, recv_splits, send_splits, self.group)
+        # ids ride as fp32 beside the weights (exact below 2**24): one exchange instead of two; only the
+        # weight columns carry gradient
+        meta = torch.cat([local_id.to(w_rows.dtype), w_rows], dim=1)
+        recv_meta = all_to_all(meta, recv_splits, send_splits, self.group)
+        recv_id = recv_meta[:, :k].detach().round().long()
+        recv_w = recv_meta[:, k:]
 
         return A2APlan(
             n_tokens=n,
