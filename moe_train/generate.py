@@ -1,0 +1,106 @@
+"""Generate text from a trained model: python -m moe_train.generate CHECKPOINT --prompt "...".
+
+CHECKPOINT is one of ours (a run dir, its checkpoints dir or a step_N dir) or a Hugging Face DeepSeek-V3
+directory (config.json + safetensors).  Tokens stream to stdout as they are produced; the prefill and decode
+rates go to stderr, separately, because they measure different things (matrix-matrix prefill vs the
+memory-bound decode over the latent cache).  See docs/inference.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+import torch
+
+from .infer import SamplingConfig, generate, load_for_inference
+from .infer.engine import GenerationResult
+
+
+class TextStream:
+    """Writes each prompt's continuation as it grows, holding back an incomplete UTF-8 / merge tail.
+
+    Decoding the whole continuation each time (not token by token) is what makes byte tokens and
+    sub-word merges print correctly; the held-back tail is the text that may still change.
+    """
+
+    def __init__(self, decode, out: TextIO, rows: int) -> None:
+        self.decode, self.out = decode, out
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.printed = [0] * rows
+
+    def __call__(self, row: int, token: int) -> None:
+        self.tokens[row].append(token)
+        if len(self.tokens) == 1:
+            self.flush(0, final=False)
+
+    def flush(self, row: int, final: bool) -> None:
+        text = self.decode(self.tokens[row])
+        if not final:
+            text = text.rstrip("\ufffd")
+        if len(text) > self.printed[row]:
+            self.out.write(text[self.printed[row] :])
+            self.out.flush()
+            self.printed[row] = len(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m moe_train.generate", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="run dir, checkpoints dir, step_N dir, or Hugging Face directory")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", type=int, action="append", default=[], help="extra stop token id (repeatable)")
+    p.add_argument("--no-eod-stop", action="store_true", help="do not stop at the tokenizer's end token")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the checkpoint's own)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    p.add_argument("--plain", action="store_true", help="decode through the plain (non-absorbed) path")
+    return p.parse_args(argv)
+
+
+def report(result: GenerationResult, err: TextIO) -> None:
+    err.write(
+        f"prefill: {result.prefill_tokens} tokens in {result.prefill_seconds:.3f}s "
+        f"({result.prefill_tokens_per_s:.1f} tokens/s); decode: {result.decode_tokens} tokens in "
+        f"{result.decode_seconds:.3f}s ({result.decode_tokens_per_s:.1f} tokens/s)\n"
+    )
+
+
+def main(
+    argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> GenerationResult:
+    args = parse_args(argv)
+    out, err = out or sys.stdout, err or sys.stderr
+    loaded = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer tokenizer.json")
+    err.write(f"loaded {loaded.source} (MTP layers are not used for generation)\n")
+    prompts = [tok.encode(p) for p in args.prompt]
+    stops = list(args.stop) + ([] if args.no_eod_stop else [tok.eod_id])
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    stream = TextStream(tok.decode, out, len(prompts))
+    if len(prompts) == 1:
+        out.write(args.prompt[0])
+    result = generate(
+        loaded.model, prompts, args.max_new_tokens, sampling, stops, absorb=not args.plain, on_token=stream
+    )
+    if len(prompts) == 1:
+        stream.flush(0, final=True)
+        out.write("\n")
+    else:  # a batch streams nothing (rows interleave); print each prompt with its continuation
+        for row, prompt in enumerate(args.prompt):
+            out.write(f"--- [{row}] {prompt}")
+            stream.flush(row, final=True)
+            out.write("\n")
+    report(result, err)
+    return result
+
+
+if __name__ == "__main__":
+    main()

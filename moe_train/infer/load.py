@@ -1,0 +1,76 @@
+"""Models for generation from our checkpoints (step dir / checkpoints dir / run dir) or HF directories.
+
+Only the weights are read: model.pt is memory-mapped and the optimizer state is never loaded (it is twice
+the model).  MTP depths are skipped: generation does not use them, so they are neither built nor loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+from omegaconf import OmegaConf
+
+from ..data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from ..hf import from_pretrained
+from ..hf.cli import read_model_config
+from ..hf.convert import as_dtype
+from ..model import build_model
+from ..model.moe import Router
+from ..model.transformer import Transformer
+from ..train.checkpoint import resolve_checkpoint
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: ByteTokenizer | HFTokenizer | None  # None: an HF directory without tokenizer.json
+    source: str  # the checkpoint or HF directory actually read
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _checkpoint_tokenizer(ckpt: str) -> str | None:
+    """data.tokenizer of the run that wrote `ckpt` (None: bytes)."""
+    with open(os.path.join(ckpt, "config.yaml"), encoding="utf-8") as f:
+        data = OmegaConf.create(f.read()).get("data") or {}
+    return data.get("tokenizer")
+
+
+def load_for_inference(
+    path: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    tokenizer: str | None = None,
+) -> Loaded:
+    """The model in eval mode on `device` in `dtype` (routers stay fp32, as in training and HF import).
+
+    tokenizer: a tokenizer.json overriding the one the checkpoint names (or an HF directory's own).
+    """
+    dtype = as_dtype(dtype) or torch.float32
+    if is_hf_dir(path):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*MTP depths.*")  # MTP is not used here
+            model = from_pretrained(path, device=device, dtype=dtype)
+        own = os.path.join(path, "tokenizer.json")
+        tok_path = tokenizer or (own if os.path.isfile(own) else None)
+        tok = load_tokenizer(tok_path) if tok_path else None
+        return Loaded(model.eval(), tok, path)
+    ckpt = resolve_checkpoint(path)
+    cfg = replace(read_model_config(ckpt), num_nextn_predict_layers=0, init_from=None)
+    state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu", weights_only=True, mmap=True)
+    state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
+    model = build_model(cfg, device="meta")
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.float()
+    model.to_empty(device=torch.device(device))
+    model.rotary.reset()
+    model.load_state_dict(state, strict=True)
+    tok = load_tokenizer(tokenizer or _checkpoint_tokenizer(ckpt))
+    return Loaded(model.eval(), tok, ckpt)

@@ -1,0 +1,253 @@
+"""Inference: the latent cache reproduces the training forward, absorbed = plain, batching, sampling, CLI.
+
+Everything is fp32 on CPU with tiny random models whose selection biases are non-zero, so the router's
+bias path is exercised.  transformers' DeepseekV3ForCausalLM.generate is the outside reference for greedy
+decoding of an HF directory.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moe_train.config import ModelConfig, TrainConfig
+from moe_train.generate import main as generate_main
+from moe_train.infer import (
+    SamplingConfig,
+    filter_logits,
+    forward_step,
+    generate,
+    load_for_inference,
+    mha_cache_elements,
+    mla_cache_elements,
+    new_cache,
+    sample,
+)
+from moe_train.model import build_model
+from moe_train.model.transformer import Transformer
+from moe_train.train.checkpoint import save_checkpoint
+
+TOL = 1e-5
+BASE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    kv_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    max_position_embeddings=128,
+    initializer_range=0.1,
+    num_nextn_predict_layers=1,
+)
+CASES = {
+    "lora_q": dict(q_lora_rank=24),
+    "full_q_yarn": dict(
+        q_lora_rank=None,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls are fastest on one thread, and far slower when a loaded machine oversubscribes cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def set_biases(model: torch.nn.Module, seed: int = 7) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, t in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+
+
+def tiny(case: str = "lora_q", seed: int = 0) -> Transformer:
+    model = build_model(ModelConfig(**{**BASE, **CASES[case]}), seed=seed).eval()
+    set_biases(model)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def ids(shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, BASE["vocab_size"], shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ numerics
+
+
+@pytest.mark.parametrize("absorb", [True, False], ids=["absorbed", "plain"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_decode_reproduces_full_forward_at_every_position(case, absorb):
+    model = tiny(case)
+    x = ids((2, 24))
+    with torch.no_grad():
+        ref = model(x, return_logits=True).logits
+    cache = new_cache(model, 2, 24)
+    prefix = 5  # a prefill chunk, then one token at a time
+    steps = [forward_step(model, x[:, :prefix], torch.arange(prefix).expand(2, prefix), cache, absorb)]
+    for t in range(prefix, 24):
+        steps.append(forward_step(model, x[:, t : t + 1], torch.full((2, 1), t), cache, absorb))
+    assert rel_err(torch.cat(steps, dim=1), ref) <= TOL
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_absorbed_path_equals_plain_path(case):
+    model = tiny(case)
+    x = ids((3, 16), seed=1)
+    pos = torch.arange(16).expand(3, 16)
+    outs = {}
+    for absorb in (False, True):
+        cache = new_cache(model, 3, 20)
+        prefill = forward_step(model, x, pos, cache, absorb)
+        decode = forward_step(model, x[:, :1], torch.full((3, 1), 16), cache, absorb)
+        outs[absorb] = (prefill, decode, cache.kv[0].clone())
+    for a, b in zip(outs[True], outs[False], strict=True):
+        assert rel_err(a, b) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_holds_only_latent_and_rope_key(dtype):
+    model = tiny()
+    cfg = model.cfg
+    cache = new_cache(model, batch=3, max_len=10, dtype=dtype)
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
+    assert cache.bytes_per_token_per_layer() == per_token
+    assert cache.nbytes() == cfg.num_hidden_layers * 3 * 10 * per_token
+    assert mla_cache_elements(cfg) == 40 and mha_cache_elements(cfg) == 2 * 4 * 16
+
+
+def test_bf16_cache_stays_close_to_fp32():
+    model = tiny()
+    x = ids((2, 12), seed=2)
+    pos = torch.arange(12).expand(2, 12)
+    full = forward_step(model, x, pos, new_cache(model, 2, 12), absorb=True)
+    half = forward_step(model, x, pos, new_cache(model, 2, 12, torch.bfloat16), absorb=True)
+    assert rel_err(half, full) <= 5e-2
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_batched_unequal_prompts_equal_one_by_one():
+    model = tiny()
+    prompts = [ids((1, n), seed=n)[0].tolist() for n in (3, 11, 1, 7)]
+    batched = generate(model, prompts, max_new_tokens=12)
+    for p, toks in zip(prompts, batched.tokens, strict=True):
+        assert generate(model, [p], max_new_tokens=12).tokens[0] == toks
+    assert generate(model, prompts, 12, absorb=False).tokens == batched.tokens
+    assert batched.prefill_tokens == sum(map(len, prompts))
+    assert batched.decode_tokens == 4 * 11
+
+
+def test_stop_tokens_end_a_row_but_not_the_batch():
+    model = tiny()
+    prompts = [ids((1, 4), seed=3)[0].tolist(), ids((1, 9), seed=4)[0].tolist()]
+    free = generate(model, prompts, max_new_tokens=10).tokens
+    stop = free[0][3]
+    if stop in free[1]:
+        pytest.skip("the stop token also occurs in the other row (seed-dependent)")
+    stopped = generate(model, prompts, max_new_tokens=10, stop_tokens=[stop])
+    cut = free[0].index(stop) + 1
+    assert stopped.tokens == [free[0][:cut], free[1]]
+    assert stopped.stopped == [True, False]
+
+
+def test_sampling_filters_and_is_reproducible():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 2.9, -5.0]])
+    kept = filter_logits(logits, top_k=2, top_p=1.0).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [False, True, True, False]]
+    # p = softmax([2, 1, .5, -1]) = [.61, .22, .14, .03]: top-p 0.7 keeps the first two
+    assert filter_logits(logits[:1], top_k=0, top_p=0.7).isfinite().tolist() == [[True, True, False, False]]
+    assert sample(logits, SamplingConfig(1.0, top_k=1)).tolist() == [0, 1]  # top-1 is greedy
+    assert sample(logits, SamplingConfig(1.0, top_p=1e-6)).tolist() == [0, 1]
+    model = tiny()
+    cfg = SamplingConfig(temperature=0.9, top_k=20, top_p=0.9, seed=5)
+    a = generate(model, [[1, 2, 3]], 10, cfg).tokens
+    assert a == generate(model, [[1, 2, 3]], 10, cfg).tokens
+    assert a != generate(model, [[1, 2, 3]], 10, replace(cfg, seed=6)).tokens
+    with pytest.raises(ValueError):
+        SamplingConfig(top_p=0.0)
+
+
+# ------------------------------------------------------------------------------------------ loading, CLI
+
+
+def test_checkpoint_generates_through_cli(tmp_path):
+    cfg = ModelConfig(**{**BASE, **CASES["lora_q"], "vocab_size": 257})
+    model = build_model(cfg, seed=3).eval()
+    set_biases(model)
+    yaml = OmegaConf.to_yaml(OmegaConf.structured(TrainConfig(model=cfg)))
+    save_checkpoint(str(tmp_path / "checkpoints"), 5, model.state_dict(), None, {"step": 5}, yaml)
+    loaded = load_for_inference(str(tmp_path))  # the run dir: its latest checkpoint
+    assert len(loaded.model.mtp) == 0  # MTP is not used for generation, so not loaded
+    x = ids((1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x, return_logits=True).logits, model(x, return_logits=True).logits)
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(tmp_path), "--prompt", "héllo", "--max-new-tokens", "6", "--no-eod-stop"]
+    result = generate_main(argv, out, err)
+    expected = generate(model, [list("héllo".encode())], 6).tokens
+    assert result.tokens == expected
+    text = bytes(t for t in expected[0] if t < 256).decode("utf-8", errors="replace")
+    assert out.getvalue() == "héllo" + text + "\n"
+    assert "prefill:" in err.getvalue() and "decode:" in err.getvalue() and "tokens/s" in err.getvalue()
+
+
+def test_hf_model_greedy_tokens_match_transformers_generate(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    kw = {k: v for k, v in BASE.items() if k != "num_nextn_predict_layers"}
+    torch.manual_seed(0)
+    hf_cfg = DeepseekV3Config(
+        **kw,
+        q_lora_rank=24,
+        num_key_value_heads=4,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attn_implementation="eager",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = DeepseekV3ForCausalLM(hf_cfg).eval()
+    set_biases(ref)
+    ref.save_pretrained(tmp_path)
+    ours = load_for_inference(str(tmp_path)).model
+    prompts = [ids((1, n), seed=10 + n)[0].tolist() for n in (5, 9)]
+    mine = generate(ours, prompts, max_new_tokens=10).tokens
+    for p, toks in zip(prompts, mine, strict=True):
+        with torch.no_grad():
+            theirs = ref.generate(
+                torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        assert theirs[0, len(p) :].tolist() == toks
