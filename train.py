@@ -1,9 +1,13 @@
-"""Hydra entry point: `python train.py key=value ...` (see docs/configuration.md)."""
+"""Hydra entry point: `python train.py key=value ...` (see docs/configuration.md, docs/launching.md)."""
+
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from moe_train.config import register_configs
+from moe_train.train.hydra_args import rank_overrides
 
 register_configs()
 
@@ -16,4 +20,6 @@ def run(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # before Hydra parses argv: one run dir per launch, `.hydra/` written by rank 0 only
+    sys.argv += rank_overrides(sys.argv[1:], os.environ)
     run()

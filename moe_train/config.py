@@ -122,6 +122,8 @@ class TrainerConfig:
     recompute: str = "none"  # none | selective (norms, MLA up-projections, SwiGLU act) | full (blocks)
     # Peak dense bf16 TFLOP/s of one device for MFU; None: known GPUs (H100/H200: 989) or no MFU.
     peak_tflops: float | None = None
+    # A non-finite loss skips the step (no update, counted in `skipped_steps`) instead of stopping the run.
+    skip_nonfinite: bool = False
 
 
 @dataclass
@@ -151,6 +153,7 @@ class ParallelConfig:
     microbatches: int = 1  # micro-batches per optimizer step on each data-parallel rank
     stage_layers: list[int] | None = None
     backend: str | None = None  # None: nccl on cuda, gloo on cpu
+    timeout_s: float = 600.0  # a collective waiting longer fails with the rank and the phase named
 
 
 @dataclass
@@ -382,6 +385,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _choice("parallel.schedule", p.schedule, ("1f1b", "dualpipe", "dualpipev"))
     _choice("parallel.dispatcher", p.dispatcher, ("alltoall", "hierarchical"))
     _positive(p, "parallel", ["pp", "ep", "microbatches"])
+    if p.timeout_s <= 0:
+        _fail("parallel.timeout_s", p.timeout_s, "> 0 seconds")
     if p.pp > 1 or p.schedule != "1f1b":
         from .parallel.pipeline.schedules import build_schedule
         from .parallel.pipeline.stages import split_layers

@@ -42,13 +42,14 @@ def shared_run_dir(run_dir: str, mesh: Mesh) -> str:
 
 def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     """Validate, build, train; returns the run summary. Bad input exits with status 2 and one message."""
+    from .faults import EXIT_COLLECTIVE, EXIT_NONFINITE, EXIT_PREEMPTED, CollectiveError, Preempted
     from .trainer import NonFiniteLossError, Trainer
 
     try:
         obj = to_object(cfg)
         validate(obj, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         p = obj.parallel
-        mesh = build_mesh(p.pp, p.ep, p.gpus_per_node, obj.trainer.device, p.backend)
+        mesh = build_mesh(p.pp, p.ep, p.gpus_per_node, obj.trainer.device, p.backend, p.timeout_s)
         trainer = Trainer(obj, shared_run_dir(run_dir_of(obj), mesh), mesh)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -57,7 +58,15 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
         return trainer.run()
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(3) from None
+        raise SystemExit(EXIT_NONFINITE) from None
+    except Preempted as e:
+        if mesh.is_logging_rank:
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except CollectiveError as e:
+        # every rank prints: the rank that reports first is usually not the one that caused the hang
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_COLLECTIVE) from None
 
 
 __all__ = ["main", "run_dir_of"]

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from typing import Any
 
@@ -37,6 +38,7 @@ from ..parallel.pipeline.schedules import build_schedule
 from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
 from ..parallel.state import full_state, load_full_state
 from . import checkpoint as ckpt
+from .faults import Preempted, StopRequest, guarded, injected_exit
 from .metrics import (
     ConsoleLogger,
     JsonlLogger,
@@ -183,6 +185,7 @@ class Trainer:
         )
         print(self.memory.line(self.mesh.rank), flush=True)
         self.step = 0
+        self.skipped_steps = 0
         self.wandb_id: str | None = None
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
         self._resume()
@@ -203,6 +206,7 @@ class Trainer:
         tr = state["trainer"]
         self.step = int(tr.get("step", state["meta"]["step"]))
         self.wandb_id = tr.get("wandb_id")
+        self.skipped_steps = int(tr.get("skipped_steps", 0))
         if "rng" in tr and not self.mesh.distributed:
             set_rng_state(tr["rng"])
         if self.mesh.is_logging_rank:
@@ -210,10 +214,16 @@ class Trainer:
 
     def save(self) -> str | None:
         """Every rank joins the gather; rank 0 writes the whole-model checkpoint (layout-independent)."""
-        model_sd, optim_sd = full_state(self.model, self.optimizer, self.mesh)
+        with guarded(self.mesh, f"checkpoint gather at step {self.step}"):
+            model_sd, optim_sd = full_state(self.model, self.optimizer, self.mesh)
         path = None
         if self.mesh.is_logging_rank:
-            trainer_state = {"step": self.step, "rng": rng_state(), "wandb_id": self.wandb_id}
+            trainer_state = {
+                "step": self.step,
+                "rng": rng_state(),
+                "wandb_id": self.wandb_id,
+                "skipped_steps": self.skipped_steps,
+            }
             path = ckpt.save_checkpoint(
                 self.ckpt_root,
                 self.step,
@@ -223,7 +233,8 @@ class Trainer:
                 OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
                 keep_last=self.cfg.trainer.keep_last,
             )
-        self.mesh.barrier()
+        with guarded(self.mesh, f"barrier after the checkpoint of step {self.step}"):
+            self.mesh.barrier()
         return path
 
     def _write_run_info(self) -> None:
@@ -306,21 +317,41 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, mesh = self.cfg, self.mesh
-        sums, step_stats = self.forward_backward(step)
-        if not math.isfinite(sums["loss"]):  # the same verdict on every rank: totals were all-reduced
+        with guarded(mesh, f"forward/backward of step {step + 1}"):
+            sums, step_stats = self.forward_backward(step)
+        lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
+        # the same verdict on every rank: totals were all-reduced
+        skip = not math.isfinite(sums["loss"])
+        if skip and not cfg.trainer.skip_nonfinite:
             raise NonFiniteLossError(
                 f"non-finite loss {sums['loss']} at step {step} (lm_loss {sums['lm_loss']}); "
-                "weights were not updated. Lower optim.lr, check the data, or resume from a checkpoint."
+                "weights were not updated. Lower optim.lr, check the data, resume from a checkpoint, "
+                "or set trainer.skip_nonfinite=true to skip such steps."
             )
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        reduce_gradients(self.model, mesh, self.ties)
-        grad_norm = clip_gradients(self.model, mesh, clip, self.owned)
-        lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        counts = self._counts_over_dp(step_stats.counts_by_layer())
-        gamma = self.bias.update(self.model.moe_layers(), counts, step)
+        with guarded(mesh, f"gradient reduction / optimizer update of step {step + 1}"):
+            if skip:
+                # A lone bad batch (or a transient overflow) costs one step, not the run; the gradients
+                # are dropped before any rank reduces them, so no NaN reaches weights, moments or biases.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                grad_norm, gamma = float("nan"), 0.0
+                if mesh.is_logging_rank:
+                    print(
+                        f"warning: non-finite loss {sums['loss']} at step {step + 1}: step skipped "
+                        f"({self.skipped_steps} so far)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                counts = self._counts_over_dp(step_stats.counts_by_layer())
+            else:
+                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+                reduce_gradients(self.model, mesh, self.ties)
+                grad_norm = clip_gradients(self.model, mesh, clip, self.owned)
+                set_lr(self.optimizer, lr)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                counts = self._counts_over_dp(step_stats.counts_by_layer())
+                gamma = self.bias.update(self.model.moe_layers(), counts, step)
         per_layer = {str(k): maxvio(v) for k, v in sorted(counts.items())}
         record: dict[str, Any] = {
             "kind": "train",
@@ -335,10 +366,12 @@ class Trainer:
             "bias_update_rate": gamma,
             "maxvio_batch": float(np.mean(list(per_layer.values()))) if per_layer else 0.0,
             "maxvio_batch_per_layer": per_layer,
+            "skipped_steps": self.skipped_steps,
         }
         if cfg.trainer.log_expert_load:
             record["expert_load"] = {str(k): v.tolist() for k, v in sorted(counts.items())}
-        record.update(self._comm_bytes())
+        with guarded(mesh, f"communication counters of step {step + 1}"):
+            record.update(self._comm_bytes())
         return record
 
     # ------------------------------------------------------------------------------- cross-rank sums
@@ -441,11 +474,13 @@ class Trainer:
         last_eval: dict[str, Any] | None = None
         last: dict[str, Any] | None = None
         window_t, window_steps = time.perf_counter(), 0
+        stop = StopRequest()
         try:
             with self._profiler() as prof:
                 while self.step < t.max_steps:
                     record = self.train_step(self.step)
                     self.step += 1
+                    injected_exit(self.step, self.mesh.rank)
                     window_steps += 1
                     if prof is not None:
                         prof.step()
@@ -461,20 +496,28 @@ class Trainer:
                         last = record
                         window_t, window_steps = time.perf_counter(), 0
                     if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                        last_eval = self.evaluate()
+                        with guarded(self.mesh, f"evaluation at step {self.step}"):
+                            last_eval = self.evaluate()
                         hub.log(last_eval)
-                    if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.max_steps:
+                    saved = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.max_steps
+                    if saved:
                         self.save()
+                    if stop.agreed(self.mesh) and self.step < t.max_steps:
+                        if not saved:
+                            self.save()
+                        hub.log({"kind": "preempted", "step": self.step, "signal": stop.signame})
+                        raise Preempted(self.step, stop.signame or "?")
             summary = self._summary(last, last_eval)
             hub.log({"kind": "summary", "step": self.step, **summary})
         finally:
+            stop.close()
             hub.close()
         if self.cfg.logger.console and self.mesh.is_logging_rank:
             print_summary(summary)
         return summary
 
     def _summary(self, last: dict[str, Any] | None, last_eval: dict[str, Any] | None) -> dict[str, Any]:
-        s: dict[str, Any] = {"steps": self.step, "run_dir": self.run_dir}
+        s: dict[str, Any] = {"steps": self.step, "run_dir": self.run_dir, "skipped_steps": self.skipped_steps}
         if last:
             s.update(loss=last["loss"], tokens_per_s=last["tokens_per_s"], maxvio_batch=last["maxvio_batch"])
             if "mfu" in last:

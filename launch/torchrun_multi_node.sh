@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Several nodes: run this same command on every node (same RUN_ID and HEAD_ADDR everywhere).
+#   RUN_ID=exp1 HEAD_ADDR=node0 NNODES=4 launch/torchrun_multi_node.sh parallel.ep=16 parallel.gpus_per_node=8
+# c10d rendezvous on HEAD_ADDR:PORT; restarts (MAX_RESTARTS) re-rendezvous and resume from the run dir
+# outputs/torchrun-$RUN_ID, which must be on a filesystem every node sees.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${RUN_ID:?set RUN_ID, the same on every node}"
+: "${HEAD_ADDR:?set HEAD_ADDR, a host name or address of one node that every node reaches}"
+NNODES=${NNODES:?set NNODES}
+NPROC=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count() or 1)")}
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# NCCL: NVLS (NVLink SHARP multicast) off, as on the machines this was tried on; surface errors early
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# export NCCL_SOCKET_IFNAME=ib0  NCCL_IB_HCA=mlx5  # set for your fabric
+exec torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" \
+  --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:${PORT:-29500}" --rdzv-id="$RUN_ID" \
+  train.py trainer.resume=auto parallel.gpus_per_node="$NPROC" "$@"

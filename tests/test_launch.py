@@ -1,0 +1,255 @@
+"""Surviving the cluster: preemption, non-finite steps, collective timeouts (docs/launching.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from moe_train.train.faults import EXIT_PREEMPTED
+from moe_train.train.trainer import Trainer
+from tests.distributed import run_world
+from tests.test_trainer import make_cfg, read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FAST = (
+    "data=synthetic",
+    "data.synthetic_tokens=100000",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "trainer.log_every=1",
+    "trainer.eval_every=1000",
+    "trainer.eval_batches=1",
+    "trainer.progress=false",
+    "trainer.keep_last=10",
+)
+
+
+def _train_cmd(run_dir, *overrides: str) -> list[str]:
+    return [sys.executable, "train.py", *FAST, f"hydra.run.dir={run_dir}", *overrides]
+
+
+def _env(tmp_path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=ROOT, MOE_TRAIN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+
+def _losses(run_dir) -> dict[int, float]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+def test_sigusr1_saves_exits_75_and_resume_matches_uninterrupted(tmp_path):
+    steps = 12
+    env = _env(tmp_path)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = subprocess.Popen(_train_cmd(ref_dir, f"trainer.max_steps={steps}"), cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        _train_cmd(run_dir, f"trainer.max_steps={steps}"),
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while len(_losses(run_dir)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "preempted" in err
+    stopped = max(_losses(run_dir))
+    assert 2 <= stopped < steps, stopped
+    assert os.path.isfile(run_dir / "checkpoints" / f"step_{stopped:08d}" / "meta.json")
+    recs = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert recs[-1] == {"kind": "preempted", "step": stopped, "signal": "SIGUSR1"}
+
+    again = subprocess.run(
+        _train_cmd(run_dir, f"trainer.max_steps={steps}", "trainer.resume=auto"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert ref.wait(timeout=180) == 0
+    want, got = _losses(ref_dir), _losses(run_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == want
+
+
+def _nan_at(trainer: Trainer, bad_steps: set[int]) -> None:
+    """Make the all-reduced loss of the given (0-based) steps NaN, after real gradients were computed."""
+    real = trainer.forward_backward
+
+    def fake(step: int):
+        sums, stats = real(step)
+        if step in bad_steps:
+            sums = dict(sums, loss=float("nan"))
+            for p in trainer.model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return sums, stats
+
+    trainer.forward_backward = fake  # type: ignore[method-assign]
+
+
+def test_skip_nonfinite_skips_the_step_and_default_stops(tmp_path):
+    run = tmp_path / "skip"
+    t = Trainer(make_cfg(run, "trainer.max_steps=4", "trainer.skip_nonfinite=true"), str(run))
+    _nan_at(t, {1})
+    t.train_step(0)
+    t.step = 1
+    params = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    moments = {k: {n: v.clone() for n, v in s.items()} for k, s in t.optimizer.state.items()}
+    rec = t.train_step(1)
+    assert rec["skipped_steps"] == 1 and math.isnan(rec["loss"])
+    for n, p in t.model.named_parameters():
+        assert torch.equal(p, params[n]), n  # router biases are buffers or params: either way unchanged
+        assert p.grad is None, n
+    for k, s in t.optimizer.state.items():
+        for n, v in s.items():
+            assert torch.equal(v, moments[k][n])
+    # the run carries on and counts the skipped step
+    run2 = tmp_path / "run2"
+    t2 = Trainer(make_cfg(run2, "trainer.max_steps=4", "trainer.skip_nonfinite=true"), str(run2))
+    _nan_at(t2, {2})
+    summary = t2.run()
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 1
+    train = [r for r in read_metrics(run2) if r["kind"] == "train"]
+    assert [r["skipped_steps"] for r in train] == [0, 0, 1, 1]
+    assert math.isfinite(train[-1]["loss"])
+
+
+def test_nonfinite_loss_exits_3_by_default(tmp_path):
+    run = tmp_path / "run"
+    res = subprocess.run(
+        _train_cmd(run, "trainer.max_steps=2", "optim.lr=1e30", "optim.grad_clip=0"),
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "non-finite loss" in res.stderr and "skip_nonfinite" in res.stderr
+
+
+def _mismatched_collective(timeout_s: float) -> str:
+    """Rank 0 all-reduces, rank 1 never joins: rank 0 gives up after timeout_s naming rank and phase."""
+    import torch.distributed as dist
+
+    from moe_train.parallel.mesh import build_mesh
+    from moe_train.train.faults import CollectiveError, guarded
+
+    mesh = build_mesh(device="cpu", timeout_s=timeout_s)
+    if mesh.rank == 1:
+        time.sleep(timeout_s + 3)
+        return ""
+    t0 = time.perf_counter()
+    try:
+        with guarded(mesh, "gradient reduction of step 7"):
+            dist.all_reduce(torch.ones(1))
+    except CollectiveError as e:
+        return f"{time.perf_counter() - t0:.1f}s {e}"
+    return "no error"
+
+
+@pytest.mark.slow
+def test_hung_collective_times_out_naming_rank_and_phase():
+    msg = run_world(2, _mismatched_collective, 2.0)[0]
+    secs, _, text = msg.partition(" ")
+    assert "rank 0 of 2" in text and "gradient reduction of step 7" in text, msg
+    assert "parallel.timeout_s" in text and "Timed out" in text, msg
+    assert float(secs.rstrip("s")) < 10, msg
+
+
+def test_rank_overrides_share_one_run_dir():
+    from moe_train.train.hydra_args import rank_overrides
+
+    assert rank_overrides([], {}) == []
+    assert rank_overrides(["a=1"], {"RANK": "0", "TORCHELASTIC_RUN_ID": "none"}) == []
+    assert rank_overrides([], {"RANK": "1", "TORCHELASTIC_RUN_ID": "job7"}) == [
+        "hydra.output_subdir=null",
+        "hydra.run.dir=outputs/torchrun-job7",
+    ]
+    # SLURM's job id wins (stable across requeues); an explicit run dir or a sweep is left alone
+    env = {"RANK": "0", "TORCHELASTIC_RUN_ID": "x", "SLURM_JOB_ID": "42"}
+    assert rank_overrides([], env) == ["hydra.run.dir=outputs/slurm-42"]
+    assert rank_overrides(["hydra.run.dir=/r"], env) == []
+    assert rank_overrides(["-m", "optim.lr=1,2"], env) == []
+
+
+def test_local_sweep_writes_one_run_dir_per_value(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", *FAST, "trainer.max_steps=2", "optim.lr=1e-3,3e-4"]
+    cmd.append(f"hydra.sweep.dir={sweep}")
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lrs = []
+    for sub in ("0", "1"):
+        assert sorted(_losses(sweep / sub)) == [1, 2], sub
+        lrs.append(next(r["lr"] for r in read_metrics(sweep / sub) if r["kind"] == "train"))
+    assert lrs[0] > lrs[1]
+
+
+def _torchrun(tmp_path, rdzv_id: str, *overrides: str, env_extra: dict | None = None) -> subprocess.Popen:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--max-restarts=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id={rdzv_id}",
+        os.path.join(ROOT, "train.py"),
+        *FAST,
+        *overrides,
+    ]
+    # workers re-created by a restart must not read the dead attempt's addresses from the shared rendezvous
+    # store (docs/launching.md): the agent then gives every attempt a fresh store
+    env = dict(_env(tmp_path), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **(env_extra or {}))
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_a_lost_worker_matches_uninterrupted(tmp_path):
+    """Rank 1 dies after step 3 on the first attempt; torchrun restarts both ranks, which resume from the
+    last checkpoint in the run dir named by the rendezvous id, and end on the uninterrupted run's losses."""
+    common = ("trainer.max_steps=6", "trainer.ckpt_every=1", "trainer.resume=auto", "parallel.timeout_s=10")
+    ref = _torchrun(tmp_path, "ref", *common)
+    hurt = _torchrun(tmp_path, "hurt", *common, env_extra={"MOE_TRAIN_FAULT_EXIT": "1@3"})
+    out_hurt, _ = hurt.communicate(timeout=300)
+    out_ref, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out_ref[-3000:]
+    assert hurt.returncode == 0, out_hurt[-3000:]
+    assert "fault injection: rank 1 exits after step 3" in out_hurt
+    ref_dir, run_dir = tmp_path / "outputs" / "torchrun-ref", tmp_path / "outputs" / "torchrun-hurt"
+    assert "resumed from" in out_hurt
+    want, got = _losses(ref_dir), _losses(run_dir)
+    assert sorted(want) == list(range(1, 7))
+    assert got[6] == want[6], (got, want)
+    # one run dir for the launch: no per-rank or per-attempt dirs, and only rank 0 wrote .hydra/
+    assert sorted(os.listdir(tmp_path / "outputs")) == ["torchrun-hurt", "torchrun-ref"]
+    assert os.path.isfile(run_dir / ".hydra" / "config.yaml")
