@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..model import Transformer, build_model, init_weights
-from ..model.moe import RoutedExperts, Router
+from ..model import Transformer, build_empty_model, init_weights
+from ..model.moe import RoutedExperts
 from . import io
 from .config import hf_config_to_model_config, math_mismatches, model_config_to_hf_config, shape_mismatches
 from .keys import COPY, DOWN, EMPTY, GATE, UP, Entry, hub_entries, mtp_depth, to_hub, write_ours
@@ -151,13 +151,7 @@ def from_pretrained(
     """
     cfg = read_hf_config(path)
     dtype = as_dtype(dtype)
-    model = build_model(cfg, device="meta")
-    model.to(dtype)
-    for m in model.modules():
-        if isinstance(m, Router):
-            m.float()
-    model.to_empty(device=torch.device(device))
-    model.rotary.reset()
+    model = build_empty_model(cfg, device, dtype)
     files, entries, missing_depths = _plan(model, cfg, path)
     _stream_into(model, files, entries, path)
     if missing_depths:

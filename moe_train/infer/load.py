@@ -17,8 +17,7 @@ from ..data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from ..hf import from_pretrained
 from ..hf.cli import read_model_config
 from ..hf.convert import as_dtype
-from ..model import build_model
-from ..model.moe import Router
+from ..model import build_empty_model
 from ..model.transformer import Transformer
 from ..train.checkpoint import resolve_checkpoint
 
@@ -64,13 +63,7 @@ def load_for_inference(
     cfg = replace(read_model_config(ckpt), num_nextn_predict_layers=0, init_from=None)
     state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu", weights_only=True, mmap=True)
     state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
-    model = build_model(cfg, device="meta")
-    model.to(dtype)
-    for m in model.modules():
-        if isinstance(m, Router):
-            m.float()
-    model.to_empty(device=torch.device(device))
-    model.rotary.reset()
+    model = build_empty_model(cfg, device, dtype)
     model.load_state_dict(state, strict=True)
     tok = load_tokenizer(tokenizer or _checkpoint_tokenizer(ckpt))
     return Loaded(model.eval(), tok, ckpt)

@@ -7,7 +7,7 @@ import torch
 from ..config import ModelConfig
 from .accounting import ParamCounts, count_params, train_flops_per_token
 from .init import init_weights
-from .moe import BalanceLoss, MoE
+from .moe import BalanceLoss, MoE, Router
 from .recompute import set_recompute
 from .stats import MoEStats, RouterRecord
 from .transformer import ModelOutput, Transformer, is_moe_layer
@@ -36,7 +36,24 @@ def build_model(
     return model
 
 
+def build_empty_model(cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> Transformer:
+    """Allocate the model on `device` in `dtype` without initialising it (weights are about to be loaded).
+
+    Built on the meta device first so no initialisation work or second copy happens; routers stay fp32
+    (their scores decide top-k, see docs/architecture.md); the rotary tables are computed for real.
+    """
+    model = build_model(cfg, device="meta")
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.float()
+    model.to_empty(device=torch.device(device))
+    model.rotary.reset()
+    return model
+
+
 __all__ = [
+    "build_empty_model",
     "BalanceLoss",
     "MoE",
     "MoEStats",
