@@ -27,3 +27,12 @@ def timed(fn: Callable[[], object], iters: int, device: str, warmup: int = 3) ->
     t = torch.tensor([(time.perf_counter() - t0) / iters], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
+
+
+def emit(lines: list[str], out: str | None) -> None:
+    """Print a result table and, when asked, write it where the device tool brings files back."""
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")

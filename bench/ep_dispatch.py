@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import sync, timed  # noqa: E402
+from bench.common import emit, sync, timed  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.init import init_weights  # noqa: E402
 from moe_train.model.moe import MoE, MoEOptions  # noqa: E402
@@ -168,10 +168,7 @@ def main() -> None:
             "|---|---|---|",
             *layer_rows,
         ]
-        print("\n".join(text), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write("\n".join(text) + "\n")
+        emit(text, args.out)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import timed  # noqa: E402
+from bench.common import emit, timed  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.moe import Router  # noqa: E402
 from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters  # noqa: E402
@@ -179,10 +179,7 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|",
             *counting,
         ]
-        print("\n".join(text), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write("\n".join(text) + "\n")
+        emit(text, args.out)
     dist.barrier()
     dist.destroy_process_group()
 

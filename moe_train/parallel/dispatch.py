@@ -108,6 +108,21 @@ def receiver_slots(recv_id: torch.Tensor, per_rank: int) -> dict[str, torch.Tens
     }
 
 
+def expand_to_slots(rows: torch.Tensor, plan: Any) -> torch.Tensor:
+    """Received rows -> one row per slot served here, sorted by local expert (for the grouped GEMM)."""
+    return gather_rows(rows, plan.slot_row, plan.slot_pos, plan.slot_valid)
+
+
+def slot_weighted_sums(y: torch.Tensor, plan: Any) -> torch.Tensor:
+    """Each received row's gate-weighted sum over its slots (products in y's dtype, fp32 sum): what one row
+    carries back. `plan` has the fields `receiver_slots` returns plus `recv_weight` (R, K)."""
+    n_rows, k = plan.recv_weight.shape
+    y_slots = gather_rows(y, plan.slot_pos.reshape(-1), plan.slot_order.view(-1, 1)).view(
+        n_rows, k, y.shape[-1]
+    )
+    return (y_slots * plan.recv_weight.to(y.dtype).unsqueeze(-1)).sum(1)
+
+
 class AllToAllDispatcher:
     """Flat all-to-all over the expert-parallel group (`ep` ranks, `n_experts / ep` experts each)."""
 
@@ -190,18 +205,12 @@ class AllToAllDispatcher:
 
     def dispatch_wait(self, pending: Pending) -> torch.Tensor:
         """Received rows, expanded to their slots and sorted by local expert."""
-        rows = a2a_wait(pending.buf, pending.comm)
-        plan = pending.plan
-        return gather_rows(rows, plan.slot_row, plan.slot_pos, plan.slot_valid)
+        return expand_to_slots(a2a_wait(pending.buf, pending.comm), pending.plan)
 
     # ------------------------------------------------------------------------------- combine (async)
     def combine_start(self, y: torch.Tensor, plan: A2APlan) -> Pending:
-        """Each received row's gate-weighted sum over its slots (products in y's dtype, fp32 sum)."""
-        n_rows, hidden = sum(plan.recv_splits), y.shape[-1]
-        y_slots = gather_rows(y, plan.slot_pos.reshape(-1), plan.slot_order.view(-1, 1)).view(
-            n_rows, plan.k, hidden
-        )
-        partial = (y_slots * plan.recv_weight.to(y.dtype).unsqueeze(-1)).sum(1)
+        """Each received row's gate-weighted sum over its slots, sent back once."""
+        partial = slot_weighted_sums(y, plan)
         comm = A2A(plan.send_splits, plan.recv_splits, self.group, log=self.event_log, name="combine")
         if self.counters is not None:
             row_bytes = y.shape[-1] * y.element_size()

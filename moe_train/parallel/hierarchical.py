@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from ..model.gather import gather_rows
 from .comm import A2A, a2a_start, a2a_wait, all_to_all_nograd, exchange_counts
-from .dispatch import CommCounters, _inverse, receiver_slots
+from .dispatch import CommCounters, _inverse, expand_to_slots, receiver_slots, slot_weighted_sums
 from .mesh import Mesh
 
 
@@ -255,19 +255,14 @@ class HierarchicalDispatcher:
         """Received rows, expanded to their slots and sorted by local expert (runs stage 2 if needed)."""
         if pending.stage == "inter":
             pending = self.dispatch_forward(pending)
-        rows = a2a_wait(pending.buf, pending.comm)
-        plan = pending.plan
-        return gather_rows(rows, plan.slot_row, plan.slot_pos, plan.slot_valid)
+        return expand_to_slots(a2a_wait(pending.buf, pending.comm), pending.plan)
 
     # ------------------------------------------------------------------------------- combine (async)
     def combine_start(self, y: torch.Tensor, plan: HierPlan) -> HierPending:
         """Each stage-2 row's gate-weighted sum over its slots, sent back inside the node."""
         r = plan.intra
-        n_rows, hidden = plan.recv_weight.shape[0], y.shape[-1]
-        y_slots = gather_rows(y, plan.slot_pos.reshape(-1), plan.slot_order.view(-1, 1)).view(
-            n_rows, plan.k, hidden
-        )
-        partial = (y_slots * plan.recv_weight.to(y.dtype).unsqueeze(-1)).sum(1)
+        hidden = y.shape[-1]
+        partial = slot_weighted_sums(y, plan)
         comm = A2A(r.send_splits, r.recv_splits, self.intra_group, log=self.event_log, name="combine_intra")
         self._count("combine", "intra", r.recv_splits, hidden * y.element_size())
         return HierPending(plan, a2a_start(partial, comm), comm, "intra")
