@@ -4,18 +4,24 @@ CHECKPOINT is one of ours (a run dir, its checkpoints dir or a step_N dir) or a 
 directory (config.json + safetensors).  Tokens stream to stdout as they are produced; the prefill and decode
 rates go to stderr, separately, because they measure different things (matrix-matrix prefill vs the
 memory-bound decode over the latent cache).  See docs/inference.md.
+
+--cuda-graph replays the decode step from a CUDA graph (falling back to eager decoding with a one-line
+reason where it cannot); --offload cpu|nvme keeps the weights off the GPU and streams them per layer
+through DeepSpeed ZeRO-Inference, for models larger than the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import TextIO
 
 import torch
 
 from .infer import SamplingConfig, generate, load_for_inference
-from .infer.engine import GenerationResult
+from .infer.engine import GenerationResult, GraphFallbackWarning
+from .infer.offload import OFFLOAD_DEVICES, OffloadConfig
 
 
 class TextStream:
@@ -60,14 +66,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     p.add_argument("--plain", action="store_true", help="decode through the plain (non-absorbed) path")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the decode step from a CUDA graph")
+    p.add_argument(
+        "--offload", choices=OFFLOAD_DEVICES, default=None, help="ZeRO-Inference: weights in CPU RAM / NVMe"
+    )
+    p.add_argument("--nvme-path", default=None, help="directory on the NVMe drive (--offload nvme)")
+    p.add_argument("--prefetch-layers", type=int, default=1, help="layers fetched ahead (--offload)")
     return p.parse_args(argv)
 
 
 def report(result: GenerationResult, err: TextIO) -> None:
+    if result.graph_fallback is not None:
+        err.write(f"cuda graph: not used, decoding eagerly: {result.graph_fallback}\n")
     err.write(
         f"prefill: {result.prefill_tokens} tokens in {result.prefill_seconds:.3f}s "
         f"({result.prefill_tokens_per_s:.1f} tokens/s); decode: {result.decode_tokens} tokens in "
-        f"{result.decode_seconds:.3f}s ({result.decode_tokens_per_s:.1f} tokens/s)\n"
+        f"{result.decode_seconds:.3f}s ({result.decode_tokens_per_s:.1f} tokens/s, {result.decode_path})\n"
     )
 
 
@@ -76,20 +90,35 @@ def main(
 ) -> GenerationResult:
     args = parse_args(argv)
     out, err = out or sys.stdout, err or sys.stderr
-    loaded = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer)
+    offload = None
+    if args.offload:
+        offload = OffloadConfig(args.offload, args.nvme_path, args.prefetch_layers)
+    elif args.nvme_path:
+        raise SystemExit("--nvme-path is for --offload nvme")
+    loaded = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer, offload)
     tok = loaded.tokenizer
     if tok is None:
         raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer tokenizer.json")
-    err.write(f"loaded {loaded.source} (MTP layers are not used for generation)\n")
+    where = f", weights offloaded to {args.offload}" if args.offload else ""
+    err.write(f"loaded {loaded.source} (MTP layers are not used for generation{where})\n")
     prompts = [tok.encode(p) for p in args.prompt]
     stops = list(args.stop) + ([] if args.no_eod_stop else [tok.eod_id])
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
     stream = TextStream(tok.decode, out, len(prompts))
     if len(prompts) == 1:
         out.write(args.prompt[0])
-    result = generate(
-        loaded.model, prompts, args.max_new_tokens, sampling, stops, absorb=not args.plain, on_token=stream
-    )
+    with warnings.catch_warnings():  # report() prints the reason as one line
+        warnings.simplefilter("ignore", GraphFallbackWarning)
+        result = generate(
+            loaded.model,
+            prompts,
+            args.max_new_tokens,
+            sampling,
+            stops,
+            absorb=not args.plain,
+            on_token=stream,
+            cuda_graph=args.cuda_graph,
+        )
     if len(prompts) == 1:
         stream.flush(0, final=True)
         out.write("\n")

@@ -1,4 +1,5 @@
-"""Inference: the latent cache reproduces the training forward, absorbed = plain, batching, sampling, CLI.
+"""Inference: the latent cache reproduces the training forward, absorbed = plain, batching, sampling, CLI,
+the static (CUDA-graph-capturable) decode step and the graph fallback where capture is impossible.
 
 Everything is fp32 on CPU with tiny random models whose selection biases are non-zero, so the router's
 bias path is exercised.  transformers' DeepseekV3ForCausalLM.generate is the outside reference for greedy
@@ -18,10 +19,14 @@ from omegaconf import OmegaConf
 from moe_train.config import ModelConfig, TrainConfig
 from moe_train.generate import main as generate_main
 from moe_train.infer import (
+    DecodeStep,
+    GraphFallbackWarning,
+    InferenceModel,
     SamplingConfig,
     filter_logits,
     forward_step,
     generate,
+    graph_unsupported_reason,
     load_for_inference,
     mha_cache_elements,
     mla_cache_elements,
@@ -153,6 +158,59 @@ def test_bf16_cache_stays_close_to_fp32():
     assert rel_err(half, full) <= 5e-2
 
 
+@torch.no_grad()
+def test_prefill_logits_at_last_tokens_equal_full_logits():
+    model = InferenceModel(tiny())
+    x, lengths = ids((3, 10), seed=5), torch.tensor([10, 4, 7])
+    pos = torch.arange(10).expand(3, 10)
+    full = model(x, pos, model.new_cache(3, 10), absorb=False)
+    last = model(x, pos, model.new_cache(3, 10), absorb=False, last=lengths - 1)
+    assert last.shape == (3, 1, BASE["vocab_size"])
+    assert rel_err(last[:, 0], full[torch.arange(3), lengths - 1]) <= TOL
+
+
+# ------------------------------------------------------------------------------------------ static decode
+
+
+@pytest.mark.parametrize("absorb", [True, False], ids=["absorbed", "plain"])
+@torch.no_grad()
+def test_static_decode_step_equals_dynamic_decode(absorb):
+    """The graph-capturable step (all max_len slots read, mask only, no host reads in attention), run
+    eagerly, gives the logits of the ordinary step at every decode step of an unequal batch."""
+    model = InferenceModel(tiny("full_q_yarn"))
+    lengths = torch.tensor([3, 9, 1])
+    x = ids((3, 9), seed=6)
+    steps = {}
+    for static in (False, True):
+        cache = model.new_cache(3, 9 + 8)
+        model(x, torch.arange(9).expand(3, 9), cache, absorb=False)
+        cache.lengths.copy_(lengths)
+        step = DecodeStep(model, cache, absorb, static)
+        assert step.capture() is not None and step.graph is None  # CPU: nothing captured
+        feed = ids((3, 8), seed=7)
+        steps[static] = (torch.stack([step(feed[:, t]) for t in range(8)]), cache)
+    (dyn, dyn_cache), (sta, sta_cache) = steps[False], steps[True]
+    assert sta.shape == (8, 3, BASE["vocab_size"])
+    assert rel_err(sta, dyn) <= TOL
+    assert torch.equal(sta.argmax(-1), dyn.argmax(-1))
+    assert torch.equal(sta_cache.lengths, lengths + 8) and torch.equal(dyn_cache.lengths, lengths + 8)
+    assert torch.equal(sta_cache.kv[0], dyn_cache.kv[0])  # layer 0's latents depend on the ids alone
+    for layer in sta_cache.kv:
+        assert rel_err(sta_cache.kv[layer], dyn_cache.kv[layer]) <= TOL
+
+
+def test_cuda_graph_falls_back_on_cpu_with_the_reason():
+    model = tiny()
+    prompts = [ids((1, n), seed=20 + n)[0].tolist() for n in (2, 6)]
+    eager = generate(model, prompts, max_new_tokens=8)
+    with pytest.warns(GraphFallbackWarning, match="the model is on cpu, and CUDA graphs need a CUDA device"):
+        graphed = generate(model, prompts, max_new_tokens=8, cuda_graph=True)
+    assert graphed.tokens == eager.tokens
+    assert graphed.decode_path == eager.decode_path == "eager"
+    assert graphed.graph_fallback == graph_unsupported_reason(InferenceModel(model))
+    assert "cpu" in graphed.graph_fallback and eager.graph_fallback is None
+
+
 # ------------------------------------------------------------------------------------------ generation
 
 
@@ -219,6 +277,10 @@ def test_checkpoint_generates_through_cli(tmp_path):
     text = bytes(t for t in expected[0] if t < 256).decode("utf-8", errors="replace")
     assert out.getvalue() == "héllo" + text + "\n"
     assert "prefill:" in err.getvalue() and "decode:" in err.getvalue() and "tokens/s" in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert generate_main([*argv, "--cuda-graph"], out, err).tokens == expected
+    reason = "the model is on cpu, and CUDA graphs need a CUDA device"
+    assert f"cuda graph: not used, decoding eagerly: {reason}\n" in err.getvalue()
 
 
 def test_hf_model_greedy_tokens_match_transformers_generate(tmp_path):

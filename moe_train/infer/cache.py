@@ -5,8 +5,8 @@ holds kv_lora_rank + qk_rope_head_dim (576 against 32768 for DeepSeek-V3).  The 
 are never materialised by the absorbed decode path; the plain path re-derives them from the latent.
 
 Buffers have a static shape (batch, max_len) allocated once, and each sequence writes its tokens at its
-own positions 0..len-1 (no padding inside the cache).  Static shapes are what a later CUDA-graph capture of
-the decode step needs; `lengths` is the only thing that changes between steps.
+own positions 0..len-1 (no padding inside the cache).  Static shapes are what the CUDA-graph capture of
+the decode step (infer/decode.py) needs; `lengths` is the only thing that changes between steps.
 """
 
 from __future__ import annotations
@@ -54,9 +54,20 @@ class LatentCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv.values())
 
-    def write(self, layer: int, positions: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
-        """Store tokens at `positions` (batch, T) of each sequence; latent: (B, T, r), k_pe: (B, T, d_R)."""
-        if int(positions.max()) >= self.max_len:
+    def write(
+        self,
+        layer: int,
+        positions: torch.Tensor,
+        latent: torch.Tensor,
+        k_pe: torch.Tensor,
+        check: bool = True,
+    ) -> None:
+        """Store tokens at `positions` (batch, T) of each sequence; latent: (B, T, r), k_pe: (B, T, d_R).
+
+        check=False skips the bounds check, which reads positions on the host: the static decode step
+        cannot sync, and its caller sized the cache for every position it will write.
+        """
+        if check and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} is past the cache's max_len={self.max_len}")
         rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1).expand_as(positions)
         self.kv[layer][rows, positions] = torch.cat([latent, k_pe], dim=-1).to(self.dtype)
@@ -64,8 +75,8 @@ class LatentCache:
     def read(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent (B, upto, r), k_pe (B, upto, d_R)), views of the first `upto` slots of every sequence.
 
-        Slicing to the longest live sequence keeps CPU decode proportional to the context; a graph-captured
-        step would read all max_len slots and rely on the mask alone.
+        Slicing to the longest live sequence keeps CPU decode proportional to the context; the static
+        (graph-capturable) decode step reads all max_len slots and relies on the mask alone.
         """
         kv = self.kv[layer][:, :upto]
         return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank :]

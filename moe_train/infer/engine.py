@@ -4,20 +4,25 @@ Prompts of different lengths share one batch without left padding: the prefill b
 sequence's tokens sit at positions 0..len-1 (RoPE and cache slots as in a one-by-one run), and each
 sequence's next token comes from the logits at its own last prompt token.  Decode then feeds one token per
 sequence at position `cache.lengths[b]`.  Rows that finished (stop token or budget) keep stepping until all
-have — the batch keeps a static shape, which a CUDA-graph decode step will need — but their tokens are
+have — the batch keeps a static shape, which the CUDA-graph decode step needs — but their tokens are
 dropped.
+
+On CUDA with grouped experts the decode step is the static one (infer/decode.py) whether or not it is
+captured, so `cuda_graph=True` changes how the same kernels are launched, not what they compute.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..model.transformer import Transformer
-from .forward import forward_step, new_cache
+from .decode import DecodeStep, sync_free_reason
+from .forward import InferenceModel, as_inference_model
 from .sampling import SamplingConfig, sample
 
 # on_token(row, token): called for every kept token, in order, for streaming output
@@ -26,7 +31,12 @@ TokenCallback = Callable[[int, int], None]
 
 @dataclass
 class GenerationResult:
-    """tokens[b]: the generated ids of prompt b (its stop token included when one ended it)."""
+    """tokens[b]: the generated ids of prompt b (its stop token included when one ended it).
+
+    decode_path: "eager" (host-synced step), "eager, static" (the sync-free step, not captured) or
+    "cuda graph"; graph_fallback: why a requested graph was not used.  capture_seconds is not part of
+    decode_seconds.
+    """
 
     tokens: list[list[int]]
     prefill_tokens: int = 0
@@ -34,6 +44,9 @@ class GenerationResult:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     stopped: list[bool] = field(default_factory=list)
+    decode_path: str = "eager"
+    graph_fallback: str | None = None
+    capture_seconds: float = 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -44,9 +57,13 @@ class GenerationResult:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
+class GraphFallbackWarning(RuntimeWarning):
+    """cuda_graph=True was asked for but the decode step runs eagerly (the message says why)."""
+
+
 @torch.no_grad()
 def generate(
-    model: Transformer,
+    model: Transformer | InferenceModel,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     sampling: SamplingConfig | None = None,
@@ -54,18 +71,23 @@ def generate(
     absorb: bool = True,
     on_token: TokenCallback | None = None,
     cache_dtype: torch.dtype | None = None,
+    cuda_graph: bool = False,
 ) -> GenerationResult:
     """Continue every prompt by up to `max_new_tokens` tokens, stopping a row at any of `stop_tokens`.
 
     absorb=False runs decode through the plain path too (a check and a baseline, not faster).
+    cuda_graph=True captures the decode step in a CUDA graph and replays it; where that is impossible a
+    `GraphFallbackWarning` says why, `result.graph_fallback` keeps the reason, and decoding runs eagerly.
+    model may be an `InferenceModel` (e.g. one whose weights ZeRO-Inference streams, infer/offload.py).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     sampling = sampling or SamplingConfig()
-    device = model.lm_head.weight.device
+    model = as_inference_model(model)
+    device = model.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     B, T = len(prompts), int(lengths.max())
-    cache = new_cache(model, B, T + max_new_tokens, cache_dtype)
+    cache = model.new_cache(B, T + max_new_tokens, cache_dtype)
     gen = torch.Generator(device=device).manual_seed(sampling.seed)
     result = GenerationResult([[] for _ in prompts], stopped=[False] * B)
     if max_new_tokens <= 0:
@@ -77,20 +99,31 @@ def generate(
     positions = torch.arange(T, device=device).expand(B, T)
 
     t0 = time.perf_counter()
-    logits = forward_step(model, ids, positions, cache, absorb=False)  # matrix-matrix: the plain path
+    logits = model(ids, positions, cache, absorb=False, last=lengths - 1)  # matrix-matrix: the plain path
     cache.lengths.copy_(lengths)
-    nxt = sample(logits[torch.arange(B, device=device), lengths - 1], sampling, gen)
+    nxt = sample(logits[:, 0], sampling, gen)
     done = _keep(result, nxt, stops, on_token, [False] * B)
     result.prefill_tokens, result.prefill_seconds = int(lengths.sum()), time.perf_counter() - t0
+
+    static = sync_free_reason(model) is None
+    step = DecodeStep(model, cache, absorb, static)
+    result.decode_path = "eager, static" if static else "eager"
+    if cuda_graph and max_new_tokens > 1 and not all(done):
+        t0 = time.perf_counter()
+        result.graph_fallback = step.capture()
+        result.capture_seconds = time.perf_counter() - t0
+        if result.graph_fallback is None:
+            result.decode_path = "cuda graph"
+        else:
+            warnings.warn(
+                f"cuda_graph: decoding eagerly: {result.graph_fallback}", GraphFallbackWarning, stacklevel=3
+            )
 
     t0 = time.perf_counter()
     for _ in range(max_new_tokens - 1):
         if all(done):
             break
-        positions = cache.lengths.unsqueeze(1)
-        logits = forward_step(model, nxt.unsqueeze(1), positions, cache, absorb)
-        cache.lengths += 1
-        nxt = sample(logits[:, -1], sampling, gen)
+        nxt = sample(step(nxt), sampling, gen)
         before = sum(len(t) for t in result.tokens)
         done = _keep(result, nxt, stops, on_token, done)
         result.decode_tokens += sum(len(t) for t in result.tokens) - before

@@ -3,45 +3,114 @@
 The layers' submodules are called directly (norms, MLA projections, MoE router and experts) rather than the
 training forward, which knows nothing of caches, positions or stats-free routing.  MTP layers are not used:
 they are a training signal (and a draft model for speculative decoding, not done here).
+
+`InferenceModel` regroups a Transformer's modules for stepping — embedding, one `LayerStep` per decoder
+layer, final norm and head — and owns no weights of its own.  Why a module per layer step: ZeRO-3 parameter
+offload (infer/offload.py) gathers weights in module hooks.  A `LayerStep` marked as a ZeRO-3 leaf gathers
+its whole layer when called (and the next layer is prefetched meanwhile), whatever the step reads inside:
+the absorbed path reads kv_b_proj's weight directly, the looped experts index their weight tensors.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..model.moe import MoE
-from ..model.transformer import Transformer
+from ..model.transformer import DecoderLayer, Transformer
 from .cache import LatentCache
 from .mla import mla_attention
 from .moe import moe_forward
 
 
-def new_cache(model: Transformer, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+class LayerStep(nn.Module):
+    """One decoder layer over new tokens at `positions`, writing their rows of `cache`."""
+
+    def __init__(self, layer: DecoderLayer, layer_id: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.layer_id = layer_id
+
+    def forward(
+        self, h: torch.Tensor, positions: torch.Tensor, cache: LatentCache, absorb: bool, static: bool
+    ) -> torch.Tensor:
+        layer = self.layer
+        x = layer.input_layernorm(h)
+        h = h + mla_attention(layer.self_attn, x, positions, cache, self.layer_id, absorb, static)
+        x = layer.post_attention_layernorm(h)
+        return h + (moe_forward(layer.mlp, x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
+
+
+class InferenceModel(nn.Module):
+    """A whole Transformer as a stepping module.
+
+    `device` is where the step computes and `dtype` the cache's default (the attention weights' dtype);
+    `offload` names where the weights live when ZeRO-Inference streams them (None: on `device`).
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        if not (model.is_first and model.is_last):
+            raise ValueError("generation needs the whole model (not one pipeline stage)")
+        self.cfg = model.cfg
+        self.embed_tokens = model.embed_tokens
+        self.layers = nn.ModuleList(LayerStep(layer, int(key)) for key, layer in model.layers.items())
+        self.norm = model.norm
+        self.lm_head = model.lm_head
+        ref = self.layers[0].layer.self_attn.kv_a_proj_with_mqa.weight
+        self.device: torch.device = ref.device
+        self.dtype: torch.dtype = ref.dtype
+        self.offload: str | None = None
+        self.eval()
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        """A cache for `batch` sequences of up to `max_len` tokens (dtype: the attention weights')."""
+        layers = [step.layer_id for step in self.layers]
+        return LatentCache(self.cfg, layers, batch, max_len, dtype or self.dtype, self.device)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LatentCache,
+        absorb: bool,
+        static: bool = False,
+        last: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) of tokens `input_ids` (B, T) at `positions` (B, T); writes their cache rows.
+
+        The caller advances `cache.lengths`; positions past a sequence's real end (padding) may write slots
+        that later tokens overwrite before anything attends to them.  static: see `mla_attention`.
+        last (B,): only the logits at these token indices, (B, 1, vocab) — a prefill needs each row's last
+        prompt token alone, and B·T·vocab logits would be the largest tensor of the step.
+        """
+        h = self.embed_tokens(input_ids)
+        for step in self.layers:
+            h = step(h, positions, cache, absorb, static)
+        if last is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), last].unsqueeze(1)
+        return self.lm_head(self.norm(h))
+
+
+def as_inference_model(model: Transformer | InferenceModel) -> InferenceModel:
+    return model if isinstance(model, InferenceModel) else InferenceModel(model)
+
+
+def new_cache(
+    model: Transformer | InferenceModel, batch: int, max_len: int, dtype: torch.dtype | None = None
+) -> LatentCache:
     """A cache for `batch` sequences of up to `max_len` tokens, in the attention weights' dtype by default."""
-    ref = next(iter(model.layers.values())).self_attn.kv_a_proj_with_mqa.weight
-    layers = [int(i) for i in model.layers]
-    return LatentCache(model.cfg, layers, batch, max_len, dtype or ref.dtype, ref.device)
+    return as_inference_model(model).new_cache(batch, max_len, dtype)
 
 
-@torch.no_grad()
 def forward_step(
-    model: Transformer,
+    model: Transformer | InferenceModel,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     cache: LatentCache,
     absorb: bool,
+    static: bool = False,
 ) -> torch.Tensor:
-    """Logits (B, T, vocab) of tokens `input_ids` (B, T) at `positions` (B, T); writes their cache rows.
-
-    The caller advances `cache.lengths`; positions past a sequence's real end (padding) may write slots
-    that later tokens overwrite before anything attends to them.
-    """
-    if not (model.is_first and model.is_last):
-        raise ValueError("generation needs the whole model (not one pipeline stage)")
-    h = model.embed_tokens(input_ids)
-    for key, layer in model.layers.items():
-        a = mla_attention(layer.self_attn, layer.input_layernorm(h), positions, cache, int(key), absorb)
-        h = h + a
-        x = layer.post_attention_layernorm(h)
-        h = h + (moe_forward(layer.mlp, x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
-    return model.lm_head(model.norm(h))
+    """`InferenceModel.forward` for a Transformer or an InferenceModel."""
+    return as_inference_model(model)(input_ids, positions, cache, absorb, static)

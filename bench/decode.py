@@ -1,0 +1,248 @@
+"""Inference on one GPU: prefill and decode tokens/s, CUDA graphs, the latent cache's size, ZeRO-Inference.
+
+Why these numbers: decode is one token per sequence per step, bound by reading the weights (and the cache)
+and, in eager PyTorch, by launching the step's kernels from Python — CUDA graphs remove the second; prefill is
+matrix-matrix work.  MLA exists to shrink the cache; ZeRO-Inference exists to run a model larger than the
+GPU.  The model is the DeepSeek-V2-Lite-shaped proxy of bench/train_throughput.py (12 layers, no MTP), random
+bf16 weights with fp32 routers (as `load_for_inference` loads them), greedy decoding from random prompts.
+
+Sections (every number comes from `moe_train.infer.generate`, the API the CLI uses):
+1. decode at each --batches, eager and with `cuda_graph=True`; graph tokens must equal eager tokens
+   (asserted: same kernels, launched differently), prefill tokens/s of the same runs;
+2. KV-cache bytes of the latent cache (allocated, measured) against a standard MHA cache of the same heads
+   (2·n_h·d_h values per token per layer, computed);
+3. ZeRO-Inference with the weights in CPU memory, the GPU capped at --budget-gib by
+   `torch.cuda.set_per_process_memory_fraction` below the model's size: tokens/s, and the peak allocated
+   memory asserted under the budget; tokens must equal those of the GPU-resident model (asserted).
+
+Usage (GPU machine): python bench/decode.py [--layers 12 --prompt 256 --new 64 --batches 1,64 --budget-gib 5]
+Smoke test on a CPU: python bench/decode.py --tiny --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import emit  # noqa: E402
+from bench.train_throughput import proxy_config  # noqa: E402
+from moe_train.config import ModelConfig  # noqa: E402
+from moe_train.infer import GenerationResult, generate, mha_cache_elements, mla_cache_elements  # noqa: E402
+from moe_train.infer.forward import InferenceModel  # noqa: E402
+from moe_train.infer.offload import OffloadConfig, nvme_unavailable_reason, offload_model  # noqa: E402
+from moe_train.model import build_model, count_params  # noqa: E402
+from moe_train.model.moe import Router  # noqa: E402
+from moe_train.model.transformer import Transformer  # noqa: E402
+
+GIB = 2**30
+
+
+def bf16_model(cfg: ModelConfig, device: str) -> Transformer:
+    """Random weights in bf16, routers in fp32: what `load_for_inference(dtype='bfloat16')` gives."""
+    model = build_model(cfg, device=device, seed=0).eval()
+    for m in model.modules():
+        if not isinstance(m, Router):
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g).tolist()
+
+
+def best_of(n: int, fn: Callable[[], GenerationResult]) -> GenerationResult:
+    """The run with the shortest decode time of n (all must give the same tokens; the first is kept)."""
+    runs = [fn() for _ in range(n)]
+    for r in runs[1:]:
+        if r.tokens != runs[0].tokens:
+            raise AssertionError("repeated greedy runs gave different tokens")
+    return min(runs, key=lambda r: r.decode_seconds)
+
+
+def differ(runs: dict[bool, GenerationResult]) -> str:
+    """Where graph and eager tokens first part: rows that differ and the earliest step."""
+    pairs = list(zip(runs[False].tokens, runs[True].tokens, strict=True))
+    bad = [(a, b) for a, b in pairs if a != b]
+    first = min(next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y) for a, b in bad)
+    return f"{len(bad)} of {len(pairs)} rows, first at step {first}"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_section(model: Transformer, args: argparse.Namespace, failures: list[str]) -> list[str]:
+    rows = [
+        "| batch | prompt | new | decode path | prefill tokens/s | decode tokens/s | ms / step | capture s "
+        "| tokens = eager |",
+        "|" + " --- |" * 9,
+    ]
+    notes: set[str] = set()
+    vocab = model.cfg.vocab_size
+    generate(model, prompts(1, 16, vocab, 0), 4)  # warm-up: cuBLAS handles, allocator
+    for batch in args.batch_list:
+        ps = prompts(batch, args.prompt, vocab, seed=batch)
+        runs = {}
+        for graph in (False, True):
+            r = best_of(args.repeats, lambda: generate(model, ps, args.new, cuda_graph=graph))  # noqa: B023
+            runs[graph] = r
+        same = runs[True].tokens == runs[False].tokens
+        if not same:
+            failures.append(f"batch {batch}: CUDA-graph tokens differ from eager tokens ({differ(runs)})")
+        if args.device == "cuda" and runs[True].decode_path != "cuda graph":
+            failures.append(f"batch {batch}: graph not captured: {runs[True].graph_fallback}")
+        for r in runs.values():
+            steps = max(len(t) for t in r.tokens) - 1
+            rows.append(
+                f"| {batch} | {args.prompt} | {args.new} | {r.decode_path} | {r.prefill_tokens_per_s:,.0f} "
+                f"| {r.decode_tokens_per_s:,.0f} | {1e3 * r.decode_seconds / max(steps, 1):.2f} "
+                f"| {r.capture_seconds:.2f} | {'yes' if same else 'NO'} |"
+            )
+            if r.graph_fallback:
+                notes.add(f"cuda_graph=True fell back to eager decoding: {r.graph_fallback}")
+        print("\n".join(rows[-2:]), flush=True)
+    return rows + ([""] if notes else []) + sorted(notes)
+
+
+def cache_section(model: Transformer, args: argparse.Namespace) -> list[str]:
+    cfg = model.cfg
+    batch, max_len = max(args.batch_list), args.prompt + args.new
+    layers = cfg.num_hidden_layers
+    sync(args.device)
+    before = torch.cuda.memory_allocated() if args.device == "cuda" else 0
+    cache = InferenceModel(model).new_cache(batch, max_len)
+    sync(args.device)
+    measured = torch.cuda.memory_allocated() - before if args.device == "cuda" else cache.nbytes()
+    item = cache.dtype.itemsize
+    mla, mha = mla_cache_elements(cfg), mha_cache_elements(cfg)
+    tokens = batch * max_len * layers
+    del cache
+    return [
+        f"| cache ({cache_dtype_name(item)}) | values / token / layer | bytes / token / layer "
+        f"| batch {batch} × {max_len} tokens × {layers} layers |",
+        "| --- | --- | --- | --- |",
+        f"| MLA latent (kv_lora_rank + qk_rope_head_dim) | {mla} | {mla * item:,} "
+        f"| {measured / 2**20:,.1f} MiB allocated |",
+        f"| MHA, same heads (2·n_h·d_h) | {mha} | {mha * item:,} | {tokens * mha * item / 2**20:,.1f} MiB "
+        f"(computed) |",
+        f"| MHA / MLA | {mha / mla:.1f}× | | |",
+    ]
+
+
+def cache_dtype_name(itemsize: int) -> str:
+    return {2: "bf16", 4: "fp32"}.get(itemsize, f"{itemsize} B")
+
+
+def offload_section(model: Transformer, args: argparse.Namespace, failures: list[str]) -> list[str]:
+    rows = [
+        f"| weights | model GiB | GPU budget GiB | peak allocated GiB | batch (prompt {args.offload_prompt}, "
+        f"new {args.offload_new}) | prefill tokens/s "
+        "| decode tokens/s | ms / step | tokens = GPU-resident |",
+        "|" + " --- |" * 9,
+    ]
+    vocab = model.cfg.vocab_size
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    batches = [1, max(args.batch_list)]
+    cases = {b: prompts(b, args.offload_prompt, vocab, seed=100 + b) for b in batches}
+    reference = {b: generate(model, ps, args.offload_new).tokens for b, ps in cases.items()}
+    model.to("cpu")
+    gc.collect()
+    budget = args.budget_gib * GIB
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        if budget >= model_bytes:
+            failures.append(
+                f"budget {args.budget_gib} GiB is not below the model's {model_bytes / GIB:.1f} GiB"
+            )
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(budget / total)
+        torch.cuda.reset_peak_memory_stats()
+        print(f"offload: GPU capped at {args.budget_gib} GiB of {total / GIB:.0f}", flush=True)
+    t0 = time.perf_counter()
+    pinned = args.device == "cuda"
+    im = offload_model(model, OffloadConfig("cpu", pin_memory=pinned), args.device)
+    print(f"offload: ZeRO-3 conversion took {time.perf_counter() - t0:.1f}s", flush=True)
+    for b, ps in cases.items():
+        # the first run records DeepSpeed's module trace; prefetching starts with the second
+        r = best_of(2, lambda: generate(im, ps, args.offload_new))  # noqa: B023
+        same = r.tokens == reference[b]
+        if not same:
+            failures.append(f"offload batch {b}: tokens differ from the GPU-resident model's")
+        peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
+        if args.device == "cuda" and peak > budget:
+            failures.append(f"offload: peak {peak / GIB:.2f} GiB above the {args.budget_gib} GiB budget")
+        steps = max(len(t) for t in r.tokens) - 1
+        rows.append(
+            f"| CPU{' (pinned)' if pinned else ''}, ZeRO-3 offload_param | {model_bytes / GIB:.1f} "
+            f"| {args.budget_gib:g} "
+            f"| {peak / GIB:.2f} | {b} | {r.prefill_tokens_per_s:,.0f} | {r.decode_tokens_per_s:,.1f} "
+            f"| {1e3 * r.decode_seconds / max(steps, 1):.0f} | {'yes' if same else 'NO'} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per sequence")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per sequence (decode sections)")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per decode case (the fastest is reported)")
+    ap.add_argument("--offload-prompt", type=int, default=64, help="prompt tokens per sequence with offload")
+    ap.add_argument("--offload-new", type=int, default=8, help="new tokens per sequence with offload")
+    ap.add_argument("--budget-gib", type=float, default=6.0, help="GPU memory cap for the offload section")
+    ap.add_argument("--no-offload", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (CPU smoke test)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the table goes")
+    args = ap.parse_args()
+    args.batch_list = [int(b) for b in args.batches.split(",")]
+    if args.tiny:
+        args.prompt, args.new = min(args.prompt, 12), min(args.new, 6)
+        args.offload_prompt, args.offload_new = min(args.offload_prompt, 8), min(args.offload_new, 4)
+    os.makedirs(args.out, exist_ok=True)
+    cfg = proxy_config(args.layers, args.tiny)
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    counts = count_params(cfg)
+    header = (
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {gpu}, "
+        f"torch {torch.__version__}; {'tiny ' if args.tiny else ''}V2-Lite proxy, {args.layers} layers, "
+        f"{counts.total / 1e9:.2f}B parameters ({counts.active / 1e9:.2f}B active), bf16 weights, "
+        "fp32 routers, greedy"
+    )
+    print(header, flush=True)
+    failures: list[str] = []
+    t0 = time.perf_counter()
+    model = bf16_model(cfg, args.device)
+    print(f"model built in {time.perf_counter() - t0:.1f}s", flush=True)
+    decode_rows = decode_section(model, args, failures)
+    parts = [header, "", *decode_rows, "", *cache_section(model, args)]
+    with open(os.path.join(args.out, "decode.md"), "w", encoding="utf-8") as f:  # kept if offload fails
+        f.write("\n".join(parts) + "\n")
+    if not args.no_offload:
+        nvme = nvme_unavailable_reason()
+        parts += ["", f"NVMe offload here: {'available' if nvme is None else 'unavailable: ' + nvme}", ""]
+        parts += offload_section(model, args, failures)
+    parts += ["", "checks: " + ("all passed" if not failures else "; ".join(failures))]
+    print("", flush=True)
+    emit(parts, os.path.join(args.out, "decode.md"))
+    if failures:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

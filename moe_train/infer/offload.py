@@ -1,0 +1,183 @@
+"""ZeRO-Inference: weights held in CPU memory (or on NVMe) and streamed to the GPU layer by layer.
+
+A model larger than the GPU still generates: DeepSpeed ZeRO stage 3 parameter offload keeps every weight in
+pinned CPU memory (`offload_param.device=cpu`) or in files on an NVMe drive (`nvme`, through DeepSpeed's
+async I/O op, which needs libaio), copies a layer's weights to the GPU just before the layer runs and frees
+them right after.  There is no optimizer: `deepspeed.initialize` with a stage-3 config and no optimizer
+builds only the parameter-offload part (`DeepSpeedZeRoOffload`).
+
+How it meets our step (infer/forward.py): every `LayerStep` of the `InferenceModel` is marked a ZeRO-3 *leaf*
+module, so calling it gathers all its layer's weights at once — the absorbed attention reads kv_b_proj's
+weight directly and the looped experts index their weight tensors, neither of which a per-submodule hook
+would see.  DeepSpeed records the order modules run in during the first step and then *prefetches*: while
+layer i computes, the next layer's weights (`prefetch_layers` layers, as a parameter-count bucket) are
+already being copied on a side stream.
+
+The model is converted in place with `deepspeed.zero.Init(module=...)` before `deepspeed.initialize`: one
+parameter at a time passes through the GPU on its way to its CPU (or NVMe) home, so the whole model never
+needs to fit.  Buffers (the rotary tables, the routers' selection biases) are small and move to the GPU.
+Decoding with offloaded weights runs the same kernels as without, so it produces the same tokens; it cannot
+be captured in a CUDA graph (the hooks run host code every layer).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..model.transformer import Transformer
+from .forward import InferenceModel
+
+OFFLOAD_DEVICES = ("cpu", "nvme")
+#: DeepSpeed's NVMe swapper moves tensors of at least this many bytes (swap_tensor/utils.py MIN_AIO_BYTES)
+_MIN_AIO_BYTES = 1024**2
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """device: where the weights live (cpu | nvme); nvme_path: a directory on the NVMe drive.
+
+    prefetch_layers: layers gathered ahead of the one computing (0: no prefetch); pin_memory: page-locked
+    CPU copies, which the GPU copies asynchronously and about twice as fast.
+    """
+
+    device: str = "cpu"
+    nvme_path: str | None = None
+    prefetch_layers: int = 1
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in OFFLOAD_DEVICES:
+            raise ValueError(f"offload={self.device!r}: allowed values are {', '.join(OFFLOAD_DEVICES)}")
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError("offload=nvme needs nvme_path: a directory on the NVMe drive for the weights")
+        if self.prefetch_layers < 0:
+            raise ValueError(f"prefetch_layers={self.prefetch_layers} must be >= 0")
+
+
+def nvme_unavailable_reason() -> str | None:
+    """Why NVMe offload cannot run here (DeepSpeed's async_io op, checked as `ds_report` does), or None."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        return None
+    return (
+        "offload=nvme needs DeepSpeed's async_io op, which is not available here: libaio and its headers "
+        "were not found (`ds_report` lists async_io as not compatible; install libaio-dev). "
+        "offload=cpu works without it"
+    )
+
+
+def check_available(cfg: OffloadConfig) -> None:
+    """Raise the reason `cfg` cannot run here (before any weights are loaded)."""
+    if cfg.device == "nvme":
+        reason = nvme_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(reason)
+
+
+def _layer_numels(model: InferenceModel) -> list[int]:
+    return [sum(p.numel() for p in step.parameters()) for step in model.layers]
+
+
+def nvme_dtype_problem(model: InferenceModel) -> str | None:
+    """DeepSpeed's NVMe swapper holds one dtype (the model's); a large parameter in another one would be
+    swapped as the wrong type.  The fp32 routers of big models (DeepSeek-V3: 256 × 7168) are such."""
+    itemsize = model.dtype.itemsize
+    bad = [
+        name
+        for name, p in model.named_parameters()
+        if p.dtype != model.dtype and p.numel() * itemsize >= _MIN_AIO_BYTES
+    ]
+    if not bad:
+        return None
+    return (
+        f"offload=nvme: DeepSpeed swaps parameters to NVMe in one dtype ({model.dtype}), but {bad[0]} "
+        f"(and {len(bad) - 1} more) is {dict(model.named_parameters())[bad[0]].dtype}; use offload=cpu"
+    )
+
+
+def ds_config(model: InferenceModel, cfg: OffloadConfig) -> dict:
+    """The DeepSpeed config: ZeRO stage 3 with parameter offload and layer-sized prefetch, no optimizer."""
+    layer = max(_layer_numels(model))
+    head = max(model.embed_tokens.weight.numel(), model.lm_head.weight.numel())
+    offload: dict = {"device": cfg.device, "pin_memory": cfg.pin_memory}
+    if cfg.device == "nvme":
+        per_layer = max(len(list(step.parameters())) for step in model.layers)
+        offload.update(
+            nvme_path=cfg.nvme_path,
+            # one swap buffer per parameter in flight, each as large as the largest parameter
+            buffer_count=(1 + cfg.prefetch_layers) * per_layer + 2,
+            buffer_size=max(p.numel() for p in model.parameters()),
+        )
+    zero = {
+        "stage": 3,
+        "offload_param": offload,
+        "stage3_prefetch_bucket_size": cfg.prefetch_layers * layer,
+        # the layer computing, the ones prefetched, and the embedding or the head
+        "stage3_max_live_parameters": (1 + cfg.prefetch_layers) * layer + head,
+        # parameters this small stay on the GPU: the norm weights, nothing with a matrix's size
+        "stage3_param_persistence_threshold": model.cfg.hidden_size,
+        # False: otherwise zero.Init replaces torch.nn.functional.linear process-wide
+        "memory_efficient_linear": False,
+    }
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}
+
+
+def _one_process_group(device: torch.device) -> None:
+    """ZeRO needs a process group; a lone process gets a world of one (no ports: an in-memory store)."""
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise ValueError(
+                f"offload runs in one process; this one is rank {dist.get_rank()} of {dist.get_world_size()}"
+            )
+    else:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    # zero.Init places gathered weights on the accelerator device named by LOCAL_RANK
+    index = device.index if device.index is not None else 0
+    os.environ.setdefault("LOCAL_RANK", str(index if device.type == "cuda" else 0))
+
+
+def offload_model(
+    model: Transformer, cfg: OffloadConfig, device: str | torch.device = "cuda"
+) -> InferenceModel:
+    """An InferenceModel computing on `device` whose weights live where `cfg` says (the model must sit on
+    the CPU; its parameters become DeepSpeed-managed in place)."""
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_module
+
+    device = torch.device(device)
+    check_available(cfg)
+    on = {p.device.type for p in model.parameters()}
+    if on != {"cpu"}:
+        raise ValueError(f"offload: load the model on the CPU first (its parameters are on {sorted(on)})")
+    if device.type == "cuda" and deepspeed.get_accelerator().device_name() != "cuda":
+        raise RuntimeError(
+            f"offload to {device}: DeepSpeed selected its {deepspeed.get_accelerator().device_name()} "
+            "accelerator (DS_ACCELERATOR overrides it)"
+        )
+    im = InferenceModel(model)
+    if cfg.device == "nvme":
+        problem = nvme_dtype_problem(im)
+        if problem is not None:
+            raise ValueError(problem)
+    for step in im.layers:
+        set_z3_leaf_module(step, True)
+    for module in model.modules():  # buffers only: rotary tables, router biases
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    _one_process_group(device)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=False
+    )
+    config = ds_config(im, cfg)
+    deepspeed.zero.Init(module=im, config_dict_or_path=config)
+    engine, *_ = deepspeed.initialize(model=im, config=config)
+    im.device, im.offload = device, cfg.device
+    im.ds_engine = (engine,)  # keeps the hooks' owner alive; a tuple, so not registered as a submodule
+    return im
