@@ -92,6 +92,21 @@ class OptimConfig:
 
 
 @dataclass
+class DeepSpeedSection:
+    """`optim.engine=deepspeed`: the keys our generated DeepSpeed JSON takes (docs/configuration.md)."""
+
+    zero_stage: int = 1  # 1 (optimizer states sharded) | 2 (+ gradients sharded; pp=1 only)
+    offload_optimizer: str = "none"  # none | cpu (DeepSpeedCPUAdam on the host; CUDA only)
+    reduce_bucket_size: int = 500_000_000  # elements per gradient-reduction bucket
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather bucket
+    overlap_comm: bool = False  # stage 2: reduce buckets while backward still runs
+    contiguous_gradients: bool = True
+    # Any DeepSpeed key, merged over the generated JSON,
+    # e.g. +deepspeed.extra.zero_optimization.round_robin_gradients=true
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class BalanceConfig:
     mode: str = "aux_free"  # aux_free | aux_loss | none
     bias_update_rate: float = 1e-3  # gamma; DeepSeek-V3 uses 1e-3
@@ -161,6 +176,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -308,6 +324,56 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
             _fail(f"{prefix}.rope_scaling.factor", rs.get("factor"), ">= 1")
 
 
+def _validate_deepspeed(cfg: TrainConfig) -> None:
+    ds, p, t = cfg.deepspeed, cfg.parallel, cfg.trainer
+    if ds.zero_stage not in (1, 2):
+        _fail(
+            "deepspeed.zero_stage",
+            ds.zero_stage,
+            "1 or 2 (stage 3 partitions parameters, which our pipeline stages and expert slices already do)",
+        )
+    if ds.zero_stage == 2 and (p.pp > 1 or p.schedule != "1f1b"):
+        _fail(
+            "deepspeed.zero_stage",
+            ds.zero_stage,
+            "1 with pipeline schedules: stage 2 reduces each gradient inside backward, before the pipeline "
+            "sums the copies a parameter has on several stages (embedding/head ties, DualPipe's mirrored "
+            "chunks)",
+        )
+    _choice("deepspeed.offload_optimizer", ds.offload_optimizer, ("none", "cpu"))
+    if ds.offload_optimizer == "cpu" and t.device == "cpu":
+        _fail(
+            "deepspeed.offload_optimizer",
+            ds.offload_optimizer,
+            "none when trainer.device=cpu (the optimizer state is already in host memory)",
+        )
+    if ds.overlap_comm and ds.zero_stage == 1:
+        _fail("deepspeed.overlap_comm", True, "false with zero_stage=1 (DeepSpeed overlaps only in stage 2)")
+    _positive(ds, "deepspeed", ["reduce_bucket_size", "allgather_bucket_size"])
+    owned = {
+        "train_batch_size": "data.batch_size",
+        "train_micro_batch_size_per_gpu": "data.batch_size and parallel.microbatches",
+        "gradient_accumulation_steps": "parallel.microbatches",
+        "managed_gradient_accumulation": "nothing: moe_train runs its own backward passes",
+        "gradient_allreduce_op": "nothing: losses are weighted by their share of the global batch",
+        "gradient_clipping": "optim.grad_clip",
+        "optimizer": "optim.*",
+        "fp16": "trainer.dtype",
+        "bf16": "trainer.dtype (weights stay fp32, compute runs under bf16 autocast)",
+    }
+    for key in sorted(set(ds.extra or {}) & set(owned)):
+        _fail(
+            f"deepspeed.extra.{key}", ds.extra[key], f"not settable here; moe_train sets it from {owned[key]}"
+        )
+    if t.skip_nonfinite and ds.zero_stage == 2:
+        _fail(
+            "trainer.skip_nonfinite",
+            True,
+            "false with deepspeed.zero_stage=2 (gradients are already reduced into ZeRO's partitions when "
+            "the loss is known)",
+        )
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Check every cross-field rule; raise ConfigError naming key, value and what is allowed."""
     validate_model(cfg.model)
@@ -349,7 +415,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if o.weight_decay < 0:
         _fail("optim.weight_decay", o.weight_decay, ">= 0")
     if o.engine == "deepspeed":
-        _fail("optim.engine", o.engine, "torch in this version (DeepSpeed ZeRO is not integrated yet)")
+        _validate_deepspeed(cfg)
 
     _choice("balance.mode", b.mode, ("aux_free", "aux_loss", "none"))
     for n in ("bias_update_rate", "seq_aux_alpha", "aux_loss_alpha"):

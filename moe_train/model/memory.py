@@ -137,10 +137,34 @@ def estimate_memory(
     in_flight: int,
     mode: str,
     bf16: bool,
+    zero: ZeroSharding | None = None,
 ) -> MemoryEstimate:
     """The estimate for the rank holding `model` (its partial model); see the module docstring."""
     params = sum(p.numel() for p in model.parameters())
-    per_param = 4 + 4 + 8 + (2 if bf16 else 0)  # fp32 weight, grad, AdamW exp_avg + exp_avg_sq, bf16 copy
     a = 2 if bf16 else 4
     acts = activation_bytes(c, stages, tokens, in_flight, a, mode)
-    return MemoryEstimate(params, params * per_param, acts, in_flight, mode)
+    if zero is None:
+        per_param = 4 + 4 + 8 + (2 if bf16 else 0)  # fp32 weight, grad, AdamW exp_avg + exp_avg_sq, bf16 copy
+        return MemoryEstimate(params, params * per_param, acts, in_flight, mode)
+    dense = params - zero.expert_params
+    state = zero.bytes(dense, zero.dp, bf16) + zero.bytes(zero.expert_params, zero.edp, bf16)
+    return MemoryEstimate(params, int(state), acts, in_flight, mode)
+
+
+@dataclass
+class ZeroSharding:
+    """How DeepSpeed ZeRO shards this rank's optimizer state: dense parameters over dp, experts over
+    expert-dp (`edp`); `expert_params` of the rank's parameters are experts."""
+
+    stage: int
+    dp: int
+    edp: int
+    offload: bool
+    expert_params: int
+
+    def bytes(self, n: int, shards: int, bf16: bool) -> float:
+        """fp32 weight, gradient (sharded from stage 2), fp32 master + moments (sharded; on the host when
+        offloaded), bf16 weight copy under autocast."""
+        grad = 4 / shards if self.stage >= 2 else 4
+        opt = 0 if self.offload else 12 / shards
+        return n * (4 + grad + opt + (2 if bf16 else 0))

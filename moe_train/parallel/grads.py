@@ -69,6 +69,11 @@ def reduce_gradients(model: nn.Module, mesh: Mesh, ties: list[tuple[Any, list[st
         _all_reduce_sum(_grads(dense), mesh.group("dp"))
     if mesh.layout.edp > 1:
         _all_reduce_sum(_grads(expert), mesh.group("edp"))
+    reduce_ties(model, ties)
+
+
+def reduce_ties(model: nn.Module, ties: list[tuple[Any, list[str]]] | None) -> None:
+    """Sum the gradients of parameters held by several pipeline ranks (see reduce_gradients)."""
     params = dict(model.named_parameters())
     for group, names in ties or []:
         _all_reduce_sum(_grads([params[n] for n in names]), group)

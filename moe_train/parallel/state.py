@@ -10,6 +10,7 @@ copy on rank 0 — fine for the model sizes CPU tests and single nodes use; shar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,14 +51,19 @@ def _optim_by_name(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def full_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    mesh: Mesh,
+    named_optim: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state dict, name-keyed optimizer state) of the whole model, on every rank.
 
     Expert slices (and their Adam moments) are gathered over ep; pipeline ranks' parts are merged over pp.
+    named_optim: this rank's name-keyed optimizer state when the optimizer is not a plain torch one
+    (DeepSpeed ZeRO gathers its partitions into that form).
     """
     model_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optim_sd = _optim_by_name(optimizer)
+    optim_sd = named_optim if named_optim is not None else _optim_by_name(optimizer)
     experts, _, _ = _expert_names_and_slice(model)
     if mesh.layout.ep > 1:
         for name in sorted(experts):
@@ -83,8 +89,12 @@ def load_full_state(
     optimizer: torch.optim.Optimizer | None,
     model_sd: dict[str, torch.Tensor],
     optim_sd: dict[str, Any] | None,
+    load_named: Callable[[dict[str, Any], Callable[[str, torch.Tensor], torch.Tensor]], None] | None = None,
 ) -> None:
-    """Load a whole-model state into a model that may hold only some layers and a slice of the experts."""
+    """Load a whole-model state into a model that may hold only some layers and a slice of the experts.
+
+    load_named(by_name, fit): loads name-keyed optimizer state into an optimizer that is not a plain torch
+    one (DeepSpeed ZeRO); `fit` cuts a whole-model tensor to this rank's expert slice."""
     experts, first, count = _expert_names_and_slice(model)
     own = model.state_dict()
 
@@ -94,6 +104,10 @@ def load_full_state(
         return v
 
     model.load_state_dict({k: fit(k, v) for k, v in model_sd.items() if k in own})
+    if load_named is not None:
+        # hyper-parameters come from the config (lr is set every step), only the state is restored
+        load_named(optim_sd["by_name"] if optim_sd else {}, fit)
+        return
     if optimizer is None or optim_sd is None:
         return
     current = optimizer.state_dict()

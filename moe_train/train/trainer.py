@@ -25,12 +25,13 @@ from ..config import TrainConfig, resolved_dict
 from ..data import GlobalBatchSampler, build_dataset
 from ..data.sampler import val_batches
 from ..model import MoEStats, build_model, count_params, is_moe_layer, train_flops_per_token
-from ..model.memory import MemoryEstimate, estimate_memory
+from ..model.memory import MemoryEstimate, ZeroSharding, estimate_memory
 from ..model.recompute import set_recompute
 from ..optim import build_optimizer, lr_at, set_lr
+from ..optim.deepspeed_zero import DeepSpeedZero
 from ..parallel.dispatch import CommCounters
-from ..parallel.expert import apply_expert_parallel, expert_slice
-from ..parallel.grads import clip_gradients, reduce_gradients
+from ..parallel.expert import apply_expert_parallel, expert_param_names, expert_slice
+from ..parallel.grads import clip_gradients, reduce_gradients, reduce_ties
 from ..parallel.mesh import Mesh, build_mesh
 from ..parallel.pipeline.analysis import peak_activations
 from ..parallel.pipeline.executor import PipelineExecutor
@@ -168,7 +169,21 @@ class Trainer:
             from ..hf import load_hf_weights
 
             load_hf_weights(self.model, cfg.model.init_from)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.zero: DeepSpeedZero | None = None
+        if cfg.optim.engine == "deepspeed":
+            self.zero = DeepSpeedZero(
+                self.model,
+                cfg.deepspeed,
+                cfg.optim,
+                self.mesh,
+                cfg.data.batch_size,
+                p.microbatches,
+                self.owned,
+                run_dir,
+            )
+            self.optimizer = self.zero.optimizer
+        else:
+            self.optimizer = build_optimizer(self.model, cfg.optim)
         self.bias = BiasController(cfg.balance, t.max_steps)
         self.params = count_params(cfg.model)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -182,6 +197,7 @@ class Trainer:
             in_flight,
             t.recompute,
             self.amp == torch.bfloat16,
+            self._zero_sharding(),
         )
         print(self.memory.line(self.mesh.rank), flush=True)
         self.step = 0
@@ -190,6 +206,14 @@ class Trainer:
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
         self._resume()
         self._write_run_info()
+
+    def _zero_sharding(self) -> ZeroSharding | None:
+        if self.zero is None:
+            return None
+        ds, lay = self.cfg.deepspeed, self.mesh.layout
+        experts = expert_param_names(self.model) if lay.ep > 1 else set()
+        n_expert = sum(p.numel() for n, p in self.model.named_parameters() if n in experts)
+        return ZeroSharding(ds.zero_stage, lay.dp, lay.edp, ds.offload_optimizer == "cpu", n_expert)
 
     # ----------------------------------------------------------------------------------------- state
     def _resume(self) -> None:
@@ -202,7 +226,13 @@ class Trainer:
         state = ckpt.load_checkpoint(path, map_location=self.device)
         expected = build_model(self.cfg.model, device="meta").state_dict()
         ckpt.check_model_state(expected, state["model"], path)
-        load_full_state(self.model, self.optimizer, state["model"], state["optim"])
+        load_full_state(
+            self.model,
+            self.optimizer,
+            state["model"],
+            state["optim"],
+            self.zero.load_named_state if self.zero is not None else None,
+        )
         tr = state["trainer"]
         self.step = int(tr.get("step", state["meta"]["step"]))
         self.wandb_id = tr.get("wandb_id")
@@ -215,7 +245,8 @@ class Trainer:
     def save(self) -> str | None:
         """Every rank joins the gather; rank 0 writes the whole-model checkpoint (layout-independent)."""
         with guarded(self.mesh, f"checkpoint gather at step {self.step}"):
-            model_sd, optim_sd = full_state(self.model, self.optimizer, self.mesh)
+            named = self.zero.named_state() if self.zero is not None else None
+            model_sd, optim_sd = full_state(self.model, self.optimizer, self.mesh, named)
         path = None
         if self.mesh.is_logging_rank:
             trainer_state = {
@@ -305,7 +336,10 @@ class Trainer:
                 sums["balance_loss"] += weight * bal.item()
                 has_bal = True
             sums["loss"] += weight * loss.item()
-            (loss * weight).backward()
+            if self.zero is not None:
+                self.zero.backward(loss * weight)
+            else:
+                (loss * weight).backward()
             step_stats.records.extend(stats.records)
         totals = self._sum_over_dp([sums[k] for k in LOSS_KEYS])
         out_sums: dict[str, float | None] = dict(zip(LOSS_KEYS, totals, strict=True))
@@ -344,11 +378,16 @@ class Trainer:
                     )
                 counts = self._counts_over_dp(step_stats.counts_by_layer())
             else:
-                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                reduce_gradients(self.model, mesh, self.ties)
-                grad_norm = clip_gradients(self.model, mesh, clip, self.owned)
-                set_lr(self.optimizer, lr)
-                self.optimizer.step()
+                if self.zero is not None:
+                    # DeepSpeed reduces over dp / expert-dp, clips by the global norm and updates
+                    reduce_ties(self.model, self.ties)
+                    grad_norm = self.zero.step(lr)
+                else:
+                    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+                    reduce_gradients(self.model, mesh, self.ties)
+                    grad_norm = clip_gradients(self.model, mesh, clip, self.owned)
+                    set_lr(self.optimizer, lr)
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 counts = self._counts_over_dp(step_stats.counts_by_layer())
                 gamma = self.bias.update(self.model.moe_layers(), counts, step)
