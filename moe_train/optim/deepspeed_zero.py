@@ -9,8 +9,8 @@ How the pieces meet (docs/architecture.md, "DeepSpeed ZeRO", says why each choic
   `managed_gradient_accumulation=false`: backward passes only accumulate `.grad`, and `engine.step()` is the
   accumulation boundary where ZeRO reduces (stage 1) or finalises (stage 2) the gradients — no micro-batch's
   gradient can fall outside a boundary.
-- Groups come from our mesh through DeepSpeed's `mpu` interface: data parallel = our dp group of the stage,
-  model parallel = our pp group (so the gradient norm is summed over pipeline stages).
+- Groups come from our mesh through DeepSpeed's `mpu` interface: data parallel = our dp group of the stage;
+  model parallel size 1 (see `MeshMPU`), the pipeline stages' norms added by `_global_norm_over_stages`.
 - Experts follow DeepSpeed's MoE conventions without DeepSpeed's MoE layer: expert parameters carry
   `allreduce=False` and `group_name`, their expert-parallel and expert-data-parallel groups (our ep and edp
   groups) are registered under that name in DeepSpeed's group registry, and their optimizer param groups are
@@ -18,9 +18,9 @@ How the pieces meet (docs/architecture.md, "DeepSpeed ZeRO", says why each choic
   detects MoE from these parameter marks rather than from module classes (`_MoEEngine`), so the model code
   stays free of parallelism.
 - Gradients are summed, not averaged (`gradient_allreduce_op=sum`): our losses are already weighted by each
-  micro-batch's share of the global batch. The clipping norm is DeepSpeed's, which counts each parameter once
-  when pipeline copies other than the owner are marked `ds_pipe_replicated` and all parameters are marked
-  `model_parallel` (stage-local): it then equals the single-process norm.
+  micro-batch's share of the global batch. The clipping norm is DeepSpeed's per stage (copies other than the
+  owner marked `ds_pipe_replicated`, experts summed over ep) with the stages' squares added: it equals the
+  single-process norm.
 """
 
 from __future__ import annotations
@@ -101,14 +101,15 @@ def build_ds_config(
 
 
 class MeshMPU:
-    """DeepSpeed's model-parallel-unit interface over our mesh: data parallel = dp of the stage, model
-    parallel = the pipeline group (stage-local parameters, norms summed over stages)."""
+    """DeepSpeed's model-parallel-unit interface over our mesh: data parallel = dp of the stage. Model
+    parallel is reported as size 1: DeepSpeed sums norms over its model-parallel group once per param
+    group, and pipeline stages hold different param groups (a stage without MoE layers has no expert
+    group), so that sum would pair unrelated collectives. The stage sum is added once instead
+    (`_global_norm_over_stages`)."""
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
-        world = dist.group.WORLD
-        self._dp = mesh.group("dp") or world
-        self._pp = mesh.group("pp") or world
+        self._dp = mesh.group("dp") or dist.group.WORLD
 
     def get_data_parallel_group(self):
         return self._dp
@@ -120,13 +121,13 @@ class MeshMPU:
         return self.mesh.dp_rank
 
     def get_model_parallel_group(self):
-        return self._pp
+        return None
 
     def get_model_parallel_world_size(self) -> int:
-        return self.mesh.layout.pp
+        return 1
 
     def get_model_parallel_rank(self) -> int:
-        return self.mesh.pp_rank
+        return 0
 
 
 def _ensure_process_group(mesh: Mesh) -> None:
@@ -221,7 +222,6 @@ class DeepSpeedZero:
                     p.allreduce = False
                     p.group_name = moe_group
         for name, p in model.named_parameters():
-            p.model_parallel = True  # stage-local: counted on every pipeline rank
             if owned is not None and name not in owned:
                 p.ds_pipe_replicated = True  # a copy whose owner on another stage counts it
         mpu = MeshMPU(mesh)
@@ -242,6 +242,8 @@ class DeepSpeedZero:
         )
         del deepspeed
         self.optimizer = self.engine.optimizer  # the ZeRO optimizer: param_groups, zero_grad, state
+        if mesh.layout.pp > 1:
+            _global_norm_over_stages(self.optimizer, mesh.group("pp"))
 
     # ------------------------------------------------------------------------------------ step
     def backward(self, loss: torch.Tensor) -> None:
@@ -341,6 +343,20 @@ class DeepSpeedZero:
                     if v is not None:
                         out[kind] += v.numel() * v.element_size()
         return out
+
+
+def _global_norm_over_stages(zero_optimizer: Any, pp_group: Any) -> None:
+    """Make the ZeRO optimizer's clipping norm global over pipeline stages: its own norm covers this
+    stage (dp partitions summed, experts over ep, replicated copies skipped); the squares of the stages add.
+    One collective per step on every rank, whatever param groups the stage holds."""
+    stage_norm = zero_optimizer.scaled_global_norm
+
+    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+        sq = stage_norm(norm_type).float() ** 2
+        dist.all_reduce(sq, group=pp_group)
+        return sq.sqrt()
+
+    zero_optimizer.scaled_global_norm = scaled_global_norm
 
 
 def _step_of(state: dict[str, Any]) -> float:
