@@ -2,15 +2,21 @@
 
 Run on a 2-GPU machine:
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-        torchrun --nproc-per-node 2 bench/ep_dispatch.py [--out results.md]
+        torchrun --nproc-per-node 2 bench/ep_dispatch.py [--out results.md] [--profile]
+CPU check of the script: OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 bench/ep_dispatch.py --smoke
 
+(0) On CUDA with Triton, the bag-sum kernels (model/gather_triton.py) against fp32 references on random
+bags (asserted tolerance) and their time against `embedding_bag`, the reference path.
 (1) For several token counts and hidden sizes, the dispatcher's full dispatch+combine (plan with its count
 exchange, permutation, two all-to-alls, regroup, weighted combine) is timed against raw `all_to_all_single`
 calls that move exactly the same rows with the same splits. Bandwidth = bytes leaving a rank (both
-directions, every row including the rank's own share, as all_to_all_single counts them) / time.
+directions, every row including the rank's own share, as all_to_all_single counts them) / time. Beside it,
+the parts: the plan alone, and the row work alone (send gather, expansion to expert slots, weighted combine,
+final sum; same kernels and sizes, no communication).
 (2) One DeepSeek-V2-Lite-sized MoE layer (64 experts top-6, hidden 2048, expert width 1408, 2 shared),
 forward+backward per rank for the same tokens per rank: ep=1 (every GPU holds all experts, pure data
-parallel) vs ep=2 (each holds 32, tokens exchanged).
+parallel) vs ep=2 (each holds 32, tokens exchanged); outputs and input gradients of the two are compared.
+--profile: compact torch.profiler tables (device and host time per op) for the smallest and largest case.
 """
 
 from __future__ import annotations
@@ -18,17 +24,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import emit, sync, timed  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
+from moe_train.model.gather import gather_rows  # noqa: E402
 from moe_train.model.init import init_weights  # noqa: E402
 from moe_train.model.moe import MoE, MoEOptions  # noqa: E402
-from moe_train.parallel.dispatch import AllToAllDispatcher  # noqa: E402
+from moe_train.parallel.dispatch import (  # noqa: E402
+    AllToAllDispatcher,
+    expand_to_slots,
+    slot_weighted_sums,
+    sum_over_route,
+)
 from moe_train.parallel.mesh import build_mesh  # noqa: E402
 
 DEV = "cuda"
@@ -39,20 +53,119 @@ SIZES = {
     "layer_hidden": 2048,
 }
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
-PROFILE = False
 
 
-def profile_once(fn, rank: int) -> None:
-    """Top ops of a few calls (rank 0 prints): where dispatch+combine spends host and device time."""
+def profile_table(fn, label: str, rank: int, n: int = 5) -> None:
+    """Top ops of n calls by device time and by host time (rank 0 prints), per call."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts):  # the first session starts the profiler (slow, different per rank)
+        fn()
+        sync(DEV)
+    dist.barrier()
     with profile(activities=acts) as prof:
-        for _ in range(5):
+        sync(DEV)
+        t0 = time.perf_counter()
+        for _ in range(n):
             fn()
         sync(DEV)
-    if rank == 0:
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
+        wall = (time.perf_counter() - t0) / n
+    if rank != 0:
+        return
+    ev = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in ev) / n / 1e3
+    ops = sum(e.count for e in ev if e.key.startswith(("aten::", "c10d::"))) / n
+    print(
+        f"== profile {label}: {wall * 1e3:.3f} ms/call under the profiler, kernels {busy:.3f} ms, "
+        f"{ops:.0f} aten/c10d ops per call",
+        flush=True,
+    )
+    print("   device ms/call  calls  op")
+    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:12]:
+        if e.self_device_time_total > 0:
+            print(f"   {e.self_device_time_total / n / 1e3:12.3f}  {e.count / n:5.1f}  {e.key[:80]}")
+    syncs: dict[str, int] = {}  # which ops copy to or wait for the device (host syncs and their callers)
+    for e in prof.events():
+        if e.name in ("cudaMemcpyAsync", "cudaStreamSynchronize"):
+            chain, p = [], e.cpu_parent
+            while p is not None:
+                chain.append(p.name)
+                p = p.cpu_parent
+            key = f"{e.name} <- {' <- '.join(chain[:3])}"
+            syncs[key] = syncs.get(key, 0) + 1
+    for key, c in sorted(syncs.items(), key=lambda kv: -kv[1]):
+        print(f"   {c / n:5.1f}/call  {key[:140]}")
+    print("   host self ms/call  calls  op")
+    for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"   {e.self_cpu_time_total / n / 1e3:15.3f}  {e.count / n:5.1f}  {e.key[:80]}", flush=True)
+
+
+def check_kernels(rows: list[str]) -> None:
+    """Triton bag sums vs fp32 references (asserted), and their time vs embedding_bag (bf16, CUDA)."""
+    from moe_train.model import gather_triton as gt
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for hidden, n_src in ((7168, 4096), (2048, 3000), (8, 500), (100, 77)):
+        counts = torch.randint(0, 8, (n_src // 3 + 1,), device=DEV, generator=g)
+        counts[-1] = 0
+        n = int(counts.sum())
+        src = torch.randn(n, hidden, device=DEV, generator=g).to(torch.bfloat16)
+        index = torch.randperm(n, device=DEV, generator=g)
+        offsets = F.pad(counts.cumsum(0), (1, 0))
+        owner = torch.repeat_interleave(torch.arange(counts.numel(), device=DEV), counts)
+        w = torch.rand(n, device=DEV, generator=g)
+        grad = torch.randn(counts.numel(), hidden, device=DEV, generator=g).to(torch.bfloat16)
+
+        def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+        ref_w = F.embedding_bag(
+            index, src.float(), offsets, mode="sum", per_sample_weights=w, include_last_offset=True
+        )
+        ref_u = F.embedding_bag(index, src.float(), offsets, mode="sum", include_last_offset=True)
+        errs = {
+            "weighted": rel(gt.bag_sum(src, index, offsets, w), ref_w),
+            "unweighted": rel(gt.bag_sum(src, index, offsets, None), ref_u),
+            "scaled gather": rel(gt.bag_sum(src, index, None, w), src.float()[index] * w[:, None]),
+            "dots": rel(
+                gt.bag_dots(grad, src, index, offsets), (grad.float()[owner] * src.float()[index]).sum(1)
+            ),
+        }
+        x = torch.randn(counts.numel(), hidden, device=DEV, generator=g).to(torch.bfloat16)
+        src_bag = torch.empty_like(index).index_copy_(0, index, owner)  # bag of each position
+        scattered = gt.bag_scatter(x, index, offsets, n)
+        assert torch.equal(scattered, x[src_bag]), hidden  # a copy: exact
+        worst = max(errs.values())
+        assert worst < 4e-3, (hidden, errs)  # bf16 output rounding only (fp32 inside)
+        rows.append(f"| {hidden} | {n} | " + " | ".join(f"{v:.1e}" for v in errs.values()) + " |")
+    # time at the combine's shape: 32768 received rows, 4 slots each, hidden 7168
+    hidden, bags, per = 7168, 32768, 4
+    src = torch.randn(bags * per, hidden, device=DEV, dtype=torch.bfloat16)
+    index = torch.randperm(bags * per, device=DEV)
+    offsets = torch.arange(bags + 1, device=DEV) * per
+    w = torch.rand(bags * per, device=DEV)
+    t_tri = timed(lambda: gt.bag_sum(src, index, offsets, w), 10, DEV)
+    wb = w.to(torch.bfloat16)
+    t_eb = timed(
+        lambda: F.embedding_bag(
+            index, src, offsets, mode="sum", per_sample_weights=wb, include_last_offset=True
+        ),
+        10,
+        DEV,
+    )
+    gb = (src.numel() + bags * hidden) * 2 / 1e9
+    # the expansion: 32768 rows copied to 4 positions each, from the source side vs index_select
+    rows_src = src[:bags].contiguous()
+    row_of = torch.empty_like(index).index_copy_(0, index, torch.arange(bags * per, device=DEV) // per)
+    t_sc = timed(lambda: gt.bag_scatter(rows_src, index, offsets, bags * per), 10, DEV)
+    t_is = timed(lambda: rows_src.index_select(0, row_of), 10, DEV)
+    rows.append(
+        f"\nweighted bag sum, {bags} bags × {per} rows × {hidden}: Triton {t_tri * 1e3:.3f} ms "
+        f"({gb / t_tri:.0f} GB/s read+write), embedding_bag {t_eb * 1e3:.3f} ms ({gb / t_eb:.0f} GB/s); "
+        f"expansion of the same rows: bag_scatter {t_sc * 1e3:.3f} ms ({gb / t_sc:.0f} GB/s), "
+        f"index_select {t_is * 1e3:.3f} ms"
+    )
 
 
 def routing(tokens: int, n_experts: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,21 +175,22 @@ def routing(tokens: int, n_experts: int, k: int, seed: int) -> tuple[torch.Tenso
     return idx, (w / w.sum(-1, keepdim=True)).float()
 
 
-def bench_dispatch(mesh, rows: list[str]) -> None:
+def bench_dispatch(mesh, rows: list[str], profile: bool) -> None:
     ep_group = mesh.group("ep")
     disp = AllToAllDispatcher(ep_group, 2, mesh.ep_rank)
     n_experts, k = 256, 8  # DeepSeek-V3 routing
+    dt = DTYPE[DEV]
     for hidden in SIZES["hidden"]:
         for tokens in SIZES["tokens"]:
-            x = torch.randn(tokens, hidden, device=DEV, dtype=DTYPE[DEV])
+            x = torch.randn(tokens, hidden, device=DEV, dtype=dt)
             idx, w = routing(tokens, n_experts, k, seed=mesh.rank * 1000 + tokens)
             plan = disp.plan(idx, w, n_experts)
             send_rows, recv_rows = sum(plan.send_splits), sum(plan.recv_splits)
-            dt = DTYPE[DEV]
             a = torch.randn(send_rows, hidden, device=DEV, dtype=dt)
             b = torch.randn(recv_rows, hidden, device=DEV, dtype=dt)
             out_a = torch.empty(recv_rows, hidden, device=DEV, dtype=dt)
             out_b = torch.empty(send_rows, hidden, device=DEV, dtype=dt)
+            y = torch.randn(plan.slots.slot_row.shape[0], hidden, device=DEV, dtype=dt)
 
             def raw(out_a=out_a, a=a, out_b=out_b, b=b, plan=plan) -> None:
                 dist.all_to_all_single(out_a, a, plan.recv_splits, plan.send_splits, group=ep_group)
@@ -87,22 +201,33 @@ def bench_dispatch(mesh, rows: list[str]) -> None:
                     got, _, p = disp.dispatch(x, idx, w, n_experts)
                     disp.combine(got, p)
 
-            if (
-                PROFILE
-                and hidden == SIZES["hidden"][-1]
-                and tokens == SIZES["tokens"][len(SIZES["tokens"]) // 2]
-            ):
-                profile_once(ours, mesh.rank)
+            def plan_only(idx=idx, w=w) -> None:
+                with torch.no_grad():
+                    disp.plan(idx, w, n_experts)
+
+            def row_work(x=x, b=b, y=y, a=a, plan=plan) -> None:
+                with torch.no_grad():
+                    gather_rows(x, plan.route.pair_row, plan.route.rows)
+                    expand_to_slots(b, plan.slots)
+                    slot_weighted_sums(y, plan.slots)
+                    sum_over_route(a, plan.route)
+
+            biggest = hidden == SIZES["hidden"][-1] and tokens == SIZES["tokens"][-1]
+            smallest = hidden == SIZES["hidden"][0] and tokens == SIZES["tokens"][0]
+            if profile and (biggest or smallest):
+                for _ in range(3):
+                    ours()
+                profile_table(ours, f"dispatch+combine {hidden}x{tokens}", mesh.rank)
             iters = 20 if tokens * hidden < 2**26 else 10
             t_raw, t_ours = timed(raw, iters, DEV), timed(ours, iters, DEV)
-            mb = (
-                (send_rows + recv_rows) * hidden * a.element_size() / 2**20
-            )  # both directions leave this rank
+            t_plan, t_rows = timed(plan_only, iters, DEV), timed(row_work, iters, DEV)
+            mb = (send_rows + recv_rows) * hidden * a.element_size() / 2**20  # both directions leave a rank
             rows.append(
                 f"| {hidden} | {tokens} | {send_rows / tokens:.2f} | {mb:.1f} | {t_raw * 1e3:.3f} | "
                 f"{mb / 1024 / t_raw:.0f} | {t_ours * 1e3:.3f} | {mb / 1024 / t_ours:.0f} | "
-                f"{t_raw / t_ours:.0%} |"
+                f"{t_raw / t_ours:.0%} | {t_plan * 1e3:.3f} | {t_rows * 1e3:.3f} |"
             )
+            del a, b, out_a, out_b, y, plan
 
 
 def bench_layer(mesh, rows: list[str]) -> None:
@@ -119,6 +244,8 @@ def bench_layer(mesh, rows: list[str]) -> None:
     )
     for tokens in SIZES["layer_tokens"]:
         x0 = torch.randn(1, tokens, h, device=DEV, dtype=DTYPE[DEV])
+        up = torch.randn_like(x0)
+        times, outs = {}, {}
         for ep in (1, 2):
             sl = None if ep == 1 else (mesh.ep_rank * 32, 32)
             with torch.device(DEV):
@@ -130,28 +257,44 @@ def bench_layer(mesh, rows: list[str]) -> None:
                 moe.dispatcher = AllToAllDispatcher(mesh.group("ep"), 2, mesh.ep_rank)
             x = x0.clone().requires_grad_(True)
 
-            def step(moe=moe, x=x) -> None:
+            def step(moe=moe, x=x, up=up) -> torch.Tensor:
+                x.grad = None
                 y = moe(x)
-                y.backward(torch.ones_like(y))
+                y.backward(up)
+                return y
 
-            t = timed(step, 10, DEV)
-            rows.append(f"| {tokens} | {ep} | {t * 1e3:.2f} |")
+            y = step()
+            outs[ep] = (y.detach().float(), x.grad.float())
+            times[ep] = timed(step, 10, DEV)
+        # the same tokens and weights: ep=2 must give ep=1's output and input gradient (up to bf16 rounding)
+        err = [float((outs[2][i] - outs[1][i]).norm() / outs[1][i].norm()) for i in (0, 1)]
+        assert max(err) < 2e-2, err
+        rows.append(
+            f"| {tokens} | {times[1] * 1e3:.2f} | {times[2] * 1e3:.2f} | {err[0]:.1e} | {err[1]:.1e} |"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU/gloo, to check the script")
-    ap.add_argument("--profile", action="store_true", help="print the profiler's top ops for one size")
+    ap.add_argument(
+        "--profile", action="store_true", help="profiler tables for the smallest and largest case"
+    )
     args = ap.parse_args()
-    global DEV, SIZES, PROFILE
-    PROFILE = args.profile
+    global DEV, SIZES
     if args.smoke:
         DEV, SIZES = "cpu", {"hidden": (64,), "tokens": (128,), "layer_tokens": (64,), "layer_hidden": 64}
     mesh = build_mesh(ep=2, device=DEV)
+    kernel_rows: list[str] = []
     disp_rows: list[str] = []
     layer_rows: list[str] = []
-    bench_dispatch(mesh, disp_rows)
+    if DEV == "cuda":
+        from moe_train.model.gather_triton import available
+
+        if available():
+            check_kernels(kernel_rows)
+    bench_dispatch(mesh, disp_rows, args.profile)
     bench_layer(mesh, layer_rows)
     if mesh.rank == 0:
         text = [
@@ -159,13 +302,17 @@ def main() -> None:
             f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'} | torch {torch.__version__} | "
             f"NCCL {'.'.join(map(str, torch.cuda.nccl.version())) if DEV == 'cuda' else '-'}",
             "",
+            "| kernel check: hidden | rows | weighted | unweighted | scaled gather | dots (rel. error) |",
+            "|---|---|---|---|---|---|",
+            *kernel_rows,
+            "",
             "| hidden | tokens/rank | rows sent/token | MB/rank (both ways) | raw a2a ms | raw GB/s | "
-            "dispatch+combine ms | ours GB/s | ours/raw |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "dispatch+combine ms | ours GB/s | ours/raw | plan ms | row work ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *disp_rows,
             "",
-            "| tokens/rank | ep | MoE layer fwd+bwd ms |",
-            "|---|---|---|",
+            "| tokens/rank | MoE layer fwd+bwd ms, ep=1 | ep=2 | rel. diff output | rel. diff input grad |",
+            "|---|---|---|---|---|",
             *layer_rows,
         ]
         emit(text, args.out)

@@ -12,17 +12,15 @@ from typing import Protocol
 
 import torch
 
-from .gather import gather_rows
+from .gather import Bags, bag_sum, gather_rows
 
 
 @dataclass
 class LocalPlan:
-    order: torch.Tensor  # (N*K,) permutation of the flattened (token, k) pairs, sorted by expert
-    token_of: torch.Tensor  # (N*K,) source token of each sorted row
-    weight: torch.Tensor  # (N*K,) gate weight of each sorted row (fp32)
-    n_tokens: int
-    token_weight: torch.Tensor  # (N, K) the same gate weights in token order (fp32); combine uses these
-    inverse: torch.Tensor  # (N*K,) position of each (token, k) pair in the sorted order (order's inverse)
+    token_of: torch.Tensor  # (N*K,) source token of each expert-sorted row
+    tokens: Bags  # bag t = token t's K sorted rows, in k order (the inverse of token_of)
+    weight: torch.Tensor  # (N*K,) gate weight of each (token, k) pair, in token order (fp32, with grad)
+    sorted_weight: torch.Tensor  # (N*K,) the same weights in expert-sorted order (no grad)
 
 
 def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -52,27 +50,27 @@ class LocalDispatcher:
     def dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor, LocalPlan]:
-        k = topk_idx.shape[1]
+        n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = order // k
         counts = expert_counts(flat, n_experts)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        plan = LocalPlan(order, token_of, topk_weight.reshape(-1)[order], x.shape[0], topk_weight, inverse)
+        dev = flat.device
+        tokens = Bags(inverse, torch.arange(n + 1, device=dev) * k, torch.arange(n * k, device=dev) // k)
+        weight = topk_weight.reshape(-1)
+        plan = LocalPlan(token_of, tokens, weight, weight.detach()[order])
         # rows = x[token_of], but not through autograd's scatter-add backward (duplicate indices: atomics,
-        # not deterministic): the backward gathers each token's K rows by `inverse` and sums them in k order.
-        rows = gather_rows(x, token_of, inverse.view(-1, k))
-        return rows, counts, plan
+        # not deterministic): the backward sums each token's K rows, in k order.
+        return gather_rows(x, token_of, tokens), counts, plan
 
     def combine(self, y: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
-        """Scatter the rows back to (token, k) order through the permutation, then Σ_k gate·row.
+        """Σ_k gate·row per token, in one pass over y (`bag_sum`: fp32 products and sum, y's dtype out).
 
         Why not a weighted index_add_ into the tokens: that made and kept (for backward) an fp32 copy of all
-        N·K rows and added them with atomics, about 2 ms per layer on the 12-layer V2-Lite proxy. Here each
-        row is moved once each way by a gather (forward by `inverse`, backward by `order`), the reduction
-        over k runs in a fixed order (deterministic), and products are in y's dtype with fp32 accumulation
-        in the sum (bf16 on GPU, as in DeepSeek-V3's reference MoE; unchanged fp32 on CPU).
+        N·K rows and added them with atomics. Why not gather to (N, K, H), multiply and sum over K (the
+        previous version): on a GPU that writes and re-reads the N·K rows three times, the broadcast
+        multiply through a slow generic kernel. Here each row is read once, the reduction over k runs in a
+        fixed order (deterministic), and the backward is one scaled gather plus per-slot dot products.
         """
-        n, k, hidden = plan.n_tokens, plan.token_weight.shape[-1], y.shape[-1]
-        y_tok = gather_rows(y, plan.inverse, plan.order.view(-1, 1))
-        return (y_tok.view(n, k, hidden) * plan.token_weight.to(y.dtype).unsqueeze(-1)).sum(1)
+        return bag_sum(y, plan.tokens, plan.token_of, plan.weight, plan.sorted_weight)

@@ -1,51 +1,183 @@
-"""Row gathers whose backward is a gather too: fast on GPUs and deterministic everywhere.
+"""Row gathers and bag sums whose backward passes are gathers too: fast on GPUs, deterministic everywhere.
 
 Moving token rows to experts and back is a gather in the forward pass. Autograd's backward of a gather is a
 scatter-add (index_add_/index_put_): atomics on CUDA (slow for bf16 rows) and a thread-dependent summation
-order on CPU, which broke bit-exact resumption. Every gather here comes with the inverse map: for each row
-of the source, the (at most F) output positions that copied it, so the backward gathers those and sums them
-in a fixed order.
+order on CPU, which broke bit-exact resumption. Every gather here comes with its inverse map as `Bags`: for
+each source row, the output positions that copied it, so the backward sums those in a fixed order.
+
+The reductions go the other way: `bag_sum` adds (optionally gate-weighted) gathered rows per bag — a
+token's expert outputs, a token's partial sums from several ranks — reading only the rows that exist, in one
+pass (no (rows, K, hidden) intermediate, no masked slots, no broadcast multiply). Products and sums are in
+fp32 and the result is rounded once to the rows' dtype. On CUDA with Triton, for tensors large enough to
+repay a Triton launch, small kernels do it (`gather_triton.py`); elsewhere `embedding_bag` (the same sums in
+the same order; it takes the weights in the rows' dtype, which changes nothing in fp32).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Bags:
+    """Groups of positions: bag b owns positions offsets[b] : offsets[b + 1], position i names row index[i].
+
+    index: (L,) int64 source row of each position; offsets: (B + 1,) int64, offsets[0] = 0, offsets[B] = L;
+    owner: (L,) int64 bag of each position (the reference path and some plans need it).
+    """
+
+    index: torch.Tensor
+    offsets: torch.Tensor
+    owner: torch.Tensor
+
+    @property
+    def n_bags(self) -> int:
+        return self.offsets.shape[0] - 1
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """t in its accumulation dtype: fp32, or fp64 for fp64 inputs."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+# A Triton launch costs ~0.15 ms of Python on the host (measured on the H200 machines, against ~0.02 ms for
+# a torch op); below these sizes the torch ops finish first. bag_sum: Triton reads ~3.9 TB/s where
+# embedding_bag reads ~0.5. gather_rows: writing copies from the source side saves the re-reads of rows
+# copied several times, ~0.2 ms per GB written.
+TRITON_SUM_BYTES = 64 << 20
+TRITON_SCATTER_BYTES = 512 << 20
+
+
+def _triton_ok(t: torch.Tensor, nbytes: int, threshold: int) -> bool:
+    if not t.is_cuda or nbytes < threshold:
+        return False
+    from . import gather_triton
+
+    return gather_triton.available()
+
+
+def _nbytes(rows: int, like: torch.Tensor) -> int:
+    """Bytes of `rows` rows shaped like `like`'s."""
+    return rows * math.prod(like.shape[1:]) * like.element_size()
+
+
+def _bag_sum(src: torch.Tensor, bags: Bags, weight: torch.Tensor | None) -> torch.Tensor:
+    """out[b] = Σ_{i in bag b} weight[i]·src[index[i]] (no autograd), fp32 products and sum."""
+    hidden = src.shape[1]
+    if bags.index.shape[0] == 0 or src.shape[0] == 0:
+        return src.new_zeros(bags.n_bags, hidden)
+    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES):
+        from .gather_triton import bag_sum
+
+        return bag_sum(src, bags.index, bags.offsets, weight)
+    w = None if weight is None else weight.to(src.dtype)
+    return F.embedding_bag(
+        bags.index, src, bags.offsets, mode="sum", per_sample_weights=w, include_last_offset=True
+    )
+
+
+def _scaled_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """out[j] = weight[j]·src[index[j]] (no autograd): a gather, scaled in fp32 when weighted."""
+    if weight is None:
+        return src.index_select(0, index)
+    if index.shape[0] == 0 or src.shape[0] == 0:
+        return src.new_zeros(index.shape[0], src.shape[1])
+    if _triton_ok(src, _nbytes(index.shape[0], src), TRITON_SUM_BYTES):
+        from .gather_triton import bag_sum
+
+        return bag_sum(src, index, None, weight)
+    return (_acc(src.index_select(0, index)) * _acc(weight).unsqueeze(1)).to(src.dtype)
+
+
+def _bag_dots(g: torch.Tensor, src: torch.Tensor, bags: Bags) -> torch.Tensor:
+    """d[i] = <g[owner[i]], src[index[i]]> (fp32, or fp64 for fp64 rows): the gradient of the weight at
+    position i."""
+    if bags.index.shape[0] == 0 or src.shape[0] == 0:
+        return torch.zeros(bags.index.shape[0], dtype=_acc(src).dtype, device=src.device)
+    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES):
+        from .gather_triton import bag_dots
+
+        return bag_dots(g, src, bags.index, bags.offsets)
+    return (_acc(g.index_select(0, bags.owner)) * _acc(src.index_select(0, bags.index))).sum(1)
 
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        x: torch.Tensor,
-        index: torch.Tensor,
-        back_index: torch.Tensor,
-        back_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(back_index, back_mask)
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, back: Bags) -> torch.Tensor:  # type: ignore[override]
+        ctx.back = back
         ctx.rows = x.shape[0]
-        if x.shape[0] == 0:  # only masked (unused) positions can point into an empty source
+        if x.shape[0] == 0:  # nothing to copy (only an empty output can point into an empty source)
             return x.new_zeros(index.shape[0], *x.shape[1:])
+        if _triton_ok(x, _nbytes(index.shape[0], x), TRITON_SCATTER_BYTES):  # each source row read once
+            from .gather_triton import bag_scatter
+
+            flat = x.flatten(1) if x.dim() > 1 else x.unsqueeze(1)
+            out = bag_scatter(flat, back.index, back.offsets, index.shape[0])
+            return out.view(index.shape[0], *x.shape[1:])
         return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        back_index, back_mask = ctx.saved_tensors
-        fan = back_index.shape[1]
-        if grad.shape[0] == 0:
-            return grad.new_zeros(ctx.rows, *grad.shape[1:]), None, None, None
-        g = grad.index_select(0, back_index.reshape(-1)).view(ctx.rows, fan, *grad.shape[1:])
-        if back_mask is not None:
-            g = g * back_mask.view(ctx.rows, fan, *([1] * (grad.dim() - 1))).to(g.dtype)
-        return (g.sum(1) if fan > 1 else g.squeeze(1)), None, None, None
+        back: Bags = ctx.back
+        flat = grad.flatten(1) if grad.dim() > 1 else grad.unsqueeze(1)
+        out = _bag_sum(flat, back, None).view(ctx.rows, *grad.shape[1:])
+        return out, None, None
 
 
-def gather_rows(
-    x: torch.Tensor, index: torch.Tensor, back_index: torch.Tensor, back_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """out = x[index].
+class _BagSum(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        src: torch.Tensor,
+        weight: torch.Tensor | None,
+        bags: Bags,
+        src_bag: torch.Tensor,
+        src_weight: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ctx.bags, ctx.src_bag, ctx.src_weight = bags, src_bag, src_weight
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.save_for_backward(src if weight is not None and ctx.needs_input_grad[1] else None)
+        return _bag_sum(src, bags, weight)
 
-    back_index: (len(x), F) — for each row of x, the positions in `out` holding a copy of it (any valid
-    position where back_mask is False); back_mask: (len(x), F) bool, or None when every slot is used.
-    The gradient of row i is the sum over its used slots f of grad_out[back_index[i, f]].
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (src,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        g_src = _scaled_rows(grad, ctx.src_bag, ctx.src_weight) if ctx.needs_input_grad[0] else None
+        g_w = None
+        if src is not None and ctx.needs_input_grad[1]:
+            g_w = _bag_dots(grad, src, ctx.bags).to(ctx.weight_dtype)
+        return g_src, g_w, None, None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, back: Bags) -> torch.Tensor:
+    """out = x[index] (rows).
+
+    back: the inverse map — one bag per row of x, holding the positions of `out` that copied it (every
+    position of `out` in exactly one bag). The gradient of row j is the sum of grad_out over its bag, in bag
+    order.
     """
-    return _GatherRows.apply(x, index, back_index, back_mask)
+    return _GatherRows.apply(x, index, back)
+
+
+def bag_sum(
+    src: torch.Tensor,
+    bags: Bags,
+    src_bag: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    src_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[b] = Σ_{i in bag b} weight[i]·src[bags.index[i]] (weight None: 1), fp32 inside, src's dtype out.
+
+    Every row of src must sit in exactly one bag position (the plans build such bags): then its gradient is
+    one scaled row, grad_src[j] = src_weight[j]·grad_out[src_bag[j]], with src_bag[j] the bag holding row j
+    and src_weight[j] its weight (the same values as `weight`, in src's row order; None when unweighted).
+    weight's gradient at position i is <grad_out[bag], src[index[i]]>.
+    """
+    if (weight is None) != (src_weight is None):
+        raise ValueError("bag_sum: give both weight and src_weight, or neither")
+    return _BagSum.apply(src, weight, bags, src_bag, None if src_weight is None else src_weight.detach())

@@ -2,15 +2,18 @@
 
 All-to-all dispatcher, per MoE layer:
 1. plan: for every token, the set of ep ranks holding any of its top-k experts. Each (token, rank) pair is
-   one row to send — a token with several experts on one rank goes there once. Row counts are exchanged
-   (the one host synchronisation: split sizes must be known to size buffers), then each row's slot metadata
-   (local expert id, or −1, and gate weight for each of the k slots) travels alongside.
+   one row to send — a token with several experts on one rank goes there once. One small exchange carries
+   the row counts and, per destination expert, the slot counts; the host reads it once (the only host
+   synchronisation: split sizes must be known to size buffers, and the receiver's slot count and rows per
+   expert come with them). Each row's slot metadata (local expert id, or −1, and gate weight for each of
+   the k slots) then travels in one exchange the host does not wait for.
 2. dispatch: rows leave in (rank, token) order, `all_to_all_single` with uneven splits; the receiver expands
    each row to its valid slots and sorts them by local expert for the grouped GEMM.
-3. combine: the receiver forms each row's gate-weighted partial sum over its slots, so one row per
+3. combine: the receiver forms each row's gate-weighted partial sum over its valid slots, so one row per
    (token, rank) travels back; the sender adds the partial sums of a token's ranks.
-Rows move with `gather_rows`, whose backward is a gather by the inverse map (no scatter-add): copy speed on
-GPUs, and deterministic summation order on CPU (see docs/architecture.md).
+Rows move with `gather_rows` and are summed with `bag_sum` (model/gather.py): each pass reads only the rows
+that exist, backward passes are gathers (no scatter-add), and summation order is fixed (deterministic on
+CPU, see docs/architecture.md). Why this shape: docs/performance.md, "Expert-parallel dispatch".
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..model.gather import gather_rows
-from .comm import A2A, a2a_start, a2a_wait, all_to_all, exchange_counts
+from ..model.gather import Bags, bag_sum, gather_rows
+from .comm import A2A, a2a_start, a2a_wait, exchange_counts
 
 
 @dataclass
@@ -53,22 +56,172 @@ class CommCounters:
 
 
 @dataclass
-class A2APlan:
-    n_tokens: int
-    k: int
-    fan: int  # most ranks one token can reach: min(ep, k)
-    pair_token: torch.Tensor  # (P,) source token of each sent row, rows in (rank, token) order
-    pair_pos: torch.Tensor  # (P,) slot of each pair in the (token, fan) layout: token·fan + c
-    tok_slots: torch.Tensor  # (N, fan) the pair (sent row) in each slot of a token (0 where unused)
-    tok_mask: torch.Tensor  # (N, fan) bool: slot used
+class Route:
+    """One exchange's row movement: each unique (source row, peer) pair is one sent row, in (peer, row) order.
+
+    With slot counting (see `route`), the count exchange also told this rank how many slots of each of its
+    keys (local experts) it will receive, so the receiver sizes its expert-sorted buffer without a sync.
+    """
+
+    n_rows: int
+    pair_row: torch.Tensor  # (P,) source row of each sent row
+    pair_peer: torch.Tensor  # (P,) peer of each sent row
+    rows: Bags  # bag j = the sent rows copying source row j, in peer order (gather backward, combine sum)
     send_splits: list[int]
     recv_splits: list[int]
-    recv_weight: torch.Tensor  # (R, K) gate weight per received row and slot, 0 for other ranks' slots
-    slot_order: torch.Tensor  # (M,) positions in the received (row, slot) layout, sorted by local expert
-    slot_row: torch.Tensor  # (M,) received row of each sorted slot
-    slot_pos: torch.Tensor  # (R, K) sorted position of each received (row, slot) (0 where unused)
-    slot_valid: torch.Tensor  # (R, K) bool: the slot is one of this rank's experts
-    local_counts: torch.Tensor  # (experts_per_rank,) rows per local expert
+    recv_slots: int = 0  # slots received for this rank's keys (with slot counting)
+    recv_key_counts: torch.Tensor | None = None  # (keys_per_peer,) slots received per key, on device
+
+
+def route(
+    owner: torch.Tensor,
+    peers: int,
+    group: Any,
+    slot_key: torch.Tensor | None = None,
+    keys_per_peer: int = 0,
+    unheld: bool = False,
+) -> Route:
+    """Rows to send for `owner` (n, k): the peer holding each slot (−1 for none, allowed with `unheld`).
+
+    One small all-to-all of counts and one host synchronisation (split sizes must be known to size the
+    buffers). With `slot_key` (n, k) — each held slot's key, peer · keys_per_peer + the key on that peer,
+    e.g. the expert id — the same exchange carries how many slots of each key go to each peer: the
+    receiver learns its slot count and rows per expert from it, not from a second synchronisation.
+    """
+    n = owner.shape[0]
+    dev = owner.device
+    held = owner >= 0 if unheld else None
+    if held is not None:  # slots held by no peer go to a spare row, dropped: no boolean indexing, no sync
+        owner = torch.where(held, owner, peers)
+    uses = torch.zeros(peers + unheld, n, dtype=torch.bool, device=dev).scatter_(0, owner.t(), True)[:peers]
+    # counts[peer] = [rows to it, slots of each of its keys]; a spare entry at the end for unheld slots
+    width = 1 + keys_per_peer
+    counts = torch.zeros(peers * width + 1, dtype=torch.long, device=dev)
+    if slot_key is not None:
+        key = slot_key + owner + 1  # = owner · width + 1 + key on the peer
+        if held is not None:
+            key = torch.where(held, key, peers * width)
+        key = key.reshape(-1)
+        counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:-1].view(peers, width)
+    counts[:, 0].copy_(uses.sum(1))
+    recv = exchange_counts(counts, group)
+    host = torch.cat([counts, recv]).tolist()  # the one host sync
+    send_splits = [c[0] for c in host[:peers]]
+    recv_splits = [c[0] for c in host[peers:]]
+    recv_slots = sum(sum(c[1:]) for c in host[peers:])
+
+    pair_peer, pair_row = torch.nonzero_static(uses, size=sum(send_splits)).t().contiguous()  # by peer, row
+    # bag of a source row: its sent rows in peer order (the pairs sorted by (row, peer); keys are unique)
+    index = torch.argsort(pair_row * peers + pair_peer)
+    offsets = torch.zeros(n + 1, dtype=torch.long, device=dev)
+    torch.cumsum(uses.sum(0), 0, out=offsets[1:])
+    return Route(
+        n_rows=n,
+        pair_row=pair_row,
+        pair_peer=pair_peer,
+        rows=Bags(index, offsets, pair_row.index_select(0, index)),
+        send_splits=send_splits,
+        recv_splits=recv_splits,
+        recv_slots=recv_slots,
+        recv_key_counts=None if slot_key is None else recv[:, 1:].sum(0),
+    )
+
+
+def slot_meta(expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(n, 2k): each row's global expert ids (as floats, exact below 2**24) beside its gate weights; the
+    metadata one exchange moves (only the weights carry gradient: the router learns through them)."""
+    return torch.cat([expert.to(weight.dtype), weight], dim=1)
+
+
+def send_slot_meta(
+    r: Route, meta: torch.Tensor, group: Any, log: list[str] | None = None, name: str = "weights"
+) -> torch.Tensor:
+    """Each sent row's `slot_meta` travels with it, in one all-to-all; receivers pick their own slots."""
+    pending = A2A(r.recv_splits, r.send_splits, group, log=log, name=name)
+    return a2a_wait(a2a_start(gather_rows(meta, r.pair_row, r.rows), pending), pending)
+
+
+def meta_experts(meta: torch.Tensor) -> torch.Tensor:
+    """The global expert ids of received `slot_meta` rows, (R, K) int64."""
+    return meta[:, : meta.shape[1] // 2].detach().long()
+
+
+@dataclass
+class Slots:
+    """The received (row, slot) pairs served by this rank's experts, sorted by local expert.
+
+    Sorted slot s copies received row slot_row[s]; bag r of `rows` lists row r's slots (in k order) by
+    sorted position — the inverse map for the expansion's backward and the bags of the weighted combine.
+    """
+
+    slot_row: torch.Tensor  # (M,)
+    rows: Bags
+    weight: torch.Tensor  # (M,) gate weight of each slot, in bag order (carries the gradient)
+    sorted_weight: torch.Tensor  # (M,) the same weights in sorted order (no gradient)
+    local_counts: torch.Tensor  # (experts_per_rank,) slots per local expert
+
+
+def receiver_slots(
+    meta: torch.Tensor, first_expert: int, per_rank: int, m: int, local_counts: torch.Tensor
+) -> Slots:
+    """Sort the received slots that name one of this rank's experts (first_expert … + per_rank) by expert,
+    ties in (row, k) order.
+
+    meta: (R, 2K) received `slot_meta`; m and local_counts came with the row counts (`route` with slot
+    counting): no host sync.
+    """
+    rows, k = meta.shape[0], meta.shape[1] // 2
+    experts = meta_experts(meta)
+    valid = experts // per_rank == first_expert // per_rank
+    key = torch.where(valid, experts - first_expert, per_rank).view(-1)  # other ranks' slots sort last
+    slot_order = torch.argsort(key, stable=True)[:m]  # (row, k) positions, by expert
+    valid_pos, bag_index = torch.sort(slot_order)  # row-major valid positions; their sorted positions
+    offsets = torch.zeros(rows + 1, dtype=torch.long, device=meta.device)
+    torch.cumsum(valid.sum(1), 0, out=offsets[1:])
+    flat_w = meta[:, k:].reshape(-1)
+    return Slots(
+        slot_row=slot_order // k,
+        rows=Bags(bag_index, offsets, valid_pos // k),
+        weight=flat_w.index_select(0, valid_pos),
+        sorted_weight=flat_w.detach().index_select(0, slot_order),
+        local_counts=local_counts,
+    )
+
+
+def expand_to_slots(rows: torch.Tensor, slots: Slots) -> torch.Tensor:
+    """Received rows -> one row per slot served here, sorted by local expert (for the grouped GEMM)."""
+    return gather_rows(rows, slots.slot_row, slots.rows)
+
+
+def slot_weighted_sums(y: torch.Tensor, slots: Slots) -> torch.Tensor:
+    """Each received row's gate-weighted sum over its slots (fp32 inside, y's dtype out): what one row
+    carries back. One pass over the M slot rows (`bag_sum`)."""
+    return bag_sum(y, slots.rows, slots.slot_row, slots.weight, slots.sorted_weight)
+
+
+def sum_over_route(back: torch.Tensor, r: Route) -> torch.Tensor:
+    """Rows returned along route `r` -> one row per source row: the sum over its peers, in peer order."""
+    return bag_sum(back, r.rows, r.pair_row)
+
+
+@dataclass
+class A2APlan:
+    n_tokens: int
+    route: Route  # tokens -> the ranks holding their experts
+    slots: Slots  # what this rank received, expanded and sorted for its experts
+
+    @property
+    def send_splits(self) -> list[int]:
+        return self.route.send_splits
+
+    @property
+    def recv_splits(self) -> list[int]:
+        return self.route.recv_splits
+
+    @property
+    def local_counts(self) -> torch.Tensor:
+        return self.slots.local_counts
 
 
 @dataclass
@@ -76,51 +229,6 @@ class Pending:
     plan: A2APlan
     buf: torch.Tensor
     comm: A2A
-
-
-def _inverse(order: torch.Tensor, size: int) -> torch.Tensor:
-    """inv[order[i]] = i; positions not in `order` get 0 (callers mask them)."""
-    inv = torch.zeros(size, dtype=torch.long, device=order.device)
-    return inv.index_copy_(0, order, torch.arange(order.numel(), device=order.device))
-
-
-def receiver_slots(recv_id: torch.Tensor, per_rank: int) -> dict[str, torch.Tensor]:
-    """Sort the received (row, slot) pairs that name one of this rank's experts by expert.
-
-    recv_id: (R, K) local expert id per received row and slot, −1 for slots served elsewhere. Returns the
-    fields the dispatchers' plans share: slot_order, slot_row, slot_pos, slot_valid, local_counts.
-    One host sync: the number of valid slots.
-    """
-    rows, k = recv_id.shape
-    flat_id = recv_id.reshape(-1)
-    valid = flat_id >= 0
-    key = torch.where(valid, flat_id, per_rank)  # other ranks' slots sort last
-    counts = torch.zeros(per_rank + 1, dtype=torch.long, device=recv_id.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    m = rows * k - int(counts[per_rank])
-    slot_order = torch.argsort(key, stable=True)[:m]
-    return {
-        "slot_order": slot_order,
-        "slot_row": slot_order // k,
-        "slot_pos": _inverse(slot_order, rows * k).view(rows, k),
-        "slot_valid": valid.view(rows, k),
-        "local_counts": counts[:per_rank],
-    }
-
-
-def expand_to_slots(rows: torch.Tensor, plan: Any) -> torch.Tensor:
-    """Received rows -> one row per slot served here, sorted by local expert (for the grouped GEMM)."""
-    return gather_rows(rows, plan.slot_row, plan.slot_pos, plan.slot_valid)
-
-
-def slot_weighted_sums(y: torch.Tensor, plan: Any) -> torch.Tensor:
-    """Each received row's gate-weighted sum over its slots (products in y's dtype, fp32 sum): what one row
-    carries back. `plan` has the fields `receiver_slots` returns plus `recv_weight` (R, K)."""
-    n_rows, k = plan.recv_weight.shape
-    y_slots = gather_rows(y, plan.slot_pos.reshape(-1), plan.slot_order.view(-1, 1)).view(
-        n_rows, k, y.shape[-1]
-    )
-    return (y_slots * plan.recv_weight.to(y.dtype).unsqueeze(-1)).sum(1)
 
 
 class AllToAllDispatcher:
@@ -142,90 +250,44 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------------------------------- plan
     def plan(self, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int) -> A2APlan:
-        """Host syncs: the split sizes and the received slot count. Collectives: the row counts, then one
-        exchange carrying each row's slot metadata (local expert ids and gate weights together)."""
-        n, k = topk_idx.shape
-        dev = topk_idx.device
+        """One host sync (split sizes, slot count and rows per local expert, from one count exchange);
+        then one exchange carrying each row's slot metadata (global expert ids and gate weights together),
+        which the host does not wait for."""
         per_rank = n_experts // self.ep
-        fan = min(self.ep, k)
-        dest = topk_idx // per_rank  # (N, K) owner rank of each slot
-        uses = torch.zeros(self.ep * n, dtype=torch.bool, device=dev)
-        uses[(dest.t() * n + torch.arange(n, device=dev)).reshape(-1)] = True
-        uses = uses.view(self.ep, n)
-        send_counts = uses.sum(1)
-        recv_counts = exchange_counts(send_counts, self.group)
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-        # the pair count is known now: a static-size nonzero needs no second host sync
-        pairs = torch.nonzero_static(uses, size=sum(send_splits))  # sorted by rank, then token
-        pair_rank, pair_token = pairs[:, 0], pairs[:, 1]
-
-        # slot c of a token = the rank's order among the token's ranks (ascending)
-        rank_order = uses.long().cumsum(0) - 1
-        pair_pos = pair_token * fan + rank_order[pair_rank, pair_token]
-        tok_slots = _inverse(pair_pos, n * fan).view(n, fan)
-        tok_mask = (
-            torch.zeros(n * fan, dtype=torch.bool, device=dev).index_fill_(0, pair_pos, True).view(n, fan)
-        )
-
-        same = dest.index_select(0, pair_token) == pair_rank.unsqueeze(1)  # (P, K): slot lives there
-        local_id = torch.where(
-            same, topk_idx.index_select(0, pair_token) - pair_rank.unsqueeze(1) * per_rank, -1
-        )
-        w_rows = gather_rows(topk_weight, pair_token, tok_slots, tok_mask)
-        w_rows = torch.where(same, w_rows, torch.zeros_like(w_rows))
-        # ids ride as fp32 beside the weights (exact below 2**24): one exchange instead of two; only the
-        # weight columns carry gradient
-        meta = torch.cat([local_id.to(w_rows.dtype), w_rows], dim=1)
-        recv_meta = all_to_all(meta, recv_splits, send_splits, self.group)
-        recv_id = recv_meta[:, :k].detach().round().long()
-        recv_w = recv_meta[:, k:]
-
-        return A2APlan(
-            n_tokens=n,
-            k=k,
-            fan=fan,
-            pair_token=pair_token,
-            pair_pos=pair_pos,
-            tok_slots=tok_slots,
-            tok_mask=tok_mask,
-            send_splits=send_splits,
-            recv_splits=recv_splits,
-            recv_weight=recv_w,
-            **receiver_slots(recv_id, per_rank),
-        )
+        r = route(topk_idx // per_rank, self.ep, self.group, topk_idx, per_rank)
+        meta = send_slot_meta(r, slot_meta(topk_idx, topk_weight), self.group)
+        slots = receiver_slots(meta, self.ep_rank * per_rank, per_rank, r.recv_slots, r.recv_key_counts)
+        return A2APlan(n_tokens=topk_idx.shape[0], route=r, slots=slots)
 
     # ------------------------------------------------------------------------------ dispatch (async)
     def dispatch_start(self, x: torch.Tensor, plan: A2APlan) -> Pending:
-        send = gather_rows(x, plan.pair_token, plan.tok_slots, plan.tok_mask)
-        comm = A2A(plan.recv_splits, plan.send_splits, self.group, log=self.event_log, name="dispatch")
+        r = plan.route
+        send = gather_rows(x, r.pair_row, r.rows)
+        comm = A2A(r.recv_splits, r.send_splits, self.group, log=self.event_log, name="dispatch")
         if self.counters is not None:
             row_bytes = x.shape[-1] * x.element_size()
-            self.counters.add("dispatch", plan.send_splits, row_bytes, self.ep_rank, self.peer_nodes)
-        return Pending(plan, a2a_start(send, comm, after=(plan.recv_weight,)), comm)
+            self.counters.add("dispatch", r.send_splits, row_bytes, self.ep_rank, self.peer_nodes)
+        # Backward order: this exchange before the metadata's (see comm.a2a_start).
+        return Pending(plan, a2a_start(send, comm, after=(plan.slots.weight,)), comm)
 
     def dispatch_wait(self, pending: Pending) -> torch.Tensor:
         """Received rows, expanded to their slots and sorted by local expert."""
-        return expand_to_slots(a2a_wait(pending.buf, pending.comm), pending.plan)
+        return expand_to_slots(a2a_wait(pending.buf, pending.comm), pending.plan.slots)
 
     # ------------------------------------------------------------------------------- combine (async)
     def combine_start(self, y: torch.Tensor, plan: A2APlan) -> Pending:
         """Each received row's gate-weighted sum over its slots, sent back once."""
-        partial = slot_weighted_sums(y, plan)
-        comm = A2A(plan.send_splits, plan.recv_splits, self.group, log=self.event_log, name="combine")
+        partial = slot_weighted_sums(y, plan.slots)
+        r = plan.route
+        comm = A2A(r.send_splits, r.recv_splits, self.group, log=self.event_log, name="combine")
         if self.counters is not None:
             row_bytes = y.shape[-1] * y.element_size()
-            self.counters.add("combine", plan.recv_splits, row_bytes, self.ep_rank, self.peer_nodes)
+            self.counters.add("combine", r.recv_splits, row_bytes, self.ep_rank, self.peer_nodes)
         return Pending(plan, a2a_start(partial, comm), comm)
 
     def combine_wait(self, pending: Pending) -> torch.Tensor:
         """Sum of each token's partial results from its ranks."""
-        back = a2a_wait(pending.buf, pending.comm)
-        plan = pending.plan
-        n, hidden = plan.n_tokens, back.shape[-1]
-        per_slot = gather_rows(back, plan.tok_slots.reshape(-1), plan.pair_pos.view(-1, 1)).view(
-            n, plan.fan, hidden
-        )
-        return (per_slot * plan.tok_mask.unsqueeze(-1).to(back.dtype)).sum(1)
+        return sum_over_route(a2a_wait(pending.buf, pending.comm), pending.plan.route)
 
     # ------------------------------------------------------------------ the Dispatcher seam (blocking)
     def dispatch(

@@ -6,11 +6,11 @@ destination *node* and forwards it over NVLink inside that node. Per MoE layer, 
 nodes × `local` ranks (ep rank = node · local + local index):
 
 1. plan: stage-1 rows are the unique (token, destination node) pairs; each goes to the rank with the
-   sender's local index on that node (inter-node group). With each row travel, per top-k slot, the
-   node-local expert id (−1 for slots on other nodes) and the gate weight. The receiver forms stage-2 rows:
-   the unique (received row, owner rank on this node) pairs, sent over the intra-node group with the
-   rank-local expert id (−1 for other ranks' slots) and the gate weight. Row counts of both stages are
-   exchanged first (host syncs: split sizes size the buffers).
+   sender's local index on that node (inter-node group). With each row travel, per top-k slot, the global
+   expert id and the gate weight (`slot_meta`). The receiver forms stage-2 rows: the unique (received row,
+   owner rank on this node) pairs, sent over the intra-node group with the same metadata; the expert rank
+   keeps the slots naming its experts. Each stage's row counts are exchanged first (one host sync per
+   stage: split sizes size the buffers; stage 2's exchange also brings the slot counts per expert).
 2. dispatch: stage 1 moves token rows between nodes, stage 2 forwards them inside the node; the expert
    rank expands each row to its valid slots, sorted by local expert (as the flat dispatcher does).
 3. combine, in reverse: the expert rank sends each stage-2 row's gate-weighted partial sum back inside the
@@ -37,89 +37,33 @@ import torch
 import torch.distributed as dist
 
 from ..model.gather import gather_rows
-from .comm import A2A, a2a_start, a2a_wait, all_to_all_nograd, exchange_counts
-from .dispatch import CommCounters, _inverse, expand_to_slots, receiver_slots, slot_weighted_sums
+from .comm import A2A, a2a_start, a2a_wait
+from .dispatch import (
+    CommCounters,
+    Route,
+    Slots,
+    expand_to_slots,
+    meta_experts,
+    receiver_slots,
+    route,
+    send_slot_meta,
+    slot_meta,
+    slot_weighted_sums,
+    sum_over_route,
+)
 from .mesh import Mesh
-
-
-@dataclass
-class Route:
-    """One stage's row movement: each unique (source row, peer) pair is one sent row, in (peer, row) order."""
-
-    n_rows: int
-    fan: int  # most peers one row can reach: min(peers, k)
-    pair_row: torch.Tensor  # (P,) source row of each sent row
-    pair_pos: torch.Tensor  # (P,) slot of each pair in the (row, fan) layout: row·fan + c
-    row_slots: torch.Tensor  # (n_rows, fan) the sent row in each slot of a source row (0 where unused)
-    row_mask: torch.Tensor  # (n_rows, fan) bool: slot used
-    send_splits: list[int]
-    recv_splits: list[int]
-
-
-def route(owner: torch.Tensor, peers: int, group: Any) -> tuple[Route, torch.Tensor]:
-    """Rows to send for `owner` (n, k): the peer holding each slot, −1 for none. Returns the route and
-    each sent row's peer. One small all-to-all (the counts) and a host sync."""
-    n, k = owner.shape
-    dev = owner.device
-    fan = min(peers, k)
-    # slots held by no peer (−1) mark a spare row that is dropped: no boolean indexing, so no host sync
-    owner = torch.where(owner >= 0, owner, peers)
-    uses = torch.zeros((peers + 1) * n, dtype=torch.bool, device=dev)
-    uses[(owner.t() * n + torch.arange(n, device=dev)).reshape(-1)] = True
-    uses = uses.view(peers + 1, n)[:peers]
-    pair_peer, pair_row = uses.nonzero(as_tuple=True)  # sorted by peer, then row
-    send_counts = uses.sum(1)
-    recv_counts = exchange_counts(send_counts, group)
-    order = uses.long().cumsum(0) - 1  # slot c of a row = the peer's order among the row's peers
-    pair_pos = pair_row * fan + order[pair_peer, pair_row]
-    row_mask = torch.zeros(n * fan, dtype=torch.bool, device=dev).index_fill_(0, pair_pos, True)
-    r = Route(
-        n_rows=n,
-        fan=fan,
-        pair_row=pair_row,
-        pair_pos=pair_pos,
-        row_slots=_inverse(pair_pos, n * fan).view(n, fan),
-        row_mask=row_mask.view(n, fan),
-        send_splits=send_counts.tolist(),
-        recv_splits=recv_counts.tolist(),
-    )
-    return r, pair_peer
-
-
-def send_slot_meta(
-    r: Route,
-    pair_peer: torch.Tensor,
-    owner: torch.Tensor,
-    dest_id: torch.Tensor,
-    weight: torch.Tensor,
-    group: Any,
-    log: list[str] | None = None,
-    name: str = "weights",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exchange each sent row's per-slot expert id (in the receiver's numbering, −1 for slots held by
-    another peer) and gate weight (0 there). The weights stay in the autograd graph: the router learns
-    through them."""
-    same = owner.index_select(0, r.pair_row) == pair_peer.unsqueeze(1)
-    ids = torch.where(same, dest_id.index_select(0, r.pair_row), -1)
-    w = gather_rows(weight, r.pair_row, r.row_slots, r.row_mask)
-    w = torch.where(same, w, torch.zeros_like(w))
-    recv_id = all_to_all_nograd(ids, r.recv_splits, r.send_splits, group)
-    pending = A2A(r.recv_splits, r.send_splits, group, log=log, name=name)
-    return recv_id, a2a_wait(a2a_start(w, pending), pending)
 
 
 @dataclass
 class HierPlan:
     n_tokens: int
-    k: int
     inter: Route  # stage 1: tokens → the same local rank on each destination node
     intra: Route  # stage 2: stage-1 rows → the expert owners on this node
-    recv_weight: torch.Tensor  # (R2, K) gate weight per stage-2 row and slot (0 for other ranks' slots)
-    slot_order: torch.Tensor  # (M,) positions in the (row, slot) layout, sorted by local expert
-    slot_row: torch.Tensor  # (M,) stage-2 row of each sorted slot
-    slot_pos: torch.Tensor  # (R2, K) sorted position of each (row, slot) (0 where unused)
-    slot_valid: torch.Tensor  # (R2, K) bool: the slot is one of this rank's experts
-    local_counts: torch.Tensor  # (experts_per_rank,) rows per local expert
+    slots: Slots  # stage-2 rows expanded to this rank's expert slots
+
+    @property
+    def local_counts(self) -> torch.Tensor:
+        return self.slots.local_counts
 
 
 @dataclass
@@ -194,59 +138,40 @@ class HierarchicalDispatcher:
 
     # ------------------------------------------------------------------------------------------- plan
     def plan(self, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int) -> HierPlan:
-        n, k = topk_idx.shape
+        """Two host syncs (one per stage's count exchange; stage 2's also brings the slot counts)."""
         per_rank = n_experts // self.ep
         per_node = per_rank * self.local
-        node = topk_idx // per_node
-        inter, inter_peer = route(node, self.nodes, self.inter_group)
-        id1, w1 = send_slot_meta(
-            inter,
-            inter_peer,
-            node,
-            topk_idx - node * per_node,
-            topk_weight,
-            self.inter_group,
-            self.event_log,
-            "weights_inter",
+        inter = route(topk_idx // per_node, self.nodes, self.inter_group)
+        meta1 = send_slot_meta(
+            inter, slot_meta(topk_idx, topk_weight), self.inter_group, self.event_log, "weights_inter"
         )
-        owner = torch.where(id1 >= 0, id1 // per_rank, -1)
-        intra, intra_peer = route(owner, self.local, self.intra_group)
-        id2, w2 = send_slot_meta(
-            intra,
-            intra_peer,
-            owner,
-            id1 - owner * per_rank,
-            w1,
-            self.intra_group,
-            self.event_log,
-            "weights_intra",
-        )
-
-        return HierPlan(
-            n_tokens=n,
-            k=k,
-            inter=inter,
-            intra=intra,
-            recv_weight=w2,
-            **receiver_slots(id2, per_rank),
-        )
+        # stage 2: the slots on this node, by owner (local index) and node-local expert id
+        experts = meta_experts(meta1)
+        here = experts // per_node == self.node_rank
+        node_expert = torch.where(here, experts - self.node_rank * per_node, -1)
+        owner = torch.where(here, node_expert // per_rank, -1)
+        intra = route(owner, self.local, self.intra_group, node_expert, per_rank, unheld=True)
+        meta2 = send_slot_meta(intra, meta1, self.intra_group, self.event_log, "weights_intra")
+        first = (self.node_rank * self.local + self.local_rank) * per_rank
+        slots = receiver_slots(meta2, first, per_rank, intra.recv_slots, intra.recv_key_counts)
+        return HierPlan(n_tokens=topk_idx.shape[0], inter=inter, intra=intra, slots=slots)
 
     # ------------------------------------------------------------------------------ dispatch (async)
     def dispatch_start(self, x: torch.Tensor, plan: HierPlan) -> HierPending:
         """Launch stage 1: one row per (token, destination node) to the same local rank there."""
         r = plan.inter
-        send = gather_rows(x, r.pair_row, r.row_slots, r.row_mask)
+        send = gather_rows(x, r.pair_row, r.rows)
         comm = A2A(r.recv_splits, r.send_splits, self.inter_group, log=self.event_log, name="dispatch_inter")
         self._count("dispatch", "inter", r.send_splits, x.shape[-1] * x.element_size())
         # Backward order: this exchange (data, stage 1) before the stage-2 weights' (see module docstring).
-        return HierPending(plan, a2a_start(send, comm, after=(plan.recv_weight,)), comm, "inter")
+        return HierPending(plan, a2a_start(send, comm, after=(plan.slots.weight,)), comm, "inter")
 
     def dispatch_forward(self, pending: HierPending) -> HierPending:
         """Wait for stage 1, launch stage 2: each received row to the ranks of this node owning its slots."""
         assert pending.stage == "inter", pending.stage
         rows = a2a_wait(pending.buf, pending.comm)
         r = pending.plan.intra
-        send = gather_rows(rows, r.pair_row, r.row_slots, r.row_mask)
+        send = gather_rows(rows, r.pair_row, r.rows)
         comm = A2A(r.recv_splits, r.send_splits, self.intra_group, log=self.event_log, name="dispatch_intra")
         self._count("dispatch", "intra", r.send_splits, rows.shape[-1] * rows.element_size())
         return HierPending(pending.plan, a2a_start(send, comm), comm, "intra")
@@ -255,14 +180,14 @@ class HierarchicalDispatcher:
         """Received rows, expanded to their slots and sorted by local expert (runs stage 2 if needed)."""
         if pending.stage == "inter":
             pending = self.dispatch_forward(pending)
-        return expand_to_slots(a2a_wait(pending.buf, pending.comm), pending.plan)
+        return expand_to_slots(a2a_wait(pending.buf, pending.comm), pending.plan.slots)
 
     # ------------------------------------------------------------------------------- combine (async)
     def combine_start(self, y: torch.Tensor, plan: HierPlan) -> HierPending:
         """Each stage-2 row's gate-weighted sum over its slots, sent back inside the node."""
         r = plan.intra
         hidden = y.shape[-1]
-        partial = slot_weighted_sums(y, plan)
+        partial = slot_weighted_sums(y, plan.slots)
         comm = A2A(r.send_splits, r.recv_splits, self.intra_group, log=self.event_log, name="combine_intra")
         self._count("combine", "intra", r.recv_splits, hidden * y.element_size())
         return HierPending(plan, a2a_start(partial, comm), comm, "intra")
@@ -273,7 +198,7 @@ class HierarchicalDispatcher:
         assert pending.stage == "intra", pending.stage
         back = a2a_wait(pending.buf, pending.comm)
         r = pending.plan.intra
-        node_sum = _sum_slots(back, r)
+        node_sum = sum_over_route(back, r)
         r1 = pending.plan.inter
         comm = A2A(r1.send_splits, r1.recv_splits, self.inter_group, log=self.event_log, name="combine_inter")
         self._count("combine", "inter", r1.recv_splits, back.shape[-1] * back.element_size())
@@ -284,7 +209,7 @@ class HierarchicalDispatcher:
         if pending.stage == "intra":
             pending = self.combine_forward(pending)
         back = a2a_wait(pending.buf, pending.comm)
-        return _sum_slots(back, pending.plan.inter)
+        return sum_over_route(back, pending.plan.inter)
 
     # ------------------------------------------------------------------ the Dispatcher seam (blocking)
     def dispatch(
@@ -295,12 +220,3 @@ class HierarchicalDispatcher:
 
     def combine(self, y: torch.Tensor, plan: HierPlan) -> torch.Tensor:
         return self.combine_wait(self.combine_start(y, plan))
-
-
-def _sum_slots(back: torch.Tensor, r: Route) -> torch.Tensor:
-    """Rows returned along route `r` → one row per source row: the sum over its peers, in peer order."""
-    hidden = back.shape[-1]
-    per_slot = gather_rows(back, r.row_slots.reshape(-1), r.pair_pos.view(-1, 1)).view(
-        r.n_rows, r.fan, hidden
-    )
-    return (per_slot * r.row_mask.unsqueeze(-1).to(back.dtype)).sum(1)
