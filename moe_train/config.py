@@ -128,6 +128,8 @@ class TrainerConfig:
     ckpt_every: int = 0  # 0: only at the end
     resume: str = "auto"  # auto | none | path to a checkpoint directory or to one checkpoint
     keep_last: int = 2
+    # write checkpoint shards in the background (committed at the next save or the end of the run)
+    async_save: bool = False
     progress: bool = True
     mtp_weight: float = 0.3  # lambda; DeepSeek-V3: 0.3 then 0.1
     mtp_weight_final: float = 0.1

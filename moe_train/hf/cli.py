@@ -12,11 +12,10 @@ import os
 import sys
 from dataclasses import asdict
 
-import torch
 from omegaconf import OmegaConf
 
 from ..config import ModelConfig, TrainConfig
-from ..train.checkpoint import resolve_checkpoint, save_checkpoint
+from ..train.checkpoint import load_model_state, resolve_checkpoint, save_checkpoint
 from .convert import from_pretrained, read_hf_config, save_state_dict
 
 
@@ -45,7 +44,7 @@ def export_checkpoint(src: str, dst: str, dtype: str | None = None, max_shard_si
     """moe_train checkpoint -> HF directory; the model state is memory-mapped, the optimizer never read."""
     ckpt = resolve_checkpoint(src)
     cfg = read_model_config(ckpt)
-    state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu", weights_only=True, mmap=True)
+    state = load_model_state(ckpt)
     save_state_dict(state, cfg, dst, dtype, max_shard_size)
     return ckpt
 

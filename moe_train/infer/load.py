@@ -1,7 +1,8 @@
 """Models for generation from our checkpoints (step dir / checkpoints dir / run dir) or HF directories.
 
-Only the weights are read: model.pt is memory-mapped and the optimizer state is never loaded (it is twice
-the model).  MTP depths are skipped: generation does not use them, so they are neither built nor loaded.
+Only the weights are read (a whole-model checkpoint's model.pt memory-mapped; a sharded checkpoint's
+`model.*` keys), never the optimizer state (it is twice the model).  MTP depths are skipped: generation does
+not use them, so they are neither built nor loaded.
 With `offload` the weights are loaded into CPU memory and handed to ZeRO-Inference (infer/offload.py), which
 streams them to `device` layer by layer: the model never has to fit on the GPU.
 """
@@ -21,7 +22,7 @@ from ..hf.cli import read_model_config
 from ..hf.convert import as_dtype
 from ..model import build_empty_model
 from ..model.transformer import Transformer
-from ..train.checkpoint import resolve_checkpoint
+from ..train.checkpoint import load_model_state, resolve_checkpoint
 from .forward import InferenceModel
 from .offload import OffloadConfig, check_available, offload_model
 
@@ -73,7 +74,7 @@ def load_for_inference(
     else:
         ckpt = resolve_checkpoint(path)
         cfg = replace(read_model_config(ckpt), num_nextn_predict_layers=0, init_from=None)
-        state = torch.load(os.path.join(ckpt, "model.pt"), map_location="cpu", weights_only=True, mmap=True)
+        state = load_model_state(ckpt)
         state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
         model = build_empty_model(cfg, where, dtype)
         model.load_state_dict(state, strict=True)

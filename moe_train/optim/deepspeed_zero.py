@@ -278,8 +278,8 @@ class DeepSpeedZero:
             st: dict[str, Any] = {}
             for key in MOMENT_KEYS:
                 val = safe_get_full_optimizer_state(p, key)
-                if val is not None:
-                    st[key] = val.detach().to(p.device).clone()
+                if val is not None:  # one parameter's full moments at a time, parked in host memory
+                    st[key] = val.detach().to("cpu", copy=True)
             if st:
                 st["step"] = torch.tensor(float(step))
                 by_name[name] = st

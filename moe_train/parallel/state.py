@@ -38,7 +38,7 @@ def _gather0(t: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _optim_by_name(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def optim_by_name(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Optimizer state keyed by parameter name (not by position), so it survives any re-partitioning."""
     sd = optimizer.state_dict()
     by_name: dict[str, dict[str, Any]] = {}
@@ -63,7 +63,7 @@ def full_state(
     (DeepSpeed ZeRO gathers its partitions into that form).
     """
     model_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optim_sd = named_optim if named_optim is not None else _optim_by_name(optimizer)
+    optim_sd = named_optim if named_optim is not None else optim_by_name(optimizer)
     experts, _, _ = _expert_names_and_slice(model)
     if mesh.layout.ep > 1:
         for name in sorted(experts):
@@ -110,16 +110,29 @@ def load_full_state(
         return
     if optimizer is None or optim_sd is None:
         return
+    by_name = {
+        name: {k: fit(name, v) if torch.is_tensor(v) else v for k, v in saved.items()}
+        for name, saved in optim_sd["by_name"].items()
+    }
+    load_named_optim(optimizer, by_name, optim_sd["param_groups"])
+
+
+def load_named_optim(
+    optimizer: torch.optim.Optimizer,
+    by_name: dict[str, dict[str, Any]],
+    param_groups: list[dict[str, Any]] | None = None,
+) -> None:
+    """Load name-keyed state (this rank's shapes) into a torch optimizer whose groups carry `names`;
+    param_groups: saved hyper-parameters, else the optimizer's own (they come from the config)."""
     current = optimizer.state_dict()
     state = {}
     for group in current["param_groups"]:
         for idx, name in zip(group["params"], group["names"], strict=True):
-            saved = optim_sd["by_name"].get(name)
-            if saved is not None:
-                state[idx] = {k: fit(name, v) if torch.is_tensor(v) else v for k, v in saved.items()}
-    groups = [
-        {**g, **saved} for g, saved in zip(current["param_groups"], optim_sd["param_groups"], strict=True)
-    ]
+            if name in by_name:
+                state[idx] = dict(by_name[name])
+    groups = current["param_groups"]
+    if param_groups is not None:
+        groups = [{**g, **saved} for g, saved in zip(groups, param_groups, strict=True)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

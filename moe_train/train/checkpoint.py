@@ -1,4 +1,8 @@
-"""Single-process checkpoints: atomic directories under <run dir>/checkpoints/.
+"""Checkpoint directories under <run dir>/checkpoints/: naming, `latest`, pruning, and the whole-model format.
+
+Training writes sharded checkpoints (train/sharded.py, format `moe_train/dcp-v1`). The whole-model format
+below (`moe_train/single-v1`) is what `python -m moe_train.hf import` writes and what runs before sharded
+checkpoints wrote; both resume, export and generate.
 
 Layout of one checkpoint, `checkpoints/step_00000100/`:
   model.pt          model state dict (canonical names; router biases included)
@@ -137,6 +141,18 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     cfg_path = os.path.join(path, "config.yaml")
     out["config_yaml"] = open(cfg_path, encoding="utf-8").read() if os.path.exists(cfg_path) else None
     return out
+
+
+def load_model_state(path: str) -> dict[str, torch.Tensor]:
+    """The whole one-process model state dict of a checkpoint of either format, on CPU (memory-mapped for
+    whole-model checkpoints); for HF export and inference."""
+    from .sharded import is_sharded
+    from .sharded import load_model_state as load_sharded
+
+    path = resolve_checkpoint(path)
+    if is_sharded(path):
+        return load_sharded(path)
+    return torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True, mmap=True)
 
 
 def check_model_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:

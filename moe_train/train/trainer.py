@@ -37,8 +37,9 @@ from ..parallel.pipeline.analysis import peak_activations
 from ..parallel.pipeline.executor import PipelineExecutor
 from ..parallel.pipeline.schedules import build_schedule
 from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
-from ..parallel.state import full_state, load_full_state
+from ..parallel.state import load_full_state, load_named_optim, optim_by_name
 from . import checkpoint as ckpt
+from . import sharded
 from .faults import Preempted, StopRequest, guarded, injected_exit
 from .metrics import (
     ConsoleLogger,
@@ -204,6 +205,12 @@ class Trainer:
         self.skipped_steps = 0
         self.wandb_id: str | None = None
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
+        self._pending_save: sharded.PendingSave | None = None
+        # background checkpoint writes coordinate on their own gloo group, never racing the training
+        # collectives on the main one (which is NCCL on GPUs)
+        self._async_group = None
+        if t.async_save and self.mesh.distributed:
+            self._async_group = dist.new_group(backend="gloo")
         self._resume()
         self._write_run_info()
 
@@ -223,6 +230,50 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.ckpt_root) if mode == "auto" else ckpt.resolve_checkpoint(mode)
         if path is None:
             return
+        if sharded.is_sharded(path):
+            tr = self._resume_sharded(path)
+        else:
+            tr = self._resume_whole(path)
+        self.step = int(tr["step"])
+        self.wandb_id = tr.get("wandb_id")
+        self.skipped_steps = int(tr.get("skipped_steps", 0))
+        if self.mesh.is_logging_rank:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def _layout(self) -> dict[str, int]:
+        lay = self.mesh.layout
+        return {"world": lay.world, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep}
+
+    def _resume_sharded(self, path: str) -> dict[str, Any]:
+        """Each rank reads exactly the keys of its own partial model (and their optimizer state)."""
+        tensors = sharded.model_entries(self.model)
+        by_name: dict[str, dict[str, Any]] = {}
+        if sharded.has_optim(path):
+            stored = sharded.stored_shapes(path)
+            splits = sharded.expert_splits(self.model)
+            for name, p in self.model.named_parameters():
+                zeros = torch.zeros_like(p)
+                state = {"exp_avg": zeros, "exp_avg_sq": torch.zeros_like(p), "step": torch.zeros(())}
+                entries = sharded.optim_entries(self.model, {name: state}, splits)
+                if all(k in stored for k in entries):  # a parameter that never had a gradient has no state
+                    by_name[name] = state
+                    tensors.update(entries)
+        with guarded(self.mesh, f"loading checkpoint {path}"):
+            sharded.load_into(path, tensors)
+            if self.zero is not None:
+                self.zero.load_named_state(by_name, lambda _name, v: v)
+            elif by_name:
+                load_named_optim(self.optimizer, by_name)
+        tr = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            saved_layout = json.load(f).get("layout")
+        rng = sharded.read_rng(path, self.mesh.rank)
+        if rng is not None and saved_layout == self._layout():
+            set_rng_state(rng)  # the same layout continues bit for bit; another layout re-seeds nothing
+        return tr
+
+    def _resume_whole(self, path: str) -> dict[str, Any]:
+        """Whole-model checkpoints (`moe_train/single-v1`: HF imports, older runs)."""
         state = ckpt.load_checkpoint(path, map_location=self.device)
         expected = build_model(self.cfg.model, device="meta").state_dict()
         ckpt.check_model_state(expected, state["model"], path)
@@ -233,40 +284,51 @@ class Trainer:
             state["optim"],
             self.zero.load_named_state if self.zero is not None else None,
         )
-        tr = state["trainer"]
-        self.step = int(tr.get("step", state["meta"]["step"]))
-        self.wandb_id = tr.get("wandb_id")
-        self.skipped_steps = int(tr.get("skipped_steps", 0))
+        tr = dict(state["trainer"])
+        tr.setdefault("step", state["meta"]["step"])
         if "rng" in tr and not self.mesh.distributed:
             set_rng_state(tr["rng"])
-        if self.mesh.is_logging_rank:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+        return tr
 
     def save(self) -> str | None:
-        """Every rank joins the gather; rank 0 writes the whole-model checkpoint (layout-independent)."""
-        with guarded(self.mesh, f"checkpoint gather at step {self.step}"):
-            named = self.zero.named_state() if self.zero is not None else None
-            model_sd, optim_sd = full_state(self.model, self.optimizer, self.mesh, named)
-        path = None
-        if self.mesh.is_logging_rank:
+        """Every rank writes its own shards (sharded.py); committed atomically once all ranks are done.
+        With `trainer.async_save` the write runs in the background and is committed at the next save or at
+        the end of the run."""
+        t = self.cfg.trainer
+        with guarded(self.mesh, f"checkpoint of step {self.step}"):
+            self.finish_pending_save()
+            tensors = sharded.model_entries(self.model)
+            named = self.zero.named_state() if self.zero is not None else optim_by_name(self.optimizer)
+            tensors.update(sharded.optim_entries(self.model, named["by_name"]))
             trainer_state = {
                 "step": self.step,
-                "rng": rng_state(),
                 "wandb_id": self.wandb_id,
                 "skipped_steps": self.skipped_steps,
+                "has_optim": True,
             }
-            path = ckpt.save_checkpoint(
+            out = sharded.save(
                 self.ckpt_root,
                 self.step,
-                model_sd,
-                optim_sd,
+                tensors,
                 trainer_state,
+                rng_state(),
                 OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-                keep_last=self.cfg.trainer.keep_last,
+                self._layout(),
+                t.keep_last,
+                t.async_save,
+                self._async_group,
             )
-        with guarded(self.mesh, f"barrier after the checkpoint of step {self.step}"):
-            self.mesh.barrier()
-        return path
+        if isinstance(out, sharded.PendingSave):
+            self._pending_save = out
+            return None
+        return out
+
+    def finish_pending_save(self) -> str | None:
+        """Commit an asynchronous save still in flight (collective); None if there is none."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is None:
+            return None
+        return sharded.commit_pending(pending, self.cfg.trainer.keep_last)
 
     def _write_run_info(self) -> None:
         if not self.mesh.is_logging_rank:
@@ -544,8 +606,11 @@ class Trainer:
                     if stop.agreed(self.mesh) and self.step < t.max_steps:
                         if not saved:
                             self.save()
+                        self.finish_pending_save()  # the requeued job must find it committed
                         hub.log({"kind": "preempted", "step": self.step, "signal": stop.signame})
                         raise Preempted(self.step, stop.signame or "?")
+            with guarded(self.mesh, "committing the last asynchronous checkpoint"):
+                self.finish_pending_save()
             summary = self._summary(last, last_eval)
             hub.log({"kind": "summary", "step": self.step, **summary})
         finally:
