@@ -13,34 +13,16 @@ import pytest
 import torch
 
 from distributed import run_world
-from moe_train.config import ConfigError, load_config, to_object, validate
+from moe_train.config import ConfigError, validate
 from moe_train.train.trainer import Trainer
+from tiny_cfg import tiny_cfg
 
 STEPS = 10
 
 
 def make_cfg(run_dir: str, *overrides: str, steps: int = STEPS):
-    cfg = to_object(
-        load_config(
-            [
-                "data=synthetic",
-                "data.synthetic_tokens=20000",
-                "data.seq_len=32",
-                "data.batch_size=8",
-                "model.num_hidden_layers=2",
-                f"trainer.max_steps={steps}",
-                "trainer.log_every=1",
-                "trainer.eval_every=1000",
-                "trainer.progress=false",
-                "logger.console=false",
-                "optim.warmup_steps=2",
-                "optim.grad_clip=0.5",  # the clip is active (norms ~1.5): the global norm must be exact
-                *overrides,
-            ]
-        )
-    )
-    cfg.run_dir = run_dir
-    return cfg
+    # the clip is active (norms ~1.5): the global norm must be exact
+    return tiny_cfg(run_dir, "optim.grad_clip=0.5", *overrides, steps=steps)
 
 
 def trajectory(

@@ -157,19 +157,24 @@ def load_model_state(path: str) -> dict[str, torch.Tensor]:
 
 def check_model_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
     """A checkpoint of another model config fails with the mismatching keys named, not a torch traceback."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(found)
-        if tuple(expected[k].shape) != tuple(found[k].shape)
+    raise_mismatch(
+        source,
+        missing=sorted(set(expected) - set(found)),
+        unexpected=sorted(set(found) - set(expected)),
+        shapes=sorted(
+            f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in set(expected) & set(found)
+            if tuple(expected[k].shape) != tuple(found[k].shape)
+        ),
     )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:8]}")
-        raise ValueError(f"checkpoint {source} does not fit this model config: " + "; ".join(parts))
+
+
+def raise_mismatch(source: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> None:
+    """The one error for a checkpoint that does not fit the model: up to 8 names of each kind."""
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if names:
+            parts.append(f"{label} {names[:8]}{' ...' if len(names) > 8 else ''}")
+    raise ValueError(f"checkpoint {source} does not fit this model config: " + "; ".join(parts))

@@ -260,15 +260,7 @@ def check_keys(wanted: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...
     unexpected: list[str] = []
     if not dist.is_initialized() or dist.get_world_size() == 1:  # one process holds every key
         unexpected = sorted(model_keys - set(wanted))
-    if missing or shapes or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:8]}")
-        raise ValueError(f"checkpoint {path} does not fit this model config: " + "; ".join(parts))
+    ckpt.raise_mismatch(path, missing, unexpected, shapes)
 
 
 def load_into(path: str, tensors: dict[str, torch.Tensor]) -> None:
