@@ -108,16 +108,19 @@ def test_a_crash_between_shard_write_and_commit_leaves_the_previous_checkpoint(t
     assert not [n for n in os.listdir(os.path.join(root, "checkpoints")) if n.endswith(".tmp")]
 
 
-def test_hf_export_from_a_sharded_checkpoint(tmp_path):
+def test_hf_export_and_generation_from_a_sharded_checkpoint(tmp_path):
     from moe_train.hf import from_pretrained
     from moe_train.hf.cli import export_checkpoint
+    from moe_train.infer import load_for_inference
 
     _, t = run(str(tmp_path / "a"), "trainer.resume=none", steps=1, save_at=1)
-    export_checkpoint(str(tmp_path / "a"), str(tmp_path / "hf"))
-    back = from_pretrained(str(tmp_path / "hf"))
     want = t.model.state_dict()
-    for k, v in back.state_dict().items():
+    export_checkpoint(str(tmp_path / "a"), str(tmp_path / "hf"))
+    for k, v in from_pretrained(str(tmp_path / "hf")).state_dict().items():
         assert torch.equal(v, want[k]), k
+    loaded = load_for_inference(str(tmp_path / "a"))  # the run dir: its latest, sharded
+    got = loaded.model.state_dict()
+    assert got and all(torch.equal(v, want[k]) for k, v in got.items())
 
 
 # ---------------------------------------------------------------------------------------- layouts
