@@ -204,7 +204,8 @@ class DeepSpeedZero:
         owned: set[str] | None,
         run_dir: str | None,
     ) -> None:
-        import deepspeed
+        from deepspeed import comm as ds_dist
+        from deepspeed.runtime.config import DeepSpeedConfig
 
         self.model = model
         self.mesh = mesh
@@ -217,18 +218,16 @@ class DeepSpeedZero:
         moe_group = None
         if mesh.layout.ep > 1:
             moe_group = _register_expert_groups(mesh)
+            experts = expert_param_names(model)
             for name, p in model.named_parameters():
-                if name in expert_param_names(model):
+                if name in experts:
                     p.allreduce = False
                     p.group_name = moe_group
         for name, p in model.named_parameters():
             if owned is not None and name not in owned:
                 p.ds_pipe_replicated = True  # a copy whose owner on another stage counts it
         mpu = MeshMPU(mesh)
-        from deepspeed import comm as ds_dist
-        from deepspeed.runtime.config import DeepSpeedConfig
-
-        ds_dist.init_distributed(dist_backend=mesh.backend or "gloo", dist_init_required=False)
+        ds_dist.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)  # wraps ours
         config_class = DeepSpeedConfig(self.config, mpu)
         self.engine = _engine_class()(
             args=None,
@@ -240,7 +239,6 @@ class DeepSpeedZero:
             config=self.config,
             config_class=config_class,
         )
-        del deepspeed
         self.optimizer = self.engine.optimizer  # the ZeRO optimizer: param_groups, zero_grad, state
         if mesh.layout.pp > 1:
             _global_norm_over_stages(self.optimizer, mesh.group("pp"))
