@@ -252,8 +252,11 @@ class Trainer:
             stored = sharded.stored_shapes(path)
             splits = sharded.expert_splits(self.model)
             for name, p in self.model.named_parameters():
-                zeros = torch.zeros_like(p)
-                state = {"exp_avg": zeros, "exp_avg_sq": torch.zeros_like(p), "step": torch.zeros(())}
+                state = {
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                    "step": torch.zeros(()),
+                }
                 entries = sharded.optim_entries(self.model, {name: state}, splits)
                 if all(k in stored for k in entries):  # a parameter that never had a gradient has no state
                     by_name[name] = state
