@@ -167,6 +167,8 @@ class ParallelConfig:
     dispatcher: str = "alltoall"  # alltoall | hierarchical
     gpus_per_node: int | None = None  # None: LOCAL_WORLD_SIZE
     overlap: bool = False
+    # sum gradients over dp / expert-dp while backward still runs (torch engine, no pipeline schedule)
+    overlap_grad_reduce: bool = True
     microbatches: int = 1  # micro-batches per optimizer step on each data-parallel rank
     stage_layers: list[int] | None = None
     backend: str | None = None  # None: nccl on cuda, gloo on cpu

@@ -31,6 +31,7 @@ from ..optim import build_optimizer, lr_at, set_lr
 from ..optim.deepspeed_zero import DeepSpeedZero
 from ..parallel.dispatch import CommCounters
 from ..parallel.expert import apply_expert_parallel, expert_param_names, expert_slice
+from ..parallel.grad_sync import OverlappedGradReduce
 from ..parallel.grads import clip_gradients, reduce_gradients, reduce_ties
 from ..parallel.mesh import Mesh, build_mesh
 from ..parallel.pipeline.analysis import peak_activations
@@ -185,6 +186,10 @@ class Trainer:
             self.optimizer = self.zero.optimizer
         else:
             self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.grad_sync: OverlappedGradReduce | None = None
+        if p.overlap_grad_reduce and self.zero is None and not self.pipeline and self.mesh.distributed:
+            sync = OverlappedGradReduce(self.model, self.mesh, p.microbatches)
+            self.grad_sync = sync if sync.active else None
         self.bias = BiasController(cfg.balance, t.max_steps)
         self.params = count_params(cfg.model)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -416,6 +421,8 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, mesh = self.cfg, self.mesh
+        if self.grad_sync is not None:
+            self.grad_sync.arm()  # reductions start inside the last micro-batch's backward
         with guarded(mesh, f"forward/backward of step {step + 1}"):
             sums, step_stats = self.forward_backward(step)
         lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
@@ -431,6 +438,8 @@ class Trainer:
             if skip:
                 # A lone bad batch (or a transient overflow) costs one step, not the run; the gradients
                 # are dropped before any rank reduces them, so no NaN reaches weights, moments or biases.
+                if self.grad_sync is not None:
+                    self.grad_sync.finish()  # (overlapped reductions already ran: let them end, then drop)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.skipped_steps += 1
                 grad_norm, gamma = float("nan"), 0.0
@@ -449,7 +458,11 @@ class Trainer:
                     grad_norm = self.zero.step(lr)
                 else:
                     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                    reduce_gradients(self.model, mesh, self.ties)
+                    if self.grad_sync is not None:
+                        self.grad_sync.finish()
+                        reduce_ties(self.model, self.ties)
+                    else:
+                        reduce_gradients(self.model, mesh, self.ties)
                     grad_norm = clip_gradients(self.model, mesh, clip, self.owned)
                     set_lr(self.optimizer, lr)
                     self.optimizer.step()
