@@ -469,9 +469,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if cfg.model.n_routed_experts % p.ep:
         _fail("parallel.ep", p.ep, f"a divisor of model.n_routed_experts={cfg.model.n_routed_experts}")
     if p.overlap:
-        _fail(
-            "parallel.overlap", p.overlap, "false in this version (the overlap engine is not implemented yet)"
-        )
+        _check_overlap(cfg)
     if world_size % (p.pp * p.ep):
         _fail("WORLD_SIZE", world_size, f"a multiple of parallel.pp*parallel.ep={p.pp * p.ep}")
     dp = world_size // p.pp
@@ -486,6 +484,37 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             "data.batch_size",
             d.batch_size,
             f"a multiple of dp*parallel.microbatches={dp}*{p.microbatches}={dp * p.microbatches}",
+        )
+
+
+def _check_overlap(cfg: TrainConfig) -> None:
+    """parallel.overlap hides the expert all-to-all under the other direction's compute (parallel/overlap.py):
+    it needs that all-to-all, something to pair, and sub-steps it can cut."""
+    p, t = cfg.parallel, cfg.trainer
+    if p.ep == 1:
+        _fail("parallel.ep", p.ep, "> 1 with parallel.overlap=true (ep=1 has no all-to-all to hide)")
+    if p.dispatcher != "alltoall":
+        _fail("parallel.dispatcher", p.dispatcher, "alltoall with parallel.overlap=true")
+    if t.recompute == "full":
+        _fail(
+            "trainer.recompute",
+            t.recompute,
+            "none or selective with parallel.overlap=true (the overlap engine cuts each block into "
+            "sub-steps; a whole-block checkpoint would repeat their exchanges inside backward)",
+        )
+    if p.pp == 1 and p.schedule == "1f1b" and p.microbatches < 2:
+        _fail(
+            "parallel.microbatches",
+            p.microbatches,
+            ">= 2 with parallel.overlap=true and parallel.pp=1 (micro-batch i's forward runs paired with "
+            "micro-batch i-1's backward)",
+        )
+    if cfg.optim.engine == "deepspeed" and cfg.deepspeed.zero_stage == 2:
+        _fail(
+            "deepspeed.zero_stage",
+            2,
+            "1 with parallel.overlap=true (the overlap engine runs backward through the pipeline executor, "
+            "which ZeRO-2's in-backward reduction does not follow)",
         )
 
 

@@ -149,17 +149,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
         B, T, H = x.shape
         flat = x.reshape(-1, H)
-        routing = self.gate(flat)
-        if stats is not None:
-            counts = expert_counts(routing.topk_idx, self.n_experts)  # no host sync, unlike bincount
-            loss = None
-            if self.training and self.balance.kind and self.balance.alpha > 0:
-                loss = self.balance.alpha * balance_terms(routing, B, T, self.balance.kind)
-            # A checkpointed block re-runs this forward inside backward: it must compute the same tensors
-            # (checkpointing matches saved tensors by order) but not record the router twice. The graph
-            # keeps the balance-loss term of the original forward.
-            if not in_backward():
-                stats.add(RouterRecord(self.layer_id, counts, loss))
+        routing = self.route(flat, B, T, stats)
         rows, local_counts, plan = self.dispatcher.dispatch(
             flat, routing.topk_idx, routing.topk_weight, self.n_experts
         )
@@ -167,3 +157,20 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, H)
+
+    def route(self, flat: torch.Tensor, batch: int, seq: int, stats: MoEStats | None = None) -> Routing:
+        """Routing of the (batch·seq, hidden) tokens `flat`, with the router record (loads and the balance
+        term) added to `stats`. A step of its own for callers that run the layer in parts (the overlap
+        engine); `forward` is route → dispatch → experts → combine, plus the shared experts."""
+        routing = self.gate(flat)
+        if stats is not None:
+            counts = expert_counts(routing.topk_idx, self.n_experts)  # no host sync, unlike bincount
+            loss = None
+            if self.training and self.balance.kind and self.balance.alpha > 0:
+                loss = self.balance.alpha * balance_terms(routing, batch, seq, self.balance.kind)
+            # A checkpointed block re-runs this forward inside backward: it must compute the same tensors
+            # (checkpointing matches saved tensors by order) but not record the router twice. The graph
+            # keeps the balance-loss term of the original forward.
+            if not in_backward():
+                stats.add(RouterRecord(self.layer_id, counts, loss))
+        return routing

@@ -49,11 +49,16 @@ class DecoderLayer(Recomputable, nn.Module):
         return maybe_checkpoint(self.recompute == "full" and self.training, self._block, h, stats)
 
     def _block(self, h: torch.Tensor, stats: MoEStats | None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h))
+        h = self.attention(h)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             return h + self.mlp(x, stats)
         return h + self.mlp(x)
+
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
+        """The attention half of the block with its residual (a step of its own for callers that run the
+        block in parts, e.g. the overlap engine)."""
+        return h + self.self_attn(self.input_layernorm(h))
 
 
 class MTPLayer(nn.Module):

@@ -12,6 +12,10 @@ the backward of *start* waits for it, so whatever autograd (or an explicit sched
 nodes overlaps the backward transfer too.  `all_to_all` does start+wait at once for plain use.
 The same code runs on gloo (async work handles) and NCCL (its own stream; `wait` makes the current stream
 wait without blocking the host).
+
+`exchange_start` / `exchange_wait` are the same exchange outside autograd, for the overlap engine
+(`parallel/overlap.py`), which cuts the graph at every exchange and moves gradients back by hand: a backward
+exchange left pending inside one autograd call could not be overlapped with anything.
 """
 
 from __future__ import annotations
@@ -108,11 +112,28 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return a2a_wait(a2a_start(x, pending), pending)
 
 
-def exchange_counts(send_counts: torch.Tensor, group: Any) -> torch.Tensor:
-    """Each peer learns how many rows it will receive from every other: one small all-to-all (1 per peer)."""
-    recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
-    return recv
+@dataclass
+class Exchange:
+    """An all-to-all in flight outside autograd: `out` holds the received rows once `exchange_wait` ran."""
+
+    out: torch.Tensor
+    work: Any
+
+
+def exchange_start(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> Exchange:
+    """Launch the exchange of x's rows (in_splits[i] rows to peer i, out_splits[i] from it); returns at once.
+
+    On NCCL the transfer runs on the process group's own stream, after the work already queued on the
+    current stream; on gloo on its worker threads."""
+    out, work = _launch(x.detach(), sum(out_splits), out_splits, in_splits, group)
+    return Exchange(out, work)
+
+
+def exchange_wait(ex: Exchange) -> torch.Tensor:
+    """The received rows. NCCL: the current stream waits for the transfer (the host does not); gloo: the
+    host waits."""
+    ex.work.wait()
+    return ex.out
 
 
 def all_to_all_nograd(

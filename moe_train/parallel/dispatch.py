@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..model.gather import Bags, bag_sum, gather_rows
-from .comm import A2A, a2a_start, a2a_wait, exchange_counts
+from .comm import A2A, a2a_start, a2a_wait
 
 
 @dataclass
@@ -88,6 +89,38 @@ def route(
     e.g. the expert id — the same exchange carries how many slots of each key go to each peer: the
     receiver learns its slot count and rows per expert from it, not from a second synchronisation.
     """
+    return route_finish(route_start(owner, peers, group, slot_key, keys_per_peer, unheld))
+
+
+@dataclass
+class RouteStart:
+    """A `route` whose count exchange is in flight (`route_start`); `route_finish` completes it."""
+
+    n: int
+    peers: int
+    uses: torch.Tensor  # (peers, n) bool: row j goes to peer p
+    counts: torch.Tensor  # (peers, 1 + keys) sent
+    recv: torch.Tensor  # (peers, 1 + keys) received (valid once waited)
+    work: Any = None  # the exchange's work handle (no side stream)
+    host: torch.Tensor | None = None  # pinned copy of [counts; recv] (side stream)
+    done: Any = None  # CUDA event after that copy (side stream)
+    slot_counting: bool = False
+
+
+def route_start(
+    owner: torch.Tensor,
+    peers: int,
+    group: Any,
+    slot_key: torch.Tensor | None = None,
+    keys_per_peer: int = 0,
+    unheld: bool = False,
+    stream: Any = None,
+) -> RouteStart:
+    """First half of `route`: count the rows and launch the count exchange; returns without waiting.
+
+    stream (CUDA only): run the exchange and its copy to pinned host memory on this side stream, so that
+    `route_finish` waits for them alone — not for compute queued on the current stream after this call
+    (the overlap engine queues the other micro-batch's backward there while the host waits)."""
     n = owner.shape[0]
     dev = owner.device
     held = owner >= 0 if unheld else None
@@ -105,8 +138,36 @@ def route(
         counts.scatter_add_(0, key, torch.ones_like(key))
     counts = counts[:-1].view(peers, width)
     counts[:, 0].copy_(uses.sum(1))
-    recv = exchange_counts(counts, group)
-    host = torch.cat([counts, recv]).tolist()  # the one host sync
+    if stream is None:
+        recv = torch.empty_like(counts)
+        work = dist.all_to_all_single(recv, counts, group=group, async_op=True)
+        return RouteStart(n, peers, uses, counts, recv, work=work, slot_counting=slot_key is not None)
+    ready = torch.cuda.Event()
+    ready.record()
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts, group=group)  # the side stream waits for it, not the host
+        host = torch.empty((2 * peers, width), dtype=counts.dtype, pin_memory=True)
+        host.copy_(torch.cat([counts, recv]), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    counts.record_stream(stream)
+    return RouteStart(n, peers, uses, counts, recv, host=host, done=done, slot_counting=slot_key is not None)
+
+
+def route_finish(p: RouteStart) -> Route:
+    """Second half of `route`: wait for the counts (the one host sync) and build the row lists."""
+    if p.done is not None:
+        p.done.synchronize()  # the host waits for the count exchange and its copy only
+        cur = torch.cuda.current_stream()
+        cur.wait_event(p.done)
+        p.recv.record_stream(cur)
+        host = p.host.tolist()
+    else:
+        p.work.wait()
+        host = torch.cat([p.counts, p.recv]).tolist()  # the one host sync
+    n, peers, uses, recv, dev = p.n, p.peers, p.uses, p.recv, p.uses.device
     send_splits = [c[0] for c in host[:peers]]
     recv_splits = [c[0] for c in host[peers:]]
     recv_slots = sum(sum(c[1:]) for c in host[peers:])
@@ -124,7 +185,7 @@ def route(
         send_splits=send_splits,
         recv_splits=recv_splits,
         recv_slots=recv_slots,
-        recv_key_counts=None if slot_key is None else recv[:, 1:].sum(0),
+        recv_key_counts=recv[:, 1:].sum(0) if p.slot_counting else None,
     )
 
 
@@ -253,20 +314,33 @@ class AllToAllDispatcher:
         """One host sync (split sizes, slot count and rows per local expert, from one count exchange);
         then one exchange carrying each row's slot metadata (global expert ids and gate weights together),
         which the host does not wait for."""
-        per_rank = n_experts // self.ep
-        r = route(topk_idx // per_rank, self.ep, self.group, topk_idx, per_rank)
+        r = route_finish(self.route_start(topk_idx, n_experts))
         meta = send_slot_meta(r, slot_meta(topk_idx, topk_weight), self.group)
-        slots = receiver_slots(meta, self.ep_rank * per_rank, per_rank, r.recv_slots, r.recv_key_counts)
-        return A2APlan(n_tokens=topk_idx.shape[0], route=r, slots=slots)
+        return A2APlan(n_tokens=topk_idx.shape[0], route=r, slots=self.receive(meta, r, n_experts))
+
+    # The plan's parts, also used by the overlap engine (parallel/overlap.py), which runs them as sub-steps.
+    def route_start(self, topk_idx: torch.Tensor, n_experts: int, stream: Any = None) -> RouteStart:
+        """Count the (token, rank) rows and launch the count exchange (`route_finish` waits for it)."""
+        per_rank = n_experts // self.ep
+        return route_start(topk_idx // per_rank, self.ep, self.group, topk_idx, per_rank, stream=stream)
+
+    def receive(self, meta: torch.Tensor, r: Route, n_experts: int) -> Slots:
+        """The received rows' slots that name this rank's experts, sorted by local expert."""
+        per_rank = n_experts // self.ep
+        return receiver_slots(meta, self.ep_rank * per_rank, per_rank, r.recv_slots, r.recv_key_counts)
+
+    def count(self, kind: str, splits: list[int], rows: torch.Tensor) -> None:
+        """Add one exchange of `rows`' rows (splits[i] to peer i) to the byte counters."""
+        if self.counters is not None:
+            row_bytes = rows.shape[-1] * rows.element_size()
+            self.counters.add(kind, splits, row_bytes, self.ep_rank, self.peer_nodes)
 
     # ------------------------------------------------------------------------------ dispatch (async)
     def dispatch_start(self, x: torch.Tensor, plan: A2APlan) -> Pending:
         r = plan.route
         send = gather_rows(x, r.pair_row, r.rows)
         comm = A2A(r.recv_splits, r.send_splits, self.group, log=self.event_log, name="dispatch")
-        if self.counters is not None:
-            row_bytes = x.shape[-1] * x.element_size()
-            self.counters.add("dispatch", r.send_splits, row_bytes, self.ep_rank, self.peer_nodes)
+        self.count("dispatch", r.send_splits, x)
         # Backward order: this exchange before the metadata's (see comm.a2a_start).
         return Pending(plan, a2a_start(send, comm, after=(plan.slots.weight,)), comm)
 
@@ -280,9 +354,7 @@ class AllToAllDispatcher:
         partial = slot_weighted_sums(y, plan.slots)
         r = plan.route
         comm = A2A(r.send_splits, r.recv_splits, self.group, log=self.event_log, name="combine")
-        if self.counters is not None:
-            row_bytes = y.shape[-1] * y.element_size()
-            self.counters.add("combine", r.recv_splits, row_bytes, self.ep_rank, self.peer_nodes)
+        self.count("combine", r.recv_splits, y)
         return Pending(plan, a2a_start(partial, comm), comm)
 
     def combine_wait(self, pending: Pending) -> torch.Tensor:

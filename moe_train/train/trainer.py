@@ -126,14 +126,16 @@ class Trainer:
 
         balance = balance_loss_spec(cfg.balance)
         experts = expert_slice(cfg.model.n_routed_experts, self.mesh)
-        self.pipeline = p.pp > 1 or p.schedule != "1f1b"
+        # parallel.overlap runs through the executor too (pp=1: its 1F1B pairs micro-batch i's forward with
+        # micro-batch i-1's backward)
+        self.pipeline = p.pp > 1 or p.schedule != "1f1b" or p.overlap
         self.ties: list = []
         self.owned: set[str] | None = None
         # (layer ids incl. MTP blocks, holds the head) per stage this rank runs, and micro-batches in flight
         mem_stages: list[tuple[list[int], bool]]
         in_flight = 1
         if self.pipeline:
-            schedule = build_schedule(p.schedule, p.pp, p.microbatches)
+            schedule = build_schedule(p.schedule, p.pp, p.microbatches, p.overlap)
             self.model, stages, chunks = rank_model_and_stages(
                 cfg.model, schedule, self.mesh.pp_rank, balance, self.device, t.seed, experts, p.stage_layers
             )
@@ -154,6 +156,7 @@ class Trainer:
                 cfg.model.hidden_size,
                 # the residual stream between stages keeps the weights' dtype, also under autocast
                 next(self.model.parameters()).dtype,
+                overlap=p.overlap,
             )
         else:
             self.model = build_model(cfg.model, balance, self.device, t.seed, expert_slice=experts)

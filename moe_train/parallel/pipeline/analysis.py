@@ -335,11 +335,13 @@ def peak_activations(schedule: Schedule, release: str = "B") -> list[int]:
 def activation_bound(schedule: Schedule) -> int:
     """The documented per-rank bound on :func:`peak_activations` (release at B).
 
-    1F1B: ``min(pp, m)`` (rank 0).  DualPipe: ``pp + 1`` stages, the paper's PP+1.  DualPipeV:
-    ``2*pp + 1`` of its half-size stages, i.e. PP+1 with PP = 2*pp stages, as in the DualPipe README table.
+    1F1B: ``min(pp, m)`` (rank 0), ``min(pp + 1, m)`` with overlapped FB pairs (one more warm-up forward).
+    DualPipe: ``pp + 1`` stages, the paper's PP+1.  DualPipeV: ``2*pp + 1`` of its half-size stages, i.e.
+    PP+1 with PP = 2*pp stages, as in the DualPipe README table.
     """
     if schedule.name == "1f1b":
-        return min(schedule.pp, schedule.microbatches)
+        paired = any(a.kind is Kind.FB for acts in schedule.ranks for a in acts)
+        return min(schedule.pp + paired, schedule.microbatches)
     if schedule.name == "dualpipe":
         return schedule.pp + 1
     return 2 * schedule.pp + 1

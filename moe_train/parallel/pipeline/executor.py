@@ -8,8 +8,14 @@ link). Shapes need no exchange: every rank reads the same global batch, so it kn
 
 B and W are split by running autograd twice over the stage's retained graph: B asks only for the gradient of
 the stage input (parameters' `.grad` stay untouched), W later only for the parameters. This is exact; it
-costs a second traversal of the backward graph, which the overlap engine's cut sub-steps will remove.
-FB runs its forward and then its backward (the overlap engine interleaves them).
+costs a second traversal of the backward graph. FB runs its forward and then its backward.
+
+With `overlap` (parallel.overlap) every action runs through the overlap engine (`parallel/overlap.py`):
+stages are cut into sub-steps at each MoE block's all-to-alls, an FB runs its two halves interleaved so each
+half's exchanges are in flight under the other half's compute, and B/W use the same cuts (W repeats no
+communication). An FB receives both inputs before it starts and sends each half's output when that half
+ends (the order `analysis.simulate` assumes for an FB). Loss values are read back once, at the end of the
+step (a `.item()` per micro-batch would be a host sync in the middle of an FB pair).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ...model import MoEStats, Transformer
+from ..overlap import OverlapEngine, StageParts, StageTape, drain, pair
 from .schedules import Action, Kind, Schedule
 
 
@@ -36,6 +43,7 @@ class _Slot:
     roots: list[torch.Tensor]  # tensors to backpropagate from
     grads: list[torch.Tensor | None]  # their incoming gradients (None: filled from a receive)
     b_done: bool = False
+    tape: StageTape | None = None  # the overlap engine's record of the forward (then roots = [output])
 
 
 @dataclass
@@ -44,6 +52,19 @@ class StepOutput:
     stats: MoEStats = field(default_factory=MoEStats)
     has_mtp: bool = False
     has_balance: bool = False
+    # (key, weight, scalar tensor) terms of `sums`, read back together by `finish` (one host sync)
+    pending: list[tuple[str, float, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, key: str, weight: float, value: torch.Tensor) -> None:
+        self.pending.append((key, weight, value.detach()))
+
+    def finish(self) -> StepOutput:
+        if self.pending:
+            values = torch.stack([v.float() for _, _, v in self.pending]).tolist()
+            for (key, w, _), v in zip(self.pending, values, strict=True):
+                self.sums[key] += w * v
+            self.pending = []
+        return self
 
 
 class PipelineExecutor:
@@ -56,12 +77,17 @@ class PipelineExecutor:
         group: Any,
         hidden_size: int,
         dtype: torch.dtype = torch.float32,
+        overlap: bool | OverlapEngine = False,
     ) -> None:
         """rank: this rank's pipeline index; stages: stage id -> module for the stages it holds;
-        peers[i]: global rank of pipeline rank i (for p2p); group: the pipeline process group."""
+        peers[i]: global rank of pipeline rank i (for p2p); group: the pipeline process group;
+        overlap: run actions through an overlap engine (True: a new one; or the engine to use)."""
         self.schedule, self.rank, self.stages = schedule, rank, stages
         self.peers, self.group = peers, group
         self.hidden, self.dtype = hidden_size, dtype
+        self.engine: OverlapEngine | None = (
+            overlap if isinstance(overlap, OverlapEngine) else OverlapEngine() if overlap else None
+        )
 
     # ------------------------------------------------------------------------------------------- p2p
     def _send(self, t: torch.Tensor, to: int, tag: int, pending: list) -> None:
@@ -85,11 +111,14 @@ class PipelineExecutor:
         sends: list = []
         ctx = (micro, weights, mtp_weight, slots, local_fwd, local_bwd, sends, out)
         for action in self.schedule.ranks[self.rank]:
+            if action.kind is Kind.FB and self.engine is not None:
+                self._pair(action, ctx)
+                continue
             for part in action.parts():
                 self._run_part(part, ctx)
         for s in sends:
             s.wait()
-        return out
+        return out.finish()
 
     @torch.no_grad()
     def forward_only(self, micro: list[torch.Tensor], weights: list[float]) -> StepOutput:
@@ -103,7 +132,7 @@ class PipelineExecutor:
                 self._forward(stage, mb, ctx, keep=False)
         for s in sends:
             s.wait()
-        return out
+        return out.finish()
 
     def _run_part(self, a: Action, ctx) -> None:
         if a.kind is Kind.F:
@@ -116,38 +145,61 @@ class PipelineExecutor:
             raise ValueError(f"cannot run {a}")
 
     def _forward(self, stage: int, mb: int, ctx, keep: bool = True) -> None:
+        x = self._stage_input(stage, mb, ctx, keep)
+        drain(self._forward_program(stage, mb, x, ctx, keep))
+
+    def _stage_input(self, stage: int, mb: int, ctx, keep: bool) -> torch.Tensor:
+        """Token ids on a pipeline's first stage; else the activation received (or handed over locally)."""
+        micro, _, _, _, local_fwd, _, _, _ = ctx
+        sch, module = self.schedule, self.stages[stage]
+        device = next(module.parameters()).device
+        tokens = micro[mb].to(device)
+        if sch.is_first_stage(stage):
+            return tokens[:, :-1]
+        frm = sch.recv_forward_from(stage)
+        shape = (tokens.shape[0], tokens.shape[1] - 1, self.hidden)
+        x = local_fwd.pop((stage, mb)) if frm is None else self._recv(shape, frm, _tag(0, stage, mb), device)
+        if keep:
+            x.requires_grad_(True)
+        return x
+
+    def _forward_program(self, stage: int, mb: int, x: torch.Tensor, ctx, keep: bool):
+        """The forward of (stage, mb) as a program (parallel/overlap.py) that sends its output at the end."""
         micro, weights, mtp_weight, slots, local_fwd, _, sends, out = ctx
         sch, module = self.schedule, self.stages[stage]
-        tokens = micro[mb]
-        device = next(module.parameters()).device
-        tokens = tokens.to(device)
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        shape = (inputs.shape[0], inputs.shape[1], self.hidden)
-        if sch.is_first_stage(stage):
-            x = inputs
-        else:
-            frm = sch.recv_forward_from(stage)
-            x = (
-                local_fwd.pop((stage, mb))
-                if frm is None
-                else self._recv(shape, frm, _tag(0, stage, mb), device)
-            )
-            if keep:
-                x.requires_grad_(True)
+        labels = micro[mb][:, 1:].to(x.device)
         stats = MoEStats()
         w = weights[mb]
-        if sch.is_last_stage(stage):
-            res = module.stage_forward(x, labels, stats)
+        last = sch.is_last_stage(stage)
+        results = []
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            res = StageParts.of(module).model._head(h, labels, stats, False)
+            results.append(res)
             loss = res.lm_loss
-            out.sums["lm_loss"] += w * res.lm_loss.item()
             if res.mtp_loss is not None:
                 loss = loss + mtp_weight * res.mtp_loss
-                out.sums["mtp_loss"] += w * res.mtp_loss.item()
-                out.has_mtp = True
-            roots, grads = [loss * w], [None]
-            out.sums["loss"] += w * loss.item()
+            return loss * w
+
+        tape = None
+        if self.engine is not None and keep:
+            tape = yield from self.engine.forward(StageParts.of(module), x, stats, w, head if last else None)
+            h = tape.output  # the weighted loss on the last stage
+        elif last:
+            results.append(module.stage_forward(x, labels, stats))
         else:
             h = module.stage_forward(x, None, stats)
+        if last:
+            res = results[0]
+            loss = res.lm_loss
+            out.add("lm_loss", w, res.lm_loss)
+            if res.mtp_loss is not None:
+                loss = loss + mtp_weight * res.mtp_loss
+                out.add("mtp_loss", w, res.mtp_loss)
+                out.has_mtp = True
+            roots, grads = [h if tape is not None else loss * w], [None]
+            out.add("loss", w, loss)
+        else:
             to = sch.send_forward_to(stage)
             if to is not None:
                 self._send(h.detach(), to, _tag(0, sch.next_stage(stage), mb), sends)
@@ -156,16 +208,17 @@ class PipelineExecutor:
             roots, grads = [h], [None]  # the gradient arrives with the backward
         bal = stats.balance_loss()
         if bal is not None:
-            roots.append(bal * w)
-            grads.append(None)
-            out.sums["balance_loss"] += w * bal.item()
-            out.sums["loss"] += w * bal.item()
+            if tape is None:  # the engine's sub-steps backpropagate their own balance terms
+                roots.append(bal * w)
+                grads.append(None)
+            out.add("balance_loss", w, bal)
+            out.add("loss", w, bal)
             out.has_balance = True
         for r in stats.records:
             r.balance_loss = None  # values were taken; keep only the counts beyond this point
         out.stats.records.extend(stats.records)
         if keep:
-            slots[(stage, mb)] = _Slot(x, roots, grads)
+            slots[(stage, mb)] = _Slot(x, roots, grads, tape=tape)
 
     def _incoming_grad(self, stage: int, mb: int, slot: _Slot, ctx) -> None:
         _, _, _, _, _, local_bwd, _, _ = ctx
@@ -185,11 +238,25 @@ class PipelineExecutor:
         ]
 
     def _backward(self, stage: int, mb: int, ctx, inputs_only: bool) -> None:
-        _, _, _, slots, _, local_bwd, sends, _ = ctx
-        sch = self.schedule
+        slots = ctx[3]
         slot = slots[(stage, mb)] if inputs_only else slots.pop((stage, mb))
         self._incoming_grad(stage, mb, slot, ctx)
-        first = sch.is_first_stage(stage)
+        drain(self._backward_program(stage, mb, slot, inputs_only, ctx))
+
+    def _backward_program(self, stage: int, mb: int, slot: _Slot, inputs_only: bool, ctx):
+        """The backward of (stage, mb) as a program; it passes the input gradient back at the end."""
+        _, _, _, _, _, local_bwd, sends, _ = ctx
+        first = self.schedule.is_first_stage(stage)
+        if slot.tape is not None:
+            assert self.engine is not None
+            mode = "B" if inputs_only else "BW"
+            gx = yield from self.engine.backward(slot.tape, slot.grads[0], mode)
+            slot.b_done = inputs_only
+            if not first:
+                self._pass_back(
+                    stage, mb, gx if gx is not None else torch.zeros_like(slot.x), local_bwd, sends
+                )
+            return
         if inputs_only:
             if not first:
                 (gx,) = torch.autograd.grad(slot.roots, [slot.x], self._root_grads(slot), retain_graph=True)
@@ -200,10 +267,27 @@ class PipelineExecutor:
         if not first:
             self._pass_back(stage, mb, slot.x.grad, local_bwd, sends)
 
+    def _pair(self, a: Action, ctx) -> None:
+        """An FB with the overlap engine: both inputs received first, then the forward of one micro-batch and
+        the full backward of another interleaved (`overlap.pair`)."""
+        slots = ctx[3]
+        f, b = a.parts()
+        x = self._stage_input(f.stage, f.mb, ctx, keep=True)
+        slot = slots.pop((b.stage, b.mb))
+        self._incoming_grad(b.stage, b.mb, slot, ctx)
+        pair(
+            self._forward_program(f.stage, f.mb, x, ctx, keep=True),
+            self._backward_program(b.stage, b.mb, slot, False, ctx),
+        )
+
     def _weights(self, stage: int, mb: int, ctx) -> None:
         _, _, _, slots, _, _, _, _ = ctx
         slot = slots.pop((stage, mb))
         params = [p for p in self.stages[stage].parameters() if p.requires_grad]
+        if slot.tape is not None:
+            assert self.engine is not None
+            self.engine.weights(slot.tape, params)
+            return
         torch.autograd.backward(slot.roots, self._root_grads(slot), inputs=params)
 
     def _pass_back(self, stage: int, mb: int, gx: torch.Tensor, local_bwd: dict, sends: list) -> None:

@@ -213,22 +213,29 @@ def _check_pp(pp: int, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ 1F1B
-def one_f_one_b(pp: int, microbatches: int) -> Schedule:
+def one_f_one_b(pp: int, microbatches: int, overlap: bool = False) -> Schedule:
     """PipeDream-flush 1F1B: rank r runs ``min(pp-1-r, m)`` warm-up forwards, then alternates one forward
     and one full backward, then drains the remaining backwards.
 
     At most ``min(pp - r, m)`` micro-batches are in flight on rank r, whatever ``microbatches`` is, which
     is why 1F1B replaced GPipe; its bubble is ``(pp-1)(F+B)`` per rank.
+
+    ``overlap``: one more warm-up forward per rank, then each steady-state forward paired with the previous
+    micro-batch's backward as an FB (the overlap engine runs the two interleaved); one more micro-batch in
+    flight per rank. With pp = 1: F0, FB(F1|B0), …, FB(F(m-1)|B(m-2)), BW(m-1).
     """
     _check_pp(pp, "1f1b")
     if microbatches < 1:
         raise _bad("parallel.microbatches", microbatches, "1f1b", "1F1B needs parallel.microbatches >= 1")
     ranks = []
     for r in range(pp):
-        warm = min(pp - 1 - r, microbatches)
+        warm = min(pp - 1 - r + overlap, microbatches)
         acts = [Action(Kind.F, r, m) for m in range(warm)]
         for i in range(microbatches - warm):
-            acts += [Action(Kind.F, r, warm + i), Action(Kind.BW, r, i)]
+            if overlap:
+                acts.append(Action(Kind.FB, r, warm + i, r, i))
+            else:
+                acts += [Action(Kind.F, r, warm + i), Action(Kind.BW, r, i)]
         acts += [Action(Kind.BW, r, m) for m in range(microbatches - warm, microbatches)]
         ranks.append(tuple(acts))
     return Schedule(
@@ -411,8 +418,11 @@ def dualpipev(pp: int, microbatches: int) -> Schedule:
 _BUILDERS = {"1f1b": one_f_one_b, "dualpipe": dualpipe, "dualpipev": dualpipev}
 
 
-def build_schedule(name: str, pp: int, microbatches: int) -> Schedule:
-    """The schedule called ``name`` (the value of ``parallel.schedule``)."""
+def build_schedule(name: str, pp: int, microbatches: int, overlap: bool = False) -> Schedule:
+    """The schedule called ``name`` (the value of ``parallel.schedule``). ``overlap`` (parallel.overlap)
+    pairs 1F1B's steady state into FB actions; DualPipe and DualPipeV have theirs already."""
     if name not in _BUILDERS:
         raise ValueError(f"parallel.schedule={name!r} is not one of {', '.join(SCHEDULES)}")
+    if name == "1f1b":
+        return one_f_one_b(pp, microbatches, overlap)
     return _BUILDERS[name](pp, microbatches)

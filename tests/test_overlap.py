@@ -1,0 +1,251 @@
+"""parallel.overlap on gloo: overlapped F&B pairs give the plain executor's losses and gradients, and inside
+one F&B pair each all-to-all is in flight while the other direction computes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from distributed import run_world
+from moe_train.config import ModelConfig
+from moe_train.model.moe import BalanceLoss
+from moe_train.parallel.expert import apply_expert_parallel, expert_slice
+from moe_train.parallel.grads import reduce_gradients
+from moe_train.parallel.mesh import build_mesh
+from moe_train.parallel.overlap import OverlapEngine
+from moe_train.parallel.pipeline.executor import PipelineExecutor
+from moe_train.parallel.pipeline.schedules import Kind, build_schedule
+from moe_train.parallel.pipeline.stages import rank_model_and_stages
+from moe_train.parallel.state import full_gradients
+
+CFG = ModelConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=5,  # 1 dense + 4 MoE blocks: 2 MoE blocks per stage of a pp=2 DualPipeV chunk pair
+    num_attention_heads=2,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    n_group=2,
+    topk_group=1,
+    n_shared_experts=1,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+)
+BAL = BalanceLoss("seq", 1e-2)
+SEED, MTP_W = 5, 0.3
+
+
+def _batch(m: int, dp_rank: int, seq: int = 12) -> tuple[list[torch.Tensor], list[float]]:
+    g = torch.Generator().manual_seed(100 + dp_rank)
+    tokens = torch.randint(0, CFG.vocab_size, (2 * m, seq + 1), generator=g)
+    return list(tokens.chunk(m)), [1.0 / m] * m
+
+
+def _executor_run(
+    mesh, name: str, m: int, overlap: bool, engine: OverlapEngine | None = None, mark_pairs: bool = False
+) -> dict:
+    """One step of `name` through the executor; this rank's loss share and its (unreduced) gradients.
+    mark_pairs: note the start and end of each F&B pair in the engine's log."""
+    sch = build_schedule(name, mesh.layout.pp, m, overlap)
+    experts = expert_slice(CFG.n_routed_experts, mesh)
+    model, stages, _ = rank_model_and_stages(CFG, sch, mesh.pp_rank, BAL, "cpu", SEED, experts)
+    apply_expert_parallel(model, mesh)
+    lay = mesh.layout
+    peers = [lay.rank_of(q, mesh.edp_rank, mesh.ep_rank) for q in range(lay.pp)]
+    ex = PipelineExecutor(sch, mesh.pp_rank, stages, peers, None, CFG.hidden_size, overlap=engine or overlap)
+    if mark_pairs:
+        orig = ex._pair
+
+        def marked(action, ctx):
+            ex.engine.log.append("pair begin L-")
+            orig(action, ctx)
+            ex.engine.log.append("pair end L-")
+
+        ex._pair = marked
+    res = ex.run(*_batch(m, mesh.dp_rank), MTP_W)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"sums": res.sums, "grads": grads, "schedule": sch}
+
+
+def _compare(off: dict, on: dict, what: str) -> None:
+    for k, v in off["sums"].items():
+        assert on["sums"][k] == pytest.approx(v, rel=1e-5, abs=1e-8), (what, k)
+    assert set(on["grads"]) == set(off["grads"]), what
+    for n, g in off["grads"].items():
+        torch.testing.assert_close(on["grads"][n], g, rtol=1e-5, atol=1e-7, msg=f"{what}: {n}")
+
+
+def _windows(log: list[str]) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """(side, exchange, layer) -> (index of its issue, index of its wait) in the event log."""
+    issued: dict[tuple[str, str, str], int] = {}
+    out = {}
+    for i, e in enumerate(log):
+        side, verb, what, layer = e.split()
+        if verb == "issue":
+            issued[(side, what, layer)] = i
+        elif verb == "wait":
+            out[(side, what, layer)] = (issued.pop((side, what, layer)), i)
+    assert not issued, f"exchanges never waited: {issued}"
+    return out
+
+
+def _check_fb_order(log: list[str]) -> dict:
+    """Within one F&B pair: every exchange is issued before, and waited after, compute of the other
+    direction — the one it is meant to hide under (module docstring of parallel/overlap.py)."""
+    opposite = {"F": "B", "B": "F"}
+    hides = {  # exchange of one side -> compute of the other side that must run while it is in flight
+        ("F", "counts"): "shared",
+        ("F", "dispatch"): "experts",
+        ("F", "combine"): "attn",
+        ("B", "combine"): "attn",
+        ("B", "dispatch"): "experts",
+    }
+    windows = _windows(log)
+    assert len(windows) >= 2 * 5, windows  # the pair covers at least one MoE block per side
+    for (side, what, layer), (i, j) in windows.items():
+        inside = [e.split() for e in log[i + 1 : j]]
+        other = [(verb, name) for s, verb, name, _ in inside if s == opposite[side] and verb == "compute"]
+        assert ("compute", hides[(side, what)]) in other, (side, what, layer, log[i : j + 1])
+    return windows
+
+
+def _fast_suite() -> dict:
+    mesh = build_mesh(ep=2)
+    engine = OverlapEngine(log=[])
+    off = _executor_run(mesh, "1f1b", 3, False)
+    on = _executor_run(mesh, "1f1b", 3, True, engine, mark_pairs=True)
+    log = engine.log
+    first = log.index("pair begin L-")
+    return {
+        "off": off,
+        "on": on,
+        "fb_log": log[first + 1 : log.index("pair end L-", first)],
+        "max_in_flight": engine.max_in_flight,
+    }
+
+
+def test_overlap_equals_plain_and_hides_each_exchange_ep2():
+    """ep=2 on 2 processes (pp=1): overlapped 1F1B (F(i) paired with B(i-1)) equals the plain executor, and
+    inside its first F&B pair each exchange is in flight while the other direction computes."""
+    results = run_world(2, _fast_suite)
+    for rank, res in enumerate(results):
+        _compare(res["off"], res["on"], f"rank {rank}")
+        assert any(a.kind is Kind.FB for a in res["on"]["schedule"].ranks[0])
+        windows = _check_fb_order(res["fb_log"])
+        # four MoE blocks forward and four backward inside the pair: every one of their exchanges checked
+        assert sum(side == "F" for side, _, _ in windows) == 4 * 3
+        assert sum(side == "B" for side, _, _ in windows) == 4 * 2
+        assert 1 <= res["max_in_flight"] <= 2  # one exchange per direction at most
+
+
+def _trainer_pair(base: str, overrides: tuple[str, ...]) -> dict:
+    """Step-0 reduced gradients and loss totals through the Trainer, overlap off and on."""
+    from test_layout_invariance import make_cfg
+
+    from moe_train.train.trainer import Trainer
+
+    out = {}
+    mesh = None
+    for overlap in (False, True):
+        run_dir = f"{base}/{overlap}"
+        t = Trainer(make_cfg(run_dir, *overrides, f"parallel.overlap={overlap}"), run_dir, mesh=mesh)
+        mesh = t.mesh
+        sums, _ = t.forward_backward(0)
+        reduce_gradients(t.model, t.mesh, t.ties)
+        grads = full_gradients(t.model, t.mesh)  # collective: every rank calls it
+        out[overlap] = {"sums": sums, "grads": grads if t.mesh.rank == 0 else {}}
+        t.mesh.barrier()
+    return out
+
+
+def _slow_suite(base: str) -> dict:
+    out = {}
+    layouts = {
+        "ep2": ("parallel.ep=2", "parallel.microbatches=2"),
+        "pp2ep2": (
+            "parallel.pp=2",
+            "parallel.ep=2",
+            "parallel.schedule=dualpipev",
+            "parallel.microbatches=4",
+        ),
+    }
+    for key, overrides in layouts.items():
+        out[key] = _trainer_pair(f"{base}/{key}", overrides)
+    mesh = build_mesh(pp=1, ep=2)  # dp=4: DualPipeV's two chunks on every rank, FB pairs and split B/W
+    out[("dualpipev", 4)] = (
+        _executor_run(mesh, "dualpipev", 4, False),
+        _executor_run(mesh, "dualpipev", 4, True),
+    )
+    mesh = build_mesh(pp=2, ep=2)
+    for name, m in (("dualpipe", 4), ("1f1b", 3)):
+        out[(name, m)] = (_executor_run(mesh, name, m, False), _executor_run(mesh, name, m, True))
+    return out
+
+
+@pytest.mark.slow
+def test_overlap_equals_plain_4_processes(tmp_path):
+    """4 processes: dp=4·ep=2 (pp=1, micro-batch i's forward paired with i−1's backward) and pp=2×ep=2
+    (DualPipeV) through the Trainer; through the executor DualPipeV at pp=1 (FB pairs and B/W split through
+    the sub-step cuts), DualPipe and overlapped 1F1B at pp=2×ep=2: overlap on and off give the same losses
+    and gradients (rel ≤ 1e-5)."""
+    results = run_world(4, _slow_suite, str(tmp_path))
+    for key in ("ep2", "pp2ep2"):
+        off, on = results[0][key][False], results[0][key][True]
+        for k, v in off["sums"].items():
+            assert (on["sums"][k] is None) == (v is None), (key, k)
+            if v is not None:
+                assert on["sums"][k] == pytest.approx(v, rel=1e-5), (key, k)
+        for n, g in off["grads"].items():
+            torch.testing.assert_close(on["grads"][n], g, rtol=1e-5, atol=1e-7, msg=f"{key}: {n}")
+    for rank, res in enumerate(results):
+        for key in (("dualpipev", 4), ("dualpipe", 4), ("1f1b", 3)):
+            _compare(*res[key], f"rank {rank} {key}")
+            assert any(a.kind is Kind.FB for acts in res[key][1]["schedule"].ranks for a in acts), key
+
+
+def test_overlap_config_rules():
+    from moe_train.config import ConfigError, load_config, to_object, validate
+
+    def check(*overrides: str, world: int = 2) -> None:
+        validate(to_object(load_config(["data=synthetic", *overrides])), world)
+
+    check("parallel.ep=2", "parallel.overlap=true", "parallel.microbatches=2")
+    check(
+        "parallel.ep=2",
+        "parallel.overlap=true",
+        "parallel.pp=2",
+        "parallel.schedule=dualpipev",
+        "parallel.microbatches=4",
+        world=4,
+    )
+    bad = {
+        ("parallel.overlap=true", "parallel.microbatches=2"): "parallel.ep",
+        ("parallel.ep=2", "parallel.overlap=true"): "parallel.microbatches",
+        (
+            "parallel.ep=2",
+            "parallel.overlap=true",
+            "parallel.microbatches=2",
+            "parallel.dispatcher=hierarchical",
+        ): "parallel.dispatcher",
+        (
+            "parallel.ep=2",
+            "parallel.overlap=true",
+            "parallel.microbatches=2",
+            "trainer.recompute=full",
+        ): "trainer.recompute",
+    }
+    for overrides, key in bad.items():
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            check(*overrides)
+
+
+if __name__ == "__main__":  # pragma: no cover - manual debugging
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    print(run_world(2, _fast_suite)[0]["fb_log"])
