@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,3 +37,29 @@ def emit(lines: list[str], out: str | None) -> None:
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+
+
+def trainer_steps(overrides: list[str], steps: int, prefix: str) -> tuple[Any, list[float], list[dict]]:
+    """Build the real Trainer from config overrides (validated for this world) and time `steps` train steps.
+
+    Returns (trainer, seconds per step, step records); each step is bracketed by CUDA syncs on a GPU so the
+    time is the step's, not its launch's.
+    """
+    import os
+    import tempfile
+
+    from moe_train.config import load_config, to_object, validate
+    from moe_train.train.trainer import Trainer
+
+    cfg = to_object(load_config(overrides))
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    t = Trainer(cfg, tempfile.mkdtemp(prefix=prefix))
+    dev = t.device.type
+    times, records = [], []
+    for s in range(steps):
+        sync(dev)
+        t0 = time.perf_counter()
+        records.append(t.train_step(s))
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return t, times, records

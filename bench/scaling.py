@@ -21,15 +21,10 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
-import time
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_train.config import load_config, to_object, validate  # noqa: E402
-from moe_train.train.trainer import Trainer  # noqa: E402
+from bench.common import trainer_steps  # noqa: E402
 
 HEADER = (
     "| GPUs | layout | tokens/step | step ms | tokens/s | tokens/s per GPU | MFU (989) "
@@ -83,21 +78,10 @@ def main() -> None:
         "trainer.peak_tflops=989",
         *args.extra,
     ]
-    cfg = to_object(load_config(overrides))
-    validate(cfg, world)
-    t = Trainer(cfg, tempfile.mkdtemp(prefix="scaling_"))
-    cuda = t.device.type == "cuda"
-    times, a2a, inter = [], [], []
-    for s in range(args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        rec = t.train_step(s)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        a2a.append(sum(rec.get(f"a2a_{k}_remote_bytes", 0) for k in ("dispatch", "combine")))
-        inter.append(sum(rec.get(f"a2a_{k}_inter_node_bytes", 0) for k in ("dispatch", "combine")))
+    t, times, records = trainer_steps(overrides, args.steps, "scaling_")
+    cfg = t.cfg
+    a2a = [sum(r.get(f"a2a_{k}_remote_bytes", 0) for k in ("dispatch", "combine")) for r in records]
+    inter = [sum(r.get(f"a2a_{k}_inter_node_bytes", 0) for k in ("dispatch", "combine")) for r in records]
     step = statistics.median(times[2:]) if len(times) > 2 else times[-1]
     tokens = cfg.data.batch_size * cfg.data.seq_len
     tps = tokens / step

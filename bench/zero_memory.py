@@ -20,15 +20,12 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_train.config import load_config, to_object, validate  # noqa: E402
-from moe_train.train.trainer import Trainer  # noqa: E402
+from bench.common import trainer_steps  # noqa: E402
 
 ENGINES = {
     "torch": ["optim.engine=torch"],
@@ -74,20 +71,9 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = to_object(load_config(overrides(args, world)))
-    validate(cfg, world)
-    run_dir = tempfile.mkdtemp(prefix="zero_memory_")
-    t = Trainer(cfg, run_dir)
+    t, times, records = trainer_steps(overrides(args, world), args.steps, "zero_memory_")
+    rec = records[-1]
     cuda = t.device.type == "cuda"
-    times = []
-    for s in range(args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        rec = t.train_step(s)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     if t.zero is not None:
         b = t.zero.state_bytes()
