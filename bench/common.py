@@ -63,3 +63,12 @@ def trainer_steps(overrides: list[str], steps: int, prefix: str) -> tuple[Any, l
         sync(dev)
         times.append(time.perf_counter() - t0)
     return t, times, records
+
+
+def print_row(header: str, row: str, out: str | None) -> None:
+    """One layout's table row under its header on stdout; appended alone to `out`, where runs collect."""
+    print(header, flush=True)
+    print(row, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(row + "\n")

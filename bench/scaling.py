@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import trainer_steps  # noqa: E402
+from bench.common import print_row, trainer_steps  # noqa: E402
 
 HEADER = (
     "| GPUs | layout | tokens/step | step ms | tokens/s | tokens/s per GPU | MFU (989) "
@@ -92,11 +92,7 @@ def main() -> None:
             f"| {world} | {layout} | {tokens} | {step * 1000:.0f} | {tps:,.0f} | {tps / world:,.0f} "
             f"| {mfu:.1%} | {statistics.mean(a2a) / 2**20:.1f} ({statistics.mean(inter) / 2**20:.1f}) |"
         )
-        print(HEADER, flush=True)
-        print(row, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(row + "\n")
+        print_row(HEADER, row, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import trainer_steps  # noqa: E402
+from bench.common import print_row, trainer_steps  # noqa: E402
 
 ENGINES = {
     "torch": ["optim.engine=torch"],
@@ -98,11 +98,7 @@ def main() -> None:
             f"| {step_s * 1000:.0f} | {rec['loss']:.4f} |"
         )
         head = "| engine | params (B) | GPUs (dp) | optimizer state / rank GiB | peak alloc GiB (max rank) "
-        print(head + "| step ms (median) | loss at last step |", flush=True)
-        print(row, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(row + "\n")
+        print_row(head + "| step ms (median) | loss at last step |", row, args.out)
 
 
 if __name__ == "__main__":
