@@ -149,6 +149,8 @@ LAYOUTS = {
     "dp4_ep2_zero1": ("parallel.ep=2",),
     "dp4_ep2_zero2": ("parallel.ep=2", "deepspeed.zero_stage=2", "parallel.microbatches=2"),
     "pp2_dp2_zero1": ("parallel.pp=2", "parallel.microbatches=2"),
+    # the overlap engine runs backward through the pipeline executor (pp=1: overlapped 1F1B)
+    "dp4_ep2_overlap_zero1": ("parallel.ep=2", "parallel.overlap=true", "parallel.microbatches=2"),
     # stage 0 holds only the dense layer: no expert param group there, one on stage 1
     "pp2_ep2_1f1b_zero1": ("parallel.pp=2", "parallel.ep=2", "parallel.microbatches=2"),
     "pp2_ep2_dualpipe_zero1": (
