@@ -38,7 +38,6 @@ from ..parallel.pipeline.analysis import peak_activations
 from ..parallel.pipeline.executor import PipelineExecutor
 from ..parallel.pipeline.schedules import build_schedule
 from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
-from ..parallel.state import load_full_state, load_named_optim, optim_by_name
 from . import checkpoint as ckpt
 from . import sharded
 from .faults import Preempted, StopRequest, guarded, injected_exit
@@ -51,6 +50,7 @@ from .metrics import (
     print_summary,
     stderr_is_tty,
 )
+from .training_state import load_state, save_state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,21 +82,6 @@ def peak_tflops(cfg_value: float | None, device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -238,93 +223,35 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.ckpt_root) if mode == "auto" else ckpt.resolve_checkpoint(mode)
         if path is None:
             return
-        if sharded.is_sharded(path):
-            tr = self._resume_sharded(path)
-        else:
-            tr = self._resume_whole(path)
+        with guarded(self.mesh, f"loading checkpoint {path}"):
+            tr = load_state(path, self.model, self.optimizer, self.zero, self.mesh, self.cfg.model)
         self.step = int(tr["step"])
         self.wandb_id = tr.get("wandb_id")
         self.skipped_steps = int(tr.get("skipped_steps", 0))
         if self.mesh.is_logging_rank:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
-    def _layout(self) -> dict[str, int]:
-        lay = self.mesh.layout
-        return {"world": lay.world, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep}
-
-    def _resume_sharded(self, path: str) -> dict[str, Any]:
-        """Each rank reads exactly the keys of its own partial model (and their optimizer state)."""
-        tensors = sharded.model_entries(self.model)
-        by_name: dict[str, dict[str, Any]] = {}
-        if sharded.has_optim(path):
-            stored = sharded.stored_shapes(path)
-            splits = sharded.expert_splits(self.model)
-            for name, p in self.model.named_parameters():
-                state = {
-                    "exp_avg": torch.zeros_like(p),
-                    "exp_avg_sq": torch.zeros_like(p),
-                    "step": torch.zeros(()),
-                }
-                entries = sharded.optim_entries(self.model, {name: state}, splits)
-                if all(k in stored for k in entries):  # a parameter that never had a gradient has no state
-                    by_name[name] = state
-                    tensors.update(entries)
-        with guarded(self.mesh, f"loading checkpoint {path}"):
-            sharded.load_into(path, tensors)
-            if self.zero is not None:
-                self.zero.load_named_state(by_name, lambda _name, v: v)
-            elif by_name:
-                load_named_optim(self.optimizer, by_name)
-        tr = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
-            saved_layout = json.load(f).get("layout")
-        rng = sharded.read_rng(path, self.mesh.rank)
-        if rng is not None and saved_layout == self._layout():
-            set_rng_state(rng)  # the same layout continues bit for bit; another layout re-seeds nothing
-        return tr
-
-    def _resume_whole(self, path: str) -> dict[str, Any]:
-        """Whole-model checkpoints (`moe_train/single-v1`: HF imports, older runs)."""
-        state = ckpt.load_checkpoint(path, map_location=self.device)
-        expected = build_model(self.cfg.model, device="meta").state_dict()
-        ckpt.check_model_state(expected, state["model"], path)
-        load_full_state(
-            self.model,
-            self.optimizer,
-            state["model"],
-            state["optim"],
-            self.zero.load_named_state if self.zero is not None else None,
-        )
-        tr = dict(state["trainer"])
-        tr.setdefault("step", state["meta"]["step"])
-        if "rng" in tr and not self.mesh.distributed:
-            set_rng_state(tr["rng"])
-        return tr
-
     def save(self) -> str | None:
-        """Every rank writes its own shards (sharded.py); committed atomically once all ranks are done.
+        """Every rank writes its own shards (train/sharded.py); committed atomically once all ranks are done.
         With `trainer.async_save` the write runs in the background and is committed at the next save or at
         the end of the run."""
         t = self.cfg.trainer
+        trainer_state = {
+            "step": self.step,
+            "wandb_id": self.wandb_id,
+            "skipped_steps": self.skipped_steps,
+            "has_optim": True,
+        }
         with guarded(self.mesh, f"checkpoint of step {self.step}"):
             self.finish_pending_save()
-            tensors = sharded.model_entries(self.model)
-            named = self.zero.named_state() if self.zero is not None else optim_by_name(self.optimizer)
-            tensors.update(sharded.optim_entries(self.model, named["by_name"]))
-            trainer_state = {
-                "step": self.step,
-                "wandb_id": self.wandb_id,
-                "skipped_steps": self.skipped_steps,
-                "has_optim": True,
-            }
-            out = sharded.save(
+            out = save_state(
                 self.ckpt_root,
-                self.step,
-                tensors,
                 trainer_state,
-                rng_state(),
+                self.model,
+                self.optimizer,
+                self.zero,
+                self.mesh,
                 OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-                self._layout(),
                 t.keep_last,
                 t.async_save,
                 self._async_group,
