@@ -4,12 +4,12 @@ one F&B pair each all-to-all is in flight while the other direction computes."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
 from distributed import run_world
-from moe_train.config import ModelConfig
 from moe_train.model.moe import BalanceLoss
 from moe_train.parallel.expert import apply_expert_parallel, expert_slice
 from moe_train.parallel.grads import reduce_gradients
@@ -19,25 +19,10 @@ from moe_train.parallel.pipeline.executor import PipelineExecutor
 from moe_train.parallel.pipeline.schedules import Kind, build_schedule
 from moe_train.parallel.pipeline.stages import rank_model_and_stages
 from moe_train.parallel.state import full_gradients
+from tiny_cfg import TINY_MODEL
 
-CFG = ModelConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=5,  # 1 dense + 4 MoE blocks: 2 MoE blocks per stage of a pp=2 DualPipeV chunk pair
-    num_attention_heads=2,
-    n_routed_experts=8,
-    num_experts_per_tok=3,
-    n_group=2,
-    topk_group=1,
-    n_shared_experts=1,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=8,
-    v_head_dim=8,
-)
+# 1 dense + 4 MoE blocks: 2 MoE blocks per stage of a pp=2 DualPipeV chunk pair
+CFG = replace(TINY_MODEL, num_hidden_layers=5, num_experts_per_tok=3, n_shared_experts=1)
 BAL = BalanceLoss("seq", 1e-2)
 SEED, MTP_W = 5, 0.3
 

@@ -9,30 +9,14 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_world
-from moe_train.config import ModelConfig
 from moe_train.model import MoEStats, build_model
 from moe_train.model.moe import BalanceLoss
 from moe_train.parallel.pipeline.executor import PipelineExecutor
 from moe_train.parallel.pipeline.schedules import build_schedule
 from moe_train.parallel.pipeline.stages import build_stage, split_layers
+from tiny_cfg import TINY_MODEL
 
-CFG = ModelConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=7,
-    num_attention_heads=2,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=8,
-    v_head_dim=8,
-)
+CFG = TINY_MODEL
 BAL = BalanceLoss("seq", 1e-2)
 SEED, MTP_W = 5, 0.3
 
