@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.train_throughput import proxy_config  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.moe import BalanceLoss  # noqa: E402
 from moe_train.parallel.pipeline.analysis import Durations, idle_per_rank  # noqa: E402
@@ -33,31 +34,8 @@ from moe_train.parallel.pipeline.stages import rank_model_and_stages  # noqa: E4
 
 
 def proxy(layers: int, smoke: bool) -> ModelConfig:
-    if smoke:
-        return ModelConfig(
-            vocab_size=97, hidden_size=64, num_hidden_layers=layers, num_nextn_predict_layers=0
-        )
-    return ModelConfig(
-        vocab_size=102400,
-        hidden_size=2048,
-        intermediate_size=10944,
-        moe_intermediate_size=1408,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        n_shared_experts=2,
-        n_routed_experts=64,
-        num_experts_per_tok=6,
-        n_group=1,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=None,
-        kv_lora_rank=512,
-        qk_rope_head_dim=64,
-        qk_nope_head_dim=128,
-        v_head_dim=128,
-        max_position_embeddings=8192,
-        num_nextn_predict_layers=0,
-    )
+    """The training-throughput yardstick's shape (DeepSeek-V2-Lite, no MTP), or its tiny CPU twin."""
+    return proxy_config(layers, tiny=smoke)
 
 
 class ActionTimer:
