@@ -205,8 +205,8 @@ def triton_interpreter_checks() -> None:
 
 
 def test_triton_bag_kernels_match_references_in_the_interpreter():
-    """Skipped where Triton is absent (CI); bench/ep_dispatch.py checks the kernels on the GPU too. The
-    interpreter is chosen when kernels are defined, so the checks run in a fresh process."""
+    """Needs Triton (the `cputest` extra on CPU machines, as in CI); bench/ep_dispatch.py checks the kernels
+    on the GPU too. Triton picks the interpreter when kernels are defined: the checks run in a new process."""
     pytest.importorskip("triton")
     here = os.path.dirname(os.path.abspath(__file__))
     path = [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]

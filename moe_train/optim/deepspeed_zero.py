@@ -261,7 +261,7 @@ class DeepSpeedZero:
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------- state
-    def named_state(self) -> dict[str, Any]:
+    def named_state(self) -> dict[str, dict[str, Any]]:
         """Optimizer state keyed by parameter name, shaped like this rank's parameters (full over dp, this
         rank's expert slice), as the torch engine's state is: checkpoints move between engines and layouts.
         Collective over the dp / expert-dp groups."""
@@ -281,11 +281,7 @@ class DeepSpeedZero:
             if st:
                 st["step"] = torch.tensor(float(step))
                 by_name[name] = st
-        groups = [
-            {k: v for k, v in g.items() if k not in ("params", "name", "moe")}
-            for g in self.optimizer.param_groups
-        ]
-        return {"by_name": by_name, "param_groups": groups[:1]}
+        return by_name
 
     def load_named_state(self, by_name: dict[str, dict[str, Any]], fit) -> None:
         """Set master weights from the (already loaded) model and moments from a name-keyed state."""

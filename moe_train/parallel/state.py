@@ -1,11 +1,11 @@
 """Full (layout-independent) model and optimizer state under expert and pipeline parallelism.
 
-Saving gathers each rank's expert slices over its ep group and the pipeline ranks' layers over pp, so rank 0
-holds exactly the state a one-process run would have (same names, full expert tensors; optimizer state keyed
-by parameter name); loading takes the layers and the expert slice a rank holds back out. A checkpoint written
-under one (pp, dp, ep) layout therefore loads under any other. This keeps a whole
-copy on rank 0 — fine for the model sizes CPU tests and single nodes use; sharded `torch.distributed
-.checkpoint` files replace it for large models (docs/checkpoints.md).
+`full_state` gathers each rank's expert slices over its ep group and the pipeline ranks' layers over pp, so
+every rank holds exactly the state a one-process run would have (same names, full expert tensors; optimizer
+state keyed by parameter name) — what tests compare against one process. `load_full_state` takes the layers
+and the expert slice a rank holds back out of such a state: the whole-model checkpoint format (HF imports,
+runs before sharded checkpoints) loads under any layout through it. Training checkpoints are sharded and never
+gather (train/sharded.py).
 """
 
 from __future__ import annotations
@@ -51,19 +51,14 @@ def optim_by_name(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def full_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    mesh: Mesh,
-    named_optim: dict[str, Any] | None = None,
+    model: nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(model state dict, name-keyed optimizer state) of the whole model, on every rank.
 
     Expert slices (and their Adam moments) are gathered over ep; pipeline ranks' parts are merged over pp.
-    named_optim: this rank's name-keyed optimizer state when the optimizer is not a plain torch one
-    (DeepSpeed ZeRO gathers its partitions into that form).
     """
     model_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optim_sd = named_optim if named_optim is not None else optim_by_name(optimizer)
+    optim_sd = optim_by_name(optimizer)
     experts, _, _ = _expert_names_and_slice(model)
     if mesh.layout.ep > 1:
         for name in sorted(experts):

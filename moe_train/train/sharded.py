@@ -263,14 +263,15 @@ def check_keys(wanted: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...
     ckpt.raise_mismatch(path, missing, unexpected, shapes)
 
 
-def load_into(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Fill `tensors` (views into this rank's model / optimizer state) from the checkpoint, in place."""
-    check_keys(tensors, stored_shapes(path), path)
+def load_into(path: str, tensors: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...]]) -> None:
+    """Fill `tensors` (views into this rank's model / optimizer state) from the checkpoint, in place;
+    `stored`: the checkpoint's `stored_shapes`, read once by the caller."""
+    check_keys(tensors, stored, path)
     dcp.load(tensors, checkpoint_id=path, no_dist=_single())
 
 
-def has_optim(path: str) -> bool:
-    return any(k.startswith("optim.") for k in stored_shapes(path))
+def has_optim(stored: dict[str, tuple[int, ...]]) -> bool:
+    return any(k.startswith("optim.") for k in stored)
 
 
 def load_model_state(path: str) -> dict[str, torch.Tensor]:

@@ -60,8 +60,8 @@ def save_state(
 ) -> str | sharded.PendingSave:
     """This rank's shards of model and optimizer state, plus its RNG; collective over every rank."""
     tensors = sharded.model_entries(model)
-    named = zero.named_state() if zero is not None else optim_by_name(optimizer)
-    tensors.update(sharded.optim_entries(model, named["by_name"]))
+    by_name = zero.named_state() if zero is not None else optim_by_name(optimizer)["by_name"]
+    tensors.update(sharded.optim_entries(model, by_name))
     return sharded.save(
         root,
         trainer_state["step"],
@@ -97,8 +97,8 @@ def _load_sharded(
     """Each rank reads exactly the keys of its own partial model (and their optimizer state)."""
     tensors = sharded.model_entries(model)
     by_name: dict[str, dict[str, Any]] = {}
-    if sharded.has_optim(path):
-        stored = sharded.stored_shapes(path)
+    stored = sharded.stored_shapes(path)
+    if sharded.has_optim(stored):
         splits = sharded.expert_splits(model)
         for name, p in model.named_parameters():
             state = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
@@ -107,7 +107,7 @@ def _load_sharded(
             if all(k in stored for k in entries):  # a parameter that never had a gradient has no state
                 by_name[name] = state
                 tensors.update(entries)
-    sharded.load_into(path, tensors)
+    sharded.load_into(path, tensors, stored)
     if zero is not None:
         zero.load_named_state(by_name, lambda _name, v: v)
     elif by_name:
