@@ -39,21 +39,36 @@ def emit(lines: list[str], out: str | None) -> None:
             f.write(text + "\n")
 
 
-def trainer_steps(overrides: list[str], steps: int, prefix: str) -> tuple[Any, list[float], list[dict]]:
+def load_cfg(overrides: list[str]) -> Any:
+    """The project config from Hydra overrides, validated for this world (WORLD_SIZE) as train.py does."""
+    import os
+
+    from moe_train.config import load_config, to_object, validate
+
+    cfg = to_object(load_config(overrides))
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    return cfg
+
+
+def shared_run_dir(name: str) -> str:
+    """A run directory all ranks of this launch agree on (torchrun's run id names it), for anything every
+    rank writes into, such as checkpoint shards."""
+    import os
+    import tempfile
+
+    launch = os.environ.get("TORCHELASTIC_RUN_ID", str(os.getpid()))
+    return os.path.join(tempfile.gettempdir(), f"{name}_{launch}")
+
+
+def trainer_steps(overrides: list[str], steps: int, run_dir: str) -> tuple[Any, list[float], list[dict]]:
     """Build the real Trainer from config overrides (validated for this world) and time `steps` train steps.
 
     Returns (trainer, seconds per step, step records); each step is bracketed by CUDA syncs on a GPU so the
     time is the step's, not its launch's.
     """
-    import os
-    import tempfile
-
-    from moe_train.config import load_config, to_object, validate
     from moe_train.train.trainer import Trainer
 
-    cfg = to_object(load_config(overrides))
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    t = Trainer(cfg, tempfile.mkdtemp(prefix=prefix))
+    t = Trainer(load_cfg(overrides), run_dir)
     dev = t.device.type
     times, records = [], []
     for s in range(steps):
@@ -65,9 +80,10 @@ def trainer_steps(overrides: list[str], steps: int, prefix: str) -> tuple[Any, l
     return t, times, records
 
 
-def print_row(header: str, row: str, out: str | None) -> None:
-    """One layout's table row under its header on stdout; appended alone to `out`, where runs collect."""
-    print(header, flush=True)
+def print_row(header: str | None, row: str, out: str | None) -> None:
+    """One table row (under its header, if given) on stdout; appended alone to `out`, where runs collect."""
+    if header:
+        print(header, flush=True)
     print(row, flush=True)
     if out:
         with open(out, "a") as f:

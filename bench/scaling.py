@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import print_row, trainer_steps  # noqa: E402
+from bench.common import print_row, shared_run_dir, trainer_steps  # noqa: E402
 
 HEADER = (
     "| GPUs | layout | tokens/step | step ms | tokens/s | tokens/s per GPU | MFU (989) "
@@ -78,7 +78,7 @@ def main() -> None:
         "trainer.peak_tflops=989",
         *args.extra,
     ]
-    t, times, records = trainer_steps(overrides, args.steps, "scaling_")
+    t, times, records = trainer_steps(overrides, args.steps, shared_run_dir("scaling"))
     cfg = t.cfg
     a2a = [sum(r.get(f"a2a_{k}_remote_bytes", 0) for k in ("dispatch", "combine")) for r in records]
     inter = [sum(r.get(f"a2a_{k}_inter_node_bytes", 0) for k in ("dispatch", "combine")) for r in records]

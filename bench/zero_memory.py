@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import print_row, trainer_steps  # noqa: E402
+from bench.common import print_row, shared_run_dir, trainer_steps  # noqa: E402
 
 ENGINES = {
     "torch": ["optim.engine=torch"],
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    t, times, records = trainer_steps(overrides(args, world), args.steps, "zero_memory_")
+    t, times, records = trainer_steps(overrides(args, world), args.steps, shared_run_dir("zero_memory"))
     rec = records[-1]
     cuda = t.device.type == "cuda"
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
