@@ -19,7 +19,9 @@ and weight gradients) of micro-batch 0, `--tokens` tokens each, through the over
 (d) overlapped: `overlap.pair(forward, backward)`.
 Exposed communication = (d) − (a). Times are the slowest rank's mean over --iters pairs. A torch.profiler
 trace of one overlapped pair (rank 0) gives the same from the GPU's side: the time NCCL kernels run beside
-compute kernels; `overlap_trace_TAG.json` and the streams' timeline (`overlap_timeline_TAG.png`) go to --out.
+compute kernels, against a trace of the compute-alone replay (how much slower compute ran beside NCCL);
+`overlap_trace_TAG_{alone,overlapped}.json` and the streams' timeline (`overlap_timeline_TAG.png`) go to
+--out.
 The pair's stage output and input gradient are checked against the sequential run.
 """
 
@@ -222,6 +224,34 @@ def trace_overlap(trace_path: str) -> dict:
     }
 
 
+def trace_pair(
+    setup: Callable[[], object], fn: Callable[[object], object], path: str, rank: int, device
+) -> dict:
+    """Profile fn(setup()) on every rank; rank 0 writes its Chrome trace to `path` and returns
+    `trace_overlap` of it. The profiler first runs a whole pair unrecorded: its start-up (CUPTI, ~0.5 s)
+    differs between ranks, and a rank still starting would hold its peer's first exchange."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    tape = setup()
+    sync(device.type)
+    dist.barrier()
+    ready = (lambda p: p.export_chrome_trace(path)) if rank == 0 else (lambda p: None)
+    with profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []),
+        schedule=schedule(wait=0, warmup=1, active=1),
+        on_trace_ready=ready,
+    ) as prof:
+        fn(tape)  # warm-up, not recorded
+        tape = setup()
+        sync(device.type)
+        dist.barrier()
+        prof.step()
+        fn(tape)  # recorded
+        sync(device.type)
+        prof.step()
+    return trace_overlap(path) if rank == 0 else {}
+
+
 def draw_timeline(trace_path: str, png: str, title: str) -> None:
     """The pair's GPU work on rank 0, one row per CUDA stream; the compute stream's kernels are split by the
     thread that launched them — the forward's on the main thread, the backward's on autograd's device
@@ -278,7 +308,13 @@ def draw_timeline(trace_path: str, png: str, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch and rank (one sequence)")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch and rank")
+    ap.add_argument("--seq", type=int, default=0, help="sequence length (0: one sequence of --tokens)")
+    ap.add_argument(
+        "--sm-carveout",
+        default="0",
+        help="comma-separated SM carveouts (parallel.overlap_sm_carveout) to time (d) with, e.g. 0,8,16",
+    )
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--tag", default="nvlink", help="names the output files and the run (e.g. the transport)")
@@ -294,12 +330,17 @@ def main() -> None:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     tokens = 32 if args.smoke else args.tokens
+    seq = args.seq or tokens
+    if tokens % seq:
+        raise SystemExit(f"--tokens {tokens} must be a multiple of --seq {seq}")
+    carveouts = [int(k) for k in args.sm_carveout.split(",")]
     cfg = dsv3_block(args.smoke)
     model = build_block(cfg, mesh, device, dtype)
     parts = StageParts.of(model)
     g = torch.Generator(device=device).manual_seed(7 + rank)
     x0, x1, grad = (
-        torch.randn(1, tokens, cfg.hidden_size, generator=g, device=device, dtype=dtype) for _ in "abc"
+        torch.randn(tokens // seq, seq, cfg.hidden_size, generator=g, device=device, dtype=dtype)
+        for _ in "abc"
     )
     engine = OverlapEngine()
 
@@ -374,54 +415,66 @@ def main() -> None:
 
         a = timed_ms(setup, replayed, args.iters, device)
         b = timed_ms(lambda: None, lambda _: rec.replay_comm(), args.iters, device)
+        a_k, d_k = {}, {}  # per SM carveout: compute alone under it, overlapped
+        for k in carveouts:
+            engine.sm_carveout = k
+            a_k[k] = timed_ms(setup, replayed, args.iters, device) if k else a
+            d_k[k] = timed_ms(setup, overlapped, args.iters, device)
+        best = min(carveouts, key=lambda k: d_k[k])
+        engine.sm_carveout = best
+        traces = {}  # GPU view of one pair, compute alone (replayed) and overlapped, under the best carveout
+        if cuda or args.smoke:  # (the smoke run checks the profiling steps; CPU traces hold no kernels)
+            for what, fn in (("alone", replayed), ("overlapped", overlapped)):
+                path = os.path.join(args.out, f"overlap_trace_{args.tag}_{what}.json")
+                traces[what] = trace_pair(setup, fn, path, rank, device)
+                if rank == 0 and what == "overlapped" and cuda:
+                    title = (
+                        f"DSV3 block, ep=2, {tokens} tokens/rank, {args.tag}, SM carveout {best}: "
+                        "compute (blue) and NCCL (orange)"
+                    )
+                    draw_timeline(path, os.path.join(args.out, f"overlap_timeline_{args.tag}.png"), title)
+        engine.sm_carveout = 0
     finally:
         dist.all_to_all_single = rec.real
     c = timed_ms(setup, sequential, args.iters, device)
     c0 = timed_ms(plain_setup, plain, args.iters, device)
-    d = timed_ms(setup, overlapped, args.iters, device)
     assert engine.max_in_flight <= 2, engine.max_in_flight
 
-    trace = {}
-    if cuda:
-        from torch.profiler import ProfilerActivity, profile
-
-        tape = setup()
-        sync(device.type)
-        dist.barrier()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            overlapped(tape)
-            sync(device.type)
-        if rank == 0:
-            path = os.path.join(args.out, f"overlap_trace_{args.tag}.json")
-            prof.export_chrome_trace(path)
-            trace = trace_overlap(path)
-            title = f"DSV3 block, ep=2, {tokens} tokens/rank, {args.tag}: compute (blue) and NCCL (orange)"
-            draw_timeline(path, os.path.join(args.out, f"overlap_timeline_{args.tag}.png"), title)
-
     if rank == 0:
-        exposed = d - a
         name = torch.cuda.get_device_name() if cuda else "cpu"
         lines = [
-            f"2 ranks, {name}, torch {torch.__version__}, ep=2, {tokens} tokens per micro-batch and rank, "
-            f"{'bf16' if cuda else 'fp32'}, {args.tag}",
+            f"2 ranks, {name}, torch {torch.__version__}, ep=2, {tokens} tokens per micro-batch and rank "
+            f"({tokens // seq} × {seq}), {'bf16' if cuda else 'fp32'}, {args.tag}",
             f"one F&B pair: {calls} all-to-alls, {mb_out:.1f} MiB leaving each rank; overlapped vs "
             f"sequential max relative difference {err:.1e}; max in flight {engine.max_in_flight} exchanges",
             "",
             "| (a) compute alone | (b) comm alone | (c) sequential F then B | (c0) plain, overlap=false | "
-            "(d) overlapped F&B | exposed comm (d)−(a) | exposed / (d) | (d) / max(a, b) | comm / compute |",
-            "|---|---|---|---|---|---|---|---|---|",
-            f"| {a:.2f} ms | {b:.2f} ms | {c:.2f} ms | {c0:.2f} ms | {d:.2f} ms | {exposed:.2f} ms | "
-            f"{exposed / d:.1%} | {d / max(a, b):.2f} | {b / a:.2f} |",
+            "SM carveout | (a') compute alone, carveout | (d) overlapped F&B | exposed comm (d)−(a) | "
+            "exposed / (d) | (d) / max(a, b) | comm / compute |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        if trace:
+        for k in carveouts:
+            dk = d_k[k]
+            lines.append(
+                f"| {a:.2f} ms | {b:.2f} ms | {c:.2f} ms | {c0:.2f} ms | {k} | {a_k[k]:.2f} ms | "
+                f"{dk:.2f} ms | {dk - a:.2f} ms | {(dk - a) / dk:.1%} | {dk / max(a, b):.2f} | {b / a:.2f} |"
+            )
+        if any(traces.values()):
             lines += [
                 "",
-                "Profiler trace of one overlapped pair (rank 0, GPU kernel time): "
-                f"span {trace['span_ms']:.2f} ms, compute kernels {trace['compute_ms']:.2f} ms, NCCL kernels "
-                f"{trace['comm_ms']:.2f} ms of which {trace['hidden_ms']:.2f} ms beside compute "
-                f"({trace['hidden_ms'] / max(trace['comm_ms'], 1e-9):.0%}), exposed "
-                f"{trace['exposed_ms']:.2f} ms; GPU idle {trace['idle_ms']:.2f} ms",
+                f"Profiler traces of one pair (rank 0, SM carveout {best}, GPU kernel time, ms; the profiler "
+                "warmed up on a pair before):",
+                "",
+                "| pair | span | compute kernels | NCCL kernels | NCCL beside compute | NCCL exposed | "
+                "GPU idle |",
+                "|---|---|---|---|---|---|---|",
             ]
+            for what, t in traces.items():
+                lines.append(
+                    f"| {what} | {t['span_ms']:.2f} | {t['compute_ms']:.2f} | {t['comm_ms']:.2f} | "
+                    f"{t['hidden_ms']:.2f} ({t['hidden_ms'] / max(t['comm_ms'], 1e-9):.0%}) | "
+                    f"{t['exposed_ms']:.2f} | {t['idle_ms']:.2f} |"
+                )
         emit(lines, os.path.join(args.out, f"overlap_{args.tag}.md"))
     dist.barrier()
     dist.destroy_process_group()

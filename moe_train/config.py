@@ -167,6 +167,8 @@ class ParallelConfig:
     dispatcher: str = "alltoall"  # alltoall | hierarchical
     gpus_per_node: int | None = None  # None: LOCAL_WORLD_SIZE
     overlap: bool = False
+    # with overlap: SMs the matmuls leave to NCCL while an exchange is in flight (docs/performance.md)
+    overlap_sm_carveout: int = 4
     # sum gradients over dp / expert-dp while backward still runs (torch engine, no pipeline schedule)
     overlap_grad_reduce: bool = True
     microbatches: int = 1  # micro-batches per optimizer step on each data-parallel rank
@@ -468,6 +470,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             raise ConfigError(str(e)) from None
     if cfg.model.n_routed_experts % p.ep:
         _fail("parallel.ep", p.ep, f"a divisor of model.n_routed_experts={cfg.model.n_routed_experts}")
+    if p.overlap_sm_carveout < 0:
+        _fail("parallel.overlap_sm_carveout", p.overlap_sm_carveout, "an integer >= 0 (SMs left to NCCL)")
     if p.overlap:
         _check_overlap(cfg)
     if world_size % (p.pp * p.ep):

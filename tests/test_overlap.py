@@ -34,14 +34,23 @@ def _batch(m: int, dp_rank: int, seq: int = 12) -> tuple[list[torch.Tensor], lis
 
 
 def _executor_run(
-    mesh, name: str, m: int, overlap: bool, engine: OverlapEngine | None = None, mark_pairs: bool = False
+    mesh,
+    name: str,
+    m: int,
+    overlap: bool,
+    engine: OverlapEngine | None = None,
+    mark_pairs: bool = False,
+    probe=None,
 ) -> dict:
     """One step of `name` through the executor; this rank's loss share and its (unreduced) gradients.
-    mark_pairs: note the start and end of each F&B pair in the engine's log."""
+    mark_pairs: note the start and end of each F&B pair in the engine's log; probe(model): called once the
+    model is built."""
     sch = build_schedule(name, mesh.layout.pp, m, overlap)
     experts = expert_slice(CFG.n_routed_experts, mesh)
     model, stages, _ = rank_model_and_stages(CFG, sch, mesh.pp_rank, BAL, "cpu", SEED, experts)
     apply_expert_parallel(model, mesh)
+    if probe is not None:
+        probe(model)
     lay = mesh.layout
     peers = [lay.rank_of(q, mesh.edp_rank, mesh.ep_rank) for q in range(lay.pp)]
     ex = PipelineExecutor(sch, mesh.pp_rank, stages, peers, None, CFG.hidden_size, overlap=engine or overlap)
@@ -98,14 +107,26 @@ def _check_fb_order(log: list[str]) -> dict:
         inside = [e.split() for e in log[i + 1 : j]]
         other = [(verb, name) for s, verb, name, _ in inside if s == opposite[side] and verb == "compute"]
         assert ("compute", hides[(side, what)]) in other, (side, what, layer, log[i : j + 1])
+        if (side, what) == ("B", "dispatch"):  # the routed experts' weight gradients run under it too
+            own = [name for s, verb, name, lay in inside if s == side and verb == "compute" and lay == layer]
+            assert own == ["experts-W"], (layer, log[i : j + 1])
     return windows
 
 
 def _fast_suite() -> dict:
     mesh = build_mesh(ep=2)
-    engine = OverlapEngine(log=[])
+    engine = OverlapEngine(log=[], sm_carveout=8)
+    carveouts: list[tuple[int, int | None]] = []  # (exchanges in flight, SM carveout) at each experts call
+
+    def probe(model) -> None:
+        for name, mod in model.named_modules():
+            if name.endswith("mlp.experts") or name.endswith("mlp.shared_experts"):
+                mod.register_forward_pre_hook(
+                    lambda *_: carveouts.append((engine.in_flight, torch._C._get_sm_carveout_experimental()))
+                )
+
     off = _executor_run(mesh, "1f1b", 3, False)
-    on = _executor_run(mesh, "1f1b", 3, True, engine, mark_pairs=True)
+    on = _executor_run(mesh, "1f1b", 3, True, engine, mark_pairs=True, probe=probe)
     log = engine.log
     first = log.index("pair begin L-")
     return {
@@ -113,6 +134,8 @@ def _fast_suite() -> dict:
         "on": on,
         "fb_log": log[first + 1 : log.index("pair end L-", first)],
         "max_in_flight": engine.max_in_flight,
+        "carveouts": carveouts,
+        "carveout_after": torch._C._get_sm_carveout_experimental(),
     }
 
 
@@ -128,6 +151,11 @@ def test_overlap_equals_plain_and_hides_each_exchange_ep2():
         assert sum(side == "F" for side, _, _ in windows) == 4 * 3
         assert sum(side == "B" for side, _, _ in windows) == 4 * 2
         assert 1 <= res["max_in_flight"] <= 2  # one exchange per direction at most
+        # parallel.overlap_sm_carveout: matmuls launched while an exchange is in flight leave 8 SMs free,
+        # the others (a lone forward's routed experts, after its dispatch was waited) take every SM
+        seen = set(res["carveouts"])
+        assert {(n > 0, c) for n, c in seen} == {(True, 8), (False, None)}, seen
+        assert res["carveout_after"] is None
 
 
 def _trainer_pair(base: str, overrides: tuple[str, ...]) -> dict:
@@ -202,6 +230,8 @@ def test_overlap_config_rules():
         validate(to_object(load_config(["data=synthetic", *overrides])), world)
 
     check("parallel.ep=2", "parallel.overlap=true", "parallel.microbatches=2")
+    ok = ("parallel.ep=2", "parallel.overlap=true", "parallel.microbatches=2")
+    check(*ok, "parallel.overlap_sm_carveout=8")
     check(
         "parallel.ep=2",
         "parallel.overlap=true",
@@ -225,6 +255,12 @@ def test_overlap_config_rules():
             "parallel.microbatches=2",
             "trainer.recompute=full",
         ): "trainer.recompute",
+        (
+            "parallel.ep=2",
+            "parallel.overlap=true",
+            "parallel.microbatches=2",
+            "parallel.overlap_sm_carveout=-1",
+        ): "parallel.overlap_sm_carveout",
     }
     for overrides, key in bad.items():
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -234,3 +270,37 @@ def test_overlap_config_rules():
 if __name__ == "__main__":  # pragma: no cover - manual debugging
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(run_world(2, _fast_suite)[0]["fb_log"])
+
+
+@pytest.mark.parametrize("rows", [[3, 0, 2], [0, 0, 0]])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_experts_b_then_w_from_taps_equals_full_backward(rows, recompute):
+    """A B pass that keeps the projections' output gradients, then W from them (the split the F&B pair runs
+    under the dispatch's backward), gives the input and weight gradients of one full backward — also when
+    no rows arrived (every weight still gets its zero gradient) and under selective recomputation."""
+    from moe_train.model.grouped_gemm import expert_swiglu_reference
+    from moe_train.parallel.overlap import Step
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(rows), 6, generator=g, dtype=torch.float64)
+    w_gu = torch.randn(3, 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w_down = torch.randn(3, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    counts = torch.tensor(rows)
+    out_grad = torch.randn(sum(rows), 6, generator=g, dtype=torch.float64)
+
+    def run(split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w_gu.grad = w_down.grad = None
+        taps: list = []
+
+        def experts(x: torch.Tensor) -> torch.Tensor:
+            return expert_swiglu_reference(x, counts, w_gu, w_down, recompute, taps if split else None)
+
+        step = Step.run("experts", experts, [x.requires_grad_(True)], taps=taps)
+        (gx,) = step.backward([out_grad], "B" if split else "BW")
+        if split:
+            assert w_gu.grad is None and w_down.grad is None  # B computed no weight gradient
+            step.weights([w_gu, w_down])
+        return gx, w_gu.grad.clone(), w_down.grad.clone()
+
+    for full, split in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(split, full, rtol=0, atol=1e-12)

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from .mlp import swiglu_act
 from .recompute import maybe_checkpoint
 
+# (projection output, its weight) pairs a caller may ask for: the overlap engine's separate weight pass starts
+# from these outputs' gradients, so it runs only the weight-gradient GEMMs (parallel/overlap.py, `Step`).
+Taps = list[tuple[torch.Tensor, torch.Tensor]]
+
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
     return x.is_cuda and hasattr(torch, "_grouped_mm")
@@ -31,10 +35,12 @@ def expert_swiglu_grouped(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     recompute: bool = False,
+    taps: Taps | None = None,
 ) -> torch.Tensor:
     """x: (M, H) sorted by expert; counts: (E,) rows per expert; w_gate_up: (E, 2I, H); w_down: (E, H, I).
 
     recompute: checkpoint silu(g)·u (selective recomputation) so silu(g) is not kept for backward.
+    taps: receives (projection output, weight) for both projections.
     """
     dtype = _compute_dtype(x)
     if x.is_cuda and dtype != torch.bfloat16:
@@ -44,7 +50,10 @@ def expert_swiglu_grouped(
     gu = torch._grouped_mm(xa, w_gate_up.to(dtype).transpose(-2, -1), offs=offs)
     g, u = gu.chunk(2, dim=-1)
     h = maybe_checkpoint(recompute, swiglu_act, g, u)
-    return torch._grouped_mm(h, w_down.to(dtype).transpose(-2, -1), offs=offs)
+    y = torch._grouped_mm(h, w_down.to(dtype).transpose(-2, -1), offs=offs)
+    if taps is not None:
+        taps += [(gu, w_gate_up), (y, w_down)]
+    return y
 
 
 def expert_swiglu_reference(
@@ -53,19 +62,28 @@ def expert_swiglu_reference(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     recompute: bool = False,
+    taps: Taps | None = None,
 ) -> torch.Tensor:
     """The same math as `expert_swiglu_grouped`, one matmul pair per expert (host reads `counts`)."""
     outs = []
+    found: Taps = []
     for e, xe in enumerate(torch.split(x, counts.tolist(), dim=0)):
         if xe.shape[0] == 0:
             continue
-        g, u = F.linear(xe, w_gate_up[e]).chunk(2, dim=-1)
+        gu = F.linear(xe, w_gate_up[e])
+        g, u = gu.chunk(2, dim=-1)
         outs.append(F.linear(maybe_checkpoint(recompute, swiglu_act, g, u), w_down[e]))
+        found += [(gu, w_gate_up), (outs[-1], w_down)]
     if not outs:
         # Keep the graph connected to the weights (every expert gets a zero gradient) and to x: under
         # expert parallelism x arrived by an all-to-all whose backward every rank must run, tokens or not.
-        return x.new_zeros(0, w_down.shape[1]) + 0 * (x.sum() + w_gate_up.sum() + w_down.sum())
-    return torch.cat(outs, dim=0)
+        y = x.new_zeros(0, w_down.shape[1]) + 0 * (x.sum() + w_gate_up.sum() + w_down.sum())
+        found = [(y, w_gate_up), (y, w_down)]
+    else:
+        y = torch.cat(outs, dim=0)
+    if taps is not None:
+        taps += found
+    return y
 
 
 def expert_swiglu(
@@ -75,10 +93,11 @@ def expert_swiglu(
     w_down: torch.Tensor,
     impl: str = "auto",
     recompute: bool = False,
+    taps: Taps | None = None,
 ) -> torch.Tensor:
     """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference."""
     if impl == "grouped" or (
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
     ):
-        return expert_swiglu_grouped(x, counts, w_gate_up, w_down, recompute)
-    return expert_swiglu_reference(x, counts, w_gate_up, w_down, recompute)
+        return expert_swiglu_grouped(x, counts, w_gate_up, w_down, recompute, taps)
+    return expert_swiglu_reference(x, counts, w_gate_up, w_down, recompute, taps)

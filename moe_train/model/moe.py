@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
-from .grouped_gemm import expert_swiglu
+from .grouped_gemm import Taps, expert_swiglu
 from .mlp import SwiGLU
 from .recompute import Recomputable, in_backward
 from .stats import MoEStats, RouterRecord
@@ -107,9 +107,10 @@ class RoutedExperts(Recomputable, nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_local, h, i))
         self.impl = "auto"  # auto | grouped | reference (tests force one)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
+        """taps: receives (projection output, weight) pairs (see grouped_gemm.Taps)."""
         selective = self.recompute == "selective" and self.training
-        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, selective)
+        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, selective, taps)
 
 
 def balance_terms(routing: Routing, batch: int, seq: int, kind: str) -> torch.Tensor:

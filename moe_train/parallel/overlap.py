@@ -24,14 +24,18 @@ next yield. Per MoE block of each side the host then issues, in this order:
     F: attention + router, issue counts           F.attention   ‖ B.combine-bwd
     B: shared-bwd                                 B.shared-bwd  ‖ F.counts (the host waits for them)
     F: plan, gathers, issue dispatch
-    B: routed-experts-bwd, issue dispatch-bwd     B.experts-bwd ‖ F.dispatch
+    B: routed-experts-bwd (B), issue dispatch-bwd, routed-experts-bwd (W)
+                                                  B.experts-bwd ‖ F.dispatch, B.experts-W ‖ B.dispatch-bwd
     F: shared experts, routed experts, issue combine    F.experts ‖ B.dispatch-bwd
     B: attention-bwd, next block's sum-bwd, issue its combine-bwd     B.attention-bwd ‖ F.combine
     F: sum, next block's attention, …              F.attention   ‖ B.combine-bwd
 
 — the order DeepSeek-V3's Figure 4 draws: each exchange is in flight under the other direction's largest
-compute of the moment. At most one exchange per side is in flight (a side waits its exchange before issuing
-the next), so in-flight buffers are bounded by one exchange per direction (`max_in_flight` ≤ 2, tested).
+compute of the moment. The routed experts' backward is split as there (MLP(B), MLP(W)): input gradients, so
+the dispatch's backward leaves early, then weight gradients under it (from the projections' output gradients
+the B pass kept — `Step.taps` — so no GEMM runs twice). At most one exchange per side is in flight (a side
+waits its exchange before issuing the next), so in-flight buffers are bounded by one exchange per direction
+(`max_in_flight` ≤ 2, tested).
 
 Streams and host syncs. On NCCL the exchanges run on the process group's own CUDA stream; a wait makes the
 compute stream wait on the work's CUDA event, never the host. The one host synchronisation per MoE block and
@@ -41,6 +45,10 @@ host waits for that exchange alone while the compute stream works through the ot
 backward queued meanwhile; the GPU idles only if that is shorter than the exchange's latency plus the host's
 time to issue the gathers. Backward needs no host sync (the splits are the forward's). On gloo the same code
 runs with async work handles; compute on the main thread overlaps gloo's worker threads.
+
+SMs. NCCL's kernels run on SMs beside the compute kernels. `parallel.overlap_sm_carveout` (DeepSeek-V3
+gives communication 20 SMs) launches the matmuls of sub-steps issued while an exchange is in flight for that
+many SMs fewer, so a grid sized for the whole GPU does not wait for the SMs NCCL holds (`sm_carveout`).
 
 Not overlapped: the MTP blocks inside the head sub-step; full recomputation is not supported (the config
 rejects `trainer.recompute=full` with `parallel.overlap`); the hierarchical dispatcher is not supported.
@@ -57,6 +65,7 @@ import torch
 from torch import nn
 
 from ..model.gather import gather_rows
+from ..model.grouped_gemm import Taps
 from ..model.moe import MoE
 from ..model.stats import MoEStats
 from ..model.transformer import DecoderLayer, Transformer
@@ -96,9 +105,14 @@ class Step:
         outs: list[torch.Tensor],
         roots: list[torch.Tensor],
         layer: int | str = "-",
+        taps: Taps | None = None,
     ) -> None:
         self.name, self.leaves, self.outs, self.roots, self.layer = name, leaves, outs, roots, layer
+        # (projection output, weight) pairs inside the sub-step (grouped_gemm.Taps): a B pass also keeps
+        # the gradients of these outputs, so W runs only the weight-gradient GEMMs from them
+        self.taps: Taps = taps or []
         self._w: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._w_taps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (output, weight, grad)
 
     @classmethod
     def run(
@@ -109,13 +123,15 @@ class Step:
         stats: MoEStats | None = None,
         weight: float = 1.0,
         layer: int | str = "-",
+        taps: Taps | None = None,
     ) -> Step:
+        """taps: the list fn fills with its (projection output, weight) pairs, if any."""
         leaves = [_cut(x) for x in inputs]
         n0 = len(stats.records) if stats is not None else 0
         with torch.enable_grad():
             outs = fn(*leaves)
             roots = balance_roots(stats, n0, weight)
-        return cls(name, leaves, list(outs) if isinstance(outs, tuple) else [outs], roots, layer)
+        return cls(name, leaves, list(outs) if isinstance(outs, tuple) else [outs], roots, layer, taps)
 
     def backward(self, grads: list[torch.Tensor | None], mode: str) -> list[torch.Tensor | None]:
         """Gradients of the inputs from those of the outputs. mode 'BW': parameters' `.grad` accumulate in
@@ -129,6 +145,16 @@ class Step:
         if mode == "BW":
             torch.autograd.backward(tensors, grad_tensors)  # inputs' and parameters' .grad, one traversal
             found = {id(x): x.grad for x in need}
+        elif self.taps:
+            # input gradients and the taps' output gradients in one traversal that stops short of every
+            # weight-gradient GEMM; W starts from the taps (no GEMM of the input path runs twice)
+            outs = [t for t, _ in self.taps]
+            got = torch.autograd.grad(
+                tensors, need + outs, grad_tensors, retain_graph=True, allow_unused=True
+            )
+            found = {id(x): g for x, g in zip(need, got, strict=False)}
+            self._w_taps = [(t, w, g) for (t, w), g in zip(self.taps, got[len(need) :], strict=True)]
+            self.taps = []
         else:
             got = (
                 torch.autograd.grad(tensors, need, grad_tensors, retain_graph=True, allow_unused=True)
@@ -142,6 +168,20 @@ class Step:
 
     def weights(self, params: list[nn.Parameter]) -> None:
         """The deferred weight gradients of a B pass; only `params` accumulate (unreachable ones: skipped)."""
+        if self._w_taps:
+            wanted = {id(p) for p in params}
+            by_weight: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
+            for t, w, g in self._w_taps:
+                if g is not None and id(w) in wanted:
+                    by_weight.setdefault(id(w), (w, [], []))[1].append(t)
+                    by_weight[id(w)][2].append(g)
+            self._w_taps = []
+            # one traversal per weight: from a down-projection output towards the gate/up weight would
+            # run the input path's GEMMs again (and count that weight's gradient twice); the traversals
+            # may share nodes (no rows: one zero output stands for both), so all but the last keep them
+            todo = list(by_weight.values())
+            for i, (w, ts, gs) in enumerate(todo):
+                torch.autograd.backward(ts, gs, inputs=[w], retain_graph=i < len(todo) - 1)
         if self._w is not None:
             tensors, grad_tensors = self._w
             self._w = None
@@ -166,6 +206,7 @@ class MoEBlockTape:
     experts: Step
     finish: Step
     shared: Step | None = None
+    expert_params: list[nn.Parameter] = field(default_factory=list)  # the routed experts' weights
 
 
 @dataclass
@@ -208,8 +249,13 @@ class OverlapEngine:
     "F compute attn L3", "F issue dispatch L3", "B wait combine L5", … (the ordering test reads it).
     """
 
-    def __init__(self, log: list[str] | None = None) -> None:
+    def __init__(self, log: list[str] | None = None, sm_carveout: int = 0) -> None:
+        """sm_carveout: SMs the matmuls of a compute sub-step leave free while an exchange is in flight
+        (`parallel.overlap_sm_carveout`; see `_compute`)."""
+        if sm_carveout < 0:
+            raise ValueError(f"sm_carveout must be >= 0 (SMs left to communication), not {sm_carveout}")
         self.log = log
+        self.sm_carveout = sm_carveout
         self._side: Any = None  # CUDA side stream for the plans' count exchanges (made on first use)
         self.in_flight = 0  # exchanges issued and not yet waited, over both sides
         self.max_in_flight = 0
@@ -222,8 +268,13 @@ class OverlapEngine:
     @contextmanager
     def _compute(self, side: str, what: str, layer: int | str) -> Iterator[None]:
         """A compute sub-step: a profiler range (the trace shows which sub-step each kernel belongs to) and,
-        once it ran, a log entry."""
-        with torch.profiler.record_function(f"{side} {what} L{layer}"):
+        once it ran, a log entry. With an exchange in flight and `sm_carveout`, its matmuls (cuBLASLt and
+        the grouped GEMM) are launched for that many SMs fewer: NCCL's kernel holds SMs while it runs, and
+        a persistent GEMM grid sized for every SM then waits for one of them — one CTA's tiles run after
+        all the others (measured: the routed experts ~40% slower beside a one-channel all-to-all;
+        docs/performance.md, "Overlap of the expert all-to-all")."""
+        carve = self.sm_carveout if self.sm_carveout and self.in_flight else None
+        with torch.profiler.record_function(f"{side} {what} L{layer}"), sm_carveout(carve):
             yield
         self._note(side, f"compute {what}", layer)
 
@@ -346,12 +397,15 @@ class OverlapEngine:
         recv_meta.requires_grad_(send_meta.requires_grad)
 
         # 4. routed experts on the received rows; each row's gate-weighted sum over its slots
+        taps: Taps = []
+
         def experts(rows: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
             slots = d.receive(meta, r, moe.n_experts)
-            return slot_weighted_sums(moe.experts(expand_to_slots(rows, slots), slots.local_counts), slots)
+            y = moe.experts(expand_to_slots(rows, slots), slots.local_counts, taps)
+            return slot_weighted_sums(y, slots)
 
         with self._compute(side, "experts", lid):
-            exp = Step.run("experts", experts, [recv, recv_meta])
+            exp = Step.run("experts", experts, [recv, recv_meta], taps=taps)
         partial = exp.outs[0]
         # 5. combine: the partial sums go back to the tokens' ranks
         d.count("combine", r.recv_splits, partial)
@@ -369,7 +423,7 @@ class OverlapEngine:
 
         with self._compute(side, "finish", lid):
             fin = Step.run("finish", finish, [h1, back, None if shared is None else shared.outs[0]])
-        block = MoEBlockTape(lid, d, r, attn, exp, fin, shared)
+        block = MoEBlockTape(lid, d, r, attn, exp, fin, shared, list(moe.experts.parameters()))
         return fin.outs[0], block
 
     # --------------------------------------------------------------------------------------- backward
@@ -422,17 +476,44 @@ class OverlapEngine:
                 (g_flat,) = t.shared.backward([g_shared], mode)
         yield  # the forward side finishes its plan and issues its dispatch before this side's next compute
         (g_partial,) = self._wait(side, "combine", lid, ex)
+        # the routed experts' input gradients (B) first, so the dispatch's backward leaves as early as
+        # possible; their weight gradients (W) then run under it, before the other side's routed experts
         with self._compute(side, "experts", lid):
-            g_recv, g_meta = t.experts.backward([g_partial], mode)
+            g_recv, g_meta = t.experts.backward([g_partial], "B")
         recv, recv_meta = t.experts.leaves
         g_recv = torch.zeros_like(recv) if g_recv is None else g_recv
         g_meta = torch.zeros_like(recv_meta) if g_meta is None else g_meta
         ex = self._issue(side, "dispatch", lid, [g_recv, g_meta], r.send_splits, r.recv_splits, d.group)
+        if mode == "BW":
+            with self._compute(side, "experts-W", lid):
+                t.experts.weights(t.expert_params)
         yield
         g_send, g_send_meta = self._wait(side, "dispatch", lid, ex)
         with self._compute(side, "attn", lid):
             (g_h,) = t.attn.backward([g_h1, g_flat, g_send, g_send_meta], mode)
         return g_h
+
+
+@contextmanager
+def sm_carveout(sms: int | None) -> Iterator[None]:
+    """Matmuls launched inside target all SMs but `sms` (None: all), through torch's experimental SM
+    carveout — a process-wide setting, restored on exit. Only CUDA matmuls read it."""
+    if sms is None:
+        yield
+        return
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        if sms >= total:
+            raise ValueError(
+                f"parallel.overlap_sm_carveout={sms} leaves no SM for compute: allowed 0 … {total - 1} "
+                f"on {torch.cuda.get_device_name()}"
+            )
+    before = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(sms)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(before)
 
 
 # ------------------------------------------------------------------------------------------- running

@@ -34,6 +34,7 @@ from ..parallel.expert import apply_expert_parallel, expert_param_names, expert_
 from ..parallel.grad_sync import OverlappedGradReduce
 from ..parallel.grads import clip_gradients, reduce_gradients, reduce_ties
 from ..parallel.mesh import Mesh, build_mesh
+from ..parallel.overlap import OverlapEngine
 from ..parallel.pipeline.analysis import peak_activations
 from ..parallel.pipeline.executor import PipelineExecutor
 from ..parallel.pipeline.schedules import build_schedule
@@ -141,7 +142,7 @@ class Trainer:
                 cfg.model.hidden_size,
                 # the residual stream between stages keeps the weights' dtype, also under autocast
                 next(self.model.parameters()).dtype,
-                overlap=p.overlap,
+                overlap=OverlapEngine(sm_carveout=p.overlap_sm_carveout) if p.overlap else False,
             )
         else:
             self.model = build_model(cfg.model, balance, self.device, t.seed, expert_slice=experts)
