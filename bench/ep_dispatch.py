@@ -12,7 +12,9 @@ exchange, permutation, two all-to-alls, regroup, weighted combine) is timed agai
 calls that move exactly the same rows with the same splits. Bandwidth = bytes leaving a rank (both
 directions, every row including the rank's own share, as all_to_all_single counts them) / time. Beside it,
 the parts: the plan alone, and the row work alone (send gather, expansion to expert slots, weighted combine,
-final sum; same kernels and sizes, no communication).
+final sum; same kernels and sizes, no communication). "counts+sync" times the one step any dispatcher on
+`all_to_all_single` with uneven splits takes before a row can move — the count exchange read on the host —
+and "ceiling" the best ours/raw such a dispatcher could reach at that size if everything else were free.
 (2) One DeepSeek-V2-Lite-sized MoE layer (64 experts top-6, hidden 2048, expert width 1408, 2 shared),
 forward+backward per rank for the same tokens per rank: ep=1 (every GPU holds all experts, pure data
 parallel) vs ep=2 (each holds 32, tokens exchanged); outputs and input gradients of the two are compared.
@@ -180,6 +182,16 @@ def bench_dispatch(mesh, rows: list[str], profile: bool) -> None:
     disp = AllToAllDispatcher(ep_group, 2, mesh.ep_rank)
     n_experts, k = 256, 8  # DeepSeek-V3 routing
     dt = DTYPE[DEV]
+    # The step every dispatcher built on all_to_all_single with uneven splits must take before any row
+    # moves: exchange the counts and read them on the host (split sizes size the buffers).
+    counts = torch.ones(2, 1 + n_experts // 2, dtype=torch.long, device=DEV)
+    got = torch.empty_like(counts)
+
+    def counts_sync() -> None:
+        dist.all_to_all_single(got, counts, group=ep_group)
+        got.tolist()
+
+    t_sync = timed(counts_sync, 50, DEV)
     for hidden in SIZES["hidden"]:
         for tokens in SIZES["tokens"]:
             x = torch.randn(tokens, hidden, device=DEV, dtype=dt)
@@ -225,7 +237,8 @@ def bench_dispatch(mesh, rows: list[str], profile: bool) -> None:
             rows.append(
                 f"| {hidden} | {tokens} | {send_rows / tokens:.2f} | {mb:.1f} | {t_raw * 1e3:.3f} | "
                 f"{mb / 1024 / t_raw:.0f} | {t_ours * 1e3:.3f} | {mb / 1024 / t_ours:.0f} | "
-                f"{t_raw / t_ours:.0%} | {t_plan * 1e3:.3f} | {t_rows * 1e3:.3f} |"
+                f"{t_raw / t_ours:.0%} | {t_plan * 1e3:.3f} | {t_rows * 1e3:.3f} | {t_sync * 1e3:.3f} | "
+                f"{t_raw / (t_raw + t_sync):.0%} |"
             )
             del a, b, out_a, out_b, y, plan
 
@@ -307,8 +320,9 @@ def main() -> None:
             *kernel_rows,
             "",
             "| hidden | tokens/rank | rows sent/token | MB/rank (both ways) | raw a2a ms | raw GB/s | "
-            "dispatch+combine ms | ours GB/s | ours/raw | plan ms | row work ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "dispatch+combine ms | ours GB/s | ours/raw | plan ms | row work ms | counts+sync ms | "
+            "ceiling: raw/(raw + counts+sync) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *disp_rows,
             "",
             "| tokens/rank | MoE layer fwd+bwd ms, ep=1 | ep=2 | rel. diff output | rel. diff input grad |",
