@@ -109,7 +109,8 @@ class Step:
     ) -> None:
         self.name, self.leaves, self.outs, self.roots, self.layer = name, leaves, outs, roots, layer
         # (projection output, weight) pairs inside the sub-step (grouped_gemm.Taps): a B pass also keeps
-        # the gradients of these outputs, so W runs only the weight-gradient GEMMs from them
+        # the gradients of these outputs, so W runs only the weight-gradient GEMMs from them. They must name
+        # every parameter the sub-step uses: W starts from the taps alone.
         self.taps: Taps = taps or []
         self._w: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._w_taps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (output, weight, grad)
@@ -152,7 +153,7 @@ class Step:
             got = torch.autograd.grad(
                 tensors, need + outs, grad_tensors, retain_graph=True, allow_unused=True
             )
-            found = {id(x): g for x, g in zip(need, got, strict=False)}
+            found = {id(x): g for x, g in zip(need, got[: len(need)], strict=True)}
             self._w_taps = [(t, w, g) for (t, w), g in zip(self.taps, got[len(need) :], strict=True)]
             self.taps = []
         else:
