@@ -312,7 +312,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=0, help="sequence length (0: one sequence of --tokens)")
     ap.add_argument(
         "--sm-carveout",
-        default="0",
+        default="0,4",
         help="comma-separated SM carveouts (parallel.overlap_sm_carveout) to time (d) with, e.g. 0,8,16",
     )
     ap.add_argument("--iters", type=int, default=5)
