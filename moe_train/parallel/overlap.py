@@ -174,8 +174,9 @@ class Step:
             by_weight: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
             for t, w, g in self._w_taps:
                 if g is not None and id(w) in wanted:
-                    by_weight.setdefault(id(w), (w, [], []))[1].append(t)
-                    by_weight[id(w)][2].append(g)
+                    _, ts, gs = by_weight.setdefault(id(w), (w, [], []))
+                    ts.append(t)
+                    gs.append(g)
             self._w_taps = []
             # one traversal per weight: from a down-projection output towards the gate/up weight would
             # run the input path's GEMMs again (and count that weight's gradient twice); the traversals
@@ -257,6 +258,7 @@ class OverlapEngine:
             raise ValueError(f"sm_carveout must be >= 0 (SMs left to communication), not {sm_carveout}")
         self.log = log
         self.sm_carveout = sm_carveout
+        self._carveout_checked: int | None = None  # the value last checked against the GPU's SM count
         self._side: Any = None  # CUDA side stream for the plans' count exchanges (made on first use)
         self.in_flight = 0  # exchanges issued and not yet waited, over both sides
         self.max_in_flight = 0
@@ -275,6 +277,9 @@ class OverlapEngine:
         all the others (measured: the routed experts ~40% slower beside a one-channel all-to-all;
         docs/performance.md, "Overlap of the expert all-to-all")."""
         carve = self.sm_carveout if self.sm_carveout and self.in_flight else None
+        if carve is not None and carve != self._carveout_checked:
+            check_sm_carveout(carve)  # once per value, not on every sub-step
+            self._carveout_checked = carve
         with torch.profiler.record_function(f"{side} {what} L{layer}"), sm_carveout(carve):
             yield
         self._note(side, f"compute {what}", layer)
@@ -495,13 +500,8 @@ class OverlapEngine:
         return g_h
 
 
-@contextmanager
-def sm_carveout(sms: int | None) -> Iterator[None]:
-    """Matmuls launched inside target all SMs but `sms` (None: all), through torch's experimental SM
-    carveout — a process-wide setting, restored on exit. Only CUDA matmuls read it."""
-    if sms is None:
-        yield
-        return
+def check_sm_carveout(sms: int) -> None:
+    """A carveout must leave the current GPU at least one SM (no GPU: nothing to check)."""
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         if sms >= total:
@@ -509,6 +509,15 @@ def sm_carveout(sms: int | None) -> Iterator[None]:
                 f"parallel.overlap_sm_carveout={sms} leaves no SM for compute: allowed 0 … {total - 1} "
                 f"on {torch.cuda.get_device_name()}"
             )
+
+
+@contextmanager
+def sm_carveout(sms: int | None) -> Iterator[None]:
+    """Matmuls launched inside target all SMs but `sms` (None: all), through torch's experimental SM
+    carveout — a process-wide setting, restored on exit. Only CUDA matmuls read it."""
+    if sms is None:
+        yield
+        return
     before = torch._C._get_sm_carveout_experimental()
     torch._C._set_sm_carveout_experimental(sms)
     try:
