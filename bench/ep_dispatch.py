@@ -5,7 +5,7 @@ Run on a 2-GPU machine:
         torchrun --nproc-per-node 2 bench/ep_dispatch.py [--out results.md] [--profile]
 CPU check of the script: OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 bench/ep_dispatch.py --smoke
 
-(0) On CUDA with Triton, the bag-sum kernels (model/gather_triton.py) against fp32 references on random
+(0) On CUDA with Triton, the bag-sum kernels (ops/gather_triton.py) against fp32 references on random
 bags (asserted tolerance) and their time against `embedding_bag`, the reference path.
 (1) For several token counts and hidden sizes, the dispatcher's full dispatch+combine (plan with its count
 exchange, permutation, two all-to-alls, regroup, weighted combine) is timed against raw `all_to_all_single`
@@ -36,9 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import emit, sync, timed  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
-from moe_train.model.gather import gather_rows  # noqa: E402
 from moe_train.model.init import init_weights  # noqa: E402
 from moe_train.model.moe import MoE, MoEOptions  # noqa: E402
+from moe_train.ops.gather import gather_rows  # noqa: E402
 from moe_train.parallel.dispatch import (  # noqa: E402
     AllToAllDispatcher,
     expand_to_slots,
@@ -105,7 +105,7 @@ def profile_table(fn, label: str, rank: int, n: int = 5) -> None:
 
 def check_kernels(rows: list[str]) -> None:
     """Triton bag sums vs fp32 references (asserted), and their time vs embedding_bag (bf16, CUDA)."""
-    from moe_train.model import gather_triton as gt
+    from moe_train.ops import gather_triton as gt
 
     g = torch.Generator(device=DEV).manual_seed(0)
     for hidden, n_src in ((7168, 4096), (2048, 3000), (8, 500), (100, 77)):
@@ -303,7 +303,7 @@ def main() -> None:
     disp_rows: list[str] = []
     layer_rows: list[str] = []
     if DEV == "cuda":
-        from moe_train.model.gather_triton import available
+        from moe_train.ops.gather_triton import available
 
         if available():
             check_kernels(kernel_rows)

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe_train.model.grouped_gemm import expert_swiglu_grouped, expert_swiglu_reference  # noqa: E402
+from moe_train.ops.grouped_gemm import expert_swiglu_grouped, expert_swiglu_reference  # noqa: E402
 
 TOL = 1e-2  # relative Frobenius error against fp32, bf16 operands
 

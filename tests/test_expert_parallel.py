@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from distributed import run_world
 from moe_train.config import ModelConfig
-from moe_train.model.gather import Bags, bag_sum, gather_rows
 from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
+from moe_train.ops.gather import Bags, bag_sum, gather_rows
 from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters
 from moe_train.parallel.mesh import Layout, MeshError, build_mesh
 
@@ -181,7 +181,7 @@ def test_bag_sum_and_gather_rows_match_indexing_with_autograd():
 
 def triton_interpreter_checks() -> None:
     """The CUDA kernels behind bag_sum against indexing references, on CPU tensors (TRITON_INTERPRET=1)."""
-    from moe_train.model import gather_triton as gt
+    from moe_train.ops import gather_triton as gt
 
     for seed, hidden in ((1, 70), (2, 8), (3, 1100)):
         bags = _bags(seed)

@@ -9,9 +9,9 @@ import torch
 
 from moe_train.config import ModelConfig
 from moe_train.model import MoEStats, build_model, count_params
-from moe_train.model.grouped_gemm import expert_swiglu_grouped, expert_swiglu_reference
 from moe_train.model.moe import BalanceLoss, Router, balance_terms
 from moe_train.model.summary import module_counts
+from moe_train.ops.grouped_gemm import expert_swiglu_grouped, expert_swiglu_reference
 
 
 def tiny(**kw) -> ModelConfig:

@@ -3,6 +3,7 @@ one F&B pair each all-to-all is in flight while the other direction computes."""
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import replace
 
@@ -278,7 +279,11 @@ def test_experts_b_then_w_from_taps_equals_full_backward(rows, recompute):
     """A B pass that keeps the projections' output gradients, then W from them (the split the F&B pair runs
     under the dispatch's backward), gives the input and weight gradients of one full backward — also when
     no rows arrived (every weight still gets its zero gradient) and under selective recomputation."""
-    from moe_train.model.grouped_gemm import expert_swiglu_reference
+    from moe_train.model.recompute import maybe_checkpoint
+    from moe_train.ops.grouped_gemm import expert_swiglu_reference
+    from moe_train.ops.swiglu import swiglu_act
+
+    act = functools.partial(maybe_checkpoint, True, swiglu_act) if recompute else swiglu_act
     from moe_train.parallel.overlap import Step
 
     g = torch.Generator().manual_seed(0)
@@ -293,7 +298,7 @@ def test_experts_b_then_w_from_taps_equals_full_backward(rows, recompute):
         taps: list = []
 
         def experts(x: torch.Tensor) -> torch.Tensor:
-            return expert_swiglu_reference(x, counts, w_gu, w_down, recompute, taps if split else None)
+            return expert_swiglu_reference(x, counts, w_gu, w_down, act, taps if split else None)
 
         step = Step.run("experts", experts, [x.requires_grad_(True)], taps=taps)
         (gx,) = step.backward([out_grad], "B" if split else "BW")

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from ..model.dispatch import LocalDispatcher
-from ..model.grouped_gemm import expert_swiglu, grouped_mm_available
-from ..model.mlp import swiglu_act
 from ..model.moe import MoE
+from ..ops.grouped_gemm import expert_swiglu, grouped_mm_available
+from ..ops.swiglu import swiglu_act
 
 
 def grouped_experts(x: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from .gather import Bags, bag_sum, gather_rows
+from ..ops.gather import Bags, bag_sum, gather_rows
 
 
 @dataclass

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops.swiglu import swiglu_act
 from .recompute import Recomputable, maybe_checkpoint
-
-
-def swiglu_act(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
 
 
 class SwiGLU(Recomputable, nn.Module):

@@ -8,6 +8,7 @@ gates are the selected s, normalised to sum 1 when `norm_topk_prob`, times `rout
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.grouped_gemm import Taps, expert_swiglu
+from ..ops.swiglu import swiglu_act
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
-from .grouped_gemm import Taps, expert_swiglu
 from .mlp import SwiGLU
-from .recompute import Recomputable, in_backward
+from .recompute import Recomputable, in_backward, maybe_checkpoint
 from .stats import MoEStats, RouterRecord
 
 
@@ -110,7 +112,8 @@ class RoutedExperts(Recomputable, nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
         """taps: receives (projection output, weight) pairs (see grouped_gemm.Taps)."""
         selective = self.recompute == "selective" and self.training
-        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, selective, taps)
+        act = functools.partial(maybe_checkpoint, True, swiglu_act) if selective else swiglu_act
+        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, act, taps)
 
 
 def balance_terms(routing: Routing, batch: int, seq: int, kind: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ All-to-all dispatcher, per MoE layer:
    each row to its valid slots and sorts them by local expert for the grouped GEMM.
 3. combine: the receiver forms each row's gate-weighted partial sum over its valid slots, so one row per
    (token, rank) travels back; the sender adds the partial sums of a token's ranks.
-Rows move with `gather_rows` and are summed with `bag_sum` (model/gather.py): each pass reads only the rows
+Rows move with `gather_rows` and are summed with `bag_sum` (ops/gather.py): each pass reads only the rows
 that exist, backward passes are gathers (no scatter-add), and summation order is fixed (deterministic on
 CPU, see docs/architecture.md). Why this shape: docs/performance.md, "Expert-parallel dispatch".
 """
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..model.gather import Bags, bag_sum, gather_rows
+from ..ops.gather import Bags, bag_sum, gather_rows
 from .comm import A2A, a2a_start, a2a_wait
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..model.gather import gather_rows
+from ..ops.gather import gather_rows
 from .comm import A2A, a2a_start, a2a_wait
 from .dispatch import (
     CommCounters,

@@ -64,11 +64,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model.gather import gather_rows
-from ..model.grouped_gemm import Taps
 from ..model.moe import MoE
 from ..model.stats import MoEStats
 from ..model.transformer import DecoderLayer, Transformer
+from ..ops.gather import gather_rows
+from ..ops.grouped_gemm import Taps
 from .comm import Exchange, exchange_start, exchange_wait
 from .dispatch import (
     AllToAllDispatcher,

@@ -8,15 +8,17 @@ bench/grouped_gemm_check.py compares forward and backward in bf16 on the GPU).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from .mlp import swiglu_act
-from .recompute import maybe_checkpoint
+from .swiglu import swiglu_act
 
-# (projection output, its weight) pairs a caller may ask for: the overlap engine's separate weight pass starts
-# from these outputs' gradients, so it runs only the weight-gradient GEMMs (parallel/overlap.py, `Step`).
+# (projection output, its weight) pairs a caller may ask for: a deferred weight-gradient pass starts from
+# these outputs' gradients, so it runs only the weight-gradient GEMMs (parallel/overlap.py, `SubStep`).
 Taps = list[tuple[torch.Tensor, torch.Tensor]]
+Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -34,12 +36,12 @@ def expert_swiglu_grouped(
     counts: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
-    recompute: bool = False,
+    act: Activation = swiglu_act,
     taps: Taps | None = None,
 ) -> torch.Tensor:
     """x: (M, H) sorted by expert; counts: (E,) rows per expert; w_gate_up: (E, 2I, H); w_down: (E, H, I).
 
-    recompute: checkpoint silu(g)·u (selective recomputation) so silu(g) is not kept for backward.
+    act: act(gate, up), silu(gate)·up; the model passes a checkpointed one for selective recomputation.
     taps: receives (projection output, weight) for both projections.
     """
     dtype = _compute_dtype(x)
@@ -49,7 +51,7 @@ def expert_swiglu_grouped(
     xa = x.to(dtype)
     gu = torch._grouped_mm(xa, w_gate_up.to(dtype).transpose(-2, -1), offs=offs)
     g, u = gu.chunk(2, dim=-1)
-    h = maybe_checkpoint(recompute, swiglu_act, g, u)
+    h = act(g, u)
     y = torch._grouped_mm(h, w_down.to(dtype).transpose(-2, -1), offs=offs)
     if taps is not None:
         taps += [(gu, w_gate_up), (y, w_down)]
@@ -61,7 +63,7 @@ def expert_swiglu_reference(
     counts: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
-    recompute: bool = False,
+    act: Activation = swiglu_act,
     taps: Taps | None = None,
 ) -> torch.Tensor:
     """The same math as `expert_swiglu_grouped`, one matmul pair per expert (host reads `counts`)."""
@@ -72,7 +74,7 @@ def expert_swiglu_reference(
             continue
         gu = F.linear(xe, w_gate_up[e])
         g, u = gu.chunk(2, dim=-1)
-        outs.append(F.linear(maybe_checkpoint(recompute, swiglu_act, g, u), w_down[e]))
+        outs.append(F.linear(act(g, u), w_down[e]))
         found += [(gu, w_gate_up), (outs[-1], w_down)]
     if not outs:
         # Keep the graph connected to the weights (every expert gets a zero gradient) and to x: under
@@ -92,12 +94,12 @@ def expert_swiglu(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     impl: str = "auto",
-    recompute: bool = False,
+    act: Activation = swiglu_act,
     taps: Taps | None = None,
 ) -> torch.Tensor:
     """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference."""
     if impl == "grouped" or (
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
     ):
-        return expert_swiglu_grouped(x, counts, w_gate_up, w_down, recompute, taps)
-    return expert_swiglu_reference(x, counts, w_gate_up, w_down, recompute, taps)
+        return expert_swiglu_grouped(x, counts, w_gate_up, w_down, act, taps)
+    return expert_swiglu_reference(x, counts, w_gate_up, w_down, act, taps)
