@@ -39,8 +39,8 @@ from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.init import init_weights  # noqa: E402
 from moe_train.model.moe import MoE, MoEOptions  # noqa: E402
 from moe_train.ops.gather import gather_rows  # noqa: E402
-from moe_train.parallel.dispatch import (  # noqa: E402
-    AllToAllDispatcher,
+from moe_train.parallel.dispatch import AllToAllDispatcher  # noqa: E402
+from moe_train.parallel.dispatch.rows import (  # noqa: E402
     expand_to_slots,
     slot_weighted_sums,
     sum_over_route,

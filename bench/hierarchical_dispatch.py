@@ -29,8 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import emit, timed  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.moe import Router  # noqa: E402
-from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters  # noqa: E402
-from moe_train.parallel.hierarchical import HierarchicalDispatcher  # noqa: E402
+from moe_train.parallel.dispatch import (  # noqa: E402
+    AllToAllDispatcher,
+    CommCounters,
+    build_dispatcher,  # noqa: E402
+)
 from moe_train.parallel.mesh import build_mesh, check_expert_groups  # noqa: E402
 
 DEV = "cuda"
@@ -61,7 +64,7 @@ def bench_topology(gpus_per_node: int, rows: list[str]) -> None:
     cf, ch = CommCounters(), CommCounters()
     peer_nodes = [lay.node_of(r) for r in range(lay.world)]
     flat = AllToAllDispatcher(mesh.group("ep"), lay.ep, mesh.ep_rank, cf, peer_nodes)
-    hier = HierarchicalDispatcher.from_mesh(mesh, ch)
+    hier = build_dispatcher("hierarchical", mesh, ch)
     gate = router(n_exp, k, SIZES["n_group"], SIZES["topk_group"], hidden, seed=0).to(DEV)
     for tokens in SIZES["tokens"]:
         g = torch.Generator(device=DEV).manual_seed(1000 * mesh.rank + tokens)

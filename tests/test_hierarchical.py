@@ -17,8 +17,7 @@ from distributed import run_world
 from moe_train.config import ConfigError, ModelConfig, load_config, to_object, validate
 from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
-from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters
-from moe_train.parallel.hierarchical import HierarchicalDispatcher
+from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters, build_dispatcher
 from moe_train.parallel.mesh import Layout, MeshError, build_mesh, check_expert_groups
 
 CFG = ModelConfig(
@@ -104,7 +103,7 @@ def _case(cfg: ModelConfig, gpus_per_node: int, sizes: list[int], mask: tuple[in
     peer_nodes = [lay.node_of(r) for r in range(world)]
     flat.dispatcher = AllToAllDispatcher(mesh.group("ep"), world, mesh.ep_rank, cf, peer_nodes)
     log: list[str] = []
-    hier.dispatcher = HierarchicalDispatcher.from_mesh(mesh, ch, log)
+    hier.dispatcher = build_dispatcher("hierarchical", mesh, ch, log)
 
     g = torch.Generator().manual_seed(seed)
     total = sum(sizes)

@@ -2,7 +2,8 @@
 
 The model itself is plain single-device math; this module only (1) tells `build_model` which experts a rank
 holds and (2) swaps each MoE layer's local dispatcher for an all-to-all one over the mesh's ep group: flat
-(`parallel.dispatcher=alltoall`) or two-stage node-aware (`hierarchical`, see parallel/hierarchical.py).
+(`parallel.dispatcher=alltoall`) or two-stage node-aware (`hierarchical`), from the registry in
+parallel/dispatch/.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..model.moe import MoE, RoutedExperts
-from .dispatch import AllToAllDispatcher, CommCounters
-from .hierarchical import HierarchicalDispatcher
-from .mesh import Mesh, check_expert_groups
+from .dispatch import CommCounters, build_dispatcher, check_dispatcher
+from .mesh import Mesh
 
 
 def expert_slice(n_experts: int, mesh: Mesh) -> tuple[int, int] | None:
@@ -31,25 +31,14 @@ def apply_expert_parallel(
     event_log: list[str] | None = None,
     dispatcher: str = "alltoall",
 ) -> None:
-    """dispatcher: 'alltoall' (flat) or 'hierarchical'; the latter checks that no expert group of any MoE
-    layer is split across nodes (else node-limited routing would not limit nodes)."""
+    """Give every MoE layer a dispatcher of kind `dispatcher` (see `parallel.dispatch.DISPATCHERS`) over the
+    mesh's ep group; the layout checks of that kind run first."""
     if mesh.layout.ep == 1:
         return
-    ep_ranks = mesh.layout.ep_groups()
-    group_ranks = next(g for g in ep_ranks if mesh.rank in g)
-    peer_nodes = [mesh.layout.node_of(r) for r in group_ranks]
     for m in model.modules():
-        if not isinstance(m, MoE):
-            continue
-        if dispatcher == "hierarchical":
-            check_expert_groups(mesh.layout, m.n_experts, m.gate.n_group)
-            m.dispatcher = HierarchicalDispatcher.from_mesh(mesh, counters, event_log)
-        elif dispatcher == "alltoall":
-            m.dispatcher = AllToAllDispatcher(
-                mesh.group("ep"), mesh.layout.ep, mesh.ep_rank, counters, peer_nodes, event_log
-            )
-        else:
-            raise ValueError(f"parallel.dispatcher={dispatcher!r}: one of alltoall, hierarchical")
+        if isinstance(m, MoE):
+            check_dispatcher(dispatcher, mesh.layout, m.n_experts, m.gate.n_group)
+            m.dispatcher = build_dispatcher(dispatcher, mesh, counters, event_log)
 
 
 def expert_param_names(model: nn.Module) -> set[str]:

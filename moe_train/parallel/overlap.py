@@ -70,8 +70,8 @@ from ..model.transformer import DecoderLayer, Transformer
 from ..ops.gather import gather_rows
 from ..ops.grouped_gemm import Taps
 from .comm import Exchange, exchange_start, exchange_wait
-from .dispatch import (
-    AllToAllDispatcher,
+from .dispatch.flat import AllToAllDispatcher
+from .dispatch.rows import (
     Route,
     expand_to_slots,
     route_finish,

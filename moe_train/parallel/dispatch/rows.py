@@ -18,42 +18,14 @@ CPU, see docs/architecture.md). Why this shape: docs/performance.md, "Expert-par
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..ops.gather import Bags, bag_sum, gather_rows
-from .comm import A2A, a2a_start, a2a_wait
-
-
-@dataclass
-class CommCounters:
-    """Bytes moved by dispatchers, from the real split sizes; the trainer reads and resets them each step.
-
-    Keys: 'dispatch' / 'combine' (all rows, self included), '*_remote' (rows to another rank),
-    '*_inter_node' / '*_intra_node' (rows to another rank on another / the same node).
-    """
-
-    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-    def add(self, kind: str, splits: list[int], row_bytes: int, me: int, peer_nodes: list[int]) -> None:
-        """splits[i] rows of row_bytes go to group peer i; peer_nodes[i] is that peer's node."""
-        for peer, rows in enumerate(splits):
-            b = rows * row_bytes
-            self.bytes[kind] += b
-            if peer == me or rows == 0:
-                continue
-            self.bytes[f"{kind}_remote"] += b
-            where = "inter_node" if peer_nodes[peer] != peer_nodes[me] else "intra_node"
-            self.bytes[f"{kind}_{where}"] += b
-
-    def take(self) -> dict[str, int]:
-        out = dict(self.bytes)
-        self.bytes.clear()
-        return out
+from ...ops.gather import Bags, bag_sum, gather_rows
+from ..comm import A2A, a2a_start, a2a_wait
 
 
 @dataclass
@@ -264,109 +236,3 @@ def slot_weighted_sums(y: torch.Tensor, slots: Slots) -> torch.Tensor:
 def sum_over_route(back: torch.Tensor, r: Route) -> torch.Tensor:
     """Rows returned along route `r` -> one row per source row: the sum over its peers, in peer order."""
     return bag_sum(back, r.rows, r.pair_row)
-
-
-@dataclass
-class A2APlan:
-    n_tokens: int
-    route: Route  # tokens -> the ranks holding their experts
-    slots: Slots  # what this rank received, expanded and sorted for its experts
-
-    @property
-    def send_splits(self) -> list[int]:
-        return self.route.send_splits
-
-    @property
-    def recv_splits(self) -> list[int]:
-        return self.route.recv_splits
-
-    @property
-    def local_counts(self) -> torch.Tensor:
-        return self.slots.local_counts
-
-
-@dataclass
-class Pending:
-    plan: A2APlan
-    buf: torch.Tensor
-    comm: A2A
-
-
-class AllToAllDispatcher:
-    """Flat all-to-all over the expert-parallel group (`ep` ranks, `n_experts / ep` experts each)."""
-
-    def __init__(
-        self,
-        group: Any,
-        ep: int,
-        ep_rank: int,
-        counters: CommCounters | None = None,
-        peer_nodes: list[int] | None = None,
-        event_log: list[str] | None = None,
-    ) -> None:
-        self.group, self.ep, self.ep_rank = group, ep, ep_rank
-        self.counters = counters
-        self.peer_nodes = peer_nodes or [0] * ep  # node of each ep peer, for the byte counters
-        self.event_log = event_log
-
-    # ------------------------------------------------------------------------------------------- plan
-    def plan(self, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int) -> A2APlan:
-        """One host sync (split sizes, slot count and rows per local expert, from one count exchange);
-        then one exchange carrying each row's slot metadata (global expert ids and gate weights together),
-        which the host does not wait for."""
-        r = route_finish(self.route_start(topk_idx, n_experts))
-        meta = send_slot_meta(r, slot_meta(topk_idx, topk_weight), self.group)
-        return A2APlan(n_tokens=topk_idx.shape[0], route=r, slots=self.receive(meta, r, n_experts))
-
-    # The plan's parts, also used by the overlap engine (parallel/overlap.py), which runs them as sub-steps.
-    def route_start(self, topk_idx: torch.Tensor, n_experts: int, stream: Any = None) -> RouteStart:
-        """Count the (token, rank) rows and launch the count exchange (`route_finish` waits for it)."""
-        per_rank = n_experts // self.ep
-        return route_start(topk_idx // per_rank, self.ep, self.group, topk_idx, per_rank, stream=stream)
-
-    def receive(self, meta: torch.Tensor, r: Route, n_experts: int) -> Slots:
-        """The received rows' slots that name this rank's experts, sorted by local expert."""
-        per_rank = n_experts // self.ep
-        return receiver_slots(meta, self.ep_rank * per_rank, per_rank, r.recv_slots, r.recv_key_counts)
-
-    def count(self, kind: str, splits: list[int], rows: torch.Tensor) -> None:
-        """Add one exchange of `rows`' rows (splits[i] to peer i) to the byte counters."""
-        if self.counters is not None:
-            row_bytes = rows.shape[-1] * rows.element_size()
-            self.counters.add(kind, splits, row_bytes, self.ep_rank, self.peer_nodes)
-
-    # ------------------------------------------------------------------------------ dispatch (async)
-    def dispatch_start(self, x: torch.Tensor, plan: A2APlan) -> Pending:
-        r = plan.route
-        send = gather_rows(x, r.pair_row, r.rows)
-        comm = A2A(r.recv_splits, r.send_splits, self.group, log=self.event_log, name="dispatch")
-        self.count("dispatch", r.send_splits, x)
-        # Backward order: this exchange before the metadata's (see comm.a2a_start).
-        return Pending(plan, a2a_start(send, comm, after=(plan.slots.weight,)), comm)
-
-    def dispatch_wait(self, pending: Pending) -> torch.Tensor:
-        """Received rows, expanded to their slots and sorted by local expert."""
-        return expand_to_slots(a2a_wait(pending.buf, pending.comm), pending.plan.slots)
-
-    # ------------------------------------------------------------------------------- combine (async)
-    def combine_start(self, y: torch.Tensor, plan: A2APlan) -> Pending:
-        """Each received row's gate-weighted sum over its slots, sent back once."""
-        partial = slot_weighted_sums(y, plan.slots)
-        r = plan.route
-        comm = A2A(r.send_splits, r.recv_splits, self.group, log=self.event_log, name="combine")
-        self.count("combine", r.recv_splits, y)
-        return Pending(plan, a2a_start(partial, comm), comm)
-
-    def combine_wait(self, pending: Pending) -> torch.Tensor:
-        """Sum of each token's partial results from its ranks."""
-        return sum_over_route(a2a_wait(pending.buf, pending.comm), pending.plan.route)
-
-    # ------------------------------------------------------------------ the Dispatcher seam (blocking)
-    def dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, A2APlan]:
-        plan = self.plan(topk_idx, topk_weight, n_experts)
-        return self.dispatch_wait(self.dispatch_start(x, plan)), plan.local_counts, plan
-
-    def combine(self, y: torch.Tensor, plan: A2APlan) -> torch.Tensor:
-        return self.combine_wait(self.combine_start(y, plan))

@@ -34,12 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from ..ops.gather import gather_rows
-from .comm import A2A, a2a_start, a2a_wait
-from .dispatch import (
-    CommCounters,
+from ...ops.gather import gather_rows
+from ..comm import A2A, a2a_start, a2a_wait
+from .counters import CommCounters
+from .rows import (
     Route,
     Slots,
     expand_to_slots,
@@ -51,7 +50,6 @@ from .dispatch import (
     slot_weighted_sums,
     sum_over_route,
 )
-from .mesh import Mesh
 
 
 @dataclass
@@ -99,29 +97,10 @@ class HierarchicalDispatcher:
         self.node_rank, self.local_rank = node_rank, local_rank
         self.ep = nodes * local
         self.counters = counters
-        # node of each peer, for the byte counters: from the groups' real ranks (see from_mesh)
+        # node of each peer, for the byte counters (see parallel.dispatch.DISPATCHERS)
         self.inter_peer_nodes = inter_peer_nodes or list(range(nodes))
         self.intra_peer_nodes = intra_peer_nodes or [0] * local
         self.event_log = event_log
-
-    @classmethod
-    def from_mesh(
-        cls, mesh: Mesh, counters: CommCounters | None = None, event_log: list[str] | None = None
-    ) -> HierarchicalDispatcher:
-        nodes, local = mesh.layout.ep_node_shape()
-        inter, intra = mesh.group("inter_node"), mesh.group("intra_node")
-        return cls(
-            inter,
-            intra,
-            nodes,
-            local,
-            mesh.ep_node_rank,
-            mesh.local_ep_rank,
-            counters,
-            [mesh.layout.node_of(r) for r in dist.get_process_group_ranks(inter)],
-            [mesh.layout.node_of(r) for r in dist.get_process_group_ranks(intra)],
-            event_log,
-        )
 
     def _count(self, kind: str, stage: str, splits: list[int], row_bytes: int) -> None:
         """Bytes under the flat dispatcher's keys (so both compare on one run), plus per-stage keys

@@ -1,0 +1,84 @@
+"""Expert-parallel dispatchers and their registry: the one place a dispatcher is added.
+
+A dispatcher implements the phased protocol of `moe_train.model.dispatch.Dispatcher` (plan, dispatch
+start/wait, combine start/wait, each yielding the ops of `moe_train.model.phases`); the eager forward, the
+overlap engine and inference run it unchanged. `DISPATCHERS` maps `parallel.dispatcher` names to a factory
+that builds one for a MoE layer on this rank's mesh; a factory may refuse a layout by raising `ValueError`
+(the start-up layout checks call it through `check_dispatcher`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+from ...model.dispatch import Dispatcher
+from ..mesh import Layout, Mesh, check_expert_groups
+from .counters import CommCounters
+from .flat import AllToAllDispatcher
+from .hierarchical import HierarchicalDispatcher
+
+
+def _flat(mesh: Mesh, counters: CommCounters | None, event_log: list[str] | None) -> Dispatcher:
+    group_ranks = next(g for g in mesh.layout.ep_groups() if mesh.rank in g)
+    peer_nodes = [mesh.layout.node_of(r) for r in group_ranks]
+    return AllToAllDispatcher(mesh.group("ep"), mesh.layout.ep, mesh.ep_rank, counters, peer_nodes, event_log)
+
+
+def _hierarchical(mesh: Mesh, counters: CommCounters | None, event_log: list[str] | None) -> Dispatcher:
+    nodes, local = mesh.layout.ep_node_shape()
+    inter, intra = mesh.group("inter_node"), mesh.group("intra_node")
+    return HierarchicalDispatcher(
+        inter,
+        intra,
+        nodes,
+        local,
+        mesh.ep_node_rank,
+        mesh.local_ep_rank,
+        counters,
+        [mesh.layout.node_of(r) for r in dist.get_process_group_ranks(inter)],
+        [mesh.layout.node_of(r) for r in dist.get_process_group_ranks(intra)],
+        event_log,
+    )
+
+
+def _check_hierarchical(layout: Layout, n_experts: int, n_group: int) -> None:
+    """Whole expert groups per node, else node-limited routing would not limit nodes."""
+    check_expert_groups(layout, n_experts, n_group)
+
+
+DispatcherFactory = Callable[[Mesh, CommCounters | None, list[str] | None], Dispatcher]
+
+# name -> (factory, layout check(layout, n_experts, n_group) or None)
+DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], None] | None]] = {
+    "alltoall": (_flat, None),
+    "hierarchical": (_hierarchical, _check_hierarchical),
+}
+
+
+def check_dispatcher(name: str, layout: Layout, n_experts: int, n_group: int) -> None:
+    """Whether dispatcher `name` exists and can serve this layout (ValueError naming what is allowed)."""
+    if name not in DISPATCHERS:
+        raise ValueError(f"parallel.dispatcher={name!r} is not allowed: one of {', '.join(DISPATCHERS)}")
+    check = DISPATCHERS[name][1]
+    if check is not None and layout.ep > 1:
+        check(layout, n_experts, n_group)
+
+
+def build_dispatcher(
+    name: str, mesh: Mesh, counters: CommCounters | None = None, event_log: list[str] | None = None
+) -> Any:
+    """One dispatcher of kind `name` over this rank's ep group."""
+    return DISPATCHERS[name][0](mesh, counters, event_log)
+
+
+__all__ = [
+    "DISPATCHERS",
+    "AllToAllDispatcher",
+    "CommCounters",
+    "HierarchicalDispatcher",
+    "build_dispatcher",
+    "check_dispatcher",
+]
