@@ -34,10 +34,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import emit, sync, timed  # noqa: E402
+from bench.common import dispatch_combine, emit, sync, timed  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.init import init_weights  # noqa: E402
 from moe_train.model.moe import MoE, MoEOptions  # noqa: E402
+from moe_train.model.phases import run  # noqa: E402
 from moe_train.ops.gather import gather_rows  # noqa: E402
 from moe_train.parallel.dispatch import AllToAllDispatcher  # noqa: E402
 from moe_train.parallel.dispatch.rows import (  # noqa: E402
@@ -196,26 +197,27 @@ def bench_dispatch(mesh, rows: list[str], profile: bool) -> None:
         for tokens in SIZES["tokens"]:
             x = torch.randn(tokens, hidden, device=DEV, dtype=dt)
             idx, w = routing(tokens, n_experts, k, seed=mesh.rank * 1000 + tokens)
-            plan = disp.plan(idx, w, n_experts)
-            send_rows, recv_rows = sum(plan.send_splits), sum(plan.recv_splits)
+            with torch.no_grad():
+                _, plan = dispatch_combine(disp, x, idx, w, n_experts)
+            r = plan.route
+            send_rows, recv_rows = sum(r.send_splits), sum(r.recv_splits)
             a = torch.randn(send_rows, hidden, device=DEV, dtype=dt)
             b = torch.randn(recv_rows, hidden, device=DEV, dtype=dt)
             out_a = torch.empty(recv_rows, hidden, device=DEV, dtype=dt)
             out_b = torch.empty(send_rows, hidden, device=DEV, dtype=dt)
             y = torch.randn(plan.slots.slot_row.shape[0], hidden, device=DEV, dtype=dt)
 
-            def raw(out_a=out_a, a=a, out_b=out_b, b=b, plan=plan) -> None:
-                dist.all_to_all_single(out_a, a, plan.recv_splits, plan.send_splits, group=ep_group)
-                dist.all_to_all_single(out_b, b, plan.send_splits, plan.recv_splits, group=ep_group)
+            def raw(out_a=out_a, a=a, out_b=out_b, b=b, r=r) -> None:
+                dist.all_to_all_single(out_a, a, r.recv_splits, r.send_splits, group=ep_group)
+                dist.all_to_all_single(out_b, b, r.send_splits, r.recv_splits, group=ep_group)
 
             def ours(x=x, idx=idx, w=w) -> None:
                 with torch.no_grad():
-                    got, _, p = disp.dispatch(x, idx, w, n_experts)
-                    disp.combine(got, p)
+                    dispatch_combine(disp, x, idx, w, n_experts)
 
-            def plan_only(idx=idx, w=w) -> None:
+            def plan_only(idx=idx) -> None:
                 with torch.no_grad():
-                    disp.plan(idx, w, n_experts)
+                    run(disp.plan(idx, n_experts))
 
             def row_work(x=x, b=b, y=y, a=a, plan=plan) -> None:
                 with torch.no_grad():

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import emit, timed  # noqa: E402
+from bench.common import dispatch_combine, emit, timed  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.moe import Router  # noqa: E402
 from moe_train.parallel.dispatch import (  # noqa: E402
@@ -77,8 +77,7 @@ def bench_topology(gpus_per_node: int, rows: list[str]) -> None:
             xi = x.detach().requires_grad_(grad)
             wi = w.detach().requires_grad_(grad)
             with torch.set_grad_enabled(grad):
-                got, _, plan = disp.dispatch(xi, idx, wi, n_exp)
-                y = disp.combine(got * 2, plan)
+                y, _ = dispatch_combine(disp, xi, idx, wi, n_exp)
             if grad:
                 y.backward(torch.ones_like(y))
 

@@ -46,7 +46,7 @@ from moe_train.model.moe import BalanceLoss, Router  # noqa: E402
 from moe_train.model.norm import RMSNorm  # noqa: E402
 from moe_train.parallel.expert import apply_expert_parallel, expert_slice  # noqa: E402
 from moe_train.parallel.mesh import build_mesh  # noqa: E402
-from moe_train.parallel.overlap import OverlapEngine, StageParts, drain, pair  # noqa: E402
+from moe_train.parallel.overlap import OverlapEngine, drain, pair  # noqa: E402
 
 
 def dsv3_block(smoke: bool) -> ModelConfig:
@@ -336,7 +336,6 @@ def main() -> None:
     carveouts = [int(k) for k in args.sm_carveout.split(",")]
     cfg = dsv3_block(args.smoke)
     model = build_block(cfg, mesh, device, dtype)
-    parts = StageParts.of(model)
     g = torch.Generator(device=device).manual_seed(7 + rank)
     x0, x1, grad = (
         torch.randn(tokens // seq, seq, cfg.hidden_size, generator=g, device=device, dtype=dtype)
@@ -345,7 +344,9 @@ def main() -> None:
     engine = OverlapEngine()
 
     def fwd(x):
-        return engine.forward(parts, x.detach().requires_grad_(True), MoEStats(), 1.0)
+        x = x.detach().requires_grad_(True)
+        stats = MoEStats()
+        return engine.forward(model.program(x, stats, phases=True), x, stats, 1.0)
 
     def setup():
         model.zero_grad(set_to_none=True)

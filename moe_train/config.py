@@ -497,8 +497,6 @@ def _check_overlap(cfg: TrainConfig) -> None:
     p, t = cfg.parallel, cfg.trainer
     if p.ep == 1:
         _fail("parallel.ep", p.ep, "> 1 with parallel.overlap=true (ep=1 has no all-to-all to hide)")
-    if p.dispatcher != "alltoall":
-        _fail("parallel.dispatcher", p.dispatcher, "alltoall with parallel.overlap=true")
     if t.recompute == "full":
         _fail(
             "trainer.recompute",

@@ -36,23 +36,10 @@ CFG8 = dataclasses.replace(CFG, n_group=8, topk_group=2)
 CFG8_TOP8 = dataclasses.replace(CFG, n_routed_experts=32, num_experts_per_tok=8, n_group=8, topk_group=2)
 
 
-_FWD = [
-    "weights_inter",
-    "weights_intra",
-    "dispatch_inter",
-    "dispatch_intra",
-    "combine_intra",
-    "combine_inter",
-]
-_BWD = [
-    "combine_inter",
-    "combine_intra",
-    "dispatch_intra",
-    "dispatch_inter",
-    "weights_intra",
-    "weights_inter",
-]
-# Every exchange in the same order on every rank; in the backward pass the data path before the gate weights.
+# Each hop carries the rows and their slot metadata (gate weights) together.
+_FWD = ["dispatch_inter", "dispatch_intra", "combine_intra", "combine_inter"]
+_BWD = ["combine_inter", "combine_intra", "dispatch_intra", "dispatch_inter"]
+# Every exchange in the same order on every rank, the backward's in the reverse order.
 EXPECTED_LOG = [f"fwd_{e}:{n}" for n in _FWD for e in ("start", "wait")] + [
     f"bwd_{e}:{n}" for n in _BWD for e in ("start", "wait")
 ]

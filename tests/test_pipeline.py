@@ -13,7 +13,7 @@ from moe_train.model import MoEStats, build_model
 from moe_train.model.moe import BalanceLoss
 from moe_train.parallel.pipeline.executor import PipelineExecutor
 from moe_train.parallel.pipeline.schedules import build_schedule
-from moe_train.parallel.pipeline.stages import build_stage, split_layers
+from moe_train.parallel.pipeline.stages import split_layers
 from tiny_cfg import TINY_MODEL
 
 CFG = TINY_MODEL
@@ -48,7 +48,12 @@ def _run(name: str, m: int, check_deferred_w: bool, seq: int = 12) -> dict:
         rank = dist.get_rank()
     sch = build_schedule(name, world, m)
     chunks = split_layers(CFG.num_hidden_layers, sch.n_chunks)
-    stages = {s: build_stage(CFG, sch.chunks[s], chunks, BAL, "cpu", SEED) for s in sch.stages_of(rank)}
+    last = len(chunks) - 1
+
+    def stage(c: int):  # every stage its own module, DualPipe's two copies on one rank included
+        return build_model(CFG, BAL, "cpu", SEED, layer_ids=chunks[c], first=c == 0, last=c == last)
+
+    stages = {s: stage(sch.chunks[s]) for s in sch.stages_of(rank)}
     ex = PipelineExecutor(sch, rank, stages, list(range(world)), None, CFG.hidden_size)
     if seq != 12:  # a step of another sequence length first: shapes are derived per step, not fixed
         ex.run(*batch(m, 12), MTP_W)

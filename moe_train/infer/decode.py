@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from ..model.moe import MoE
+from ..ops.grouped_gemm import grouped_mm_available
 from .cache import LatentCache
 from .forward import InferenceModel
-from .moe import grouped_experts
 
 
 def sync_free_reason(model: InferenceModel) -> str | None:
@@ -32,7 +32,8 @@ def sync_free_reason(model: InferenceModel) -> str | None:
     if model.device.type != "cuda":
         return f"the model is on {model.device.type}, and CUDA graphs need a CUDA device"
     probe = torch.empty(0, dtype=model.dtype, device=model.device)
-    if any(isinstance(s.layer.mlp, MoE) for s in model.layers) and not grouped_experts(probe):
+    grouped = grouped_mm_available(probe) and probe.dtype == torch.bfloat16
+    if any(isinstance(s.layer.mlp, MoE) for s in model.layers) and not grouped:
         return (
             f"routed experts in {model.dtype} run a per-expert loop that reads expert counts on the host; "
             "capture needs bf16 weights and torch._grouped_mm"

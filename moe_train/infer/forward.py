@@ -1,8 +1,13 @@
 """One model step over new tokens with a latent cache: prefill (many tokens) and decode (one) alike.
 
-The layers' submodules are called directly (norms, MLA projections, MoE router and experts) rather than the
-training forward, which knows nothing of caches, positions or stats-free routing.  MTP layers are not used:
-they are a training signal (and a draft model for speculative decoding, not done here).
+Each layer runs the decoder block's own phases (`DecoderLayer.program`, model/phases.py) with one change: its
+attention is MLA against the latent cache at explicit positions (infer/mla.py). The MoE phases are
+training's, without what needs a training step: no router statistics, no balance loss, all experts local
+(the local dispatcher); the selection bias applies. On CUDA with bf16 weights the routed experts take the
+grouped, sync-free path (rows sorted on the device, one `torch._grouped_mm` per projection: what a CUDA
+graph needs); elsewhere each selected expert runs once over its rows, which at decode reads only the
+chosen experts' weights. MTP layers are not used: they are a training signal (and a draft model for
+speculative decoding, not done here).
 
 `InferenceModel` regroups a Transformer's modules for stepping — embedding, one `LayerStep` per decoder
 layer, final norm and head — and owns no weights of its own.  Why a module per layer step: ZeRO-3 parameter
@@ -16,11 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.moe import MoE
+from ..model.dispatch import LocalDispatcher
+from ..model.phases import run
 from ..model.transformer import DecoderLayer, Transformer
 from .cache import LatentCache
 from .mla import mla_attention
-from .moe import moe_forward
 
 
 class LayerStep(nn.Module):
@@ -34,11 +39,12 @@ class LayerStep(nn.Module):
     def forward(
         self, h: torch.Tensor, positions: torch.Tensor, cache: LatentCache, absorb: bool, static: bool
     ) -> torch.Tensor:
-        layer = self.layer
-        x = layer.input_layernorm(h)
-        h = h + mla_attention(layer.self_attn, x, positions, cache, self.layer_id, absorb, static)
-        x = layer.post_attention_layernorm(h)
-        return h + (moe_forward(layer.mlp, x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
+        attn = self.layer.self_attn
+
+        def attend(x: torch.Tensor) -> torch.Tensor:
+            return mla_attention(attn, x, positions, cache, self.layer_id, absorb, static)
+
+        return run(self.layer.program(h, None, attend))
 
 
 class InferenceModel(nn.Module):
@@ -52,6 +58,12 @@ class InferenceModel(nn.Module):
         super().__init__()
         if not (model.is_first and model.is_last):
             raise ValueError("generation needs the whole model (not one pipeline stage)")
+        for moe in model.moe_layers():
+            experts = moe.experts
+            if experts.num_local != moe.n_experts or not isinstance(moe.dispatcher, LocalDispatcher):
+                raise ValueError(
+                    "inference needs every routed expert in this process (build without expert_slice)"
+                )
         self.cfg = model.cfg
         self.embed_tokens = model.embed_tokens
         self.layers = nn.ModuleList(LayerStep(layer, int(key)) for key, layer in model.layers.items())

@@ -1,26 +1,25 @@
-"""The dispatcher seam: how routed tokens reach the experts and come back.
+"""The dispatcher seam: how routed tokens reach the experts and come back, as phases.
 
-The MoE layer does routing and expert math; a dispatcher decides where the expert rows live.  The local
-dispatcher (this file) keeps everything on one device; `moe_train.parallel.dispatch` provides all-to-all and
-hierarchical ones with the same interface, so model code knows nothing of parallelism.
+The MoE layer routes and computes experts; a dispatcher decides where the expert rows live. It is a phased
+object: `plan` (routing → which rows go where; may yield a `Prepare` for a count exchange the host reads),
+`dispatch_start` / `dispatch_wait` (one or more exchange hops), `combine_start` / `combine_wait`. Each phase
+is a program (model/phases.py) that yields `Compute`, `Issue`, `Wait` and `Prepare` ops, so the eager
+forward, the overlap engine and inference run any dispatcher unchanged. A dispatcher keeps one layer call's
+state on the plan object it returns; the MoE layer passes it to the later phases.
+
+The local dispatcher (this file) keeps everything on one device; `moe_train.parallel.dispatch` registers the
+all-to-all and hierarchical ones, so model code knows nothing of parallelism.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ..ops.gather import Bags, bag_sum, gather_rows
-
-
-@dataclass
-class LocalPlan:
-    token_of: torch.Tensor  # (N*K,) source token of each expert-sorted row
-    tokens: Bags  # bag t = token t's K sorted rows, in k order (the inverse of token_of)
-    weight: torch.Tensor  # (N*K,) gate weight of each (token, k) pair, in token order (fp32, with grad)
-    sorted_weight: torch.Tensor  # (N*K,) the same weights in expert-sorted order (no grad)
+from .phases import Compute, Program, done
 
 
 def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -35,42 +34,74 @@ def expert_counts(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 class Dispatcher(Protocol):
-    """dispatch returns expert-sorted rows and the rows per *local* expert; combine undoes it."""
+    """Phases of moving (N, H) token rows to their top-k experts and the expert outputs back.
 
-    def dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, object]: ...
+    plan(topk_idx, n_experts) -> plan; dispatch_start(plan, x, topk_weight) -> handle, after which the
+    caller may compute; dispatch_wait(plan, handle) -> (expert-sorted rows, rows per local expert);
+    combine_start(plan, y) -> handle; combine_wait(plan, handle) -> (N, H), each token's gate-weighted sum
+    of its experts' rows. Every phase is a program (yields ops, returns the value).
+    """
 
-    def combine(self, y: torch.Tensor, plan: object) -> torch.Tensor: ...
+    def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program: ...
+
+    def dispatch_start(self, plan: Any, x: torch.Tensor, topk_weight: torch.Tensor) -> Program: ...
+
+    def dispatch_wait(self, plan: Any, handle: Any) -> Program: ...
+
+    def combine_start(self, plan: Any, y: torch.Tensor) -> Program: ...
+
+    def combine_wait(self, plan: Any, handle: Any) -> Program: ...
+
+
+@dataclass
+class LocalPlan:
+    token_of: torch.Tensor  # (N*K,) source token of each expert-sorted row
+    tokens: Bags  # bag t = token t's K sorted rows, in k order (the inverse of token_of)
+    order: torch.Tensor  # (N*K,) (token, k) position of each expert-sorted row
+    counts: torch.Tensor  # (E,) rows per expert
+    weight: torch.Tensor | None = None  # (N*K,) gate weights in token order (with grad), once dispatched
+    sorted_weight: torch.Tensor | None = None  # the same in expert-sorted order (no grad)
 
 
 class LocalDispatcher:
     """All experts on this device: a stable sort by expert, and back through the same permutation."""
 
-    def dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, LocalPlan]:
+    def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        token_of = order // k
-        counts = expert_counts(flat, n_experts)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         dev = flat.device
         tokens = Bags(inverse, torch.arange(n + 1, device=dev) * k, torch.arange(n * k, device=dev) // k)
-        weight = topk_weight.reshape(-1)
-        plan = LocalPlan(token_of, tokens, weight, weight.detach()[order])
-        # rows = x[token_of], but not through autograd's scatter-add backward (duplicate indices: atomics,
-        # not deterministic): the backward sums each token's K rows, in k order.
-        return gather_rows(x, token_of, tokens), counts, plan
+        return done(LocalPlan(order // k, tokens, order, expert_counts(flat, n_experts)))
 
-    def combine(self, y: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
+    def dispatch_start(self, plan: LocalPlan, x: torch.Tensor, topk_weight: torch.Tensor) -> Program:
+        def sort(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # rows = x[token_of], but not through autograd's scatter-add backward (duplicate indices:
+            # atomics, not deterministic): the backward sums each token's K rows, in k order.
+            weight = w.reshape(-1)
+            return gather_rows(x, plan.token_of, plan.tokens), weight, weight.detach()[plan.order]
+
+        rows, plan.weight, plan.sorted_weight = yield Compute("sort", sort, (x, topk_weight), join=True)
+        return rows
+
+    def dispatch_wait(self, plan: LocalPlan, handle: torch.Tensor) -> Program:
+        return done((handle, plan.counts))
+
+    def combine_start(self, plan: LocalPlan, y: torch.Tensor) -> Program:
+        return done(y)
+
+    def combine_wait(self, plan: LocalPlan, handle: torch.Tensor) -> Program:
         """Σ_k gate·row per token, in one pass over y (`bag_sum`: fp32 products and sum, y's dtype out).
 
         Why not a weighted index_add_ into the tokens: that made and kept (for backward) an fp32 copy of all
-        N·K rows and added them with atomics. Why not gather to (N, K, H), multiply and sum over K (the
-        previous version): on a GPU that writes and re-reads the N·K rows three times, the broadcast
-        multiply through a slow generic kernel. Here each row is read once, the reduction over k runs in a
-        fixed order (deterministic), and the backward is one scaled gather plus per-slot dot products.
+        N·K rows and added them with atomics. Why not gather to (N, K, H), multiply and sum over K: on a GPU
+        that writes and re-reads the N·K rows three times. Here each row is read once, the reduction over k
+        runs in a fixed order (deterministic), and the backward is one scaled gather plus per-slot dot
+        products.
         """
-        return bag_sum(y, plan.tokens, plan.token_of, plan.weight, plan.sorted_weight)
+
+        def weigh(y: torch.Tensor, weight: torch.Tensor, sorted_weight: torch.Tensor) -> torch.Tensor:
+            return bag_sum(y, plan.tokens, plan.token_of, weight, sorted_weight)
+
+        return (yield Compute("weigh", weigh, (handle, plan.weight, plan.sorted_weight), join=True))

@@ -20,6 +20,7 @@ from ..ops.grouped_gemm import Taps, expert_swiglu
 from ..ops.swiglu import swiglu_act
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
 from .mlp import SwiGLU
+from .phases import Compute, Program, run
 from .recompute import Recomputable, in_backward, maybe_checkpoint
 from .stats import MoEStats, RouterRecord
 
@@ -151,21 +152,40 @@ class MoE(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
+        """The layer alone (B, T, H) -> (B, T, H): its phases run eagerly, routed plus shared output."""
+        routed, shared = run(self.program(x, stats))
+        return (routed if shared is None else routed + shared).view_as(x)
+
+    def program(self, x: torch.Tensor, stats: MoEStats | None = None) -> Program:
+        """The layer's phases (model/phases.py): route, plan, dispatch with the shared experts computed while
+        it is in flight, routed experts (weight gradients deferrable), combine. Returns (routed, shared):
+        (B·T, H) token rows each, shared None without shared experts; the decoder block's `finish` adds
+        them to the residual."""
+        d = self.dispatcher
+        flat, topk_idx, topk_weight = yield Compute(
+            "route", self._route, (x, stats), join=True, layer=self.layer_id
+        )
+        plan = yield from d.plan(topk_idx, self.n_experts)
+        handle = yield from d.dispatch_start(plan, flat, topk_weight)
+        shared = None
+        if self.shared_experts is not None:
+            shared = yield Compute("shared", self.shared_experts, (flat,))
+        rows, counts = yield from d.dispatch_wait(plan, handle)
+        y = yield Compute("experts", self.experts, (rows, counts), join=True, deferred_w=True)
+        handle = yield from d.combine_start(plan, y)
+        routed = yield from d.combine_wait(plan, handle)
+        return routed, shared
+
+    def _route(self, x: torch.Tensor, stats: MoEStats | None) -> tuple[torch.Tensor, ...]:
+        """(B·T, H) token rows, their top-k expert ids and gate weights."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         routing = self.route(flat, B, T, stats)
-        rows, local_counts, plan = self.dispatcher.dispatch(
-            flat, routing.topk_idx, routing.topk_weight, self.n_experts
-        )
-        y = self.dispatcher.combine(self.experts(rows, local_counts), plan)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
-        return y.view(B, T, H)
+        return flat, routing.topk_idx, routing.topk_weight
 
     def route(self, flat: torch.Tensor, batch: int, seq: int, stats: MoEStats | None = None) -> Routing:
         """Routing of the (batch·seq, hidden) tokens `flat`, with the router record (loads and the balance
-        term) added to `stats`. A step of its own for callers that run the layer in parts (the overlap
-        engine); `forward` is route → dispatch → experts → combine, plus the shared experts."""
+        term) added to `stats`."""
         routing = self.gate(flat)
         if stats is not None:
             counts = expert_counts(routing.topk_idx, self.n_experts)  # no host sync, unlike bincount

@@ -7,8 +7,9 @@ checkpoints key on these names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,13 @@ from .attention import MLA
 from .mlp import SwiGLU
 from .moe import BalanceLoss, MoE, MoEOptions
 from .norm import RMSNorm
+from .phases import Compute, Program, run
 from .recompute import Recomputable, maybe_checkpoint
 from .rope import RotaryTable
 from .stats import MoEStats
+
+# attention over a block's normalised input: MLA by default; inference passes one with its latent cache
+Attend = Callable[[torch.Tensor], torch.Tensor]
 
 
 def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
@@ -46,19 +51,35 @@ class DecoderLayer(Recomputable, nn.Module):
 
     def forward(self, h: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
         # Full recomputation: only the block input is kept; the whole block runs again inside backward.
-        return maybe_checkpoint(self.recompute == "full" and self.training, self._block, h, stats)
+        return maybe_checkpoint(self.recompute == "full" and self.training, self._run, h, stats)
 
-    def _block(self, h: torch.Tensor, stats: MoEStats | None) -> torch.Tensor:
-        h = self.attention(h)
-        x = self.post_attention_layernorm(h)
+    def _run(self, h: torch.Tensor, stats: MoEStats | None) -> torch.Tensor:
+        return run(self.program(h, stats))
+
+    def program(
+        self, h: torch.Tensor, stats: MoEStats | None = None, attend: Attend | None = None
+    ) -> Program:
+        """The block as phases (model/phases.py): attention with its residual, then the MLP — a MoE
+        layer's phases and `finish`, or the dense MLP. attend: the attention over the normalised input
+        (default `self_attn`; inference passes its cached attention)."""
+        h1, x = yield Compute("attn", self.attention, (h, attend), layer=self.layer_id)
         if isinstance(self.mlp, MoE):
-            return h + self.mlp(x, stats)
-        return h + self.mlp(x)
+            routed, shared = yield from self.mlp.program(x, stats)
+            return (yield Compute("finish", self.finish, (h1, routed, shared), join=True))
+        return (yield Compute("mlp", self._dense, (h1, x), join=True))
 
-    def attention(self, h: torch.Tensor) -> torch.Tensor:
-        """The attention half of the block with its residual (a step of its own for callers that run the
-        block in parts, e.g. the overlap engine)."""
-        return h + self.self_attn(self.input_layernorm(h))
+    def attention(self, h: torch.Tensor, attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h + attention(norm(h)), and its normalised value (the MLP's input)."""
+        h1 = h + (attend or self.self_attn)(self.input_layernorm(h))
+        return h1, self.post_attention_layernorm(h1)
+
+    def finish(self, h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """The MoE block's output: residual + routed experts' + shared experts' rows ((B·T, H) each)."""
+        y = routed if shared is None else routed + shared
+        return h + y.view_as(h)
+
+    def _dense(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(x)
 
 
 class MTPLayer(nn.Module):
@@ -124,46 +145,66 @@ class Transformer(nn.Module):
             for d in range(cfg.num_nextn_predict_layers if last else 0)
         )
 
+    @property
+    def layer_ids(self) -> list[int]:
+        return [int(k) for k in self.layers]
+
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
+    def program(
+        self,
+        x: torch.Tensor,
+        stats: MoEStats | None = None,
+        head: Callable[[torch.Tensor], Any] | None = None,
+        layer_ids: Sequence[int] | None = None,
+        embed: bool | None = None,
+        phases: bool = False,
+    ) -> Program:
+        """The forward as ops (model/phases.py): the embedding when `embed` (default: this holds the first
+        layers), the layers `layer_ids` (default: all held) in order, then `head(h)` if given; returns the
+        head's value, else the hidden states. x: token ids with the embedding, hidden states otherwise.
+        phases: each block as its phases (the overlap engine cuts them); otherwise one op per block, which
+        may recompute the whole block (`trainer.recompute=full`)."""
+        h = x
+        if self.is_first if embed is None else embed:
+            h = yield Compute("embed", self.embed_tokens, (x,))
+        for i in self.layers if layer_ids is None else layer_ids:
+            layer = self.layers[str(i)]
+            if phases:
+                h = yield from layer.program(h, stats)
+            else:
+                h = yield Compute("block", layer, (h, stats), layer=layer.layer_id)
+        if head is None:
+            return h
+        return (yield Compute("head", head, (h,)))
+
     def hidden_states(self, input_ids: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
-        for layer in self.layers.values():
-            h = layer(h, stats)
-        return h
+        """The last held layer's output, before the final norm."""
+        return run(self.program(input_ids, stats))
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
-
-    def stage_forward(
+    def forward(
         self,
         x: torch.Tensor,
         labels: torch.Tensor | None = None,
         stats: MoEStats | None = None,
         return_logits: bool = False,
     ) -> torch.Tensor | ModelOutput:
-        """x: token ids on the first stage, hidden states elsewhere. Hidden states out, or the losses."""
-        h = self.embed_tokens(x) if self.is_first else x
-        for layer in self.layers.values():
-            h = layer(h, stats)
+        """x: token ids where this holds the embedding, hidden states elsewhere. labels[:, i] is the token
+        after x[:, i]; MTP depth k predicts labels[:, i + k]. The losses (ModelOutput) where this holds the
+        head, else the hidden states."""
         if not self.is_last:
-            return h
-        return self._head(h, labels, stats, return_logits)
+            return self.hidden_states(x, stats)
+        return run(self.program(x, stats, lambda h: self.head(h, labels, stats, return_logits)))
 
-    def forward(
+    def head(
         self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
+        h: torch.Tensor,
+        labels: torch.Tensor | None,
         stats: MoEStats | None = None,
         return_logits: bool = False,
     ) -> ModelOutput:
-        """labels[:, i] is the token after input_ids[:, i]; MTP depth k predicts labels[:, i + k]."""
-        return self.stage_forward(input_ids, labels, stats, return_logits)
-
-    def _head(
-        self, h: torch.Tensor, labels: torch.Tensor | None, stats: MoEStats | None, return_logits: bool
-    ) -> ModelOutput:
+        """Final norm, logits, the LM loss and the MTP blocks' loss (labels given)."""
         h = self.norm(h)
         logits = self.lm_head(h)
         if labels is None:

@@ -127,7 +127,9 @@ class Trainer:
             )
             set_recompute(self.model, t.recompute)
             mtp_ids = [cfg.model.num_hidden_layers + d for d in range(len(self.model.mtp))]
-            mem_stages = [(list(v.layer_ids) + (mtp_ids if v.last else []), v.last) for v in stages.values()]
+            mem_stages = [
+                (list(v.layer_ids) + (mtp_ids if v.is_last else []), v.is_last) for v in stages.values()
+            ]
             # The executor keeps a stage's graph until its W pass, so activations count until W.
             in_flight = peak_activations(schedule, release="W")[self.mesh.pp_rank]
             self.ties, self.owned = build_ties(self.model, self.mesh, schedule, chunks)

@@ -23,18 +23,17 @@ from typing import Any
 
 import torch
 
+from ...model.phases import Compute, Issue, Prepare, Program, Wait
 from ...ops.gather import gather_rows
-from ..comm import A2A, a2a_start, a2a_wait
+from ..comm import A2AHop
 from .counters import CommCounters
 from .rows import (
     Route,
-    RouteStart,
     Slots,
     expand_to_slots,
     receiver_slots,
     route_finish,
     route_start,
-    send_slot_meta,
     slot_meta,
     slot_weighted_sums,
     sum_over_route,
@@ -42,29 +41,13 @@ from .rows import (
 
 
 @dataclass
-class A2APlan:
-    n_tokens: int
-    route: Route  # tokens -> the ranks holding their experts
-    slots: Slots  # what this rank received, expanded and sorted for its experts
+class FlatPlan:
+    """One layer call: the rows' route, then (once received) the slots this rank's experts serve."""
 
-    @property
-    def send_splits(self) -> list[int]:
-        return self.route.send_splits
-
-    @property
-    def recv_splits(self) -> list[int]:
-        return self.route.recv_splits
-
-    @property
-    def local_counts(self) -> torch.Tensor:
-        return self.slots.local_counts
-
-
-@dataclass
-class Pending:
-    plan: A2APlan
-    buf: torch.Tensor
-    comm: A2A
+    route: Route
+    topk_idx: torch.Tensor
+    per_rank: int
+    slots: Slots | None = None
 
 
 class AllToAllDispatcher:
@@ -84,64 +67,52 @@ class AllToAllDispatcher:
         self.peer_nodes = peer_nodes or [0] * ep  # node of each ep peer, for the byte counters
         self.event_log = event_log
 
-    # ------------------------------------------------------------------------------------------- plan
-    def plan(self, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int) -> A2APlan:
-        """One host sync (split sizes, slot count and rows per local expert, from one count exchange);
-        then one exchange carrying each row's slot metadata (global expert ids and gate weights together),
-        which the host does not wait for."""
-        r = route_finish(self.route_start(topk_idx, n_experts))
-        meta = send_slot_meta(r, slot_meta(topk_idx, topk_weight), self.group)
-        return A2APlan(n_tokens=topk_idx.shape[0], route=r, slots=self.receive(meta, r, n_experts))
-
-    # The plan's parts, also used by the overlap engine (parallel/overlap.py), which runs them as sub-steps.
-    def route_start(self, topk_idx: torch.Tensor, n_experts: int, stream: Any = None) -> RouteStart:
-        """Count the (token, rank) rows and launch the count exchange (`route_finish` waits for it)."""
-        per_rank = n_experts // self.ep
-        return route_start(topk_idx // per_rank, self.ep, self.group, topk_idx, per_rank, stream=stream)
-
-    def receive(self, meta: torch.Tensor, r: Route, n_experts: int) -> Slots:
-        """The received rows' slots that name this rank's experts, sorted by local expert."""
-        per_rank = n_experts // self.ep
-        return receiver_slots(meta, self.ep_rank * per_rank, per_rank, r.recv_slots, r.recv_key_counts)
-
-    def count(self, kind: str, splits: list[int], rows: torch.Tensor) -> None:
-        """Add one exchange of `rows`' rows (splits[i] to peer i) to the byte counters."""
+    def _hop(self, name: str, send: list[int], recv: list[int], rows: torch.Tensor) -> A2AHop:
+        """A hop, added to the byte counters (`rows`: one of the rows it moves)."""
         if self.counters is not None:
             row_bytes = rows.shape[-1] * rows.element_size()
-            self.counters.add(kind, splits, row_bytes, self.ep_rank, self.peer_nodes)
+            self.counters.add(name, send, row_bytes, self.ep_rank, self.peer_nodes)
+        return A2AHop(name, send, recv, self.group, self.event_log)
 
-    # ------------------------------------------------------------------------------ dispatch (async)
-    def dispatch_start(self, x: torch.Tensor, plan: A2APlan) -> Pending:
+    def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
+        """The count exchange (the one host sync): rows per peer, and slots per expert for the receiver."""
+        per_rank = n_experts // self.ep
+
+        def start(stream: Any) -> Any:
+            return route_start(topk_idx // per_rank, self.ep, self.group, topk_idx, per_rank, stream=stream)
+
+        r = yield Prepare("counts", start, route_finish)
+        return FlatPlan(r, topk_idx, per_rank)
+
+    def dispatch_start(self, plan: FlatPlan, x: torch.Tensor, topk_weight: torch.Tensor) -> Program:
+        """Each (token, rank) row and its slot metadata leave in one hop."""
         r = plan.route
-        send = gather_rows(x, r.pair_row, r.rows)
-        comm = A2A(r.recv_splits, r.send_splits, self.group, log=self.event_log, name="dispatch")
-        self.count("dispatch", r.send_splits, x)
-        # Backward order: this exchange before the metadata's (see comm.a2a_start).
-        return Pending(plan, a2a_start(send, comm, after=(plan.slots.weight,)), comm)
 
-    def dispatch_wait(self, pending: Pending) -> torch.Tensor:
-        """Received rows, expanded to their slots and sorted by local expert."""
-        return expand_to_slots(a2a_wait(pending.buf, pending.comm), pending.plan.slots)
+        def pack(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            meta = slot_meta(plan.topk_idx, w)
+            return gather_rows(x, r.pair_row, r.rows), gather_rows(meta, r.pair_row, r.rows)
 
-    # ------------------------------------------------------------------------------- combine (async)
-    def combine_start(self, y: torch.Tensor, plan: A2APlan) -> Pending:
-        """Each received row's gate-weighted sum over its slots, sent back once."""
-        partial = slot_weighted_sums(y, plan.slots)
+        send, meta = yield Compute("pack", pack, (x, topk_weight), join=True)
+        return (yield Issue(self._hop("dispatch", r.send_splits, r.recv_splits, send), (send, meta)))
+
+    def dispatch_wait(self, plan: FlatPlan, handle: Any) -> Program:
+        """Received rows, expanded to the slots of this rank's experts and sorted by local expert."""
+        rows, meta = yield Wait(handle)
+        r, per = plan.route, plan.per_rank
+
+        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            plan.slots = receiver_slots(meta, self.ep_rank * per, per, r.recv_slots, r.recv_key_counts)
+            return expand_to_slots(rows, plan.slots), plan.slots.local_counts
+
+        return (yield Compute("unpack", unpack, (rows, meta), join=True))
+
+    def combine_start(self, plan: FlatPlan, y: torch.Tensor) -> Program:
+        """Each received row's gate-weighted sum over its slots goes back once."""
         r = plan.route
-        comm = A2A(r.send_splits, r.recv_splits, self.group, log=self.event_log, name="combine")
-        self.count("combine", r.recv_splits, y)
-        return Pending(plan, a2a_start(partial, comm), comm)
+        partial = yield Compute("weigh", lambda y: slot_weighted_sums(y, plan.slots), (y,), join=True)
+        return (yield Issue(self._hop("combine", r.recv_splits, r.send_splits, partial), (partial,)))
 
-    def combine_wait(self, pending: Pending) -> torch.Tensor:
-        """Sum of each token's partial results from its ranks."""
-        return sum_over_route(a2a_wait(pending.buf, pending.comm), pending.plan.route)
-
-    # ------------------------------------------------------------------ the Dispatcher seam (blocking)
-    def dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, A2APlan]:
-        plan = self.plan(topk_idx, topk_weight, n_experts)
-        return self.dispatch_wait(self.dispatch_start(x, plan)), plan.local_counts, plan
-
-    def combine(self, y: torch.Tensor, plan: A2APlan) -> torch.Tensor:
-        return self.combine_wait(self.combine_start(y, plan))
+    def combine_wait(self, plan: FlatPlan, handle: Any) -> Program:
+        """Each token's sum of the partial results from its ranks."""
+        (back,) = yield Wait(handle)
+        return (yield Compute("sum", lambda b: sum_over_route(b, plan.route), (back,), join=True))

@@ -21,11 +21,9 @@ With node-limited routing (experts form `n_group` groups, whole groups per node,
 token; see `mesh.check_expert_groups`) a token reaches at most `topk_group` nodes, so it crosses the slow
 link at most `topk_group` times each way whatever its top-k.
 
-Like the flat dispatcher, every step is separately callable and returns a handle (`dispatch_start` →
-`dispatch_forward` → `dispatch_wait`, `combine_start` → `combine_forward` → `combine_wait`), each exchange is
-an autograd-aware start/wait pair, and collectives are issued in the same order on every rank: in the
-backward pass the data path (stage 2, then stage 1) runs before the gate-weight path (stage 2, then 1),
-because the stage-1 data exchange lists the stage-2 weights as `after`.
+Each row's slot metadata travels in the same hop as the row. As phases (model/dispatch.py): plan = the
+stage-1 count exchange; dispatch = stage-1 hop, then (once it arrived) the stage-2 count exchange and hop;
+combine = stage-2 hop back, the node's sum, stage-1 hop back.
 """
 
 from __future__ import annotations
@@ -35,8 +33,9 @@ from typing import Any
 
 import torch
 
+from ...model.phases import Compute, Issue, Prepare, Program, Wait
 from ...ops.gather import gather_rows
-from ..comm import A2A, a2a_start, a2a_wait
+from ..comm import A2AHop
 from .counters import CommCounters
 from .rows import (
     Route,
@@ -44,8 +43,8 @@ from .rows import (
     expand_to_slots,
     meta_experts,
     receiver_slots,
-    route,
-    send_slot_meta,
+    route_finish,
+    route_start,
     slot_meta,
     slot_weighted_sums,
     sum_over_route,
@@ -54,22 +53,11 @@ from .rows import (
 
 @dataclass
 class HierPlan:
-    n_tokens: int
     inter: Route  # stage 1: tokens → the same local rank on each destination node
-    intra: Route  # stage 2: stage-1 rows → the expert owners on this node
-    slots: Slots  # stage-2 rows expanded to this rank's expert slots
-
-    @property
-    def local_counts(self) -> torch.Tensor:
-        return self.slots.local_counts
-
-
-@dataclass
-class HierPending:
-    plan: HierPlan
-    buf: torch.Tensor
-    comm: A2A
-    stage: str  # "inter" | "intra": the exchange in flight
+    topk_idx: torch.Tensor
+    per_rank: int  # experts per rank
+    intra: Route | None = None  # stage 2: stage-1 rows → the expert owners on this node (once received)
+    slots: Slots | None = None  # stage-2 rows expanded to this rank's expert slots
 
 
 class HierarchicalDispatcher:
@@ -102,100 +90,91 @@ class HierarchicalDispatcher:
         self.intra_peer_nodes = intra_peer_nodes or [0] * local
         self.event_log = event_log
 
-    def _count(self, kind: str, stage: str, splits: list[int], row_bytes: int) -> None:
-        """Bytes under the flat dispatcher's keys (so both compare on one run), plus per-stage keys
-        (`<kind>_stage_inter*`, `<kind>_stage_intra*`) that show which link each stage used."""
-        if self.counters is None:
-            return
-        me, peer_nodes = (
-            (self.node_rank, self.inter_peer_nodes)
-            if stage == "inter"
-            else (self.local_rank, self.intra_peer_nodes)
-        )
-        self.counters.add(kind, splits, row_bytes, me, peer_nodes)
-        self.counters.add(f"{kind}_stage_{stage}", splits, row_bytes, me, peer_nodes)
+    def _hop(self, kind: str, stage: str, send: list[int], recv: list[int], rows: torch.Tensor) -> A2AHop:
+        """A hop of `stage` ("inter" | "intra"), added to the byte counters under the flat dispatcher's keys
+        (so both compare on one run) and per-stage keys (`<kind>_stage_inter*`, `<kind>_stage_intra*`)
+        that show which link each stage used (`rows`: one of the rows it moves)."""
+        inter = stage == "inter"
+        if self.counters is not None:
+            me, peer_nodes = (
+                (self.node_rank, self.inter_peer_nodes) if inter else (self.local_rank, self.intra_peer_nodes)
+            )
+            row_bytes = rows.shape[-1] * rows.element_size()
+            self.counters.add(kind, send, row_bytes, me, peer_nodes)
+            self.counters.add(f"{kind}_stage_{stage}", send, row_bytes, me, peer_nodes)
+        group = self.inter_group if inter else self.intra_group
+        return A2AHop(f"{kind}_{stage}", send, recv, group, self.event_log)
 
-    # ------------------------------------------------------------------------------------------- plan
-    def plan(self, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int) -> HierPlan:
-        """Two host syncs (one per stage's count exchange; stage 2's also brings the slot counts)."""
+    def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
+        """Stage 1's count exchange (stage 2's waits for the rows' metadata, see `dispatch_wait`)."""
         per_rank = n_experts // self.ep
+
+        def start(stream: Any) -> Any:
+            return route_start(
+                topk_idx // (per_rank * self.local), self.nodes, self.inter_group, stream=stream
+            )
+
+        inter = yield Prepare("counts_inter", start, route_finish)
+        return HierPlan(inter, topk_idx, per_rank)
+
+    def dispatch_start(self, plan: HierPlan, x: torch.Tensor, topk_weight: torch.Tensor) -> Program:
+        """Stage 1: one row per (token, destination node), with its slot metadata, to the same local rank
+        there."""
+        r = plan.inter
+
+        def pack(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            meta = slot_meta(plan.topk_idx, w)
+            return gather_rows(x, r.pair_row, r.rows), gather_rows(meta, r.pair_row, r.rows)
+
+        send, meta = yield Compute("pack", pack, (x, topk_weight), join=True)
+        return (yield Issue(self._hop("dispatch", "inter", r.send_splits, r.recv_splits, send), (send, meta)))
+
+    def dispatch_wait(self, plan: HierPlan, handle: Any) -> Program:
+        """Stage 2 once stage 1 arrived: each received row to the ranks of this node owning its slots (their
+        count exchange first, which also brings the slot counts per expert); then the received rows,
+        expanded to this rank's slots and sorted by local expert."""
+        rows, meta = yield Wait(handle)
+        per_rank = plan.per_rank
         per_node = per_rank * self.local
-        inter = route(topk_idx // per_node, self.nodes, self.inter_group)
-        meta1 = send_slot_meta(
-            inter, slot_meta(topk_idx, topk_weight), self.inter_group, self.event_log, "weights_inter"
-        )
-        # stage 2: the slots on this node, by owner (local index) and node-local expert id
-        experts = meta_experts(meta1)
+        experts = meta_experts(meta)  # index math on the received metadata: no gradient
         here = experts // per_node == self.node_rank
         node_expert = torch.where(here, experts - self.node_rank * per_node, -1)
         owner = torch.where(here, node_expert // per_rank, -1)
-        intra = route(owner, self.local, self.intra_group, node_expert, per_rank, unheld=True)
-        meta2 = send_slot_meta(intra, meta1, self.intra_group, self.event_log, "weights_intra")
+
+        def start(stream: Any) -> Any:
+            return route_start(owner, self.local, self.intra_group, node_expert, per_rank, True, stream)
+
+        plan.intra = r = yield Prepare("counts_intra", start, route_finish)
+
+        def forward(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return gather_rows(rows, r.pair_row, r.rows), gather_rows(meta, r.pair_row, r.rows)
+
+        send, meta = yield Compute("forward", forward, (rows, meta))
+        handle = yield Issue(self._hop("dispatch", "intra", r.send_splits, r.recv_splits, send), (send, meta))
+        rows, meta = yield Wait(handle)
         first = (self.node_rank * self.local + self.local_rank) * per_rank
-        slots = receiver_slots(meta2, first, per_rank, intra.recv_slots, intra.recv_key_counts)
-        return HierPlan(n_tokens=topk_idx.shape[0], inter=inter, intra=intra, slots=slots)
 
-    # ------------------------------------------------------------------------------ dispatch (async)
-    def dispatch_start(self, x: torch.Tensor, plan: HierPlan) -> HierPending:
-        """Launch stage 1: one row per (token, destination node) to the same local rank there."""
-        r = plan.inter
-        send = gather_rows(x, r.pair_row, r.rows)
-        comm = A2A(r.recv_splits, r.send_splits, self.inter_group, log=self.event_log, name="dispatch_inter")
-        self._count("dispatch", "inter", r.send_splits, x.shape[-1] * x.element_size())
-        # Backward order: this exchange (data, stage 1) before the stage-2 weights' (see module docstring).
-        return HierPending(plan, a2a_start(send, comm, after=(plan.slots.weight,)), comm, "inter")
+        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            plan.slots = receiver_slots(meta, first, per_rank, r.recv_slots, r.recv_key_counts)
+            return expand_to_slots(rows, plan.slots), plan.slots.local_counts
 
-    def dispatch_forward(self, pending: HierPending) -> HierPending:
-        """Wait for stage 1, launch stage 2: each received row to the ranks of this node owning its slots."""
-        assert pending.stage == "inter", pending.stage
-        rows = a2a_wait(pending.buf, pending.comm)
-        r = pending.plan.intra
-        send = gather_rows(rows, r.pair_row, r.rows)
-        comm = A2A(r.recv_splits, r.send_splits, self.intra_group, log=self.event_log, name="dispatch_intra")
-        self._count("dispatch", "intra", r.send_splits, rows.shape[-1] * rows.element_size())
-        return HierPending(pending.plan, a2a_start(send, comm), comm, "intra")
+        return (yield Compute("unpack", unpack, (rows, meta), join=True))
 
-    def dispatch_wait(self, pending: HierPending) -> torch.Tensor:
-        """Received rows, expanded to their slots and sorted by local expert (runs stage 2 if needed)."""
-        if pending.stage == "inter":
-            pending = self.dispatch_forward(pending)
-        return expand_to_slots(a2a_wait(pending.buf, pending.comm), pending.plan.slots)
-
-    # ------------------------------------------------------------------------------- combine (async)
-    def combine_start(self, y: torch.Tensor, plan: HierPlan) -> HierPending:
+    def combine_start(self, plan: HierPlan, y: torch.Tensor) -> Program:
         """Each stage-2 row's gate-weighted sum over its slots, sent back inside the node."""
         r = plan.intra
-        hidden = y.shape[-1]
-        partial = slot_weighted_sums(y, plan.slots)
-        comm = A2A(r.send_splits, r.recv_splits, self.intra_group, log=self.event_log, name="combine_intra")
-        self._count("combine", "intra", r.recv_splits, hidden * y.element_size())
-        return HierPending(plan, a2a_start(partial, comm), comm, "intra")
+        partial = yield Compute("weigh", lambda y: slot_weighted_sums(y, plan.slots), (y,), join=True)
+        return (yield Issue(self._hop("combine", "intra", r.recv_splits, r.send_splits, partial), (partial,)))
 
-    def combine_forward(self, pending: HierPending) -> HierPending:
-        """Wait for the intra-node partial sums, add those of each stage-1 row (the node's share of the
-        token), and launch the one inter-node row per (token, node) back to its source."""
-        assert pending.stage == "intra", pending.stage
-        back = a2a_wait(pending.buf, pending.comm)
-        r = pending.plan.intra
-        node_sum = sum_over_route(back, r)
-        r1 = pending.plan.inter
-        comm = A2A(r1.send_splits, r1.recv_splits, self.inter_group, log=self.event_log, name="combine_inter")
-        self._count("combine", "inter", r1.recv_splits, back.shape[-1] * back.element_size())
-        return HierPending(pending.plan, a2a_start(node_sum, comm), comm, "inter")
-
-    def combine_wait(self, pending: HierPending) -> torch.Tensor:
-        """Sum of each token's per-node results (runs the inter-node step if needed)."""
-        if pending.stage == "intra":
-            pending = self.combine_forward(pending)
-        back = a2a_wait(pending.buf, pending.comm)
-        return sum_over_route(back, pending.plan.inter)
-
-    # ------------------------------------------------------------------ the Dispatcher seam (blocking)
-    def dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int
-    ) -> tuple[torch.Tensor, torch.Tensor, HierPlan]:
-        plan = self.plan(topk_idx, topk_weight, n_experts)
-        return self.dispatch_wait(self.dispatch_start(x, plan)), plan.local_counts, plan
-
-    def combine(self, y: torch.Tensor, plan: HierPlan) -> torch.Tensor:
-        return self.combine_wait(self.combine_start(y, plan))
+    def combine_wait(self, plan: HierPlan, handle: Any) -> Program:
+        """The partial sums of each stage-1 row added on its forwarding rank (the intra-node reduction
+        happens before the slow link), one row per (token, node) back to its source, and each token's sum
+        over its nodes."""
+        (back,) = yield Wait(handle)
+        node_sum = yield Compute("reduce", lambda b: sum_over_route(b, plan.intra), (back,), join=True)
+        r = plan.inter
+        handle = yield Issue(
+            self._hop("combine", "inter", r.recv_splits, r.send_splits, node_sum), (node_sum,)
+        )
+        (back,) = yield Wait(handle)
+        return (yield Compute("sum", lambda b: sum_over_route(b, plan.inter), (back,), join=True))

@@ -1,19 +1,12 @@
-"""Expert-parallel dispatchers: tokens travel to the ranks that own their experts and come back.
+"""Row plans shared by the dispatchers: which rows go where, how the receiver expands and sums them.
 
-All-to-all dispatcher, per MoE layer:
-1. plan: for every token, the set of ep ranks holding any of its top-k experts. Each (token, rank) pair is
-   one row to send — a token with several experts on one rank goes there once. One small exchange carries
-   the row counts and, per destination expert, the slot counts; the host reads it once (the only host
-   synchronisation: split sizes must be known to size buffers, and the receiver's slot count and rows per
-   expert come with them). Each row's slot metadata (local expert id, or −1, and gate weight for each of
-   the k slots) then travels in one exchange the host does not wait for.
-2. dispatch: rows leave in (rank, token) order, `all_to_all_single` with uneven splits; the receiver expands
-   each row to its valid slots and sorts them by local expert for the grouped GEMM.
-3. combine: the receiver forms each row's gate-weighted partial sum over its valid slots, so one row per
-   (token, rank) travels back; the sender adds the partial sums of a token's ranks.
-Rows move with `gather_rows` and are summed with `bag_sum` (ops/gather.py): each pass reads only the rows
-that exist, backward passes are gathers (no scatter-add), and summation order is fixed (deterministic on
-CPU, see docs/architecture.md). Why this shape: docs/performance.md, "Expert-parallel dispatch".
+`route` turns "which peer holds each of a row's k slots" into send/receive lists and split sizes, with one
+small count exchange the host reads (split sizes must be known to size buffers; the receiver's slot count
+and rows per key come with it). `slot_meta` is what travels beside each row: its global expert ids and gate
+weights. `receiver_slots` sorts the received slots of this rank's experts by expert; `expand_to_slots`,
+`slot_weighted_sums` and `sum_over_route` move and add the rows with `gather_rows` / `bag_sum`
+(ops/gather.py): each pass reads only the rows that exist, backward passes are gathers (no scatter-add), and
+summation order is fixed (deterministic on CPU, see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -25,15 +18,15 @@ import torch
 import torch.distributed as dist
 
 from ...ops.gather import Bags, bag_sum, gather_rows
-from ..comm import A2A, a2a_start, a2a_wait
 
 
 @dataclass
 class Route:
     """One exchange's row movement: each unique (source row, peer) pair is one sent row, in (peer, row) order.
 
-    With slot counting (see `route`), the count exchange also told this rank how many slots of each of its
-    keys (local experts) it will receive, so the receiver sizes its expert-sorted buffer without a sync.
+    With slot counting (`slot_key` of `route_start`), the count exchange also told this rank how many slots
+    of each of its keys (local experts) it will receive, so the receiver sizes its expert-sorted buffer
+    without a sync.
     """
 
     n_rows: int
@@ -46,27 +39,9 @@ class Route:
     recv_key_counts: torch.Tensor | None = None  # (keys_per_peer,) slots received per key, on device
 
 
-def route(
-    owner: torch.Tensor,
-    peers: int,
-    group: Any,
-    slot_key: torch.Tensor | None = None,
-    keys_per_peer: int = 0,
-    unheld: bool = False,
-) -> Route:
-    """Rows to send for `owner` (n, k): the peer holding each slot (−1 for none, allowed with `unheld`).
-
-    One small all-to-all of counts and one host synchronisation (split sizes must be known to size the
-    buffers). With `slot_key` (n, k) — each held slot's key, peer · keys_per_peer + the key on that peer,
-    e.g. the expert id — the same exchange carries how many slots of each key go to each peer: the
-    receiver learns its slot count and rows per expert from it, not from a second synchronisation.
-    """
-    return route_finish(route_start(owner, peers, group, slot_key, keys_per_peer, unheld))
-
-
 @dataclass
 class RouteStart:
-    """A `route` whose count exchange is in flight (`route_start`); `route_finish` completes it."""
+    """A route whose count exchange is in flight (`route_start`); `route_finish` completes it."""
 
     n: int
     peers: int
@@ -88,7 +63,12 @@ def route_start(
     unheld: bool = False,
     stream: Any = None,
 ) -> RouteStart:
-    """First half of `route`: count the rows and launch the count exchange; returns without waiting.
+    """Rows to send for `owner` (n, k): the peer holding each slot (−1 for none, allowed with `unheld`).
+    Counts the rows and launches the count exchange; returns without waiting (`route_finish` waits: the one
+    host synchronisation, since split sizes must be known to size the buffers). With `slot_key` (n, k) —
+    each held slot's key, peer · keys_per_peer + the key on that peer, e.g. the expert id — the same exchange
+    carries how many slots of each key go to each peer: the receiver learns its slot count and rows per
+    expert from it, not from a second synchronisation.
 
     stream (CUDA only): run the exchange and its copy to pinned host memory on this side stream, so that
     `route_finish` waits for them alone — not for compute queued on the current stream after this call
@@ -129,7 +109,7 @@ def route_start(
 
 
 def route_finish(p: RouteStart) -> Route:
-    """Second half of `route`: wait for the counts (the one host sync) and build the row lists."""
+    """Wait for the counts (the one host sync) and build the row lists."""
     if p.done is not None:
         p.done.synchronize()  # the host waits for the count exchange and its copy only
         cur = torch.cuda.current_stream()
@@ -165,14 +145,6 @@ def slot_meta(expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(n, 2k): each row's global expert ids (as floats, exact below 2**24) beside its gate weights; the
     metadata one exchange moves (only the weights carry gradient: the router learns through them)."""
     return torch.cat([expert.to(weight.dtype), weight], dim=1)
-
-
-def send_slot_meta(
-    r: Route, meta: torch.Tensor, group: Any, log: list[str] | None = None, name: str = "weights"
-) -> torch.Tensor:
-    """Each sent row's `slot_meta` travels with it, in one all-to-all; receivers pick their own slots."""
-    pending = A2A(r.recv_splits, r.send_splits, group, log=log, name=name)
-    return a2a_wait(a2a_start(gather_rows(meta, r.pair_row, r.rows), pending), pending)
 
 
 def meta_experts(meta: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from ...model import MoEStats, Transformer
-from ..overlap import OverlapEngine, StageParts, StageTape, drain, pair
+from ..overlap import OverlapEngine, StageTape, drain, pair
 from .schedules import Action, Kind, Schedule
+from .stages import StageView
 
 
 def _tag(direction: int, stage: int, mb: int) -> int:
@@ -72,7 +73,7 @@ class PipelineExecutor:
         self,
         schedule: Schedule,
         rank: int,
-        stages: dict[int, Transformer],
+        stages: dict[int, Transformer | StageView],
         peers: list[int],
         group: Any,
         hidden_size: int,
@@ -174,7 +175,7 @@ class PipelineExecutor:
         results = []
 
         def head(h: torch.Tensor) -> torch.Tensor:
-            res = StageParts.of(module).model._head(h, labels, stats, False)
+            res = module.head(h, labels, stats)
             results.append(res)
             loss = res.lm_loss
             if res.mtp_loss is not None:
@@ -183,12 +184,13 @@ class PipelineExecutor:
 
         tape = None
         if self.engine is not None and keep:
-            tape = yield from self.engine.forward(StageParts.of(module), x, stats, w, head if last else None)
+            ops = module.program(x, stats, head if last else None, phases=True)
+            tape = yield from self.engine.forward(ops, x, stats, w)
             h = tape.output  # the weighted loss on the last stage
         elif last:
-            results.append(module.stage_forward(x, labels, stats))
+            results.append(module(x, labels, stats))
         else:
-            h = module.stage_forward(x, None, stats)
+            h = module(x, None, stats)
         if last:
             res = results[0]
             loss = res.lm_loss

@@ -7,9 +7,15 @@ parameter names — and with them initial values, checkpoints and HF conversion 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
 from ...config import ModelConfig
-from ...model import Transformer, build_model
+from ...model import ModelOutput, MoEStats, Transformer, build_model
 from ...model.moe import BalanceLoss
+from ...model.phases import Program, run
 
 
 def split_layers(n_layers: int, n_chunks: int, explicit: list[int] | None = None) -> list[list[int]]:
@@ -41,51 +47,44 @@ def split_layers(n_layers: int, n_chunks: int, explicit: list[int] | None = None
     return out
 
 
-def build_stage(
-    cfg: ModelConfig,
-    chunk: int,
-    chunks: list[list[int]],
-    balance: BalanceLoss | None,
-    device,
-    seed: int,
-    expert_slice: tuple[int, int] | None = None,
-) -> Transformer:
-    return build_model(
-        cfg,
-        balance,
-        device,
-        seed,
-        expert_slice=expert_slice,
-        layer_ids=chunks[chunk],
-        first=chunk == 0,
-        last=chunk == len(chunks) - 1,
-    )
-
-
 class StageView:
-    """One stage of a rank's partial model: the rank builds one `Transformer` holding the union of its
-    stages' layers (so parameter names, the optimizer and checkpoints are those of a plain model, and an
-    embedding used by both the first and the last chunk on one rank is one parameter), and each stage runs
-    its own slice of it."""
+    """One stage of a rank holding several: the rank builds one `Transformer` with the union of its stages'
+    layers (so parameter names, the optimizer and checkpoints are those of a plain model, and an embedding
+    used by both the first and the last chunk on one rank is one parameter), and each stage runs its own
+    slice of it. A rank holding one stage runs its `Transformer` itself."""
 
     def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool) -> None:
-        self.model, self.layer_ids, self.first, self.last = model, layer_ids, first, last
+        self.model, self.layer_ids, self.is_first, self.is_last = model, layer_ids, first, last
 
-    def stage_forward(self, x, labels=None, stats=None):
-        m = self.model
-        h = m.embed_tokens(x) if self.first else x
-        for i in self.layer_ids:
-            h = m.layers[str(i)](h, stats)
-        if not self.last:
-            return h
-        return m._head(h, labels, stats, False)
+    def program(
+        self,
+        x: torch.Tensor,
+        stats: MoEStats | None = None,
+        head: Callable[[torch.Tensor], Any] | None = None,
+        phases: bool = False,
+    ) -> Program:
+        """`Transformer.program` over this stage's slice (the head only on the last stage)."""
+        head = head if self.is_last else None
+        return self.model.program(x, stats, head, self.layer_ids, self.is_first, phases)
+
+    def head(
+        self, h: torch.Tensor, labels: torch.Tensor | None, stats: MoEStats | None = None
+    ) -> ModelOutput:
+        return self.model.head(h, labels, stats)
+
+    def __call__(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None, stats: MoEStats | None = None
+    ) -> torch.Tensor | ModelOutput:
+        """Hidden states, or the losses on the last stage (as `Transformer.forward`)."""
+        head = (lambda h: self.head(h, labels, stats)) if self.is_last else None
+        return run(self.program(x, stats, head))
 
     def parameters(self):
         m = self.model
         mods = [m.layers[str(i)] for i in self.layer_ids]
-        if self.first or (self.last and len(m.mtp)):
+        if self.is_first or (self.is_last and len(m.mtp)):
             mods.append(m.embed_tokens)
-        if self.last:
+        if self.is_last:
             mods += [m.norm, m.lm_head, m.mtp]
         seen: set[int] = set()
         for mod in mods:
@@ -104,8 +103,9 @@ def rank_model_and_stages(
     seed: int,
     expert_slice: tuple[int, int] | None,
     stage_layers: list[int] | None = None,
-) -> tuple[Transformer, dict[int, StageView], list[list[int]]]:
-    """The partial model a pipeline rank holds and a view per stage it runs."""
+) -> tuple[Transformer, dict[int, Transformer | StageView], list[list[int]]]:
+    """The partial model a pipeline rank holds, and what runs each stage it holds: the model itself when
+    it holds one, else a view per stage."""
     chunks = split_layers(cfg.num_hidden_layers, schedule.n_chunks, stage_layers)
     mine = schedule.stages_of(pp_rank)
     held = sorted({schedule.chunks[s] for s in mine})
@@ -122,7 +122,9 @@ def rank_model_and_stages(
     )
     if model.embed_tokens is None and 0 in held:
         raise AssertionError("chunk 0 without an embedding")
-    views = {
+    if len(mine) == 1:
+        return model, {mine[0]: model}, chunks
+    views: dict[int, Transformer | StageView] = {
         s: StageView(
             model, chunks[schedule.chunks[s]], schedule.chunks[s] == 0, schedule.chunks[s] == last_chunk
         )
