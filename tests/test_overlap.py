@@ -226,9 +226,12 @@ def test_overlap_equals_plain_4_processes(tmp_path):
 
 def test_overlap_config_rules():
     from moe_train.config import ConfigError, load_config, to_object, validate
+    from moe_train.parallel.layout import check_layout
 
     def check(*overrides: str, world: int = 2) -> None:
-        validate(to_object(load_config(["data=synthetic", *overrides])), world)
+        cfg = to_object(load_config(["data=synthetic", *overrides]))
+        validate(cfg)
+        check_layout(cfg, world)
 
     check("parallel.ep=2", "parallel.overlap=true", "parallel.microbatches=2")
     ok = ("parallel.ep=2", "parallel.overlap=true", "parallel.microbatches=2")

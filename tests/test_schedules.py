@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 
 import pytest
@@ -10,26 +11,26 @@ import pytest
 from moe_train.parallel.pipeline.analysis import (
     Durations,
     ScheduleError,
-    activation_bound,
     bubble,
     check,
     check_coverage,
     check_p2p,
     check_placement,
     idle_per_rank,
-    paper_bubble,
     peak_activations,
     recv_stash_depth,
     simulate,
     validate,
 )
 from moe_train.parallel.pipeline.schedules import (
+    SCHEDULES,
     Action,
     Kind,
     Schedule,
     build_schedule,
     dualpipe,
     one_f_one_b,
+    schedule_for,
 )
 
 CASES = (
@@ -55,7 +56,7 @@ def test_schedule_is_valid(name: str, pp: int, m: int) -> None:
     assert check(s) == []
     assert validate(s) is s
     peaks = peak_activations(s)
-    assert max(peaks) == activation_bound(s)  # 1F1B: min(pp, m); DualPipe: pp + 1; DualPipeV: 2pp + 1
+    assert max(peaks) == s.activation_bound  # 1F1B: min(pp, m); DualPipe: pp + 1; DualPipeV: 2pp + 1
     assert peak_activations(s, release="W") == peaks  # deferred W's never raise the peak
     # each stage runs F, B and W of its micro-batches in arrival order: FIFO stashes suffice
     for stage in range(s.n_stages):
@@ -74,7 +75,7 @@ def test_bubble_matches_paper_formula(name: str, pp: int, m: int) -> None:
     # the papers' chart regime: forward = input-gradient backward, W no longer than them, any F&B overlap
     s = build_schedule(name, pp, m)
     for d in (Durations(1, 1, 1), Durations(1, 1, 1, 2), Durations(1, 1, 0.5, 2.5), Durations(1.5, 1.5, 0.5)):
-        assert bubble(s, d) == pytest.approx(paper_bubble(name, pp, d)), d
+        assert bubble(s, d) == pytest.approx(s.paper_bubble(d)), d
 
 
 def test_one_f_one_b_bubble_any_durations() -> None:
@@ -103,7 +104,7 @@ def test_dual_bubble_closed_form(name: str, pp: int, m: int) -> None:
         if f >= b:
             assert bubble(s, d) == pytest.approx(ours)
         else:
-            assert ours - 1e-9 <= bubble(s, d) <= paper_bubble(name, pp, d) + 1e-9
+            assert ours - 1e-9 <= bubble(s, d) <= s.paper_bubble(d) + 1e-9
 
 
 def test_dualpipev_matches_dualpipe_with_twice_the_ranks() -> None:
@@ -217,3 +218,21 @@ def test_activation_bound_is_enforced() -> None:
     s = dualpipe(4, 8)
     assert peak_activations(s) == [5, 5, 5, 5]  # pp + 1
     assert any("activations in flight" in p for p in check(s, max_activations=4))
+
+
+def test_registry_names_its_schedules_and_their_facts() -> None:
+    """Every registered builder makes a schedule under its own name that states its facts (activation bound,
+    bubble formula) itself; the layout checks reject a name the registry does not hold."""
+    from moe_train.config import ConfigError, ParallelConfig, TrainConfig
+    from moe_train.parallel.layout import check_layout
+
+    for name in SCHEDULES:
+        s = schedule_for(ParallelConfig(schedule=name, pp=2, microbatches=8))
+        assert s.name == name and s.activation_bound >= 1
+        assert s.paper_bubble(Durations()) >= 0
+        again = pickle.loads(pickle.dumps(s))  # schedules travel between processes
+        assert again == s and again.paper_bubble(Durations()) == s.paper_bubble(Durations())
+    cfg = TrainConfig()
+    cfg.parallel.schedule = "gpipe"
+    with pytest.raises(ConfigError, match="parallel.schedule='gpipe' is not allowed: one of 1f1b, dualpipe"):
+        check_layout(cfg, 1)
