@@ -174,6 +174,7 @@ class ParallelConfig:
     # sum gradients over dp / expert-dp while backward still runs (torch engine, no pipeline schedule)
     overlap_grad_reduce: bool = True
     microbatches: int = 1  # micro-batches per optimizer step on each data-parallel rank
+    virtual_stages: int = 2  # model chunks per rank, parallel.schedule=interleaved1f1b only
     stage_layers: list[int] | None = None
     backend: str | None = None  # None: nccl on cuda, gloo on cpu
     timeout_s: float = 600.0  # a collective waiting longer fails with the rank and the phase named

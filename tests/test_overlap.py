@@ -198,7 +198,7 @@ def _slow_suite(base: str) -> dict:
         _executor_run(mesh, "dualpipev", 4, True),
     )
     mesh = build_mesh(pp=2, ep=2)
-    for name, m in (("dualpipe", 4), ("1f1b", 3)):
+    for name, m in (("dualpipe", 4), ("1f1b", 3), ("interleaved1f1b", 4)):
         out[(name, m)] = (_executor_run(mesh, name, m, False), _executor_run(mesh, name, m, True))
     return out
 
@@ -207,8 +207,8 @@ def _slow_suite(base: str) -> dict:
 def test_overlap_equals_plain_4_processes(tmp_path):
     """4 processes: dp=4·ep=2 (pp=1, micro-batch i's forward paired with i−1's backward) and pp=2×ep=2
     (DualPipeV) through the Trainer; through the executor DualPipeV at pp=1 (FB pairs and B/W split through
-    the sub-step cuts), DualPipe and overlapped 1F1B at pp=2×ep=2: overlap on and off give the same losses
-    and gradients (rel ≤ 1e-5)."""
+    the sub-step cuts), DualPipe, overlapped 1F1B and interleaved 1F1B (F&B pairs of different chunks) at
+    pp=2×ep=2: overlap on and off give the same losses and gradients (rel ≤ 1e-5)."""
     results = run_world(4, _slow_suite, str(tmp_path))
     for key in ("ep2", "pp2ep2"):
         off, on = results[0][key][False], results[0][key][True]
@@ -219,7 +219,7 @@ def test_overlap_equals_plain_4_processes(tmp_path):
         for n, g in off["grads"].items():
             torch.testing.assert_close(on["grads"][n], g, rtol=1e-5, atol=1e-7, msg=f"{key}: {n}")
     for rank, res in enumerate(results):
-        for key in (("dualpipev", 4), ("dualpipe", 4), ("1f1b", 3)):
+        for key in (("dualpipev", 4), ("dualpipe", 4), ("1f1b", 3), ("interleaved1f1b", 4)):
             _compare(*res[key], f"rank {rank} {key}")
             assert any(a.kind is Kind.FB for acts in res[key][1]["schedule"].ranks for a in acts), key
 

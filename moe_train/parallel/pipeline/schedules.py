@@ -72,11 +72,88 @@ def one_f_one_b(pp: int, microbatches: int, overlap: bool = False) -> Schedule:
     )
 
 
+def _interleaved_bubble(pp: int, v: int, d: Durations) -> float:
+    """(PP-1)(F+B)/v (Narayanan et al. 2021), F and B a rank's full-stage times.  Durations are per action,
+    i.e. per chunk of 1/v of a rank's layers: F = v*f, B = v*(b+w) (B the full backward)."""
+    full_f, full_b = v * d.f, v * (d.b + d.w)
+    return (pp - 1) * (full_f + full_b) / v
+
+
+def interleaved_1f1b(
+    pp: int, microbatches: int, overlap: bool = False, *, virtual_stages: int = 2
+) -> Schedule:
+    """Interleaved 1F1B (Megatron-LM's virtual pipeline, Narayanan et al. 2021, §2.2): the layer list is cut
+    into ``v * pp`` chunks and rank r holds chunks r, r+pp, r+2pp, …, so a micro-batch passes every rank v
+    times and the warm-up/drain (the bubble) shrinks by v: ``(pp-1)(F+B)/v`` for a rank's full-stage F, B.
+
+    Micro-batches go in groups of pp: a rank forwards a group through its first chunk, then the same group
+    through its second, …, and backwards in the same groups from its last chunk down.  Rank r first runs
+    ``2(pp-1-r) + (v-1)pp`` forwards (all of them if fewer), then alternates one forward and one full
+    backward, then drains.  ``overlap``: one more warm-up forward, then each steady forward and backward
+    that belong to different chunks run as one FB (the overlap engine interleaves them).
+    """
+    v = virtual_stages
+    name = "interleaved1f1b"
+    check_pp(pp, name)
+    if v < 2:
+        raise bad_count(
+            "parallel.virtual_stages", v, name, "needs parallel.virtual_stages >= 2 model chunks per rank"
+        )
+    if microbatches < 1 or microbatches % pp:
+        raise bad_count(
+            "parallel.microbatches",
+            microbatches,
+            name,
+            f"Interleaved 1F1B needs parallel.microbatches a positive multiple of parallel.pp = {pp} "
+            "(micro-batches go through each chunk in groups of pp)",
+        )
+    total = microbatches * v  # (chunk, micro-batch) units per rank
+
+    def unit(k: int, backward: bool) -> tuple[int, int]:
+        """The k-th forward (or backward) of a rank: (which of its chunks, micro-batch)."""
+        group, i = divmod(k, pp * v)
+        chunk = i // pp
+        return (v - 1 - chunk if backward else chunk), group * pp + i % pp
+
+    ranks = []
+    for r in range(pp):
+        # before its first backward a rank must have forwarded the first group through all its chunks
+        # ((v-1)pp forwards beyond the first chunk's) while the gradient travels back from the far end
+        # (two hops per rank further down)
+        warm = min(2 * (pp - 1 - r) + (v - 1) * pp + overlap, total)
+        fwd = [Action(Kind.F, r + c * pp, m) for c, m in (unit(k, False) for k in range(total))]
+        bwd = [Action(Kind.BW, r + c * pp, m) for c, m in (unit(k, True) for k in range(total))]
+        acts = fwd[:warm]
+        for f, b in zip(fwd[warm:], bwd, strict=False):
+            if overlap and f.stage != b.stage:  # as DualPipe: a pair holds two different chunks
+                acts.append(Action(Kind.FB, f.stage, f.mb, b.stage, b.mb))
+            else:
+                acts += [f, b]
+        acts += bwd[total - warm :]
+        ranks.append(tuple(acts))
+    n = v * pp
+    return Schedule(
+        name=name,
+        pp=pp,
+        microbatches=microbatches,
+        placement=tuple(s % pp for s in range(n)),
+        chunks=tuple(range(n)),
+        pipelines=(tuple(range(n)),),
+        mb_pipeline=(0,) * microbatches,
+        ranks=tuple(ranks),
+        activation_bound=min(2 * (pp - 1) + (v - 1) * pp + 1 + overlap, total),
+        bubble_formula=functools.partial(_interleaved_bubble, pp, v),
+        second_leg=frozenset(s for s in range(n) if (s // pp) % 2),
+        second_leg_label="lighter: second, fourth, … pass through the ranks",
+    )
+
+
 # The one list of schedules: the values of parallel.schedule and their builders.
 SCHEDULES: dict[str, ScheduleBuilder] = {
     "1f1b": one_f_one_b,
     "dualpipe": dualpipe,
     "dualpipev": dualpipev,
+    "interleaved1f1b": interleaved_1f1b,
 }
 
 
@@ -113,6 +190,7 @@ __all__ = [
     "build_schedule",
     "dualpipe",
     "dualpipev",
+    "interleaved_1f1b",
     "knobs_of",
     "one_f_one_b",
     "schedule_for",
