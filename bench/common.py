@@ -44,9 +44,11 @@ def load_cfg(overrides: list[str]) -> Any:
     import os
 
     from moe_train.config import load_config, to_object, validate
+    from moe_train.parallel.layout import check_layout
 
     cfg = to_object(load_config(overrides))
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    validate(cfg)
+    check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     return cfg
 
 

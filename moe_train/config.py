@@ -2,8 +2,10 @@
 
 The dataclasses are the single source of truth for every key: Hydra rejects unknown keys and wrong types
 because the composed config is typed by them, and :func:`validate` checks the rules that tie several keys
-together.  Validation runs once, before any work (data, model, process groups) starts, so a bad config
-costs the user seconds, not a queue slot.
+together.  The rules that need the parallel machinery (schedules, mesh, dispatchers) are in
+`moe_train.parallel.layout.check_layout`; this module imports nothing from `parallel/`.  Both run once,
+before any work (data, model, process groups) starts, so a bad config costs the user seconds, not a queue
+slot.
 
 Model field names follow transformers' ``DeepseekV3Config`` so a Hugging Face ``config.json`` maps onto
 ``model`` one to one.
@@ -163,8 +165,8 @@ class LoggerConfig:
 class ParallelConfig:
     pp: int = 1
     ep: int = 1
-    schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
-    dispatcher: str = "alltoall"  # alltoall | hierarchical
+    schedule: str = "1f1b"  # a key of parallel/pipeline/schedules.py's SCHEDULES
+    dispatcher: str = "alltoall"  # a key of parallel/dispatch's DISPATCHERS
     gpus_per_node: int | None = None  # None: LOCAL_WORLD_SIZE
     overlap: bool = False
     # with overlap: SMs the matmuls leave to NCCL while an exchange is in flight (docs/performance.md)
@@ -172,6 +174,7 @@ class ParallelConfig:
     # sum gradients over dp / expert-dp while backward still runs (torch engine, no pipeline schedule)
     overlap_grad_reduce: bool = True
     microbatches: int = 1  # micro-batches per optimizer step on each data-parallel rank
+    virtual_stages: int = 2  # model chunks per rank, parallel.schedule=interleaved1f1b only
     stage_layers: list[int] | None = None
     backend: str | None = None  # None: nccl on cuda, gloo on cpu
     timeout_s: float = 600.0  # a collective waiting longer fails with the rank and the phase named
@@ -331,20 +334,12 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
 
 
 def _validate_deepspeed(cfg: TrainConfig) -> None:
-    ds, p, t = cfg.deepspeed, cfg.parallel, cfg.trainer
+    ds, t = cfg.deepspeed, cfg.trainer
     if ds.zero_stage not in (1, 2):
         _fail(
             "deepspeed.zero_stage",
             ds.zero_stage,
             "1 or 2 (stage 3 partitions parameters, which our pipeline stages and expert slices already do)",
-        )
-    if ds.zero_stage == 2 and (p.pp > 1 or p.schedule != "1f1b"):
-        _fail(
-            "deepspeed.zero_stage",
-            ds.zero_stage,
-            "1 with pipeline schedules: stage 2 reduces each gradient inside backward, before the pipeline "
-            "sums the copies a parameter has on several stages (embedding/head ties, DualPipe's mirrored "
-            "chunks)",
         )
     _choice("deepspeed.offload_optimizer", ds.offload_optimizer, ("none", "cpu"))
     if ds.offload_optimizer == "cpu" and t.device == "cpu":
@@ -380,8 +375,9 @@ def _validate_deepspeed(cfg: TrainConfig) -> None:
         )
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Check every cross-field rule; raise ConfigError naming key, value and what is allowed."""
+def validate(cfg: TrainConfig) -> None:
+    """Check every key and the rules between keys that need nothing from `parallel/` (the layout's rules:
+    `moe_train.parallel.layout.check_layout`); raise ConfigError naming key, value and what is allowed."""
     validate_model(cfg.model)
     d, o, b, t, p = cfg.data, cfg.optim, cfg.balance, cfg.trainer, cfg.parallel
     _choice("data.name", d.name, ("stdlib", "memmap", "synthetic"))
@@ -454,84 +450,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         if not torch.cuda.is_available():
             _fail("trainer.device", t.device, "cpu or auto: CUDA is not available on this machine")
 
-    _choice("parallel.schedule", p.schedule, ("1f1b", "dualpipe", "dualpipev"))
-    _choice("parallel.dispatcher", p.dispatcher, ("alltoall", "hierarchical"))
     _positive(p, "parallel", ["pp", "ep", "microbatches"])
     if p.timeout_s <= 0:
         _fail("parallel.timeout_s", p.timeout_s, "> 0 seconds")
-    if p.pp > 1 or p.schedule != "1f1b":
-        from .parallel.pipeline.schedules import build_schedule
-        from .parallel.pipeline.stages import split_layers
-
-        try:
-            sch = build_schedule(p.schedule, p.pp, p.microbatches)
-            split_layers(cfg.model.num_hidden_layers, sch.n_chunks, p.stage_layers)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     if cfg.model.n_routed_experts % p.ep:
         _fail("parallel.ep", p.ep, f"a divisor of model.n_routed_experts={cfg.model.n_routed_experts}")
     if p.overlap_sm_carveout < 0:
         _fail("parallel.overlap_sm_carveout", p.overlap_sm_carveout, "an integer >= 0 (SMs left to NCCL)")
-    if p.overlap:
-        _check_overlap(cfg)
-    if world_size % (p.pp * p.ep):
-        _fail("WORLD_SIZE", world_size, f"a multiple of parallel.pp*parallel.ep={p.pp * p.ep}")
-    dp = world_size // p.pp
-    if dp % p.ep:
-        _fail("parallel.ep", p.ep, f"a divisor of dp = WORLD_SIZE/parallel.pp = {dp}")
     if p.gpus_per_node is not None and p.gpus_per_node < 1:
         _fail("parallel.gpus_per_node", p.gpus_per_node, "a positive number, or null for LOCAL_WORLD_SIZE")
-    if p.dispatcher == "hierarchical" and p.ep > 1:
-        _check_hierarchical(cfg, world_size)
-    if d.batch_size % (dp * p.microbatches):
-        _fail(
-            "data.batch_size",
-            d.batch_size,
-            f"a multiple of dp*parallel.microbatches={dp}*{p.microbatches}={dp * p.microbatches}",
-        )
-
-
-def _check_overlap(cfg: TrainConfig) -> None:
-    """parallel.overlap hides the expert all-to-all under the other direction's compute (parallel/overlap.py):
-    it needs that all-to-all, something to pair, and sub-steps it can cut."""
-    p, t = cfg.parallel, cfg.trainer
-    if p.ep == 1:
-        _fail("parallel.ep", p.ep, "> 1 with parallel.overlap=true (ep=1 has no all-to-all to hide)")
-    if t.recompute == "full":
-        _fail(
-            "trainer.recompute",
-            t.recompute,
-            "none or selective with parallel.overlap=true (the overlap engine cuts each block into "
-            "sub-steps; a whole-block checkpoint would repeat their exchanges inside backward)",
-        )
-    if p.pp == 1 and p.schedule == "1f1b" and p.microbatches < 2:
-        _fail(
-            "parallel.microbatches",
-            p.microbatches,
-            ">= 2 with parallel.overlap=true and parallel.pp=1 (micro-batch i's forward runs paired with "
-            "micro-batch i-1's backward)",
-        )
-    if cfg.optim.engine == "deepspeed" and cfg.deepspeed.zero_stage == 2:
-        _fail(
-            "deepspeed.zero_stage",
-            2,
-            "1 with parallel.overlap=true (the overlap engine runs backward through the pipeline executor, "
-            "which ZeRO-2's in-backward reduction does not follow)",
-        )
-
-
-def _check_hierarchical(cfg: TrainConfig, world_size: int) -> None:
-    """Whole expert groups per node (the mesh's own start-up check, run here before any process group)."""
-    from .parallel.mesh import Layout, MeshError, check_expert_groups
-
-    p = cfg.parallel
-    gpus_per_node = p.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    try:
-        check_expert_groups(
-            Layout(world_size, p.pp, p.ep, gpus_per_node), cfg.model.n_routed_experts, cfg.model.n_group
-        )
-    except MeshError as e:
-        raise ConfigError(f"parallel.dispatcher=hierarchical: {e}") from None
 
 
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:

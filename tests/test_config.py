@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from moe_train.config import ConfigError, load_config, to_object, validate
+from moe_train.parallel.layout import check_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,8 +18,14 @@ def cfg_with(*overrides: str):
     return to_object(load_config(list(overrides)))
 
 
+def check(cfg, world: int = 1) -> None:
+    """The start-up checks of `moe_train.train.main`: the keys, then the layout."""
+    validate(cfg)
+    check_layout(cfg, world)
+
+
 def test_default_config_is_valid():
-    validate(cfg_with())
+    check(cfg_with())
 
 
 @pytest.mark.parametrize(
@@ -53,7 +60,7 @@ def test_default_config_is_valid():
 )
 def test_cross_field_rules(overrides, key, allowed):
     with pytest.raises(ConfigError) as e:
-        validate(cfg_with(*overrides))
+        check(cfg_with(*overrides))
     msg = str(e.value)
     assert msg.startswith(key + "=") and allowed in msg, msg
 

@@ -14,6 +14,7 @@ import torch
 
 from distributed import run_world
 from moe_train.config import ConfigError, validate
+from moe_train.parallel.layout import check_layout
 from moe_train.train.trainer import Trainer
 from tiny_cfg import tiny_cfg
 
@@ -76,7 +77,8 @@ def test_config_errors_name_the_key():
     def bad(*overrides: str, world: int = 1) -> str:
         cfg = make_cfg("/tmp/unused", "optim.engine=deepspeed", *overrides)
         with pytest.raises(ConfigError) as e:
-            validate(cfg, world)
+            validate(cfg)
+            check_layout(cfg, world)
         return str(e.value)
 
     assert "deepspeed.zero_stage=3" in bad("deepspeed.zero_stage=3")
@@ -89,7 +91,9 @@ def test_config_errors_name_the_key():
     assert "deepspeed.extra.train_batch_size" in msg and "data.batch_size" in msg
     assert "trainer.skip_nonfinite" in bad("deepspeed.zero_stage=2", "trainer.skip_nonfinite=true")
     # allowed: stage 2 without pipelining, a passthrough key DeepSpeed knows
-    validate(make_cfg("/tmp/unused", "optim.engine=deepspeed", "deepspeed.zero_stage=2"), 2)
+    ok = make_cfg("/tmp/unused", "optim.engine=deepspeed", "deepspeed.zero_stage=2")
+    validate(ok)
+    check_layout(ok, 2)
 
 
 def test_generated_json_and_passthrough():

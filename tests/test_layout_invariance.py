@@ -145,6 +145,7 @@ def test_pp2_ep2_and_pp4_on_4_processes(reference, tmp_path):
     layouts = [
         ("parallel.pp=2", "parallel.ep=2", "parallel.microbatches=2"),
         ("parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev", "parallel.microbatches=4"),
+        ("parallel.pp=2", "parallel.ep=2", "parallel.schedule=interleaved1f1b", "parallel.microbatches=4"),
         ("parallel.pp=4", "parallel.microbatches=4"),
         ("parallel.pp=4", "parallel.schedule=dualpipe", "parallel.microbatches=8"),
     ]

@@ -238,7 +238,7 @@ def _slow_suite(base: str) -> dict:
         _executor_run(mesh, "dualpipev", 4, True),
     )
     mesh = build_mesh(pp=2, ep=2)
-    for name, m in (("dualpipe", 4), ("1f1b", 3)):
+    for name, m in (("dualpipe", 4), ("1f1b", 3), ("interleaved1f1b", 4)):
         out[(name, m)] = (_executor_run(mesh, name, m, False), _executor_run(mesh, name, m, True))
     return out
 
@@ -276,8 +276,9 @@ def test_block_finish_is_written_once(ep2_world, monkeypatch):
 def test_overlap_equals_plain_4_processes(tmp_path):
     """4 processes: dp=4·ep=2 (pp=1, micro-batch i's forward paired with i−1's backward), pp=2×ep=2
     (DualPipeV) and the hierarchical dispatcher at ep=4 on 2 simulated nodes through the Trainer; through
-    the executor DualPipeV at pp=1 (FB pairs and B/W split through the sub-step cuts), DualPipe and
-    overlapped 1F1B at pp=2×ep=2: overlap on and off give the same losses and gradients (rel ≤ 1e-5)."""
+    the executor DualPipeV at pp=1 (FB pairs and B/W split through the sub-step cuts), DualPipe, overlapped
+    1F1B and interleaved 1F1B (F&B pairs of different chunks) at pp=2×ep=2: overlap on and off give the
+    same losses and gradients (rel ≤ 1e-5)."""
     results = run_world(4, _slow_suite, str(tmp_path))
     for key in ("ep2", "pp2ep2", "hier"):
         off, on = results[0][key][False], results[0][key][True]
@@ -288,16 +289,19 @@ def test_overlap_equals_plain_4_processes(tmp_path):
         for n, g in off["grads"].items():
             torch.testing.assert_close(on["grads"][n], g, rtol=1e-5, atol=1e-7, msg=f"{key}: {n}")
     for rank, res in enumerate(results):
-        for key in (("dualpipev", 4), ("dualpipe", 4), ("1f1b", 3)):
+        for key in (("dualpipev", 4), ("dualpipe", 4), ("1f1b", 3), ("interleaved1f1b", 4)):
             _compare(*res[key], f"rank {rank} {key}")
             assert any(a.kind is Kind.FB for acts in res[key][1]["schedule"].ranks for a in acts), key
 
 
 def test_overlap_config_rules():
     from moe_train.config import ConfigError, load_config, to_object, validate
+    from moe_train.parallel.layout import check_layout
 
     def check(*overrides: str, world: int = 2) -> None:
-        validate(to_object(load_config(["data=synthetic", *overrides])), world)
+        cfg = to_object(load_config(["data=synthetic", *overrides]))
+        validate(cfg)
+        check_layout(cfg, world)
 
     check("parallel.ep=2", "parallel.overlap=true", "parallel.microbatches=2")
     ok = ("parallel.ep=2", "parallel.overlap=true", "parallel.microbatches=2")

@@ -133,6 +133,7 @@ def test_schedules_on_2_ranks():
         ("dualpipev", 5, False),
         ("dualpipe", 4, True),
         ("dualpipe", 6, False, 9),
+        ("interleaved1f1b", 4, False),  # two chunks per rank, in groups of pp micro-batches
     ]
     results = run_world(2, _suite, cases)
     _assert_matches(cases, results, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 
 import pytest
@@ -10,26 +11,26 @@ import pytest
 from moe_train.parallel.pipeline.analysis import (
     Durations,
     ScheduleError,
-    activation_bound,
     bubble,
     check,
     check_coverage,
     check_p2p,
     check_placement,
     idle_per_rank,
-    paper_bubble,
     peak_activations,
     recv_stash_depth,
     simulate,
     validate,
 )
 from moe_train.parallel.pipeline.schedules import (
+    SCHEDULES,
     Action,
     Kind,
     Schedule,
     build_schedule,
     dualpipe,
     one_f_one_b,
+    schedule_for,
 )
 
 CASES = (
@@ -40,6 +41,7 @@ CASES = (
         for m in sorted({2 * pp, 2 * pp + 2} | ({20} if 20 >= 2 * pp else set()))
     ]
     + [("dualpipev", pp, m) for pp in (1, 2, 4) for m in sorted({2 * pp, 2 * pp + 1, 3 * pp})]
+    + [("interleaved1f1b", pp, m) for pp in (1, 2, 4) for m in (pp, 2 * pp, 3 * pp)]
 )
 
 
@@ -55,7 +57,7 @@ def test_schedule_is_valid(name: str, pp: int, m: int) -> None:
     assert check(s) == []
     assert validate(s) is s
     peaks = peak_activations(s)
-    assert max(peaks) == activation_bound(s)  # 1F1B: min(pp, m); DualPipe: pp + 1; DualPipeV: 2pp + 1
+    assert max(peaks) == s.activation_bound  # 1F1B: min(pp, m); DualPipe: pp + 1; DualPipeV: 2pp + 1
     assert peak_activations(s, release="W") == peaks  # deferred W's never raise the peak
     # each stage runs F, B and W of its micro-batches in arrival order: FIFO stashes suffice
     for stage in range(s.n_stages):
@@ -74,7 +76,7 @@ def test_bubble_matches_paper_formula(name: str, pp: int, m: int) -> None:
     # the papers' chart regime: forward = input-gradient backward, W no longer than them, any F&B overlap
     s = build_schedule(name, pp, m)
     for d in (Durations(1, 1, 1), Durations(1, 1, 1, 2), Durations(1, 1, 0.5, 2.5), Durations(1.5, 1.5, 0.5)):
-        assert bubble(s, d) == pytest.approx(paper_bubble(name, pp, d)), d
+        assert bubble(s, d) == pytest.approx(s.paper_bubble(d)), d
 
 
 def test_one_f_one_b_bubble_any_durations() -> None:
@@ -103,7 +105,7 @@ def test_dual_bubble_closed_form(name: str, pp: int, m: int) -> None:
         if f >= b:
             assert bubble(s, d) == pytest.approx(ours)
         else:
-            assert ours - 1e-9 <= bubble(s, d) <= paper_bubble(name, pp, d) + 1e-9
+            assert ours - 1e-9 <= bubble(s, d) <= s.paper_bubble(d) + 1e-9
 
 
 def test_dualpipev_matches_dualpipe_with_twice_the_ranks() -> None:
@@ -151,6 +153,9 @@ def test_p2p_single_channel() -> None:
         ("dualpipe", 4, 6, "parallel.microbatches"),
         ("dualpipev", 2, 3, "parallel.microbatches"),
         ("dualpipev", 0, 4, "parallel.pp"),
+        ("interleaved1f1b", 0, 4, "parallel.pp"),
+        ("interleaved1f1b", 2, 3, "parallel.microbatches"),
+        ("interleaved1f1b", 4, 6, "parallel.microbatches"),
     ],
 )
 def test_bad_counts_raise(name: str, pp: int, m: int, key: str) -> None:
@@ -217,3 +222,69 @@ def test_activation_bound_is_enforced() -> None:
     s = dualpipe(4, 8)
     assert peak_activations(s) == [5, 5, 5, 5]  # pp + 1
     assert any("activations in flight" in p for p in check(s, max_activations=4))
+
+
+def test_registry_names_its_schedules_and_their_facts() -> None:
+    """Every registered builder makes a schedule under its own name that states its facts (activation bound,
+    bubble formula) itself; the layout checks reject a name the registry does not hold."""
+    from moe_train.config import ConfigError, ParallelConfig, TrainConfig
+    from moe_train.parallel.layout import check_layout
+
+    for name in SCHEDULES:
+        s = schedule_for(ParallelConfig(schedule=name, pp=2, microbatches=8))
+        assert s.name == name and s.activation_bound >= 1
+        assert s.paper_bubble(Durations()) >= 0
+        again = pickle.loads(pickle.dumps(s))  # schedules travel between processes
+        assert again == s and again.paper_bubble(Durations()) == s.paper_bubble(Durations())
+    cfg = TrainConfig()
+    cfg.parallel.schedule = "gpipe"
+    with pytest.raises(ConfigError, match="parallel.schedule='gpipe' is not allowed: one of 1f1b, dualpipe"):
+        check_layout(cfg, 1)
+
+
+# ------------------------------------------------------------------------------------------ interleaved 1F1B
+INTERLEAVED = [
+    (pp, v, m) for pp in (1, 2, 3, 4, 8) for v in (2, 3, 4) for m in sorted({pp, 2 * pp, 3 * pp, 8})
+]
+
+
+@pytest.mark.parametrize("pp,v,m", [c for c in INTERLEAVED if c[2] % c[0] == 0])
+def test_interleaved_bubble_is_one_f_one_b_over_v(pp: int, v: int, m: int) -> None:
+    """v chunks per rank (rank r holds chunks r, r+pp, …): every check passes, and every rank idles exactly
+    (pp-1)(F+B)/v, F and B a rank's full-stage times, for any durations.  Durations are per action, i.e.
+    per chunk: F = v·f, B = v·(b+w), so the bubble is (pp-1)(f+b+w) in chunk units."""
+    s = build_schedule("interleaved1f1b", pp, m, virtual_stages=v)
+    assert check(s) == [] and s.n_stages == v * pp
+    assert [s.stages_of(r) for r in range(pp)] == [tuple(range(r, v * pp, pp)) for r in range(pp)]
+    assert max(peak_activations(s)) == s.activation_bound
+    rng = random.Random(pp * 100 + v * 10 + m)
+    for _ in range(5):
+        d = Durations(rng.uniform(0.2, 2), rng.uniform(0.2, 2), rng.uniform(0, 2))
+        full_f, full_b = v * d.f, v * (d.b + d.w)
+        assert idle_per_rank(s, d) == pytest.approx([(pp - 1) * (full_f + full_b) / v] * pp)
+        assert s.paper_bubble(d) == pytest.approx((pp - 1) * (full_f + full_b) / v)
+
+
+@pytest.mark.parametrize("pp,v,m", [(1, 2, 3), (2, 2, 4), (2, 3, 6), (4, 2, 8), (4, 3, 12), (8, 2, 16)])
+def test_interleaved_overlap_pairs_different_chunks(pp: int, v: int, m: int) -> None:
+    """overlap=True: steady-state forward and backward of different chunks fused into FB pairs; still a
+    valid schedule, one more activation in flight."""
+    plain = build_schedule("interleaved1f1b", pp, m, virtual_stages=v)
+    s = build_schedule("interleaved1f1b", pp, m, True, virtual_stages=v)
+    assert check(s) == []
+    pairs = [a for acts in s.ranks for a in acts if a.kind is Kind.FB]
+    assert pairs and all(a.stage != a.b_stage for a in pairs)
+    assert s.activation_bound == plain.activation_bound + 1 == max(peak_activations(s))
+
+
+def test_interleaved_knob_comes_from_the_config() -> None:
+    from moe_train.config import ConfigError, TrainConfig
+    from moe_train.parallel.layout import check_layout
+
+    cfg = TrainConfig()
+    cfg.parallel.schedule, cfg.parallel.microbatches, cfg.parallel.virtual_stages = "interleaved1f1b", 2, 3
+    cfg.model.num_hidden_layers = 4
+    assert check_layout(cfg, 1).n_stages == 3
+    cfg.parallel.virtual_stages = 1
+    with pytest.raises(ConfigError, match="parallel.virtual_stages=1 is not allowed"):
+        check_layout(cfg, 1)

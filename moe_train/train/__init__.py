@@ -10,6 +10,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from ..config import ConfigError, TrainConfig, to_object, validate
+from ..parallel.layout import check_layout
 from ..parallel.mesh import Mesh, build_mesh
 
 
@@ -47,7 +48,8 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
 
     try:
         obj = to_object(cfg)
-        validate(obj, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        validate(obj)
+        check_layout(obj, int(os.environ.get("WORLD_SIZE", "1")))
         p = obj.parallel
         mesh = build_mesh(p.pp, p.ep, p.gpus_per_node, obj.trainer.device, p.backend, p.timeout_s)
         trainer = Trainer(obj, shared_run_dir(run_dir_of(obj), mesh), mesh)

@@ -37,7 +37,7 @@ from ..parallel.mesh import Mesh, build_mesh
 from ..parallel.overlap import OverlapEngine
 from ..parallel.pipeline.analysis import peak_activations
 from ..parallel.pipeline.executor import PipelineExecutor
-from ..parallel.pipeline.schedules import build_schedule
+from ..parallel.pipeline.schedules import schedule_for
 from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
 from . import checkpoint as ckpt
 from . import sharded
@@ -114,14 +114,14 @@ class Trainer:
         experts = expert_slice(cfg.model.n_routed_experts, self.mesh)
         # parallel.overlap runs through the executor too (pp=1: its 1F1B pairs micro-batch i's forward with
         # micro-batch i-1's backward)
-        self.pipeline = p.pp > 1 or p.schedule != "1f1b" or p.overlap
+        schedule = schedule_for(p)
+        self.pipeline = schedule.n_stages > 1 or p.overlap
         self.ties: list = []
         self.owned: set[str] | None = None
         # (layer ids incl. MTP blocks, holds the head) per stage this rank runs, and micro-batches in flight
         mem_stages: list[tuple[list[int], bool]]
         in_flight = 1
         if self.pipeline:
-            schedule = build_schedule(p.schedule, p.pp, p.microbatches, p.overlap)
             self.model, stages, chunks = rank_model_and_stages(
                 cfg.model, schedule, self.mesh.pp_rank, balance, self.device, t.seed, experts, p.stage_layers
             )

@@ -1,15 +1,14 @@
 """Pipeline parallelism: schedules as data (docs/pipeline_schedules.md).
 
-``schedules`` builds per-rank action lists (1F1B, DualPipe, DualPipeV); ``analysis`` checks them and times
-them without a model; ``draw`` renders them.  The executor runs the same lists.
+``actions`` is the data model; ``schedules`` holds the registry of builders (1F1B here, DualPipe and
+DualPipeV in ``dualpipe``); ``analysis`` checks them and times them without a model; ``draw`` renders them.
+The executor runs the same lists.
 """
 
 from moe_train.parallel.pipeline.analysis import (
-    Durations,
     ScheduleError,
     bubble,
     check,
-    paper_bubble,
     peak_activations,
     simulate,
     validate,
@@ -17,12 +16,14 @@ from moe_train.parallel.pipeline.analysis import (
 from moe_train.parallel.pipeline.schedules import (
     SCHEDULES,
     Action,
+    Durations,
     Kind,
     Schedule,
     build_schedule,
     dualpipe,
     dualpipev,
     one_f_one_b,
+    schedule_for,
 )
 
 __all__ = [
@@ -38,8 +39,8 @@ __all__ = [
     "dualpipe",
     "dualpipev",
     "one_f_one_b",
-    "paper_bubble",
     "peak_activations",
+    "schedule_for",
     "simulate",
     "validate",
 ]

@@ -1,11 +1,11 @@
 """Model-free checks and timing of pipeline schedules.
 
-Everything here reads a :class:`~.schedules.Schedule` only, so a schedule can be proved runnable (every
+Everything here reads a :class:`~.actions.Schedule` only, so a schedule can be proved runnable (every
 micro-batch forwarded and backwarded once per stage, no deadlock, p2p sends and receives paired in the same
 order on both ends) and its bubble measured before any GPU is involved.
 
 The simulator executes each rank's list in order; an action starts when its rank is free and every input
-it needs (derived from stage adjacency, see :mod:`.schedules`) has been produced.  With per-kind durations
+it needs (derived from stage adjacency, see :mod:`.actions`) has been produced.  With per-kind durations
 this gives the timeline the drawing shows and the idle time the bubble formulas predict.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from moe_train.parallel.pipeline.schedules import Action, Kind, Schedule
+from .actions import Action, Durations, Kind, Schedule
 
 # An event is something one action produces and others wait for: ("F" | "B" | "W", stage, micro-batch).
 # "B" = the stage's input gradient exists (made by B, BW or an FB's backward half); "W" = weight grads done.
@@ -27,39 +27,6 @@ class ScheduleError(ValueError):
     def __init__(self, name: str, problems: list[str]) -> None:
         super().__init__(f"invalid {name} schedule:\n  " + "\n  ".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True)
-class Durations:
-    """Time of one action of each kind, in any unit.
-
-    ``b`` is the input-gradient backward only, so a full backward (BW) takes ``b + w``; the papers' B is
-    our ``b + w``.  ``fb`` is an overlapped pair (default: no overlap gain, ``f + b + w``).  ``comm`` is
-    added to every cross-rank dependency (0: communication fully hidden, the papers' assumption).
-    """
-
-    f: float = 1.0
-    b: float = 1.0
-    w: float = 1.0
-    fb: float | None = None
-    comm: float = 0.0
-
-    @property
-    def pair(self) -> float:
-        """Duration of an FB (the papers' F&B)."""
-        return self.fb if self.fb is not None else self.f + self.b + self.w
-
-    def of(self, action: Action) -> float:
-        k = action.kind
-        if k is Kind.F:
-            return self.f
-        if k is Kind.B:
-            return self.b
-        if k is Kind.W:
-            return self.w
-        if k is Kind.BW:
-            return self.b + self.w
-        return self.pair
 
 
 @dataclass(frozen=True)
@@ -332,21 +299,6 @@ def peak_activations(schedule: Schedule, release: str = "B") -> list[int]:
     return peaks
 
 
-def activation_bound(schedule: Schedule) -> int:
-    """The documented per-rank bound on :func:`peak_activations` (release at B).
-
-    1F1B: ``min(pp, m)`` (rank 0), ``min(pp + 1, m)`` with overlapped FB pairs (one more warm-up forward).
-    DualPipe: ``pp + 1`` stages, the paper's PP+1.  DualPipeV: ``2*pp + 1`` of its half-size stages, i.e.
-    PP+1 with PP = 2*pp stages, as in the DualPipe README table.
-    """
-    if schedule.name == "1f1b":
-        paired = any(a.kind is Kind.FB for acts in schedule.ranks for a in acts)
-        return min(schedule.pp + paired, schedule.microbatches)
-    if schedule.name == "dualpipe":
-        return schedule.pp + 1
-    return 2 * schedule.pp + 1
-
-
 def check(schedule: Schedule, max_activations: int | None = None) -> list[str]:
     """All model-free checks; returns the problems found (empty: the schedule is runnable)."""
     problems = check_placement(schedule) + check_coverage(schedule)
@@ -355,7 +307,7 @@ def check(schedule: Schedule, max_activations: int | None = None) -> list[str]:
     timeline = simulate(schedule)
     problems += [f"deadlock: {s}" for s in timeline.deadlock]
     problems += check_p2p(schedule)
-    bound = activation_bound(schedule) if max_activations is None else max_activations
+    bound = schedule.activation_bound if max_activations is None else max_activations
     for r, peak in enumerate(peak_activations(schedule)):
         if peak > bound:
             problems.append(f"rank {r}: {peak} activations in flight, bound {bound}")
@@ -384,23 +336,6 @@ def bubble(schedule: Schedule, durations: Durations | None = None) -> float:
     """The pipeline bubble of one step: the largest per-rank idle time (:func:`idle_per_rank`).
 
     For 1F1B every rank idles the same; in DualPipe(V) the ranks at the turn idle longest, and that is the
-    figure the papers' formulas give.
+    figure the papers' formulas give (``Schedule.paper_bubble``).
     """
     return max(idle_per_rank(schedule, durations))
-
-
-def paper_bubble(name: str, pp: int, durations: Durations | None = None) -> float:
-    """The published bubble formula for ``pp`` ranks (DeepSeek-V3 Table 2, DualPipe README).
-
-    In the papers' notation B is the *full* backward (our ``b + w``) and PP counts stages: ``pp`` for 1F1B
-    and DualPipe, ``2*pp`` for DualPipeV.  1F1B: (PP-1)(F+B); DualPipe(V): (PP/2-1)(F&B+B-3W).
-    """
-    d = durations or Durations()
-    full_b = d.b + d.w
-    fb = d.pair
-    if name == "1f1b":
-        return (pp - 1) * (d.f + full_b)
-    stages = pp if name == "dualpipe" else 2 * pp
-    if name not in ("dualpipe", "dualpipev"):
-        raise ValueError(f"no published formula for schedule {name!r}")
-    return (stages / 2 - 1) * (fb + full_b - 3 * d.w)

@@ -5,9 +5,10 @@ Usage::
     python -m moe_train.parallel.pipeline.draw --schedule dualpipe --pp 8 --microbatches 20 --out dp.png
 
 One row per rank; each action is a box placed where :func:`.analysis.simulate` puts it for the given
-durations, labelled with its micro-batch.  Micro-batches on the second leg (DualPipe's ``up`` pipeline,
-DualPipeV's way back) are drawn in a lighter shade; an FB is one box with its forward and backward halves
-side by side under a common black border, as in the DeepSeek-V3 figure.  matplotlib is imported inside
+durations, labelled with its micro-batch.  The stages the schedule names as its second leg
+(``Schedule.second_leg``: DualPipe's ``up`` pipeline, DualPipeV's way back) are drawn in a lighter shade;
+an FB is one box with its forward and backward halves side by side under a common black border, as in the
+DeepSeek-V3 figure.  matplotlib is imported inside
 :func:`draw_schedule` (Agg canvas, no pyplot) so importing the pipeline package stays cheap and a
 notebook's backend is left alone.
 """
@@ -18,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from moe_train.parallel.pipeline.analysis import Durations, bubble, paper_bubble, simulate, validate
+from moe_train.parallel.pipeline.analysis import Durations, bubble, simulate, validate
 from moe_train.parallel.pipeline.schedules import SCHEDULES, Action, Kind, Schedule, build_schedule
 
 # (first leg, second leg) colours per part kind
@@ -29,10 +30,6 @@ _COLOURS = {
     Kind.BW: ("#d9822b", "#f4c28f"),
 }
 _NAMES = {Kind.F: "F forward", Kind.B: "B input grad", Kind.W: "W weight grad", Kind.BW: "BW full backward"}
-
-
-def _second_leg(schedule: Schedule, stage: int) -> bool:
-    return schedule.name != "1f1b" and stage >= schedule.pp
 
 
 def _parts_with_widths(action: Action, d: Durations, length: float) -> list[tuple[Action, float]]:
@@ -61,7 +58,7 @@ def draw_schedule(schedule: Schedule, out: str, durations: Durations | None = No
             y = slot.rank
             x = slot.start
             for part, width in _parts_with_widths(slot.action, d, slot.end - slot.start):
-                shade = _COLOURS[part.kind][_second_leg(schedule, part.stage)]
+                shade = _COLOURS[part.kind][part.stage in schedule.second_leg]
                 ax.add_patch(Rectangle((x, y - 0.4), width, 0.8, facecolor=shade, edgecolor="white", lw=0.6))
                 ax.text(x + width / 2, y, str(part.mb), ha="center", va="center", fontsize=7)
                 x += width
@@ -79,7 +76,7 @@ def draw_schedule(schedule: Schedule, out: str, durations: Durations | None = No
     pair = f", F&B = {d.pair:g}" if has_fb else ""
     ax.set_xlabel(f"time (F = {d.f:g}, B = {d.b:g}, W = {d.w:g}{pair}; B is the input-gradient part)")
     try:
-        formula = f", formula {paper_bubble(schedule.name, schedule.pp, d):g}"
+        formula = f", formula {schedule.paper_bubble(d):g}"
     except ValueError:
         formula = ""
     ax.set_title(
@@ -89,8 +86,8 @@ def draw_schedule(schedule: Schedule, out: str, durations: Durations | None = No
     )
     kinds = sorted({p.kind for acts in schedule.ranks for a in acts for p in a.parts()}, key=list(Kind).index)
     handles = [Patch(facecolor=_COLOURS[k][0], label=_NAMES[k]) for k in kinds]
-    if schedule.name != "1f1b":
-        handles.append(Patch(facecolor=_COLOURS[Kind.F][1], label="lighter: second leg / up direction"))
+    if schedule.second_leg:
+        handles.append(Patch(facecolor=_COLOURS[Kind.F][1], label=schedule.second_leg_label))
     if has_fb:
         handles.append(Patch(facecolor="white", edgecolor="black", label="F&B overlapped pair"))
     height = fig.get_figheight()
