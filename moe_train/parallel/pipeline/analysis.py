@@ -30,7 +30,7 @@ class ScheduleError(ValueError):
 
 
 @dataclass(frozen=True)
-class Slot:
+class Span:
     """One executed action on the simulated timeline."""
 
     rank: int
@@ -42,18 +42,18 @@ class Slot:
 
 @dataclass(frozen=True)
 class Timeline:
-    """Result of :func:`simulate`. ``slots[r]`` are rank r's executed actions (all of them unless
+    """Result of :func:`simulate`. ``spans[r]`` are rank r's executed actions (all of them unless
     ``deadlock`` lists the actions each stuck rank was waiting at)."""
 
-    slots: tuple[tuple[Slot, ...], ...]
+    spans: tuple[tuple[Span, ...], ...]
     deadlock: tuple[str, ...]
 
     @property
     def makespan(self) -> float:
-        return max((s[-1].end for s in self.slots if s), default=0.0)
+        return max((s[-1].end for s in self.spans if s), default=0.0)
 
     def busy(self, rank: int) -> float:
-        return sum(s.end - s.start for s in self.slots[rank])
+        return sum(s.end - s.start for s in self.spans[rank])
 
     def idle(self, rank: int) -> float:
         """Time rank ``rank`` waits between the step's start and its end (the makespan)."""
@@ -110,7 +110,7 @@ def simulate(schedule: Schedule, durations: Durations | None = None) -> Timeline
     done: dict[Event, float] = {}
     pos = [0] * schedule.pp
     free = [0.0] * schedule.pp
-    slots: list[list[Slot]] = [[] for _ in range(schedule.pp)]
+    spans: list[list[Span]] = [[] for _ in range(schedule.pp)]
     total = sum(len(a) for a in schedule.ranks)
     placed = 0
     while placed < total:
@@ -124,7 +124,7 @@ def simulate(schedule: Schedule, durations: Durations | None = None) -> Timeline
                 ready = [done[e] + (d.comm if _producer_rank(schedule, e) != r else 0.0) for e in deps]
                 start = max([free[r], *ready])
                 end = start + d.of(a)
-                slots[r].append(Slot(r, pos[r], a, start, end))
+                spans[r].append(Span(r, pos[r], a, start, end))
                 for e in produces(a):
                     done[e] = end
                 free[r] = end
@@ -140,8 +140,8 @@ def simulate(schedule: Schedule, durations: Durations | None = None) -> Timeline
                 for r, acts in enumerate(schedule.ranks)
                 if pos[r] < len(acts)
             )
-            return Timeline(tuple(tuple(s) for s in slots), stuck)
-    return Timeline(tuple(tuple(s) for s in slots), ())
+            return Timeline(tuple(tuple(s) for s in spans), stuck)
+    return Timeline(tuple(tuple(s) for s in spans), ())
 
 
 # ---------------------------------------------------------------------------------------------- checks

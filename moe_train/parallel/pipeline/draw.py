@@ -53,19 +53,19 @@ def draw_schedule(schedule: Schedule, out: str, durations: Durations | None = No
     fig = Figure(figsize=(max(6.0, 0.3 * span + 1.5), 0.55 * schedule.pp + 1.6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for slots in timeline.slots:
-        for slot in slots:
-            y = slot.rank
-            x = slot.start
-            for part, width in _parts_with_widths(slot.action, d, slot.end - slot.start):
+    for spans in timeline.spans:
+        for span in spans:
+            y = span.rank
+            x = span.start
+            for part, width in _parts_with_widths(span.action, d, span.end - span.start):
                 shade = _COLOURS[part.kind][part.stage in schedule.second_leg]
                 ax.add_patch(Rectangle((x, y - 0.4), width, 0.8, facecolor=shade, edgecolor="white", lw=0.6))
                 ax.text(x + width / 2, y, str(part.mb), ha="center", va="center", fontsize=7)
                 x += width
-            if slot.action.kind is Kind.FB:
+            if span.action.kind is Kind.FB:
                 ax.add_patch(
                     Rectangle(
-                        (slot.start, y - 0.4), slot.end - slot.start, 0.8, fill=False, ec="black", lw=1.2
+                        (span.start, y - 0.4), span.end - span.start, 0.8, fill=False, ec="black", lw=1.2
                     )
                 )
     ax.set_xlim(0, span)

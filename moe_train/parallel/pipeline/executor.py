@@ -16,10 +16,15 @@ half's exchanges are in flight under the other half's compute, and B/W use the s
 communication). An FB receives both inputs before it starts and sends each half's output when that half
 ends (the order `analysis.simulate` assumes for an FB). Loss values are read back once, at the end of the
 step (a `.item()` per micro-batch would be a host sync in the middle of an FB pair).
+
+Every training step runs here, pp = 1 included (a one-stage schedule): the loss is composed by one function
+(`model.loss.training_loss`) and backpropagated by one backward function (autograd, or an optimizer engine's
+own, e.g. DeepSpeed's), whatever the schedule. Evaluation runs the same stage forwards without a backward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +32,14 @@ import torch
 import torch.distributed as dist
 
 from ...model import MoEStats, Transformer
+from ...model.loss import training_loss
 from ..overlap import OverlapEngine, StageTape, drain, pair
 from .schedules import Action, Kind, Schedule
 from .stages import StageView
+
+# backpropagate `tensors` with incoming gradients `grads` (torch.autograd.backward's signature)
+Backward = Callable[[list[torch.Tensor], list[torch.Tensor]], None]
+LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 
 def _tag(direction: int, stage: int, mb: int) -> int:
@@ -37,7 +47,7 @@ def _tag(direction: int, stage: int, mb: int) -> int:
 
 
 @dataclass
-class _Slot:
+class _Stash:
     """What a (stage, micro-batch) keeps between its forward and its backward."""
 
     x: torch.Tensor  # stage input (token ids on the first stage)
@@ -49,10 +59,8 @@ class _Slot:
 
 @dataclass
 class StepOutput:
-    sums: dict[str, float] = field(default_factory=dict)  # this rank's share of the weighted loss totals
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_KEYS, 0.0))
     stats: MoEStats = field(default_factory=MoEStats)
-    has_mtp: bool = False
-    has_balance: bool = False
     # (key, weight, scalar tensor) terms of `sums`, read back together by `finish` (one host sync)
     pending: list[tuple[str, float, torch.Tensor]] = field(default_factory=list)
 
@@ -68,6 +76,20 @@ class StepOutput:
         return self
 
 
+@dataclass
+class _Run:
+    """One step's state on this rank: its micro-batches and what actions hand each other."""
+
+    micro: list[torch.Tensor]  # tokens [b, T+1] of each micro-batch
+    weights: list[float]  # each micro-batch's share of the global batch
+    mtp_weight: float
+    out: StepOutput = field(default_factory=StepOutput)
+    stash: dict[tuple[int, int], _Stash] = field(default_factory=dict)
+    local_fwd: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # same-rank activations
+    local_bwd: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # same-rank gradients
+    sends: list = field(default_factory=list)  # p2p work to wait for at the end
+
+
 class PipelineExecutor:
     def __init__(
         self,
@@ -79,16 +101,19 @@ class PipelineExecutor:
         hidden_size: int,
         dtype: torch.dtype = torch.float32,
         overlap: bool | OverlapEngine = False,
+        backward: Backward = torch.autograd.backward,
     ) -> None:
         """rank: this rank's pipeline index; stages: stage id -> module for the stages it holds;
         peers[i]: global rank of pipeline rank i (for p2p); group: the pipeline process group;
-        overlap: run actions through an overlap engine (True: a new one; or the engine to use)."""
+        overlap: run actions through an overlap engine (True: a new one; or the engine to use);
+        backward: how a full backward (BW) of the plain path backpropagates its roots."""
         self.schedule, self.rank, self.stages = schedule, rank, stages
         self.peers, self.group = peers, group
         self.hidden, self.dtype = hidden_size, dtype
         self.engine: OverlapEngine | None = (
             overlap if isinstance(overlap, OverlapEngine) else OverlapEngine() if overlap else None
         )
+        self.backward_fn = backward
 
     # ------------------------------------------------------------------------------------------- p2p
     def _send(self, t: torch.Tensor, to: int, tag: int, pending: list) -> None:
@@ -105,82 +130,74 @@ class PipelineExecutor:
     # --------------------------------------------------------------------------------------- running
     def run(self, micro: list[torch.Tensor], weights: list[float], mtp_weight: float) -> StepOutput:
         """micro[m]: tokens [b, T+1] of micro-batch m; weights[m]: its share of the global batch."""
-        out = StepOutput(sums={"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0})
-        slots: dict[tuple[int, int], _Slot] = {}
-        local_fwd: dict[tuple[int, int], torch.Tensor] = {}
-        local_bwd: dict[tuple[int, int], torch.Tensor] = {}
-        sends: list = []
-        ctx = (micro, weights, mtp_weight, slots, local_fwd, local_bwd, sends, out)
+        run = _Run(micro, weights, mtp_weight)
         for action in self.schedule.ranks[self.rank]:
             if action.kind is Kind.FB and self.engine is not None:
-                self._pair(action, ctx)
+                self._pair(action, run)
                 continue
             for part in action.parts():
-                self._run_part(part, ctx)
-        for s in sends:
+                self._run_part(part, run)
+        for s in run.sends:
             s.wait()
-        return out.finish()
+        return run.out.finish()
 
     @torch.no_grad()
     def forward_only(self, micro: list[torch.Tensor], weights: list[float]) -> StepOutput:
         """Evaluation: every micro-batch forward through the first pipeline, no backward, no stash."""
-        out = StepOutput(sums={"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0})
-        sends: list = []
-        ctx = (micro, weights, 0.0, {}, {}, {}, sends, out)
+        run = _Run(micro, weights, 0.0)
         mine = [s for s in self.schedule.pipelines[0] if self.schedule.rank_of(s) == self.rank]
         for mb in range(len(micro)):
             for stage in mine:
-                self._forward(stage, mb, ctx, keep=False)
-        for s in sends:
+                self._forward(stage, mb, run, keep=False)
+        for s in run.sends:
             s.wait()
-        return out.finish()
+        return run.out.finish()
 
-    def _run_part(self, a: Action, ctx) -> None:
+    def _run_part(self, a: Action, run: _Run) -> None:
         if a.kind is Kind.F:
-            self._forward(a.stage, a.mb, ctx)
+            self._forward(a.stage, a.mb, run)
         elif a.kind in (Kind.B, Kind.BW):
-            self._backward(a.stage, a.mb, ctx, inputs_only=a.kind is Kind.B)
+            self._backward(a.stage, a.mb, run, inputs_only=a.kind is Kind.B)
         elif a.kind is Kind.W:
-            self._weights(a.stage, a.mb, ctx)
+            self._weights(a.stage, a.mb, run)
         else:  # FB parts are split by Action.parts()
             raise ValueError(f"cannot run {a}")
 
-    def _forward(self, stage: int, mb: int, ctx, keep: bool = True) -> None:
-        x = self._stage_input(stage, mb, ctx, keep)
-        drain(self._forward_program(stage, mb, x, ctx, keep))
+    def _forward(self, stage: int, mb: int, run: _Run, keep: bool = True) -> None:
+        x = self._stage_input(stage, mb, run, keep)
+        drain(self._forward_program(stage, mb, x, run, keep))
 
-    def _stage_input(self, stage: int, mb: int, ctx, keep: bool) -> torch.Tensor:
+    def _stage_input(self, stage: int, mb: int, run: _Run, keep: bool) -> torch.Tensor:
         """Token ids on a pipeline's first stage; else the activation received (or handed over locally)."""
-        micro, _, _, _, local_fwd, _, _, _ = ctx
         sch, module = self.schedule, self.stages[stage]
         device = next(module.parameters()).device
-        tokens = micro[mb].to(device)
+        tokens = run.micro[mb].to(device, non_blocking=True)
         if sch.is_first_stage(stage):
             return tokens[:, :-1]
         frm = sch.recv_forward_from(stage)
         shape = (tokens.shape[0], tokens.shape[1] - 1, self.hidden)
-        x = local_fwd.pop((stage, mb)) if frm is None else self._recv(shape, frm, _tag(0, stage, mb), device)
+        x = (
+            run.local_fwd.pop((stage, mb))
+            if frm is None
+            else self._recv(shape, frm, _tag(0, stage, mb), device)
+        )
         if keep:
             x.requires_grad_(True)
         return x
 
-    def _forward_program(self, stage: int, mb: int, x: torch.Tensor, ctx, keep: bool):
+    def _forward_program(self, stage: int, mb: int, x: torch.Tensor, run: _Run, keep: bool):
         """The forward of (stage, mb) as a program (parallel/overlap.py) that sends its output at the end."""
-        micro, weights, mtp_weight, slots, local_fwd, _, sends, out = ctx
         sch, module = self.schedule, self.stages[stage]
-        labels = micro[mb][:, 1:].to(x.device)
+        labels = run.micro[mb][:, 1:].to(x.device, non_blocking=True)
         stats = MoEStats()
-        w = weights[mb]
+        w = run.weights[mb]
         last = sch.is_last_stage(stage)
-        results = []
+        heads = []
 
         def head(h: torch.Tensor) -> torch.Tensor:
-            res = module.head(h, labels, stats)
-            results.append(res)
-            loss = res.lm_loss
-            if res.mtp_loss is not None:
-                loss = loss + mtp_weight * res.mtp_loss
-            return loss * w
+            """The head's weighted loss terms (the engine's sub-steps backpropagate the balance terms)."""
+            heads.append(module.head(h, labels, stats))
+            return training_loss(heads[0], None, run.mtp_weight).total * w
 
         tape = None
         if self.engine is not None and keep:
@@ -188,115 +205,101 @@ class PipelineExecutor:
             tape = yield from self.engine.forward(ops, x, stats, w)
             h = tape.output  # the weighted loss on the last stage
         elif last:
-            results.append(module(x, labels, stats))
+            heads.append(module(x, labels, stats))
         else:
             h = module(x, None, stats)
-        if last:
-            res = results[0]
-            loss = res.lm_loss
-            out.add("lm_loss", w, res.lm_loss)
-            if res.mtp_loss is not None:
-                loss = loss + mtp_weight * res.mtp_loss
-                out.add("mtp_loss", w, res.mtp_loss)
-                out.has_mtp = True
-            roots, grads = [h if tape is not None else loss * w], [None]
-            out.add("loss", w, loss)
+        terms = training_loss(heads[0] if last else None, stats, run.mtp_weight)
+        for key, value in terms.parts.items():
+            run.out.add(key, w, value)
+        if terms.total is not None:
+            run.out.add("loss", w, terms.total)
+        if tape is not None:
+            roots, grads = [h], [None]
+        elif last:
+            roots, grads = [terms.total * w], [None]
         else:
+            roots, grads = [h], [None]  # the gradient arrives with the backward
+            if "balance_loss" in terms.parts:
+                roots.append(terms.parts["balance_loss"] * w)
+                grads.append(None)
+        if not last:
             to = sch.send_forward_to(stage)
             if to is not None:
-                self._send(h.detach(), to, _tag(0, sch.next_stage(stage), mb), sends)
+                self._send(h.detach(), to, _tag(0, sch.next_stage(stage), mb), run.sends)
             else:
-                local_fwd[(sch.next_stage(stage), mb)] = h.detach()
-            roots, grads = [h], [None]  # the gradient arrives with the backward
-        bal = stats.balance_loss()
-        if bal is not None:
-            if tape is None:  # the engine's sub-steps backpropagate their own balance terms
-                roots.append(bal * w)
-                grads.append(None)
-            out.add("balance_loss", w, bal)
-            out.add("loss", w, bal)
-            out.has_balance = True
+                run.local_fwd[(sch.next_stage(stage), mb)] = h.detach()
         for r in stats.records:
             r.balance_loss = None  # values were taken; keep only the counts beyond this point
-        out.stats.records.extend(stats.records)
+        run.out.stats.records.extend(stats.records)
         if keep:
-            slots[(stage, mb)] = _Slot(x, roots, grads, tape=tape)
+            run.stash[(stage, mb)] = _Stash(x, roots, grads, tape=tape)
 
-    def _incoming_grad(self, stage: int, mb: int, slot: _Slot, ctx) -> None:
-        _, _, _, _, _, local_bwd, _, _ = ctx
+    def _incoming_grad(self, stage: int, mb: int, st: _Stash, run: _Run) -> None:
         sch = self.schedule
-        if sch.is_last_stage(stage) or slot.grads[0] is not None:
+        if sch.is_last_stage(stage) or st.grads[0] is not None:
             return
         frm = sch.recv_backward_from(stage)
-        h = slot.roots[0]
+        h = st.roots[0]
         if frm is None:
-            slot.grads[0] = local_bwd.pop((stage, mb))
+            st.grads[0] = run.local_bwd.pop((stage, mb))
         else:
-            slot.grads[0] = self._recv(tuple(h.shape), frm, _tag(1, stage, mb), h.device)
+            st.grads[0] = self._recv(tuple(h.shape), frm, _tag(1, stage, mb), h.device)
 
-    def _root_grads(self, slot: _Slot) -> list[torch.Tensor]:
-        return [
-            g if g is not None else torch.ones_like(r) for r, g in zip(slot.roots, slot.grads, strict=True)
-        ]
+    def _root_grads(self, st: _Stash) -> list[torch.Tensor]:
+        return [g if g is not None else torch.ones_like(r) for r, g in zip(st.roots, st.grads, strict=True)]
 
-    def _backward(self, stage: int, mb: int, ctx, inputs_only: bool) -> None:
-        slots = ctx[3]
-        slot = slots[(stage, mb)] if inputs_only else slots.pop((stage, mb))
-        self._incoming_grad(stage, mb, slot, ctx)
-        drain(self._backward_program(stage, mb, slot, inputs_only, ctx))
+    def _backward(self, stage: int, mb: int, run: _Run, inputs_only: bool) -> None:
+        st = run.stash[(stage, mb)] if inputs_only else run.stash.pop((stage, mb))
+        self._incoming_grad(stage, mb, st, run)
+        drain(self._backward_program(stage, mb, st, inputs_only, run))
 
-    def _backward_program(self, stage: int, mb: int, slot: _Slot, inputs_only: bool, ctx):
+    def _backward_program(self, stage: int, mb: int, st: _Stash, inputs_only: bool, run: _Run):
         """The backward of (stage, mb) as a program; it passes the input gradient back at the end."""
-        _, _, _, _, _, local_bwd, sends, _ = ctx
         first = self.schedule.is_first_stage(stage)
-        if slot.tape is not None:
+        if st.tape is not None:
             assert self.engine is not None
             mode = "B" if inputs_only else "BW"
-            gx = yield from self.engine.backward(slot.tape, slot.grads[0], mode)
-            slot.b_done = inputs_only
+            gx = yield from self.engine.backward(st.tape, st.grads[0], mode)
+            st.b_done = inputs_only
             if not first:
-                self._pass_back(
-                    stage, mb, gx if gx is not None else torch.zeros_like(slot.x), local_bwd, sends
-                )
+                self._pass_back(stage, mb, gx if gx is not None else torch.zeros_like(st.x), run)
             return
         if inputs_only:
             if not first:
-                (gx,) = torch.autograd.grad(slot.roots, [slot.x], self._root_grads(slot), retain_graph=True)
-                self._pass_back(stage, mb, gx, local_bwd, sends)
-            slot.b_done = True
+                (gx,) = torch.autograd.grad(st.roots, [st.x], self._root_grads(st), retain_graph=True)
+                self._pass_back(stage, mb, gx, run)
+            st.b_done = True
             return
-        torch.autograd.backward(slot.roots, self._root_grads(slot))
+        self.backward_fn(st.roots, self._root_grads(st))
         if not first:
-            self._pass_back(stage, mb, slot.x.grad, local_bwd, sends)
+            self._pass_back(stage, mb, st.x.grad, run)
 
-    def _pair(self, a: Action, ctx) -> None:
+    def _pair(self, a: Action, run: _Run) -> None:
         """An FB with the overlap engine: both inputs received first, then the forward of one micro-batch and
         the full backward of another interleaved (`overlap.pair`)."""
-        slots = ctx[3]
         f, b = a.parts()
-        x = self._stage_input(f.stage, f.mb, ctx, keep=True)
-        slot = slots.pop((b.stage, b.mb))
-        self._incoming_grad(b.stage, b.mb, slot, ctx)
+        x = self._stage_input(f.stage, f.mb, run, keep=True)
+        st = run.stash.pop((b.stage, b.mb))
+        self._incoming_grad(b.stage, b.mb, st, run)
         pair(
-            self._forward_program(f.stage, f.mb, x, ctx, keep=True),
-            self._backward_program(b.stage, b.mb, slot, False, ctx),
+            self._forward_program(f.stage, f.mb, x, run, keep=True),
+            self._backward_program(b.stage, b.mb, st, False, run),
         )
 
-    def _weights(self, stage: int, mb: int, ctx) -> None:
-        _, _, _, slots, _, _, _, _ = ctx
-        slot = slots.pop((stage, mb))
+    def _weights(self, stage: int, mb: int, run: _Run) -> None:
+        st = run.stash.pop((stage, mb))
         params = [p for p in self.stages[stage].parameters() if p.requires_grad]
-        if slot.tape is not None:
+        if st.tape is not None:
             assert self.engine is not None
-            self.engine.weights(slot.tape, params)
+            self.engine.weights(st.tape, params)
             return
-        torch.autograd.backward(slot.roots, self._root_grads(slot), inputs=params)
+        torch.autograd.backward(st.roots, self._root_grads(st), inputs=params)
 
-    def _pass_back(self, stage: int, mb: int, gx: torch.Tensor, local_bwd: dict, sends: list) -> None:
+    def _pass_back(self, stage: int, mb: int, gx: torch.Tensor, run: _Run) -> None:
         sch = self.schedule
         to = sch.send_backward_to(stage)
         prev = sch.prev_stage(stage)
         if to is not None:
-            self._send(gx, to, _tag(1, prev, mb), sends)
+            self._send(gx, to, _tag(1, prev, mb), run.sends)
         else:
-            local_bwd[(prev, mb)] = gx
+            run.local_bwd[(prev, mb)] = gx
