@@ -17,19 +17,19 @@ from tiny_cfg import tiny_cfg
 def _case(base: str, layout: tuple[str, ...]) -> dict:
     common = ("trainer.resume=none", "parallel.microbatches=2", *layout)
     on = Trainer(tiny_cfg(f"{base}/on", *common, steps=1), base)
-    assert on.grad_sync is not None
-    on.grad_sync.arm()
+    assert on.engine.grad_sync is not None
+    on.engine.grad_sync.arm()
     on.forward_backward(0)
-    launched_in_backward = sum(b.launched for b in on.grad_sync.buckets)
-    on.grad_sync.finish()
+    launched_in_backward = sum(b.launched for b in on.engine.grad_sync.buckets)
+    on.engine.grad_sync.finish()
     off_cfg = tiny_cfg(f"{base}/off", *common, "parallel.overlap_grad_reduce=false", steps=1)
     off = Trainer(off_cfg, base, mesh=on.mesh)
-    assert off.grad_sync is None
+    assert off.engine.grad_sync is None
     off.forward_backward(0)
     reduce_gradients(off.model, off.mesh, off.ties)
     g_off = dict(off.model.named_parameters())
     same = all(torch.equal(p.grad, g_off[n].grad) for n, p in on.model.named_parameters())
-    return {"buckets": len(on.grad_sync.buckets), "launched": launched_in_backward, "same": same}
+    return {"buckets": len(on.engine.grad_sync.buckets), "launched": launched_in_backward, "same": same}
 
 
 def _world(base: str) -> list[dict]:

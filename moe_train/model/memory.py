@@ -2,11 +2,12 @@
 
 This is arithmetic, not a measurement. Model state is exact for the parameters this rank holds (its partial
 model under pipeline/expert parallelism): fp32 weights and gradients and AdamW's two fp32 moments, 16
-bytes/param, plus 2 bytes/param for bf16 copies of the weights when bf16 autocast is on (autocast casts each
-weight once per region and the casts are saved for backward). Activations count, per token and layer, the
-tensors autograd saves for backward (docs/parallelism.md, "Memory per rank"); they leave out the allocator's
-fragmentation, temporaries of the op being run, communication buffers and the T×T attention matrix
-(a fused/flash attention keeps none; CPU's math attention does).
+bytes/param unless the optimizer engine shards or offloads some of it (`StateSharding`), plus 2 bytes/param
+for bf16 copies of the weights when bf16 autocast is on (autocast casts each weight once per region and the
+casts are saved for backward). Activations count, per token and layer, the tensors autograd saves for
+backward (docs/parallelism.md, "Memory per rank"); they leave out the allocator's fragmentation, temporaries
+of the op being run, communication buffers and the T×T attention matrix (a fused/flash attention keeps none;
+CPU's math attention does).
 """
 
 from __future__ import annotations
@@ -129,6 +130,25 @@ class MemoryEstimate:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
+@dataclass(frozen=True)
+class StateSharding:
+    """Which part of its parameters' gradients and optimizer state a rank keeps in device memory, as the
+    optimizer engine lays them out. The default is replicated AdamW: full fp32 gradients and two moments."""
+
+    optimizer_bytes: int = 8  # optimizer state per parameter before sharding (moments, any master copy)
+    dense_shards: int = 1  # ranks the dense parameters' optimizer state is split over
+    expert_shards: int = 1  # ranks the expert parameters' optimizer state is split over
+    expert_params: int = 0  # how many of the rank's parameters are sharded over `expert_shards`
+    grads_sharded: bool = False  # gradients are split like the optimizer state
+    offloaded: bool = False  # the optimizer state lives in host memory
+
+    def bytes(self, n: int, shards: int, bf16: bool) -> float:
+        """fp32 weight, gradient, optimizer state, bf16 weight copy under autocast."""
+        grad = 4 / shards if self.grads_sharded else 4
+        opt = 0 if self.offloaded else self.optimizer_bytes / shards
+        return n * (4 + grad + opt + (2 if bf16 else 0))
+
+
 def estimate_memory(
     model: nn.Module,
     c: ModelConfig,
@@ -137,34 +157,13 @@ def estimate_memory(
     in_flight: int,
     mode: str,
     bf16: bool,
-    zero: ZeroSharding | None = None,
+    sharding: StateSharding | None = None,
 ) -> MemoryEstimate:
     """The estimate for the rank holding `model` (its partial model); see the module docstring."""
     params = sum(p.numel() for p in model.parameters())
     a = 2 if bf16 else 4
     acts = activation_bytes(c, stages, tokens, in_flight, a, mode)
-    if zero is None:
-        per_param = 4 + 4 + 8 + (2 if bf16 else 0)  # fp32 weight, grad, AdamW exp_avg + exp_avg_sq, bf16 copy
-        return MemoryEstimate(params, params * per_param, acts, in_flight, mode)
-    dense = params - zero.expert_params
-    state = zero.bytes(dense, zero.dp, bf16) + zero.bytes(zero.expert_params, zero.edp, bf16)
+    s = sharding or StateSharding()
+    dense = params - s.expert_params
+    state = s.bytes(dense, s.dense_shards, bf16) + s.bytes(s.expert_params, s.expert_shards, bf16)
     return MemoryEstimate(params, int(state), acts, in_flight, mode)
-
-
-@dataclass
-class ZeroSharding:
-    """How DeepSpeed ZeRO shards this rank's optimizer state: dense parameters over dp, experts over
-    expert-dp (`edp`); `expert_params` of the rank's parameters are experts."""
-
-    stage: int
-    dp: int
-    edp: int
-    offload: bool
-    expert_params: int
-
-    def bytes(self, n: int, shards: int, bf16: bool) -> float:
-        """fp32 weight, gradient (sharded from stage 2), fp32 master + moments (sharded; on the host when
-        offloaded), bf16 weight copy under autocast."""
-        grad = 4 / shards if self.stage >= 2 else 4
-        opt = 0 if self.offload else 12 / shards
-        return n * (4 + grad + opt + (2 if bf16 else 0))

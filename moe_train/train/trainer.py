@@ -25,14 +25,12 @@ from ..config import TrainConfig, resolved_dict
 from ..data import GlobalBatchSampler, build_dataset
 from ..data.sampler import val_batches
 from ..model import MoEStats, build_model, count_params, is_moe_layer, train_flops_per_token
-from ..model.memory import MemoryEstimate, ZeroSharding, estimate_memory
+from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
-from ..optim import build_optimizer, lr_at, set_lr
-from ..optim.deepspeed_zero import DeepSpeedZero
+from ..optim import lr_at
+from ..optim.engine import build_engine
 from ..parallel.dispatch import CommCounters
-from ..parallel.expert import apply_expert_parallel, expert_param_names, expert_slice
-from ..parallel.grad_sync import OverlappedGradReduce
-from ..parallel.grads import clip_gradients, reduce_gradients, reduce_ties
+from ..parallel.expert import apply_expert_parallel, expert_slice
 from ..parallel.mesh import Mesh, build_mesh
 from ..parallel.overlap import OverlapEngine
 from ..parallel.pipeline.analysis import peak_activations
@@ -162,25 +160,10 @@ class Trainer:
             from ..hf import load_hf_weights
 
             load_hf_weights(self.model, cfg.model.init_from)
-        self.zero: DeepSpeedZero | None = None
-        if cfg.optim.engine == "deepspeed":
-            self.zero = DeepSpeedZero(
-                self.model,
-                cfg.deepspeed,
-                cfg.optim,
-                self.mesh,
-                cfg.data.batch_size,
-                p.microbatches,
-                self.owned,
-                run_dir,
-            )
-            self.optimizer = self.zero.optimizer
-        else:
-            self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.grad_sync: OverlappedGradReduce | None = None
-        if p.overlap_grad_reduce and self.zero is None and not self.pipeline and self.mesh.distributed:
-            sync = OverlappedGradReduce(self.model, self.mesh, p.microbatches)
-            self.grad_sync = sync if sync.active else None
+        self.engine = build_engine(cfg, self.model, self.mesh, self.ties, self.owned, self.pipeline, run_dir)
+        # what checkpoints save: the optimizer, and its state by name where ranks hold only partitions of it
+        self.optimizer = self.engine.optimizer
+        self.zero = self.engine.sharded_state
         self.bias = BiasController(cfg.balance, t.max_steps)
         self.params = count_params(cfg.model)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -194,7 +177,7 @@ class Trainer:
             in_flight,
             t.recompute,
             self.amp == torch.bfloat16,
-            self._zero_sharding(),
+            self.engine.state_sharding(),
         )
         print(self.memory.line(self.mesh.rank), flush=True)
         self.step = 0
@@ -209,14 +192,6 @@ class Trainer:
             self._async_group = dist.new_group(backend="gloo")
         self._resume()
         self._write_run_info()
-
-    def _zero_sharding(self) -> ZeroSharding | None:
-        if self.zero is None:
-            return None
-        ds, lay = self.cfg.deepspeed, self.mesh.layout
-        experts = expert_param_names(self.model) if lay.ep > 1 else set()
-        n_expert = sum(p.numel() for n, p in self.model.named_parameters() if n in experts)
-        return ZeroSharding(ds.zero_stage, lay.dp, lay.edp, ds.offload_optimizer == "cpu", n_expert)
 
     # ----------------------------------------------------------------------------------------- state
     def _resume(self) -> None:
@@ -339,10 +314,7 @@ class Trainer:
                 sums["balance_loss"] += weight * bal.item()
                 has_bal = True
             sums["loss"] += weight * loss.item()
-            if self.zero is not None:
-                self.zero.backward(loss * weight)
-            else:
-                (loss * weight).backward()
+            self.engine.backward(loss * weight)
             step_stats.records.extend(stats.records)
         totals = self._sum_over_dp([sums[k] for k in LOSS_KEYS])
         out_sums: dict[str, float | None] = dict(zip(LOSS_KEYS, totals, strict=True))
@@ -354,8 +326,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg, mesh = self.cfg, self.mesh
-        if self.grad_sync is not None:
-            self.grad_sync.arm()  # reductions start inside the last micro-batch's backward
+        self.engine.begin_step()
         with guarded(mesh, f"forward/backward of step {step + 1}"):
             sums, step_stats = self.forward_backward(step)
         lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
@@ -371,9 +342,7 @@ class Trainer:
             if skip:
                 # A lone bad batch (or a transient overflow) costs one step, not the run; the gradients
                 # are dropped before any rank reduces them, so no NaN reaches weights, moments or biases.
-                if self.grad_sync is not None:
-                    self.grad_sync.finish()  # (overlapped reductions already ran: let them end, then drop)
-                self.optimizer.zero_grad(set_to_none=True)
+                self.engine.drop_step()
                 self.skipped_steps += 1
                 grad_norm, gamma = float("nan"), 0.0
                 if mesh.is_logging_rank:
@@ -385,21 +354,9 @@ class Trainer:
                     )
                 counts = self._counts_over_dp(step_stats.counts_by_layer())
             else:
-                if self.zero is not None:
-                    # DeepSpeed reduces over dp / expert-dp, clips by the global norm and updates
-                    reduce_ties(self.model, self.ties)
-                    grad_norm = self.zero.step(lr)
-                else:
-                    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                    if self.grad_sync is not None:
-                        self.grad_sync.finish()
-                        reduce_ties(self.model, self.ties)
-                    else:
-                        reduce_gradients(self.model, mesh, self.ties)
-                    grad_norm = clip_gradients(self.model, mesh, clip, self.owned)
-                    set_lr(self.optimizer, lr)
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                # reduced over dp / expert-dp and tied copies, clipped by the global norm, applied
+                grad_norm = self.engine.step(lr)
+                self.engine.zero_grad()
                 counts = self._counts_over_dp(step_stats.counts_by_layer())
                 gamma = self.bias.update(self.model.moe_layers(), counts, step)
         per_layer = {str(k): maxvio(v) for k, v in sorted(counts.items())}

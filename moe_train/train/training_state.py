@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import build_model
-from ..optim.deepspeed_zero import DeepSpeedZero
+from ..optim.engine import NamedOptimizerState
 from ..parallel.mesh import Mesh
 from ..parallel.state import load_full_state, load_named_optim, optim_by_name
 from . import checkpoint as ckpt
@@ -51,7 +51,7 @@ def save_state(
     trainer_state: dict[str, Any],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    zero: DeepSpeedZero | None,
+    zero: NamedOptimizerState | None,
     mesh: Mesh,
     config_yaml: str,
     keep_last: int | None,
@@ -80,7 +80,7 @@ def load_state(
     path: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    zero: DeepSpeedZero | None,
+    zero: NamedOptimizerState | None,
     mesh: Mesh,
     model_cfg: ModelConfig,
 ) -> dict[str, Any]:
@@ -92,7 +92,11 @@ def load_state(
 
 
 def _load_sharded(
-    path: str, model: nn.Module, optimizer: torch.optim.Optimizer, zero: DeepSpeedZero | None, mesh: Mesh
+    path: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    zero: NamedOptimizerState | None,
+    mesh: Mesh,
 ) -> dict[str, Any]:
     """Each rank reads exactly the keys of its own partial model (and their optimizer state)."""
     tensors = sharded.model_entries(model)
@@ -125,7 +129,7 @@ def _load_whole(
     path: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    zero: DeepSpeedZero | None,
+    zero: NamedOptimizerState | None,
     mesh: Mesh,
     model_cfg: ModelConfig,
 ) -> dict[str, Any]:
