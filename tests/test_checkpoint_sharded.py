@@ -151,7 +151,7 @@ def _world(base: str, hf_dir: str) -> dict:
     t = Trainer(
         make_cfg(f"{base}/hf", "trainer.resume=none", f"model.init_from={hf_dir}", *SAVED_UNDER), f"{base}/hf"
     )
-    model_sd, _ = full_state(t.model, t.optimizer, t.mesh)
+    model_sd, _ = full_state(t.model, t.engine.optimizer, t.mesh)
     out["hf_state"] = model_sd if t.mesh.is_logging_rank else None
     return out
 

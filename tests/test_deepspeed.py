@@ -49,15 +49,15 @@ def resumed(run_dir: str, source: str, *overrides: str, steps: int = 6) -> tuple
 
 def moment_bytes(t: Trainer) -> dict[str, int]:
     """Adam moment bytes this rank holds, dense vs experts, for either engine."""
-    if t.zero is not None:
-        b = t.zero.state_bytes()
+    if t.engine.sharded_state is not None:
+        b = t.engine.sharded_state.state_bytes()
         return {"dense": b["dense"], "expert": b["expert"]}
     from moe_train.parallel.expert import expert_param_names
 
     experts = expert_param_names(t.model)
     out = {"dense": 0, "expert": 0}
     for name, p in t.model.named_parameters():
-        st = t.optimizer.state.get(p, {})
+        st = t.engine.optimizer.state.get(p, {})
         n = sum(v.numel() * v.element_size() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
         out["expert" if name in experts else "dense"] += n
     return out
@@ -194,7 +194,7 @@ def _layouts(base: str, names: list[str]) -> dict:
             "copies_identical": _copies_identical(t) if t.ties else None,
             # the start-up estimate's optimizer part (beyond fp32 weight + grad) vs ZeRO's real partitions
             "estimated_opt": t.memory.state_bytes - 8 * t.memory.params * (1 if "zero1" in name else 0),
-            "measured_opt": sum(t.zero.state_bytes().values()),
+            "measured_opt": sum(t.engine.sharded_state.state_bytes().values()),
             "n_ties": len(t.ties),
         }
         t.mesh.barrier()

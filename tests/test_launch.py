@@ -113,13 +113,13 @@ def test_skip_nonfinite_skips_the_step_and_default_stops(tmp_path):
     t.train_step(0)
     t.step = 1
     params = {n: p.detach().clone() for n, p in t.model.named_parameters()}
-    moments = {k: {n: v.clone() for n, v in s.items()} for k, s in t.optimizer.state.items()}
+    moments = {k: {n: v.clone() for n, v in s.items()} for k, s in t.engine.optimizer.state.items()}
     rec = t.train_step(1)
     assert rec["skipped_steps"] == 1 and math.isnan(rec["loss"])
     for n, p in t.model.named_parameters():
         assert torch.equal(p, params[n]), n  # router biases are buffers or params: either way unchanged
         assert p.grad is None, n
-    for k, s in t.optimizer.state.items():
+    for k, s in t.engine.optimizer.state.items():
         for n, v in s.items():
             assert torch.equal(v, moments[k][n])
     # the run carries on and counts the skipped step

@@ -122,16 +122,19 @@ def _check_fb_order(log: list[str]) -> dict:
     return windows
 
 
-def _doubled_routed(self, h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
-    """Another MoE block finish (`DecoderLayer.finish`): the routed experts' rows count twice."""
-    return h + (2 * routed + shared).view_as(h)
+def _amplified_routed(
+    self, h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None
+) -> torch.Tensor:
+    """Another MoE block finish (`DecoderLayer.finish`): the routed experts' rows count 100 times (at
+    initialisation they are small beside the residual)."""
+    return h + (100 * routed + shared).view_as(h)
 
 
 @contextmanager
 def _patched_finish():
     """The block's finish replaced in its one place, the class, for every path that composes the block."""
     orig = DecoderLayer.finish
-    DecoderLayer.finish = _doubled_routed
+    DecoderLayer.finish = _amplified_routed
     try:
         yield
     finally:
@@ -260,7 +263,7 @@ def test_block_finish_is_written_once(ep2_world, monkeypatch):
     prompt = torch.randint(0, CFG.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         before = model(prompt, return_logits=True).logits
-    monkeypatch.setattr(DecoderLayer, "finish", _doubled_routed)
+    monkeypatch.setattr(DecoderLayer, "finish", _amplified_routed)
     with torch.no_grad():
         after = model(prompt, return_logits=True).logits
         cached = forward_step(model, prompt, torch.arange(7).unsqueeze(0), new_cache(model, 1, 7), True)

@@ -28,7 +28,7 @@ def _run_mode(run_dir: str, mode: str, *overrides: str) -> dict:
     for h in hooks:
         h.remove()
     grads = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
-    t.optimizer.zero_grad(set_to_none=True)
+    t.engine.optimizer.zero_grad(set_to_none=True)
     records = [t.train_step(s) for s in range(2)]
     return {
         "sums": sums,
@@ -91,10 +91,10 @@ def test_memory_estimate_line_and_run_info(tmp_path, capsys):
 
 
 def _distributed_worker(base: str, layouts: list[tuple[str, ...]]) -> list[dict]:
-    """Each layout with recompute none and full, one mesh for all (Trainer builds it once)."""
-    out, mesh = [], None
+    """Each layout with recompute none and full, one mesh per layout (its first Trainer builds it)."""
+    out = []
     for i, layout in enumerate(layouts):
-        got = {}
+        got, mesh = {}, None
         for mode in ("none", "full"):
             run_dir = f"{base}/{i}/{mode}"
             cfg = make_cfg(run_dir, "trainer.max_steps=2", f"trainer.recompute={mode}", *layout)

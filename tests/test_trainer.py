@@ -169,7 +169,7 @@ def test_weight_decay_skips_norms_biases_and_embedding(tmp_path):
     assert "embed_tokens.weight" in skip and "norm.weight" in skip
     assert all(("norm" in n) or n == "embed_tokens.weight" for n in skip)
     assert {"lm_head.weight", "layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.gate.weight"} <= set(decay)
-    wd = {g["weight_decay"] for g in t.optimizer.param_groups if "embed_tokens.weight" in g["names"]}
+    wd = {g["weight_decay"] for g in t.engine.optimizer.param_groups if "embed_tokens.weight" in g["names"]}
     assert wd == {0.0}
 
 

@@ -57,8 +57,9 @@ class OptimizerEngine(Protocol):
         """Called before a step's first backward."""
         ...
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate a micro-batch's gradients (its loss already weighted by its share of the batch)."""
+    def backward(self, tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Accumulate a micro-batch's gradients: backpropagate `tensors` with incoming `grads` (a pipeline
+        stage's outputs, or the loss already weighted by the micro-batch's share of the batch)."""
         ...
 
     def step(self, lr: float) -> float:
@@ -103,8 +104,8 @@ class TorchEngine:
         if self.grad_sync is not None:
             self.grad_sync.arm()  # reductions start inside the last micro-batch's backward
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        torch.autograd.backward(tensors, grads)
 
     def step(self, lr: float) -> float:
         if self.grad_sync is not None:

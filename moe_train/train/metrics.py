@@ -6,6 +6,7 @@ is imported only when enabled, so `import moe_train` stays fast and GPU images w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -144,3 +145,40 @@ def print_summary(summary: dict[str, Any]) -> None:
         sv = f"{v:.4f}" if isinstance(v, float) else str(v)
         print(f"  {k:<{width}}  {sv}")
     print("=" * 48, flush=True)
+
+
+def build_loggers(
+    cfg: Any, mesh: Any, run_dir: str, step: int, wandb_id: str | None
+) -> tuple[MetricsHub, ProgressLogger, str | None]:
+    """The loggers a run's config asks for (rank 0 only; other ranks log nothing), the progress bar
+    (disabled off a terminal), and the wandb run id (kept across resumes)."""
+    t, lg = cfg.trainer, cfg.logger
+    tty = stderr_is_tty()
+    if not mesh.is_logging_rank:
+        return MetricsHub([]), ProgressLogger(t.max_steps, step, enabled=False), wandb_id
+    progress = ProgressLogger(t.max_steps, step, enabled=t.progress and tty)
+    loggers: list[Any] = [JsonlLogger(os.path.join(run_dir, "metrics.jsonl")), progress]
+    if lg.console and not (t.progress and tty):
+        loggers.append(ConsoleLogger())
+    if lg.wandb.enabled:
+        from ..config import resolved_dict
+
+        w = WandbLogger(run_dir, lg.wandb, resolved_dict(cfg), wandb_id)
+        wandb_id = w.run_id
+        loggers.append(w)
+    return MetricsHub(loggers), progress, wandb_id
+
+
+def profiler(enabled: bool, device: Any, run_dir: str) -> contextlib.AbstractContextManager:
+    """`trainer.profile`: a torch.profiler trace of steps 3-5 (after a wait and a warm-up step) under
+    RUN_DIR/profile, for TensorBoard or Perfetto."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(
+        activities=acts,
+        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(os.path.join(run_dir, "profile")),
+    )

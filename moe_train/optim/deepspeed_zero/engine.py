@@ -148,10 +148,15 @@ class DeepSpeedZero:
     def begin_step(self) -> None:
         """Nothing to prepare: ZeRO-2's gradient hooks run on every backward."""
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """A micro-batch's backward through DeepSpeed, so ZeRO-2's gradient hooks see its boundaries; the
-        loss is already weighted by the micro-batch's share of the global batch (no gas scaling)."""
-        self.engine.backward(loss, scale_wrt_gas=False)
+    def backward(self, tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """A micro-batch's loss goes through DeepSpeed's backward, so ZeRO-2's gradient hooks see its
+        boundaries (the loss is already weighted by its share of the global batch: no gas scaling). A
+        pipeline stage's outputs backpropagate through autograd: ZeRO-1 only reduces at its step, and the
+        config refuses ZeRO-2 with pipeline schedules."""
+        if len(tensors) == 1 and tensors[0].dim() == 0:
+            self.engine.backward(tensors[0] * grads[0], scale_wrt_gas=False)
+        else:
+            torch.autograd.backward(tensors, grads)
 
     def step(self, lr: float) -> float:
         """Sum tied copies over pipeline ranks, then DeepSpeed reduces (over dp, experts over expert-dp),

@@ -1,0 +1,140 @@
+"""What a training run is built from: data, the rank's model and the executor that runs its steps.
+
+Every layout builds the same way: a schedule (1F1B over one stage when pp = 1), the partial model this
+pipeline rank holds with its expert slice, dispatchers over the mesh, and one executor. The trainer only
+drives what is built here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..balance import balance_loss_spec
+from ..config import TrainConfig
+from ..data import GlobalBatchSampler, build_dataset
+from ..data.sampler import val_batches
+from ..model import Transformer, is_moe_layer
+from ..model.recompute import set_recompute
+from ..parallel.dispatch import CommCounters
+from ..parallel.expert import apply_expert_parallel, expert_slice
+from ..parallel.mesh import Mesh
+from ..parallel.overlap import OverlapEngine
+from ..parallel.pipeline.analysis import peak_activations
+from ..parallel.pipeline.executor import PipelineExecutor
+from ..parallel.pipeline.schedules import schedule_for
+from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
+
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0}
+
+
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default, none (fp32) on CPU."""
+    if dtype == "fp32":
+        return None
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def peak_tflops(cfg_value: float | None, device: torch.device) -> float | None:
+    if cfg_value:
+        return cfg_value
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), None)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass
+class Data:
+    dataset: Any
+    sampler: GlobalBatchSampler
+    val: list[torch.Tensor]
+
+
+def build_data(cfg: TrainConfig) -> Data:
+    """The corpus, the global-batch sampler and the validation batches; resolves `model.vocab_size`."""
+    d, t = cfg.data, cfg.trainer
+    data = build_dataset(d)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = data.vocab_size
+    elif cfg.model.vocab_size < data.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({data.vocab_size}); set model.vocab_size >= {data.vocab_size} or null"
+        )
+    sampler = GlobalBatchSampler(data.train, d.seq_len, d.batch_size, t.seed)
+    return Data(data, sampler, val_batches(data.val, d.seq_len, d.batch_size, t.eval_batches))
+
+
+@dataclass
+class Stages:
+    """This rank's model, the executor over its stages, and what the gradient reduction and memory estimate
+    need to know about them."""
+
+    model: Transformer
+    executor: PipelineExecutor
+    ties: list  # (group, names) of parameters copied on several pipeline ranks
+    owned: set[str]  # names this rank counts in the clipping norm
+    mem_stages: list[tuple[list[int], bool]]  # (layer ids incl. MTP blocks, holds the head) per stage
+    in_flight: int  # micro-batches whose activations a stage keeps at once
+    pipelined: bool  # several stages, or F&B pairs: losses and loads are summed over every rank
+
+
+def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters) -> Stages:
+    p, t = cfg.parallel, cfg.trainer
+    schedule = schedule_for(p)
+    experts = expert_slice(cfg.model.n_routed_experts, mesh)
+    balance = balance_loss_spec(cfg.balance)
+    model, stages, chunks = rank_model_and_stages(
+        cfg.model, schedule, mesh.pp_rank, balance, mesh.device, t.seed, experts, p.stage_layers
+    )
+    set_recompute(model, t.recompute)
+    apply_expert_parallel(model, mesh, counters, dispatcher=p.dispatcher)
+    if cfg.model.init_from:
+        from ..hf import load_hf_weights
+
+        load_hf_weights(model, cfg.model.init_from)
+    mtp_ids = [cfg.model.num_hidden_layers + d for d in range(len(model.mtp))]
+    mem_stages = [(list(v.layer_ids) + (mtp_ids if v.is_last else []), v.is_last) for v in stages.values()]
+    ties, owned = build_ties(model, mesh, schedule, chunks)
+    lay = mesh.layout
+    peers = [lay.rank_of(q, mesh.edp_rank, mesh.ep_rank) for q in range(lay.pp)]
+    executor = PipelineExecutor(
+        schedule,
+        mesh.pp_rank,
+        stages,
+        peers,
+        None,
+        cfg.model.hidden_size,
+        # the residual stream between stages keeps the weights' dtype, also under autocast
+        next(model.parameters()).dtype,
+        overlap=OverlapEngine(sm_carveout=p.overlap_sm_carveout) if p.overlap else False,
+    )
+    # the executor keeps a stage's graph until its W pass, so activations count until W
+    in_flight = peak_activations(schedule, release="W")[mesh.pp_rank]
+    pipelined = schedule.n_stages > 1 or p.overlap
+    return Stages(model, executor, ties, owned, mem_stages, in_flight, pipelined)
+
+
+def moe_layer_ids(cfg: TrainConfig) -> list[int]:
+    m = cfg.model
+    return [i for i in range(m.num_hidden_layers + m.num_nextn_predict_layers) if is_moe_layer(m, i)]
+
+
+def write_run_info(path: str, info: dict[str, Any]) -> None:
+    with open(os.path.join(path, "run_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, default=str)

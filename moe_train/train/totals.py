@@ -1,0 +1,63 @@
+"""A step's numbers over the whole global batch: loss terms, expert loads and all-to-all bytes summed over
+every rank. Every rank gets the same totals, so decisions taken from them (skip a non-finite step, move
+the selection biases) are the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..balance import maxvio
+from ..parallel.dispatch import CommCounters
+from ..parallel.mesh import Mesh
+
+COMM_KEYS = tuple(
+    f"{d}{s}" for d in ("dispatch", "combine") for s in ("", "_remote", "_intra_node", "_inter_node")
+)
+
+
+class Totals:
+    """Sums over every rank: each holds a share of the batch (dp) and of the layers (pp), and the last
+    pipeline stage alone sees the LM loss, so the world group covers every layout."""
+
+    def __init__(self, mesh: Mesh, moe_layers: list[int], n_experts: int) -> None:
+        self.mesh, self.moe_layers, self.n_experts = mesh, moe_layers, n_experts
+
+    def values(self, values: list[float]) -> list[float]:
+        if not self.mesh.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.mesh.device)
+        dist.all_reduce(t, group=self.mesh.group("world"))
+        return t.tolist()
+
+    def loads(self, counts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Rows per expert of the whole global batch for every MoE layer (layers without records: zeros)."""
+        if not self.mesh.distributed:
+            return counts
+        layers = self.moe_layers
+        t = torch.zeros(len(layers), self.n_experts, dtype=torch.long, device=self.mesh.device)
+        for i, k in enumerate(layers):
+            if k in counts:
+                t[i] = counts[k].to(self.mesh.device)
+        dist.all_reduce(t, group=self.mesh.group("world"))
+        return {k: t[i].cpu() for i, k in enumerate(layers)}
+
+    def comm_bytes(self, counters: CommCounters) -> dict[str, float]:
+        """Expert all-to-all bytes since the last call (nothing with ep = 1)."""
+        if self.mesh.layout.ep == 1:
+            return {}
+        got = counters.take()
+        totals = self.values([float(got.get(k, 0)) for k in COMM_KEYS])
+        return {f"a2a_{k}_bytes": v for k, v in zip(COMM_KEYS, totals, strict=True)}
+
+
+def maxvio_record(counts: dict[int, torch.Tensor], key: str) -> dict[str, Any]:
+    """MaxVio per MoE layer of these loads and their mean, as `<key>` and `<key>_per_layer`."""
+    per_layer = {str(k): maxvio(v) for k, v in sorted(counts.items())}
+    return {
+        key: float(np.mean(list(per_layer.values()))) if per_layer else 0.0,
+        f"{key}_per_layer": per_layer,
+    }
