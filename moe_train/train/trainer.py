@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from .. import checkpoint as ckpt
 from ..balance import BiasController, balance_loss_spec, maxvio
 from ..config import TrainConfig, resolved_dict
 from ..data import GlobalBatchSampler, build_dataset
@@ -39,8 +40,6 @@ from ..parallel.pipeline.analysis import peak_activations
 from ..parallel.pipeline.executor import PipelineExecutor
 from ..parallel.pipeline.schedules import build_schedule
 from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
-from . import checkpoint as ckpt
-from . import sharded
 from .faults import Preempted, StopRequest, guarded, injected_exit
 from .metrics import (
     ConsoleLogger,
@@ -51,7 +50,6 @@ from .metrics import (
     print_summary,
     stderr_is_tty,
 )
-from .training_state import load_state, save_state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -199,7 +197,7 @@ class Trainer:
         self.skipped_steps = 0
         self.wandb_id: str | None = None
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
-        self._pending_save: sharded.PendingSave | None = None
+        self._pending_save: ckpt.PendingSave | None = None
         # background checkpoint writes coordinate on their own gloo group, never racing the training
         # collectives on the main one (which is NCCL on GPUs)
         self._async_group = None
@@ -225,7 +223,7 @@ class Trainer:
         if path is None:
             return
         with guarded(self.mesh, f"loading checkpoint {path}"):
-            tr = load_state(path, self.model, self.optimizer, self.zero, self.mesh, self.cfg.model)
+            tr = ckpt.load(path, self.model, self.optimizer, self.zero, self.mesh, self.cfg.model)
         self.step = int(tr["step"])
         self.wandb_id = tr.get("wandb_id")
         self.skipped_steps = int(tr.get("skipped_steps", 0))
@@ -233,7 +231,7 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> str | None:
-        """Every rank writes its own shards (train/sharded.py); committed atomically once all ranks are done.
+        """Every rank writes its own shards (checkpoint/sharded.py), committed atomically once all are done.
         With `trainer.async_save` the write runs in the background and is committed at the next save or at
         the end of the run."""
         t = self.cfg.trainer
@@ -245,7 +243,7 @@ class Trainer:
         }
         with guarded(self.mesh, f"checkpoint of step {self.step}"):
             self.finish_pending_save()
-            out = save_state(
+            out = ckpt.save(
                 self.ckpt_root,
                 trainer_state,
                 self.model,
@@ -257,7 +255,7 @@ class Trainer:
                 t.async_save,
                 self._async_group,
             )
-        if isinstance(out, sharded.PendingSave):
+        if isinstance(out, ckpt.PendingSave):
             self._pending_save = out
             return None
         return out
@@ -267,7 +265,7 @@ class Trainer:
         pending, self._pending_save = self._pending_save, None
         if pending is None:
             return None
-        return sharded.commit_pending(pending, self.cfg.trainer.keep_last)
+        return ckpt.commit_pending(pending, self.cfg.trainer.keep_last)
 
     def _write_run_info(self) -> None:
         if not self.mesh.is_logging_rank:
