@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from distributed import run_world
-from moe_train.train import checkpoint as ckpt
-from moe_train.train import sharded
+from moe_train import checkpoint as ckpt
+from moe_train.checkpoint import sharded
 from moe_train.train.trainer import Trainer
 from tiny_cfg import tiny_cfg
 
@@ -35,7 +35,7 @@ def run(
         t.step = s + 1
         if save_at == t.step:
             t.save()
-    t.finish_pending_save()
+    t.checkpoints.finish()
     return losses, t
 
 
@@ -146,7 +146,7 @@ def _world(base: str, hf_dir: str) -> dict:
     run(f"{base}/ds_saved", "trainer.resume=none", *ds, *SAVED_UNDER, steps=SAVE_AT, save_at=SAVE_AT)
     out["ds_ep4"], _ = run(f"{base}/ds_ep4", f"trainer.resume={base}/ds_saved", *ds, "parallel.ep=4")
     # HF weights straight into a pp=2·ep=2 layout: every rank reads only its tensors
-    from moe_train.parallel.state import full_state
+    from moe_train.checkpoint import full_state
 
     t = Trainer(
         make_cfg(f"{base}/hf", "trainer.resume=none", f"model.init_from={hf_dir}", *SAVED_UNDER), f"{base}/hf"

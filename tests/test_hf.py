@@ -20,6 +20,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from moe_train.checkpoint import load_checkpoint, save_checkpoint
 from moe_train.config import ConfigError, ModelConfig, TrainConfig, load_config, to_object
 from moe_train.hf import (
     from_pretrained,
@@ -32,7 +33,6 @@ from moe_train.hf.cli import main as cli_main
 from moe_train.hf.cli import read_model_config
 from moe_train.model import build_model
 from moe_train.model.moe import MoE, Router
-from moe_train.train.checkpoint import load_checkpoint, save_checkpoint
 from moe_train.train.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")

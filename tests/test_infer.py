@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from moe_train.checkpoint import save_checkpoint
 from moe_train.config import ModelConfig, TrainConfig
 from moe_train.generate import main as generate_main
 from moe_train.infer import (
@@ -35,7 +36,6 @@ from moe_train.infer import (
 )
 from moe_train.model import build_model
 from moe_train.model.transformer import Transformer
-from moe_train.train.checkpoint import save_checkpoint
 
 TOL = 1e-5
 BASE = dict(

@@ -19,12 +19,12 @@ from omegaconf import OmegaConf
 from test_infer import BASE, CASES, ids, set_biases, tiny
 
 from distributed import run_world
+from moe_train.checkpoint import save_checkpoint
 from moe_train.config import ModelConfig, TrainConfig
 from moe_train.generate import main as generate_main
 from moe_train.infer import InferenceModel, generate, load_for_inference
 from moe_train.infer.offload import OffloadConfig, ds_config, nvme_dtype_problem, nvme_unavailable_reason
 from moe_train.model import build_model
-from moe_train.train.checkpoint import save_checkpoint
 
 
 def _offload_case(ckpt_dir: str) -> dict:

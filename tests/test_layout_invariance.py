@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from distributed import run_world
+from moe_train.checkpoint import full_gradients
 from moe_train.config import load_config, to_object
 from moe_train.parallel.grads import reduce_gradients
-from moe_train.parallel.state import full_gradients
 from moe_train.train.trainer import Trainer
 
 STEPS = 3

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distributed import run_world
+from moe_train.checkpoint import full_gradients
 from moe_train.model.moe import BalanceLoss
 from moe_train.model.transformer import DecoderLayer
 from moe_train.parallel.expert import apply_expert_parallel, expert_slice
@@ -21,7 +22,6 @@ from moe_train.parallel.overlap import OverlapEngine
 from moe_train.parallel.pipeline.executor import PipelineExecutor
 from moe_train.parallel.pipeline.schedules import Kind, build_schedule
 from moe_train.parallel.pipeline.stages import rank_model_and_stages
-from moe_train.parallel.state import full_gradients
 from tiny_cfg import TINY_MODEL
 
 # 1 dense + 4 MoE blocks: 2 MoE blocks per stage of a pp=2 DualPipeV chunk pair

@@ -14,8 +14,8 @@ from dataclasses import asdict
 
 from omegaconf import OmegaConf
 
+from ..checkpoint import load_model_state, resolve_checkpoint, save_checkpoint
 from ..config import ModelConfig, TrainConfig
-from ..train.checkpoint import load_model_state, resolve_checkpoint, save_checkpoint
 from .convert import from_pretrained, read_hf_config, save_state_dict
 
 

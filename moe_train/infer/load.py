@@ -16,13 +16,13 @@ from dataclasses import dataclass, replace
 import torch
 from omegaconf import OmegaConf
 
+from ..checkpoint import load_model_state, resolve_checkpoint
 from ..data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from ..hf import from_pretrained
 from ..hf.cli import read_model_config
 from ..hf.convert import as_dtype
 from ..model import build_empty_model
 from ..model.transformer import Transformer
-from ..train.checkpoint import load_model_state, resolve_checkpoint
 from .forward import InferenceModel
 from .offload import OffloadConfig, check_available, offload_model
 

@@ -13,12 +13,12 @@ gradients are reduced and how optimizer state is laid out; the memory estimate l
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from ..checkpoint.trainer_state import NamedOptimizerState
 from ..config import TrainConfig
 from ..model.memory import StateSharding
 from ..parallel.grad_sync import OverlappedGradReduce
@@ -28,16 +28,6 @@ from . import build_optimizer, set_lr
 from .deepspeed_zero import DeepSpeedZero
 
 Ties = list[tuple[Any, list[str]]]
-
-
-class NamedOptimizerState(Protocol):
-    """Optimizer state partitioned across ranks, read and written by parameter name (checkpoints)."""
-
-    def named_state(self) -> dict[str, dict[str, Any]]: ...
-
-    def load_named_state(
-        self, by_name: dict[str, dict[str, Any]], fit: Callable[[str, torch.Tensor], torch.Tensor]
-    ) -> None: ...
 
 
 class OptimizerEngine(Protocol):

@@ -11,7 +11,10 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any
+
+import torch
 
 
 def _clean(v: Any) -> Any:
@@ -182,3 +185,30 @@ def profiler(enabled: bool, device: Any, run_dir: str) -> contextlib.AbstractCon
         schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
         on_trace_ready=tensorboard_trace_handler(os.path.join(run_dir, "profile")),
     )
+
+
+class Throughput:
+    """Tokens per second (and MFU against `peak` TFLOP/s, if known) over the steps since the last take."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None) -> None:
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.steps, self.since = 0, time.perf_counter()
+
+    def take(self, device: Any) -> dict[str, float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the window ends when its kernels do
+        now = time.perf_counter()
+        out = {"tokens_per_s": self.tokens_per_step * self.steps / max(now - self.since, 1e-9)}
+        if self.peak:
+            out["mfu"] = out["tokens_per_s"] * self.flops_per_token / (self.peak * 1e12)
+        self.steps, self.since = 0, now
+        return out
+
+
+def run_summary(
+    steps: int, run_dir: str, skipped: int, last: dict[str, Any], last_eval: dict[str, Any]
+) -> dict[str, Any]:
+    """The end-of-run summary: the last logged step's and evaluation's headline numbers."""
+    s: dict[str, Any] = {"steps": steps, "run_dir": run_dir, "skipped_steps": skipped}
+    s |= {k: last[k] for k in ("loss", "tokens_per_s", "maxvio_batch", "mfu") if k in last}
+    return s | {k: last_eval[k] for k in ("val_loss", "maxvio_global") if k in last_eval}

@@ -21,6 +21,7 @@ from ..config import TrainConfig
 from ..data import GlobalBatchSampler, build_dataset
 from ..data.sampler import val_batches
 from ..model import Transformer, is_moe_layer
+from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
 from ..parallel.dispatch import CommCounters
 from ..parallel.expert import apply_expert_parallel, expert_slice
@@ -130,11 +131,45 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters) -> Stages
     return Stages(model, executor, ties, owned, mem_stages, in_flight, pipelined)
 
 
+def estimate_stage_memory(
+    cfg: TrainConfig, mesh: Mesh, stages: Stages, amp: torch.dtype | None, engine: Any
+) -> MemoryEstimate:
+    """This rank's memory estimate: its stages' weights, the engine's optimizer-state layout, and the
+    activations of the micro-batches its schedule keeps in flight."""
+    rows = cfg.data.batch_size // (mesh.layout.dp * cfg.parallel.microbatches)
+    return estimate_memory(
+        stages.model,
+        cfg.model,
+        stages.mem_stages,
+        rows * cfg.data.seq_len,
+        stages.in_flight,
+        cfg.trainer.recompute,
+        amp == torch.bfloat16,
+        engine.state_sharding(),
+    )
+
+
 def moe_layer_ids(cfg: TrainConfig) -> list[int]:
     m = cfg.model
     return [i for i in range(m.num_hidden_layers + m.num_nextn_predict_layers) if is_moe_layer(m, i)]
 
 
-def write_run_info(path: str, info: dict[str, Any]) -> None:
-    with open(os.path.join(path, "run_info.json"), "w", encoding="utf-8") as f:
+def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> None:
+    """run_info.json: data, sizes, layout, precision, the memory estimate (`facts`: data, params, flops,
+    amp, memory)."""
+    lay, params, amp = mesh.layout, facts["params"], facts["amp"]
+    info = {
+        "data": facts["data"],
+        "params_total": params.total,
+        "params_active": params.active,
+        "params_mtp": params.mtp_total,
+        "train_flops_per_token": facts["flops"],
+        "device": str(mesh.device),
+        "world_size": mesh.world,
+        "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep},
+        "autocast": str(amp) if amp else "fp32",
+        "recompute": cfg.trainer.recompute,
+        "memory_estimate_rank0": facts["memory"].as_dict(),
+    }
+    with open(os.path.join(run_dir, "run_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, default=str)

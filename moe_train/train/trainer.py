@@ -12,7 +12,6 @@ import contextlib
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,29 +19,28 @@ import torch
 from omegaconf import OmegaConf
 
 from ..balance import BiasController, balance_loss_spec
+from ..checkpoint import Checkpointer
 from ..config import TrainConfig
 from ..model import MoEStats, count_params, train_flops_per_token
-from ..model.memory import MemoryEstimate, estimate_memory
+from ..model.memory import MemoryEstimate
 from ..optim import lr_at
 from ..optim.engine import build_engine
 from ..parallel.dispatch import CommCounters
 from ..parallel.mesh import Mesh, build_mesh
 from ..parallel.pipeline.executor import LOSS_KEYS
-from . import checkpoint as ckpt
-from . import sharded
 from .faults import Preempted, StopRequest, guarded, injected_exit
-from .metrics import build_loggers, print_summary, profiler
+from .metrics import Throughput, build_loggers, print_summary, profiler, run_summary
 from .setup import (
     autocast_dtype,
     build_data,
     build_stages,
+    estimate_stage_memory,
     moe_layer_ids,
     peak_tflops,
     seed_everything,
     write_run_info,
 )
 from .totals import Totals, maxvio_record
-from .training_state import load_state, save_state
 
 # after an optimizer step: (step, global loads per MoE layer) -> entries for the step's record
 AfterStep = Callable[[int, dict[int, torch.Tensor]], dict[str, Any]]
@@ -66,12 +64,11 @@ class Trainer:
         self.counters = CommCounters()
         stages = build_stages(cfg, self.mesh, self.counters)
         self.model, self.executor, self.ties = stages.model, stages.executor, stages.ties
-        self.engine = build_engine(
-            cfg, self.model, self.mesh, stages.ties, stages.owned, stages.pipelined, run_dir
-        )
+        s = stages
+        self.engine = build_engine(cfg, s.model, self.mesh, s.ties, s.owned, s.pipelined, run_dir)
         self.executor.backward_fn = self.engine.backward
         self.totals = Totals(self.mesh, moe_layer_ids(cfg), cfg.model.n_routed_experts)
-        self.balance = balance_loss_spec(cfg.balance)
+        self.has_balance = balance_loss_spec(cfg.balance).alpha > 0
         self.bias = BiasController(cfg.balance, t.max_steps)
         self.after_step: list[AfterStep] = [
             lambda step, loads: {"bias_update_rate": self.bias.update(self.model.moe_layers(), loads, step)}
@@ -79,97 +76,35 @@ class Trainer:
         self.params = count_params(cfg.model)
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_tflops(t.peak_tflops, self.device)
-        rows = cfg.data.batch_size // (self.mesh.layout.dp * p.microbatches)
-        self.memory: MemoryEstimate = estimate_memory(
-            self.model,
-            cfg.model,
-            stages.mem_stages,
-            rows * cfg.data.seq_len,
-            stages.in_flight,
-            t.recompute,
-            self.amp == torch.bfloat16,
-            self.engine.state_sharding(),
-        )
+        self.memory: MemoryEstimate = estimate_stage_memory(cfg, self.mesh, stages, self.amp, self.engine)
         print(self.memory.line(self.mesh.rank), flush=True)
         self.step, self.skipped_steps, self.wandb_id = 0, 0, None
-        self.ckpt_root = os.path.join(run_dir, "checkpoints")
-        self._pending_save: sharded.PendingSave | None = None
-        # background checkpoint writes coordinate on their own gloo group, never racing the training
-        # collectives on the main one (which is NCCL on GPUs)
-        self._async_group = None
-        if t.async_save and self.mesh.distributed:
-            self._async_group = torch.distributed.new_group(backend="gloo")
+        self.checkpoints = Checkpointer(cfg, run_dir, self.mesh)
         self._resume()
         if self.mesh.is_logging_rank:
-            write_run_info(run_dir, self._run_info())
+            facts = {"data": self.data.dataset.info, "params": self.params, "flops": self.flops_per_token}
+            write_run_info(run_dir, cfg, self.mesh, amp=self.amp, memory=self.memory, **facts)
 
     # ----------------------------------------------------------------------------------------- state
     def _resume(self) -> None:
-        mode = self.cfg.trainer.resume
-        if mode == "none":
-            return
-        path = ckpt.latest_checkpoint(self.ckpt_root) if mode == "auto" else ckpt.resolve_checkpoint(mode)
+        path = self.checkpoints.to_resume()
         if path is None:
             return
         with guarded(self.mesh, f"loading checkpoint {path}"):
-            tr = load_state(
-                path, self.model, self.engine.optimizer, self.engine.sharded_state, self.mesh, self.cfg.model
-            )
+            tr = self.checkpoints.load(path, self.model, self.engine.optimizer, self.engine.sharded_state)
         self.step, self.wandb_id = int(tr["step"]), tr.get("wandb_id")
         self.skipped_steps = int(tr.get("skipped_steps", 0))
         if self.mesh.is_logging_rank:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> str | None:
-        """Every rank writes its own shards; committed atomically once all ranks are done. With
-        `trainer.async_save` the write runs in the background and is committed at the next save or at the
-        end of the run."""
-        t = self.cfg.trainer
-        state = {
-            "step": self.step,
-            "wandb_id": self.wandb_id,
-            "skipped_steps": self.skipped_steps,
-            "has_optim": True,
-        }
+        """This step's checkpoint (checkpoint.Checkpointer.save)."""
+        state = {"step": self.step, "wandb_id": self.wandb_id, "skipped_steps": self.skipped_steps}
+        yaml, e = OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.engine
         with guarded(self.mesh, f"checkpoint of step {self.step}"):
-            self.finish_pending_save()
-            out = save_state(
-                self.ckpt_root,
-                state,
-                self.model,
-                self.engine.optimizer,
-                self.engine.sharded_state,
-                self.mesh,
-                OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-                t.keep_last,
-                t.async_save,
-                self._async_group,
+            return self.checkpoints.save(
+                state | {"has_optim": True}, self.model, e.optimizer, e.sharded_state, yaml
             )
-        if isinstance(out, sharded.PendingSave):
-            self._pending_save = out
-            return None
-        return out
-
-    def finish_pending_save(self) -> str | None:
-        """Commit an asynchronous save still in flight (collective); None if there is none."""
-        pending, self._pending_save = self._pending_save, None
-        return None if pending is None else sharded.commit_pending(pending, self.cfg.trainer.keep_last)
-
-    def _run_info(self) -> dict[str, Any]:
-        lay = self.mesh.layout
-        return {
-            "data": self.data.dataset.info,
-            "params_total": self.params.total,
-            "params_active": self.params.active,
-            "params_mtp": self.params.mtp_total,
-            "train_flops_per_token": self.flops_per_token,
-            "device": str(self.device),
-            "world_size": self.mesh.world,
-            "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep},
-            "autocast": str(self.amp) if self.amp else "fp32",
-            "recompute": self.cfg.trainer.recompute,
-            "memory_estimate_rank0": self.memory.as_dict(),
-        }
 
     # ----------------------------------------------------------------------------------------- steps
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -196,7 +131,7 @@ class Trainer:
         # which terms exist is a property of the config; this rank may hold no MoE layer or no head
         if cfg.model.num_nextn_predict_layers == 0:
             sums["mtp_loss"] = None
-        if self.balance.kind is None or self.balance.alpha <= 0:
+        if not self.has_balance:
             sums["balance_loss"] = None
         return sums, res.stats
 
@@ -213,13 +148,7 @@ class Trainer:
                 "weights were not updated. Lower optim.lr, check the data, resume from a checkpoint, "
                 "or set trainer.skip_nonfinite=true to skip such steps."
             )
-        record: dict[str, Any] = {
-            "kind": "train",
-            "step": step + 1,
-            **sums,
-            "lr": lr,
-            "bias_update_rate": 0.0,
-        }
+        record = {"kind": "train", "step": step + 1, **sums, "lr": lr, "bias_update_rate": 0.0}
         record["mtp_weight"] = self.mtp_weight(step) if sums["mtp_loss"] is not None else None
         with guarded(mesh, f"gradient reduction / optimizer update of step {step + 1}"):
             loads = self.totals.loads(stats.counts_by_layer())
@@ -269,10 +198,9 @@ class Trainer:
         hub, progress, self.wandb_id = build_loggers(
             self.cfg, self.mesh, self.run_dir, self.step, self.wandb_id
         )
-        tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len
+        meter = Throughput(self.cfg.data.batch_size * self.cfg.data.seq_len, self.flops_per_token, self.peak)
         last: dict[str, Any] = {}
         last_eval: dict[str, Any] = {}
-        window_t, window_steps = time.perf_counter(), 0
         stop = StopRequest()
         try:
             with profiler(t.profile, self.device, self.run_dir) as prof:
@@ -280,20 +208,13 @@ class Trainer:
                     record = self.train_step(self.step)
                     self.step += 1
                     injected_exit(self.step, self.mesh.rank)
-                    window_steps += 1
+                    meter.steps += 1
                     if prof is not None:
                         prof.step()
                     progress.advance()
                     if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        record["tokens_per_s"] = (
-                            tokens_per_step * window_steps / max(time.perf_counter() - window_t, 1e-9)
-                        )
-                        if self.peak:
-                            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak * 1e12)
-                        hub.log(record)
-                        last, window_t, window_steps = record, time.perf_counter(), 0
+                        last = record | meter.take(self.device)
+                        hub.log(last)
                     if self.step % t.eval_every == 0 or self.step == t.max_steps:
                         with guarded(self.mesh, f"evaluation at step {self.step}"):
                             last_eval = self.evaluate()
@@ -304,12 +225,15 @@ class Trainer:
                     if stop.agreed(self.mesh) and self.step < t.max_steps:
                         if not saved:
                             self.save()
-                        self.finish_pending_save()  # the requeued job must find it committed
+                        self.checkpoints.finish()  # the requeued job must find it committed
                         hub.log({"kind": "preempted", "step": self.step, "signal": stop.signame})
                         raise Preempted(self.step, stop.signame or "?")
             with guarded(self.mesh, "committing the last asynchronous checkpoint"):
-                self.finish_pending_save()
-            summary = self._summary(last, last_eval)
+                self.checkpoints.finish()
+            summary = run_summary(self.step, self.run_dir, self.skipped_steps, last, last_eval)
+            ent = self.data.dataset.info.get("unigram_entropy_nats")
+            summary |= {"unigram_entropy_nats": ent} if ent else {}
+            summary |= {"params_total": self.params.total, "params_active": self.params.active}
             hub.log({"kind": "summary", "step": self.step, **summary})
         finally:
             stop.close()
@@ -317,11 +241,3 @@ class Trainer:
         if self.cfg.logger.console and self.mesh.is_logging_rank:
             print_summary(summary)
         return summary
-
-    def _summary(self, last: dict[str, Any], last_eval: dict[str, Any]) -> dict[str, Any]:
-        s: dict[str, Any] = {"steps": self.step, "run_dir": self.run_dir, "skipped_steps": self.skipped_steps}
-        s |= {k: last[k] for k in ("loss", "tokens_per_s", "maxvio_batch", "mfu") if k in last}
-        s |= {k: last_eval[k] for k in ("val_loss", "maxvio_global") if k in last_eval}
-        if ent := self.data.dataset.info.get("unigram_entropy_nats"):
-            s["unigram_entropy_nats"] = ent
-        return s | {"params_total": self.params.total, "params_active": self.params.active}

@@ -1,5 +1,5 @@
-"""Sharded training checkpoints through `torch.distributed.checkpoint` (DCP): every rank writes its own
-tensors, nobody gathers the model, and any layout reads any other layout's checkpoint.
+"""Sharded checkpoints through `torch.distributed.checkpoint` (DCP), format `moe_train/dcp-v1`: every rank
+writes its own tensors, nobody gathers the model, and any layout reads any other layout's checkpoint.
 
 Layout-independent keys. Tensors are stored under the names a one-process model uses, with two changes that
 make every key independent of how ranks split the model:
@@ -16,21 +16,19 @@ at ep=4, at pp=4 or in one process; `load_model_state` rebuilds the whole one-pr
 export and inference) on one process without a process group.
 
 Atomic commit: all ranks write into `step_N.tmp/`, then — only after a barrier proves every rank finished —
-rank 0 writes `meta.json`, renames the directory to `step_N/` and replaces `latest`. A crash at any point
-before the rename leaves the previous checkpoint complete and chosen by `trainer.resume=auto`.
+rank 0 seals and publishes the directory (directory.py). A crash at any point before the rename leaves the
+previous checkpoint complete and chosen by `trainer.resume=auto`.
 
-Besides the DCP files a checkpoint holds `trainer.pt` (step, wandb run id, skipped steps), `rng/rank<R>.pt`
-(each rank's RNG states, restored when the layout is the same), `config.yaml` and `meta.json`. The learning
-rate and the data position are functions of the step (`optim.schedule.lr_at`, the step-seeded sampler), so
-the step restores both.
+Besides the DCP files a checkpoint holds `rng/rank<R>.pt` (each rank's RNG states, restored when the layout is
+the same) and the files every checkpoint has: `trainer.pt`, `config.yaml`, `meta.json` (with the layout that
+wrote it).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +39,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ..model.moe import RoutedExperts
-from . import checkpoint as ckpt
+from .directory import checkpoint_name, publish, read_meta, seal
+from .mismatch import check_keys
 
 FORMAT = "moe_train/dcp-v1"
 #: per-element optimizer state keys (split per expert like their parameter); other keys are scalars
@@ -65,9 +64,7 @@ def expert_splits(model: nn.Module) -> Splits:
     return out
 
 
-def split_entries(
-    name: str, t: torch.Tensor, splits: dict[str, tuple[str, str, int]]
-) -> dict[str, torch.Tensor]:
+def split_entries(name: str, t: torch.Tensor, splits: Splits) -> dict[str, torch.Tensor]:
     """`name` -> {layout-independent key: tensor (a view)}: one key per global expert for expert tensors."""
     if name not in splits or t.ndim == 0:
         return {name: t}
@@ -128,7 +125,7 @@ class PendingSave:
     tmp: str
     final: str
     step: int
-    files: Callable[[], None]
+    seal: Callable[[], None]  # rank 0's trainer.pt, config.yaml and meta.json, written at commit
 
 
 def _rank() -> int:
@@ -139,14 +136,14 @@ def _single() -> bool:
     return not (dist.is_initialized() and dist.get_world_size() > 1)
 
 
-def _barrier(group=None) -> None:
+def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier(group=group)
+        dist.barrier()
 
 
-def prepare_dir(root: str, step: int) -> tuple[str, str]:
+def _prepare_dir(root: str, step: int) -> tuple[str, str]:
     """(tmp, final) for step; rank 0 clears leftovers of crashed saves. Collective."""
-    final = os.path.join(root, ckpt.checkpoint_name(step))
+    final = os.path.join(root, checkpoint_name(step))
     tmp = f"{final}.tmp"
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -158,31 +155,8 @@ def prepare_dir(root: str, step: int) -> tuple[str, str]:
     return tmp, final
 
 
-def write_side_files(
-    tmp: str, trainer_state: dict[str, Any], rng: dict[str, Any], config_yaml: str, layout: dict[str, int]
-) -> Callable[[], None]:
-    """Every rank's RNG file now; rank 0's files (trainer.pt, config.yaml) at commit (returned callable)."""
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(rng, os.path.join(tmp, "rng", f"rank{_rank()}.pt"))
-
-    def rank0_files() -> None:
-        torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-        with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(config_yaml)
-        meta = {
-            "step": trainer_state["step"],
-            "format": FORMAT,
-            "time": time.time(),
-            "has_optim": trainer_state.get("has_optim", True),
-            "layout": layout,
-        }
-        ckpt._atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta))
-
-    return rank0_files
-
-
-def commit(tmp: str, final: str, step: int, rank0_files: Callable[[], None], keep_last: int | None) -> None:
-    """After every rank's shards are on disk (caller's barrier): meta.json, rename, latest, prune."""
+def _commit(tmp: str, final: str, step: int, seal_files: Callable[[], None], keep_last: int | None) -> None:
+    """After every rank's shards are on disk (caller's barrier): rank 0 seals and publishes. Collective."""
     injected = os.environ.get(FAULT_ENV)
     if injected and int(injected) == step:
         print(
@@ -190,14 +164,8 @@ def commit(tmp: str, final: str, step: int, rank0_files: Callable[[], None], kee
         )
         os._exit(1)
     if _rank() == 0:
-        rank0_files()
-        if os.path.exists(final):  # re-saving a step (after a resume): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        root = os.path.dirname(final)
-        ckpt._atomic_write_text(os.path.join(root, "latest"), os.path.basename(final) + "\n")
-        if keep_last:
-            ckpt.prune(root, keep_last)
+        seal_files()
+        publish(tmp, final, keep_last)
     _barrier()
 
 
@@ -211,18 +179,22 @@ def save(
     layout: dict[str, int],
     keep_last: int | None,
     async_save: bool = False,
-    async_group=None,
+    async_group: Any = None,
 ) -> str | PendingSave:
-    """Write this rank's tensors and commit; with async_save, stage them to host memory, write in the
-    background (coordinating on `async_group`, a gloo group) and return a PendingSave to commit later."""
-    tmp, final = prepare_dir(root, step)
-    files = write_side_files(tmp, trainer_state, rng, config_yaml, layout)
+    """Write this rank's tensors and RNG states and commit; with async_save, stage the tensors to host memory,
+    write them in the background (coordinating on `async_group`, a gloo group) and return a PendingSave to
+    commit later. Collective."""
+    tmp, final = _prepare_dir(root, step)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    torch.save(rng, os.path.join(tmp, "rng", f"rank{_rank()}.pt"))
+    has_optim = trainer_state.get("has_optim", True)
+    seal_files = functools.partial(seal, tmp, step, trainer_state, config_yaml, FORMAT, has_optim, layout)
     if async_save:
         future = dcp.async_save(tensors, checkpoint_id=tmp, process_group=async_group, no_dist=_single())
-        return PendingSave(future, tmp, final, step, files)
+        return PendingSave(future, tmp, final, step, seal_files)
     dcp.save(tensors, checkpoint_id=tmp, no_dist=_single())
     _barrier()
-    commit(tmp, final, step, files, keep_last)
+    _commit(tmp, final, step, seal_files, keep_last)
     return final
 
 
@@ -230,17 +202,14 @@ def commit_pending(p: PendingSave, keep_last: int | None) -> str:
     """Wait for this rank's background writes, then commit once all ranks are done. Collective."""
     p.future.result()
     _barrier()
-    commit(p.tmp, p.final, p.step, p.files, keep_last)
+    _commit(p.tmp, p.final, p.step, p.seal, keep_last)
     return p.final
 
 
 # ------------------------------------------------------------------------------------------------ load
 def is_sharded(path: str) -> bool:
-    meta = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta):
-        return False
-    with open(meta, encoding="utf-8") as f:
-        return json.load(f).get("format") == FORMAT
+    meta = read_meta(path)
+    return meta is not None and meta.get("format") == FORMAT
 
 
 def stored_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -248,30 +217,15 @@ def stored_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
 
 
-def check_keys(wanted: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...]], path: str) -> None:
-    """A checkpoint of another model config fails naming the keys that are missing or differ in shape."""
-    missing = sorted(k for k in wanted if k not in stored)
-    shapes = sorted(
-        f"{k}: checkpoint {stored[k]} vs model {tuple(v.shape)}"
-        for k, v in wanted.items()
-        if k in stored and stored[k] != tuple(v.shape)
-    )
-    model_keys = {k for k in stored if k.startswith("model.")}
-    unexpected: list[str] = []
-    if not dist.is_initialized() or dist.get_world_size() == 1:  # one process holds every key
-        unexpected = sorted(model_keys - set(wanted))
-    ckpt.raise_mismatch(path, missing, unexpected, shapes)
+def has_optim(stored: dict[str, tuple[int, ...]]) -> bool:
+    return any(k.startswith("optim.") for k in stored)
 
 
 def load_into(path: str, tensors: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...]]) -> None:
     """Fill `tensors` (views into this rank's model / optimizer state) from the checkpoint, in place;
     `stored`: the checkpoint's `stored_shapes`, read once by the caller."""
-    check_keys(tensors, stored, path)
+    check_keys(tensors, stored, path, whole_model=_single())
     dcp.load(tensors, checkpoint_id=path, no_dist=_single())
-
-
-def has_optim(stored: dict[str, tuple[int, ...]]) -> bool:
-    return any(k.startswith("optim.") for k in stored)
 
 
 def load_model_state(path: str) -> dict[str, torch.Tensor]:
