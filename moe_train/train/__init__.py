@@ -14,10 +14,6 @@ from ..parallel.layout import check_layout
 from ..parallel.mesh import Mesh, build_mesh
 
 
-class UserError(SystemExit):
-    """Raised for problems the user can fix; carries exit status 2 and prints no traceback."""
-
-
 def run_dir_of(cfg: TrainConfig) -> str:
     """cfg.run_dir, else Hydra's run dir when under Hydra, else the working directory."""
     if cfg.run_dir:

@@ -24,19 +24,18 @@ from typing import Any
 import torch
 
 from ...model.phases import Compute, Issue, Prepare, Program, Wait
-from ...ops.gather import gather_rows
 from ..comm import A2AHop
 from .counters import CommCounters
 from .rows import (
     Route,
     Slots,
-    expand_to_slots,
-    receiver_slots,
     route_finish,
     route_start,
+    rows_with_meta,
     slot_meta,
     slot_weighted_sums,
     sum_over_route,
+    unpack_for_experts,
 )
 
 
@@ -89,8 +88,7 @@ class AllToAllDispatcher:
         r = plan.route
 
         def pack(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            meta = slot_meta(plan.topk_idx, w)
-            return gather_rows(x, r.pair_row, r.rows), gather_rows(meta, r.pair_row, r.rows)
+            return rows_with_meta(x, slot_meta(plan.topk_idx, w), r)
 
         send, meta = yield Compute("pack", pack, (x, topk_weight), join=True)
         return (yield Issue(self._hop("dispatch", r.send_splits, r.recv_splits, send), (send, meta)))
@@ -101,8 +99,8 @@ class AllToAllDispatcher:
         r, per = plan.route, plan.per_rank
 
         def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            plan.slots = receiver_slots(meta, self.ep_rank * per, per, r.recv_slots, r.recv_key_counts)
-            return expand_to_slots(rows, plan.slots), plan.slots.local_counts
+            plan.slots, expert_rows = unpack_for_experts(rows, meta, self.ep_rank * per, per, r)
+            return expert_rows, plan.slots.local_counts
 
         return (yield Compute("unpack", unpack, (rows, meta), join=True))
 

@@ -34,20 +34,19 @@ from typing import Any
 import torch
 
 from ...model.phases import Compute, Issue, Prepare, Program, Wait
-from ...ops.gather import gather_rows
 from ..comm import A2AHop
 from .counters import CommCounters
 from .rows import (
     Route,
     Slots,
-    expand_to_slots,
     meta_experts,
-    receiver_slots,
     route_finish,
     route_start,
+    rows_with_meta,
     slot_meta,
     slot_weighted_sums,
     sum_over_route,
+    unpack_for_experts,
 )
 
 
@@ -123,8 +122,7 @@ class HierarchicalDispatcher:
         r = plan.inter
 
         def pack(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            meta = slot_meta(plan.topk_idx, w)
-            return gather_rows(x, r.pair_row, r.rows), gather_rows(meta, r.pair_row, r.rows)
+            return rows_with_meta(x, slot_meta(plan.topk_idx, w), r)
 
         send, meta = yield Compute("pack", pack, (x, topk_weight), join=True)
         return (yield Issue(self._hop("dispatch", "inter", r.send_splits, r.recv_splits, send), (send, meta)))
@@ -146,17 +144,14 @@ class HierarchicalDispatcher:
 
         plan.intra = r = yield Prepare("counts_intra", start, route_finish)
 
-        def forward(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return gather_rows(rows, r.pair_row, r.rows), gather_rows(meta, r.pair_row, r.rows)
-
-        send, meta = yield Compute("forward", forward, (rows, meta))
+        send, meta = yield Compute("forward", lambda x, m: rows_with_meta(x, m, r), (rows, meta))
         handle = yield Issue(self._hop("dispatch", "intra", r.send_splits, r.recv_splits, send), (send, meta))
         rows, meta = yield Wait(handle)
         first = (self.node_rank * self.local + self.local_rank) * per_rank
 
         def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            plan.slots = receiver_slots(meta, first, per_rank, r.recv_slots, r.recv_key_counts)
-            return expand_to_slots(rows, plan.slots), plan.slots.local_counts
+            plan.slots, expert_rows = unpack_for_experts(rows, meta, first, per_rank, r)
+            return expert_rows, plan.slots.local_counts
 
         return (yield Compute("unpack", unpack, (rows, meta), join=True))
 

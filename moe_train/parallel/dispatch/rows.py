@@ -194,6 +194,20 @@ def receiver_slots(
     )
 
 
+def rows_with_meta(x: torch.Tensor, meta: torch.Tensor, r: Route) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows to send along route `r`, and beside them each row's slot metadata (one hop moves both)."""
+    return gather_rows(x, r.pair_row, r.rows), gather_rows(meta, r.pair_row, r.rows)
+
+
+def unpack_for_experts(
+    rows: torch.Tensor, meta: torch.Tensor, first_expert: int, per_rank: int, r: Route
+) -> tuple[Slots, torch.Tensor]:
+    """Received rows -> the slots this rank's experts serve, and one row per slot sorted by local expert
+    (the slot count and rows per expert came with `r`'s count exchange: no host sync)."""
+    slots = receiver_slots(meta, first_expert, per_rank, r.recv_slots, r.recv_key_counts)
+    return slots, expand_to_slots(rows, slots)
+
+
 def expand_to_slots(rows: torch.Tensor, slots: Slots) -> torch.Tensor:
     """Received rows -> one row per slot served here, sorted by local expert (for the grouped GEMM)."""
     return gather_rows(rows, slots.slot_row, slots.rows)
