@@ -44,10 +44,10 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-# A Triton launch costs ~0.15 ms of Python on the host (measured on the H200 machines, against ~0.02 ms for
-# a torch op); below these sizes the torch ops finish first. bag_sum: Triton reads ~3.9 TB/s where
-# embedding_bag reads ~0.5. gather_rows: writing copies from the source side saves the re-reads of rows
-# copied several times, ~0.2 ms per GB written.
+# A Triton launch costs far more host time than a torch op, so below these sizes the torch ops finish
+# first; above them the kernels' single pass wins (bag_sum reads each row once instead of embedding_bag's
+# several passes; gather_rows writes copies from the source side, saving the re-reads of rows copied several
+# times). The thresholds and the bandwidths behind them: docs/performance.md, "Expert-parallel dispatch".
 TRITON_SUM_BYTES = 64 << 20
 TRITON_SCATTER_BYTES = 512 << 20
 

@@ -1,11 +1,10 @@
 """Gradient reduction overlapped with backward (`parallel.overlap_grad_reduce`, torch engine, no pipeline).
 
-Without it, dense gradients are summed over dp (experts over expert-dp) after the last micro-batch's
-backward: on 2 H200s that exposed all-reduce cost 20% of a data-parallel step (docs/performance.md, "Weak
-scaling"). Here the parameters are cut into buckets in reverse registration order — roughly the order their
-gradients are finished by backward — and a bucket's all-reduce starts, asynchronously, as soon as every
-parameter in it has accumulated its gradient for the step's last micro-batch, while backward goes on with
-earlier layers.
+Without it, dense gradients are summed over dp (experts over expert-dp) after the last micro-batch's backward,
+exposed (its cost on GPUs: docs/performance.md, "Weak scaling"). Here the parameters are cut into buckets in
+reverse registration order — roughly the order their gradients are finished by backward — and a bucket's
+all-reduce starts, asynchronously, as soon as every parameter in it has accumulated its gradient for the
+step's last micro-batch, while backward goes on with earlier layers.
 
 Why results do not change: the same gradients are summed over the same groups (the all-reduce is
 elementwise), only earlier. Why ranks cannot disagree: buckets are launched strictly in bucket order — a ready
