@@ -47,7 +47,7 @@ class Hop(Protocol):
     def wait(self, handle: Any) -> tuple[torch.Tensor, ...]: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Compute:
     """fn(*args): returns a tensor, a tuple (of tensors and other values) or an object.
 
@@ -63,7 +63,7 @@ class Compute:
     layer: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Issue:
     """Start the exchange of `tensors` (rows) over `hop`; the result is a handle for `Wait`."""
 
@@ -71,14 +71,14 @@ class Issue:
     tensors: tuple[torch.Tensor, ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class Wait:
     """Wait for an issued exchange; the result is the tuple of received tensors."""
 
     handle: Any
 
 
-@dataclass
+@dataclass(slots=True)
 class Prepare:
     """A small exchange the host must read before the next phase can be planned (split sizes), with no
     gradient: `start(stream)` launches it (on `stream`, a CUDA side stream, when the runner gives one) and
@@ -100,7 +100,7 @@ def run(program: Program) -> Any:
             op = program.send(result)
         except StopIteration as stop:
             return stop.value
-        if isinstance(op, Compute):
+        if type(op) is Compute:  # the common op first: this loop is on every block's host path
             result = op.fn(*op.args)
         elif isinstance(op, Issue):
             result = (op.hop, op.hop.start(op.tensors))
