@@ -153,8 +153,12 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
         """The layer alone (B, T, H) -> (B, T, H): its phases run eagerly, routed plus shared output."""
-        routed, shared = run(self.program(x, stats))
-        return (routed if shared is None else routed + shared).view_as(x)
+        return self.output(*run(self.program(x, stats))).view_as(x)
+
+    @staticmethod
+    def output(routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output rows: the routed experts' plus the shared experts' (none: routed alone)."""
+        return routed if shared is None else routed + shared
 
     def program(self, x: torch.Tensor, stats: MoEStats | None = None) -> Program:
         """The layer's phases (model/phases.py): route, plan, dispatch with the shared experts computed while

@@ -75,8 +75,7 @@ class DecoderLayer(Recomputable, nn.Module):
 
     def finish(self, h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
         """The MoE block's output: residual + routed experts' + shared experts' rows ((B·T, H) each)."""
-        y = routed if shared is None else routed + shared
-        return h + y.view_as(h)
+        return h + MoE.output(routed, shared).view_as(h)
 
     def _dense(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return h + self.mlp(x)

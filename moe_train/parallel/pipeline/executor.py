@@ -88,6 +88,14 @@ class _Run:
     local_fwd: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # same-rank activations
     local_bwd: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # same-rank gradients
     sends: list = field(default_factory=list)  # p2p work to wait for at the end
+    on_device: dict[int, torch.Tensor] = field(default_factory=dict)  # micro-batch -> its tokens, copied once
+
+    def tokens(self, mb: int, device: torch.device) -> torch.Tensor:
+        """Micro-batch mb's tokens on `device`: one copy shared by its input ids and labels, and by every
+        stage of this rank."""
+        if mb not in self.on_device:
+            self.on_device[mb] = self.micro[mb].to(device, non_blocking=True)
+        return self.on_device[mb]
 
 
 class PipelineExecutor:
@@ -171,7 +179,7 @@ class PipelineExecutor:
         """Token ids on a pipeline's first stage; else the activation received (or handed over locally)."""
         sch, module = self.schedule, self.stages[stage]
         device = next(module.parameters()).device
-        tokens = run.micro[mb].to(device, non_blocking=True)
+        tokens = run.tokens(mb, device)
         if sch.is_first_stage(stage):
             return tokens[:, :-1]
         frm = sch.recv_forward_from(stage)
@@ -188,7 +196,7 @@ class PipelineExecutor:
     def _forward_program(self, stage: int, mb: int, x: torch.Tensor, run: _Run, keep: bool):
         """The forward of (stage, mb) as a program (parallel/overlap.py) that sends its output at the end."""
         sch, module = self.schedule, self.stages[stage]
-        labels = run.micro[mb][:, 1:].to(x.device, non_blocking=True)
+        labels = run.tokens(mb, x.device)[:, 1:]
         stats = MoEStats()
         w = run.weights[mb]
         last = sch.is_last_stage(stage)
