@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -143,6 +143,9 @@ class TrainerConfig:
     peak_tflops: float | None = None
     # A non-finite loss skips the step (no update, counted in `skipped_steps`) instead of stopping the run.
     skip_nonfinite: bool = False
+    # With skip_nonfinite: this many skipped steps in a row stop the run (exit 3): the weights themselves are
+    # then likely non-finite, and every further step would be skipped too.
+    max_consecutive_skips: int = 10
 
 
 @dataclass
@@ -230,8 +233,19 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 def _positive(cfg: Any, prefix: str, names: list[str]) -> None:
     for n in names:
         v = getattr(cfg, n)
-        if v is None or v <= 0:
+        if v is None or not v > 0:  # `not v > 0` also rejects NaN, which every comparison calls False
             _fail(f"{prefix}.{n}", v, "must be a positive number")
+
+
+def _finite(obj: Any, prefix: str) -> None:
+    """No float key may be NaN or infinite: range checks written as `v <= 0` or `v < lo` let NaN through,
+    and an infinite lr or timeout is never what a user means."""
+    for f in fields(obj):
+        v, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if is_dataclass(v):
+            _finite(v, key + ".")
+        elif isinstance(v, float) and not math.isfinite(v):
+            _fail(key, v, "a finite number")
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -239,29 +253,15 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
         _fail(key, value, "one of " + ", ".join(allowed))
 
 
+_MODEL_POSITIVE = (
+    "hidden_size intermediate_size moe_intermediate_size num_hidden_layers num_attention_heads "
+    "n_routed_experts num_experts_per_tok n_group topk_group kv_lora_rank qk_rope_head_dim v_head_dim "
+    "max_position_embeddings rope_theta rms_norm_eps moe_layer_freq"
+).split()
+
+
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
-    _positive(
-        m,
-        prefix,
-        [
-            "hidden_size",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "n_routed_experts",
-            "num_experts_per_tok",
-            "n_group",
-            "topk_group",
-            "kv_lora_rank",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "max_position_embeddings",
-            "rope_theta",
-            "rms_norm_eps",
-            "moe_layer_freq",
-        ],
-    )
+    _positive(m, prefix, _MODEL_POSITIVE)
     if m.vocab_size is not None and m.vocab_size <= 0:
         _fail(
             f"{prefix}.vocab_size", m.vocab_size, "a positive number, or null to take it from the tokenizer"
@@ -378,6 +378,7 @@ def _validate_deepspeed(cfg: TrainConfig) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Check every key and the rules between keys that need nothing from `parallel/` (the layout's rules:
     `moe_train.parallel.layout.check_layout`); raise ConfigError naming key, value and what is allowed."""
+    _finite(cfg, "")
     validate_model(cfg.model)
     d, o, b, t, p = cfg.data, cfg.optim, cfg.balance, cfg.trainer, cfg.parallel
     _choice("data.name", d.name, ("stdlib", "memmap", "synthetic"))
@@ -442,6 +443,10 @@ def validate(cfg: TrainConfig) -> None:
         _fail("trainer.keep_last", t.keep_last, ">= 1")
     if t.mtp_weight < 0 or t.mtp_weight_final < 0:
         _fail("trainer.mtp_weight", (t.mtp_weight, t.mtp_weight_final), ">= 0")
+    if not 0.0 <= t.mtp_weight_switch_frac <= 1.0:
+        _fail("trainer.mtp_weight_switch_frac", t.mtp_weight_switch_frac, "between 0 and 1")
+    if t.max_consecutive_skips < 1:
+        _fail("trainer.max_consecutive_skips", t.max_consecutive_skips, ">= 1")
     if t.resume not in ("auto", "none") and not os.path.exists(t.resume):
         _fail("trainer.resume", t.resume, "auto, none, or an existing checkpoint directory")
     if t.device == "cuda":
@@ -450,9 +455,7 @@ def validate(cfg: TrainConfig) -> None:
         if not torch.cuda.is_available():
             _fail("trainer.device", t.device, "cpu or auto: CUDA is not available on this machine")
 
-    _positive(p, "parallel", ["pp", "ep", "microbatches"])
-    if p.timeout_s <= 0:
-        _fail("parallel.timeout_s", p.timeout_s, "> 0 seconds")
+    _positive(p, "parallel", ["pp", "ep", "microbatches", "timeout_s"])
     if cfg.model.n_routed_experts % p.ep:
         _fail("parallel.ep", p.ep, f"a divisor of model.n_routed_experts={cfg.model.n_routed_experts}")
     if p.overlap_sm_carveout < 0:
