@@ -12,7 +12,8 @@ import torch
 
 from moe_train.config import load_config, to_object
 from moe_train.optim import split_decay
-from moe_train.train.trainer import NonFiniteLossError, Trainer
+from moe_train.train.faults import NonFiniteLossError
+from moe_train.train.trainer import Trainer
 
 
 def make_cfg(run_dir, *overrides: str):
@@ -178,7 +179,8 @@ def test_nonfinite_loss_stops_without_touching_weights(tmp_path):
     with torch.no_grad():
         t.model.layers["0"].self_attn.o_proj.weight.fill_(float("nan"))
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
-    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+    # steps count from 1, as in the log: train_step(0) is step 1
+    with pytest.raises(NonFiniteLossError, match="non-finite loss nan at step 1 "):
         t.train_step(0)
     for n, p in t.model.named_parameters():
         assert torch.equal(p, before[n]) or (torch.isnan(p).all() and torch.isnan(before[n]).all()), n

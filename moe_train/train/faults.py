@@ -1,31 +1,46 @@
-"""Surviving the cluster: preemption signals, collectives that hang, and the exit statuses a launcher reads.
+"""Surviving the cluster: preemption signals, collectives that hang, non-finite steps, and the exit statuses a
+launcher reads.
 
 A job scheduler warns before it kills (SLURM: SIGUSR1 or SIGTERM some seconds ahead). The handler only sets a
 flag; the training loop finishes the step it is in, every rank agrees to stop, the collective checkpoint is
 written and the process exits with EXIT_PREEMPTED, which the launch scripts turn into a requeue. Doing the
 work in the handler instead would interleave a save with a half-done step.
+
+Under torchrun a worker's own exit status reaches nobody: the agent restarts the group after any non-zero
+exit and reports 1 once it gives up. So a preempted worker asks its agent to shut the group down (no
+restart), and rank 0 writes its exit status to `$MOE_TRAIN_STATUS_FILE`, which the launch scripts read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ..config import TrainerConfig
 from ..parallel.mesh import Mesh
 
-# Exit statuses of train.py; 2 and 3 predate this module (user error, non-finite loss).
-EXIT_USER_ERROR = 2
-EXIT_NONFINITE = 3
+# Exit statuses of train.py (docs/launching.md); 1 is left to Python: an unexpected error, with its traceback.
+EXIT_OK = 0
+EXIT_USER_ERROR = 2  # a bad config or input: one line naming the key or file
+EXIT_NONFINITE = 3  # a non-finite loss (or too many in a row, or non-finite weights at a save)
 EXIT_COLLECTIVE = 4  # a collective failed or timed out (a peer died or ranks disagree on the program)
+EXIT_CHECKPOINT = 5  # a checkpoint could not be written or read (disk full, I/O error, damaged file)
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run again to continue
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STATUS_FILE_ENV = "MOE_TRAIN_STATUS_FILE"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss, or weights, stopped the run (exit 3); nothing non-finite was committed."""
 
 
 class Preempted(Exception):
@@ -60,8 +75,11 @@ class StopRequest:
         self.signame = signal.Signals(signum).name
 
     def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+        """Restore the previous handlers — unless a stop was requested: the process is then on its way out,
+        and a second signal (torchrun passes SIGTERM on to every worker) must not kill it half way."""
+        if self.signame is None:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
     def agreed(self, mesh: Mesh) -> bool:
@@ -113,3 +131,67 @@ def injected_exit(step: int, rank: int, env: dict[str, str] | None = None) -> No
     if int(want_rank) == rank and int(want_step) == step:
         print(f"fault injection: rank {rank} exits after step {step}", flush=True)
         os._exit(1)
+
+
+def nonfinite_verdict(sums: Mapping[str, Any], step: int, streak: int, t: TrainerConfig) -> int:
+    """The count of non-finite losses in a row after step `step` (counted from 1, as in the log): 0 for a
+    finite loss. Raises NonFiniteLossError when skipping is off or the streak passes
+    `trainer.max_consecutive_skips`: weights that have become non-finite give a non-finite loss on every
+    step, and skipping them forever would end "successfully" with nothing learnt."""
+    if math.isfinite(sums["loss"]):
+        return 0
+    if not t.skip_nonfinite:
+        raise NonFiniteLossError(
+            f"non-finite loss {sums['loss']} at step {step} (lm_loss {sums['lm_loss']}); "
+            "weights were not updated. Lower optim.lr, check the data, resume from a checkpoint, "
+            "or set trainer.skip_nonfinite=true to skip such steps."
+        )
+    if streak + 1 > t.max_consecutive_skips:
+        raise NonFiniteLossError(
+            f"non-finite loss on {streak + 1} steps in a row (steps {step - streak} to {step}; "
+            f"trainer.max_consecutive_skips={t.max_consecutive_skips}): the weights are likely non-finite. "
+            "Resume from an earlier checkpoint with a lower optim.lr."
+        )
+    return streak + 1
+
+
+def check_finite_weights(model: torch.nn.Module, mesh: Mesh, step: int) -> None:
+    """Raise NonFiniteLossError on every rank if any rank holds a non-finite weight: such a checkpoint would
+    only be resumed into NaN, and committing it could prune the last good one. One pass over the weights,
+    small next to writing them."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+    flag = (~ok).to(device=mesh.device, dtype=torch.int32).reshape(1)
+    if mesh.distributed:
+        with guarded(mesh, "all_reduce of the finite-weights check"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise NonFiniteLossError(
+            f"non-finite weights after step {step}: its checkpoint was not written and earlier ones are "
+            "kept. Resume from the latest checkpoint with a lower optim.lr."
+        )
+
+
+def record_status(status: int | None, env: Mapping[str, str] | None = None) -> None:
+    """Rank 0 writes `status` to `$MOE_TRAIN_STATUS_FILE` (when set) for the launch script to exit with;
+    status None clears the file at start-up, so a status left by an earlier attempt is never read."""
+    env = os.environ if env is None else env
+    path = env.get(STATUS_FILE_ENV)
+    if not path or env.get("RANK", "0") != "0":
+        return
+    if status is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{status}\n")
+
+
+def stop_elastic_agent(env: Mapping[str, str] | None = None) -> None:
+    """After a preemption checkpoint under torchrun: SIGTERM to this node's agent, which then shuts its
+    workers down instead of restarting them (it restarts after any non-zero exit, 75 included). Local rank
+    0 alone sends it: the agent takes a second signal during its shutdown, not a third."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env and env.get("LOCAL_RANK", "0") == "0":
+        os.kill(os.getppid(), signal.SIGTERM)

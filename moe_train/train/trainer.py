@@ -28,7 +28,7 @@ from ..optim.engine import build_engine
 from ..parallel.dispatch import CommCounters
 from ..parallel.mesh import Mesh, build_mesh
 from ..parallel.pipeline.executor import LOSS_KEYS
-from .faults import Preempted, StopRequest, guarded, injected_exit
+from .faults import Preempted, StopRequest, check_finite_weights, guarded, injected_exit, nonfinite_verdict
 from .metrics import Throughput, build_loggers, print_summary, profiler, run_summary
 from .setup import (
     autocast_dtype,
@@ -44,10 +44,6 @@ from .totals import Totals, maxvio_record
 
 # after an optimizer step: (step, global loads per MoE layer) -> entries for the step's record
 AfterStep = Callable[[int, dict[int, torch.Tensor]], dict[str, Any]]
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class Trainer:
@@ -78,7 +74,7 @@ class Trainer:
         self.peak = peak_tflops(t.peak_tflops, self.device)
         self.memory: MemoryEstimate = estimate_stage_memory(cfg, self.mesh, stages, self.amp, self.engine)
         print(self.memory.line(self.mesh.rank), flush=True)
-        self.step, self.skipped_steps, self.wandb_id = 0, 0, None
+        self.step, self.skipped_steps, self.skip_streak, self.wandb_id = 0, 0, 0, None
         self.checkpoints = Checkpointer(cfg, run_dir, self.mesh)
         self._resume()
         if self.mesh.is_logging_rank:
@@ -101,6 +97,7 @@ class Trainer:
         """This step's checkpoint (checkpoint.Checkpointer.save)."""
         state = {"step": self.step, "wandb_id": self.wandb_id, "skipped_steps": self.skipped_steps}
         yaml, e = OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.engine
+        check_finite_weights(self.model, self.mesh, self.step)
         with guarded(self.mesh, f"checkpoint of step {self.step}"):
             return self.checkpoints.save(
                 state | {"has_optim": True}, self.model, e.optimizer, e.sharded_state, yaml
@@ -142,12 +139,7 @@ class Trainer:
             sums, stats = self.forward_backward(step)
         lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
         skip = not math.isfinite(sums["loss"])  # the same verdict on every rank: totals were all-reduced
-        if skip and not cfg.trainer.skip_nonfinite:
-            raise NonFiniteLossError(
-                f"non-finite loss {sums['loss']} at step {step} (lm_loss {sums['lm_loss']}); "
-                "weights were not updated. Lower optim.lr, check the data, resume from a checkpoint, "
-                "or set trainer.skip_nonfinite=true to skip such steps."
-            )
+        self.skip_streak = nonfinite_verdict(sums, step + 1, self.skip_streak, cfg.trainer)
         record = {"kind": "train", "step": step + 1, **sums, "lr": lr, "bias_update_rate": 0.0}
         record["mtp_weight"] = self.mtp_weight(step) if sums["mtp_loss"] is not None else None
         with guarded(mesh, f"gradient reduction / optimizer update of step {step + 1}"):
