@@ -110,6 +110,11 @@ def count_value(tokens: np.ndarray, value: int) -> int:
     )
 
 
+def max_value(tokens: np.ndarray) -> int:
+    """The largest token id, chunked for memmaps (-1 for an empty stream)."""
+    return max((int(tokens[i : i + _CHUNK].max()) for i in range(0, len(tokens), _CHUNK)), default=-1)
+
+
 def default_cache_dir(cache_dir: str | None) -> str:
     """``data.cache_dir``, else ``$MOE_TRAIN_CACHE``, else ``~/.cache/moe_train``."""
     return (

@@ -24,6 +24,7 @@ from .corpus import (
     corpus_sha256,
     count_value,
     default_cache_dir,
+    max_value,
     pack,
     stream_sha256,
     token_dtype,
@@ -207,6 +208,7 @@ def _load_memmap(cfg: DataConfig) -> TokenDataset:
                 "(the corpus's meta.json decides) or prepare the corpus again"
             )
     train, val = (_map(os.path.join(d, f"{split}.bin"), dtype, d) for split in ("train", "val"))
+    _check_tokens(d, meta, {"train": train, "val": val}, vocab_size)
 
     info: dict[str, Any] = {
         "name": "memmap",
@@ -218,13 +220,35 @@ def _load_memmap(cfg: DataConfig) -> TokenDataset:
         "vocab_size": vocab_size,
         "eod_id": eod_id,
     }
-    sizes_match = meta.get("n_train_tokens") == len(train) and meta.get("n_val_tokens") == len(val)
-    if "sha256" in meta and "n_docs" in meta and sizes_match:
+    if "sha256" in meta and "n_docs" in meta:
         info["sha256"], info["n_docs"] = meta["sha256"], int(meta["n_docs"])
     else:
         info["sha256"] = corpus_sha256(stream_sha256(train), stream_sha256(val), dtype.name)
         info["n_docs"] = count_value(train, eod_id) + count_value(val, eod_id)
     return TokenDataset(train=train, val=val, vocab_size=vocab_size, eod_id=eod_id, info=info)
+
+
+def _check_tokens(d: str, meta: dict[str, Any], splits: dict[str, np.ndarray], vocab_size: int) -> None:
+    """Each .bin holds as many tokens as meta.json says, every id below vocab_size: a short file would
+    train silently on less, and an id out of range fails deep inside the first forward's embedding.
+    `prepare` records its largest id, which spares reading the corpus at every start-up; a meta.json
+    without it (written by another tool) is checked against the tokens themselves."""
+    meta_path = os.path.join(d, "meta.json")
+    for split, tokens in splits.items():
+        path, want = os.path.join(d, f"{split}.bin"), meta.get(f"n_{split}_tokens")
+        if want is not None and want != len(tokens):
+            raise ValueError(
+                f"memmap corpus: {path} holds {len(tokens)} tokens but {meta_path} says "
+                f"n_{split}_tokens={want}: the file is truncated or meta.json belongs to another corpus; "
+                + _prepare_hint(d)
+            )
+        top = meta.get("max_token_id")
+        top = max_value(tokens) if top is None else int(top)
+        if top >= vocab_size:
+            raise ValueError(
+                f"memmap corpus: {path} holds token id {top}, not below vocab_size={vocab_size} of "
+                f"{meta_path}; tokenize it with the tokenizer meta.json names, or fix its vocab_size"
+            )
 
 
 def _map(path: str, dtype: np.dtype, directory: str) -> np.ndarray:

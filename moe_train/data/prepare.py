@@ -88,7 +88,7 @@ def prepare(
     splitter = DocumentSplitter(val_fraction)
     hashes = {"train": hashlib.sha256(), "val": hashlib.sha256()}
     counts = {"train": 0, "val": 0}
-    done = 0
+    done, top = 0, -1
     with (
         atomic_write(os.path.join(out, "train.bin")) as ftrain,
         atomic_write(os.path.join(out, "val.bin")) as fval,
@@ -106,6 +106,7 @@ def prepare(
                 files[split].write(buf)
                 hashes[split].update(buf)
                 counts[split] += len(arr)
+                top = max(top, int(arr.max()))
     meta = {
         "dtype": np.dtype(dtype).name,
         "vocab_size": int(tok.vocab_size),
@@ -118,6 +119,7 @@ def prepare(
         "n_val_docs": splitter.n_val,
         "n_train_tokens": counts["train"],
         "n_val_tokens": counts["val"],
+        "max_token_id": top,
         "sha256": corpus_sha256(hashes["train"].hexdigest(), hashes["val"].hexdigest(), np.dtype(dtype).name),
     }
     with atomic_write(meta_path, "w") as f:

@@ -61,7 +61,10 @@ class HFTokenizer:
                 f"tokenizer file not found: {path} (expected a tokenizers tokenizer.json)"
             )
         self.path = path
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception that names no file
+            raise ValueError(f"tokenizer {path} is not a valid tokenizers tokenizer.json: {e}") from None
         self.vocab_size: int = self._tok.get_vocab_size()
         eod = None
         for tok in EOD_CANDIDATES:
