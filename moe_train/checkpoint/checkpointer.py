@@ -17,6 +17,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..parallel.mesh import Mesh
 from .directory import latest_checkpoint, resolve_checkpoint
+from .errors import checkpoint_io
 from .sharded import PendingSave, commit_pending
 from .trainer_state import NamedOptimizerState, load, save
 
@@ -45,7 +46,8 @@ class Checkpointer:
         sharded: NamedOptimizerState | None,
     ) -> dict[str, Any]:
         """Weights, optimizer state and RNG from `path` (any layout's); returns the trainer's state."""
-        return load(path, model, optimizer, sharded, self.mesh, self.cfg.model)
+        with checkpoint_io(f"loading checkpoint {path}", path):
+            return load(path, model, optimizer, sharded, self.mesh, self.cfg.model)
 
     def save(
         self,
@@ -59,18 +61,19 @@ class Checkpointer:
         asynchronous write is still in flight)."""
         t = self.cfg.trainer
         self.finish()
-        out = save(
-            self.root,
-            trainer_state,
-            model,
-            optimizer,
-            sharded,
-            self.mesh,
-            config_yaml,
-            t.keep_last,
-            t.async_save,
-            self._async_group,
-        )
+        with checkpoint_io(f"saving the checkpoint of step {trainer_state['step']}", self.root):
+            out = save(
+                self.root,
+                trainer_state,
+                model,
+                optimizer,
+                sharded,
+                self.mesh,
+                config_yaml,
+                t.keep_last,
+                t.async_save,
+                self._async_group,
+            )
         if isinstance(out, PendingSave):
             self._pending = out
             return None
@@ -79,4 +82,7 @@ class Checkpointer:
     def finish(self) -> str | None:
         """Commit an asynchronous save still in flight (collective); None if there is none."""
         pending, self._pending = self._pending, None
-        return None if pending is None else commit_pending(pending, self.cfg.trainer.keep_last)
+        if pending is None:
+            return None
+        with checkpoint_io(f"committing the checkpoint of step {pending.step}", self.root):
+            return commit_pending(pending, self.cfg.trainer.keep_last)

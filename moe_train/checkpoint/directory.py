@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointIOError
+
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -44,7 +46,10 @@ def read_meta(path: str) -> dict[str, Any] | None:
     if not os.path.isfile(meta):
         return None
     with open(meta, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointIOError(f"{meta} is not valid JSON ({e}); the checkpoint is damaged") from None
 
 
 def seal(

@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..model import build_model
 from ..parallel.mesh import Mesh
 from .directory import read_meta
+from .errors import checkpoint_io
 from .mismatch import check_model_state
 from .sharded import (
     PendingSave,
@@ -140,7 +141,8 @@ def _load_sharded(
         zero.load_named_state(by_name, lambda _name, v: v)
     elif by_name:
         load_named_optim(optimizer, by_name)
-    tr = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    with checkpoint_io("reading", os.path.join(path, "trainer.pt")):
+        tr = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
     saved_layout = (read_meta(path) or {}).get("layout")
     rng = read_rng(path, mesh.rank)
     if rng is not None and saved_layout == layout_of(mesh):
