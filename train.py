@@ -7,13 +7,17 @@ import hydra
 from omegaconf import DictConfig
 
 from moe_train.config import register_configs
+from moe_train.train.faults import EXIT_USER_ERROR
 from moe_train.train.hydra_args import rank_overrides
 
 register_configs()
+_started = False  # set once Hydra has composed the config and handed it to the task
 
 
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def run(cfg: DictConfig) -> None:
+    global _started
+    _started = True
     from moe_train.train import main
 
     main(cfg)
@@ -22,4 +26,11 @@ def run(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # before Hydra parses argv: one run dir per launch, `.hydra/` written by rank 0 only
     sys.argv += rank_overrides(sys.argv[1:], os.environ)
-    run()
+    try:
+        run()
+    except SystemExit as e:
+        # Hydra reports its own errors (an unknown key, a malformed override, a missing group) with status 1,
+        # the status Python gives a crash; they are bad input, which exits 2 (docs/launching.md)
+        if e.code == 1 and not _started:
+            raise SystemExit(EXIT_USER_ERROR) from None
+        raise

@@ -8,6 +8,7 @@ the fast link where it can), and data-parallel peers of one stage are the contig
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 class MeshError(ValueError):
@@ -180,6 +183,24 @@ class Mesh:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def close(self) -> None:
+        """Destroy the process groups: this mesh's subgroups newest first, then the default group, which takes
+        every other group with it (the checkpoint writer's, the pipeline ties', DeepSpeed's). Every exit path
+        calls it, so every rank tears down in the same order; left to interpreter exit, groups are destroyed
+        in whatever order garbage collection reaches them while their background threads (gloo's, NCCL's
+        watchdog) still run, which can abort a process that has finished its work."""
+        if not dist.is_initialized():
+            return
+        world = dist.group.WORLD
+        for name in reversed(list(self.groups)):
+            g = self.groups.pop(name)
+            if g is not None and g is not world:
+                dist.destroy_process_group(g)
+                log.debug("rank %d: destroyed process group %s", self.rank, name)
+        self.groups.clear()
+        dist.destroy_process_group()
+        log.debug("rank %d: destroyed process group world", self.rank)
 
 
 def _new_groups(all_groups: list[list[int]], rank: int, backend: str | None) -> Any:

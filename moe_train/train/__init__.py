@@ -32,16 +32,52 @@ def shared_run_dir(run_dir: str, mesh: Mesh) -> str:
     """Rank 0's run dir for every rank (each rank's Hydra may have stamped its own time)."""
     if not mesh.distributed:
         return run_dir
+    from .faults import guarded
+
     box = [run_dir]
-    dist.broadcast_object_list(box, src=0)
+    with guarded(mesh, "broadcast of the run dir"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
-    """Validate, build, train; returns the run summary. Bad input exits with status 2 and one message."""
-    from .faults import EXIT_COLLECTIVE, EXIT_NONFINITE, EXIT_PREEMPTED, CollectiveError, Preempted
-    from .trainer import NonFiniteLossError, Trainer
+def _exit_status(e: BaseException, built: bool) -> int | None:
+    """The documented status for an exception that ends a run; None for an unexpected one (a bug: Python
+    prints its traceback and exits 1)."""
+    from ..checkpoint import CheckpointIOError
+    from .faults import (
+        EXIT_CHECKPOINT,
+        EXIT_COLLECTIVE,
+        EXIT_NONFINITE,
+        EXIT_PREEMPTED,
+        EXIT_USER_ERROR,
+        CollectiveError,
+        NonFiniteLossError,
+        Preempted,
+    )
 
+    if not built and isinstance(e, ConfigError | FileNotFoundError | ValueError):
+        return EXIT_USER_ERROR
+    for kind, status in (
+        (CheckpointIOError, EXIT_CHECKPOINT),
+        (NonFiniteLossError, EXIT_NONFINITE),
+        (Preempted, EXIT_PREEMPTED),
+        (CollectiveError, EXIT_COLLECTIVE),
+    ):
+        if isinstance(e, kind):
+            return status
+    return None
+
+
+def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
+    """Validate, build, train; returns the run summary. Every other ending prints one message and exits with
+    its documented status (train/faults.py). Whatever the ending, the process groups are destroyed first, in
+    one order (Mesh.close), and rank 0 records the status for the launch scripts (faults.record_status)."""
+    from .faults import EXIT_OK, EXIT_PREEMPTED, record_status, stop_elastic_agent
+    from .trainer import Trainer
+
+    record_status(None)
+    mesh: Mesh | None = None
+    built = False
     try:
         obj = to_object(cfg)
         validate(obj)
@@ -49,22 +85,26 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
         p = obj.parallel
         mesh = build_mesh(p.pp, p.ep, p.gpus_per_node, obj.trainer.device, p.backend, p.timeout_s)
         trainer = Trainer(obj, shared_run_dir(run_dir_of(obj), mesh), mesh)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    try:
-        return trainer.run()
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NONFINITE) from None
-    except Preempted as e:
-        if mesh.is_logging_rank:
+        built = True
+        summary = trainer.run()
+    except BaseException as e:
+        status = _exit_status(e, built)
+        if mesh is not None:
+            mesh.close()
+        if status is None:
+            raise
+        if status != EXIT_PREEMPTED:
+            # every rank prints: with a failed collective the rank reporting first is seldom the cause
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        elif mesh is None or mesh.is_logging_rank:
             print(f"preempted: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_PREEMPTED) from None
-    except CollectiveError as e:
-        # every rank prints: the rank that reports first is usually not the one that caused the hang
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_COLLECTIVE) from None
+        record_status(status)
+        if status == EXIT_PREEMPTED:
+            stop_elastic_agent()
+        raise SystemExit(status) from None
+    mesh.close()
+    record_status(EXIT_OK)
+    return summary
 
 
 __all__ = ["main", "run_dir_of"]

@@ -114,6 +114,8 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters) -> Stages
     ties, owned = build_ties(model, mesh, schedule, chunks)
     lay = mesh.layout
     peers = [lay.rank_of(q, mesh.edp_rank, mesh.ep_rank) for q in range(lay.pp)]
+    # the SM carveout steers CUDA matmuls only; set anywhere else it just prints torch's warning
+    carveout = p.overlap_sm_carveout if mesh.device.type == "cuda" else 0
     executor = PipelineExecutor(
         schedule,
         mesh.pp_rank,
@@ -123,7 +125,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters) -> Stages
         cfg.model.hidden_size,
         # the residual stream between stages keeps the weights' dtype, also under autocast
         next(model.parameters()).dtype,
-        overlap=OverlapEngine(sm_carveout=p.overlap_sm_carveout) if p.overlap else False,
+        overlap=OverlapEngine(sm_carveout=carveout) if p.overlap else False,
     )
     # the executor keeps a stage's graph until its W pass, so activations count until W
     in_flight = peak_activations(schedule, release="W")[mesh.pp_rank]
