@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from moe_train.parallel.dispatch import CommCounters
 from moe_train.train.faults import EXIT_PREEMPTED
 from moe_train.train.trainer import Trainer
 from tests.distributed import run_world
@@ -253,3 +254,222 @@ def test_torchrun_restart_after_a_lost_worker_matches_uninterrupted(tmp_path):
     # one run dir for the launch: no per-rank or per-attempt dirs, and only rank 0 wrote .hydra/
     assert sorted(os.listdir(tmp_path / "outputs")) == ["torchrun-hurt", "torchrun-ref"]
     assert os.path.isfile(run_dir / ".hydra" / "config.yaml")
+
+
+def test_nonfinite_weights_stop_the_run_and_are_never_committed(tmp_path):
+    """Weights that became non-finite make every later loss non-finite: with skipping on, the run stops after
+    trainer.max_consecutive_skips skipped steps in a row, and no checkpoint of such weights is committed."""
+    run = tmp_path / "run"
+    Trainer(
+        make_cfg(run, "trainer.max_steps=2", "trainer.ckpt_every=1", "trainer.keep_last=5"), str(run)
+    ).run()
+    good = (run / "checkpoints" / "latest").read_text().strip()
+    assert good == "step_00000002"
+
+    def poisoned(*overrides: str) -> Trainer:
+        t = Trainer(make_cfg(run, "trainer.skip_nonfinite=true", "trainer.keep_last=5", *overrides), str(run))
+        assert t.step == 2
+        with torch.no_grad():
+            next(iter(t.model.parameters())).fill_(float("nan"))
+        return t
+
+    # the bound: steps 3, 4, 5 skipped, the fourth non-finite step in a row stops the run
+    t = poisoned("trainer.max_steps=20", "trainer.max_consecutive_skips=3")
+    with pytest.raises(RuntimeError, match=r"non-finite loss on 4 steps in a row \(steps 3 to 6"):
+        t.run()
+    assert t.step == 5 and t.skipped_steps == 3
+    # under the bound, the end-of-run save refuses the weights: step 4 is never committed
+    t = poisoned("trainer.max_steps=4", "trainer.ckpt_every=1")
+    with pytest.raises(RuntimeError, match="non-finite weights after step 3"):
+        t.run()
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000001", "step_00000002"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == good
+
+
+def test_sm_carveout_is_left_alone_on_cpu(tmp_path):
+    """The SM carveout steers CUDA matmuls only; on CPU the overlap engine must not set it (torch prints a
+    warning for it on every process)."""
+    from moe_train.parallel.mesh import build_mesh
+    from moe_train.train.setup import build_stages
+
+    cfg = make_cfg(tmp_path, "parallel.overlap=true", "parallel.overlap_sm_carveout=4", "trainer.device=cpu")
+    cfg.model.vocab_size = 257
+    stages = build_stages(cfg, build_mesh(device="cpu"), CommCounters())
+    assert stages.executor.engine is not None and stages.executor.engine.sm_carveout == 0
+
+
+def _exit_paths(ports: list[int], run_root: str) -> dict[str, tuple[int, list[str], bool, str]]:
+    """On each rank of a 2-rank world, main() through every ending; per ending: (exit status, the process
+    groups in the order they were destroyed, whether a group is left, the status rank 0 recorded)."""
+    import logging
+    import threading
+
+    import torch.distributed as dist
+
+    from moe_train.config import load_config
+    from moe_train.parallel.mesh import build_mesh
+    from moe_train.train import main
+
+    rank = int(os.environ["RANK"])
+    destroyed: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            destroyed.append(record.getMessage().rpartition(" ")[2])
+
+    log = logging.getLogger("moe_train.parallel.mesh")
+    log.setLevel(logging.DEBUG)
+    log.addHandler(Collect())
+    status_file = os.path.join(run_root, "status")
+    os.environ["MOE_TRAIN_STATUS_FILE"] = status_file
+    base = [*FAST, "parallel.ep=2", "parallel.timeout_s=5", "trainer.device=cpu", "logger.console=false"]
+    cases = {
+        "normal end": ["trainer.max_steps=1"],
+        "error exit": ["trainer.max_steps=1", "model.vocab_size=100"],  # below the data's 257, found in build
+        "preemption": ["trainer.max_steps=200"],
+        "timeout": ["trainer.max_steps=3", "parallel.timeout_s=2"],
+    }
+    out = {}
+    for (name, overrides), port in zip(cases.items(), ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        run_dir = os.path.join(run_root, name.replace(" ", "_"))
+        cfg = load_config([*base, *overrides, f"run_dir={run_dir}"])
+        destroyed.clear()
+        if name == "timeout" and rank == 1:  # joins the world, then never reaches a collective of training
+            mesh = build_mesh(1, 2, None, "cpu", None, 2.0)
+            time.sleep(6)
+            mesh.close()
+            continue
+        if name == "preemption" and rank == 0:
+
+            def signal_after_a_step(watched: str) -> None:
+                while not _losses(watched):
+                    time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+            threading.Thread(target=signal_after_a_step, args=(run_dir,), daemon=True).start()
+        status = 0
+        try:
+            main(cfg)
+        except SystemExit as e:
+            status = int(e.code)
+        recorded = open(status_file).read().strip() if rank == 0 else ""
+        out[name] = (status, list(destroyed), dist.is_initialized(), recorded)
+    return out
+
+
+@pytest.mark.slow
+def test_every_exit_path_destroys_the_process_groups_in_order(tmp_path):
+    """Normal end, error exit, preemption and collective timeout: each destroys the mesh's subgroups newest
+    first and the default group last, on every rank, and rank 0 records the exit status for the scripts."""
+    import socket
+
+    ports = []
+    for _ in range(4):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    ranks = run_world(2, _exit_paths, ports, str(tmp_path))
+    order = ["inter_node", "intra_node", "pp", "edp", "ep", "dp", "world"]
+    want = {"normal end": 0, "error exit": 2, "preemption": EXIT_PREEMPTED, "timeout": 4}
+    for rank, out in enumerate(ranks):
+        for name, (status, destroyed, left, recorded) in out.items():
+            assert status == want[name], (rank, name, status)
+            assert destroyed == order, (rank, name, destroyed)
+            assert not left, (rank, name)
+            assert recorded == ("" if rank else str(want[name])), (rank, name, recorded)
+    assert set(ranks[0]) == set(want) and set(ranks[1]) == set(want) - {"timeout"}
+
+
+def _workers(root: int) -> list[int]:
+    """The training processes torchrun started below `root` (the launch script)."""
+    parent, cmd = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def below_root(pid: int) -> bool:
+        while pid in parent and pid != root:
+            pid = parent[pid]
+        return pid == root
+
+    def is_agent(line: str) -> bool:
+        return any(os.path.basename(a) == "torchrun" or a == "torch.distributed.run" for a in line.split())
+
+    agents = {p for p in cmd if below_root(p) and is_agent(cmd[p])}
+    return sorted(p for p in cmd if parent.get(p) in agents and "train.py" in cmd[p])
+
+
+@pytest.mark.slow
+def test_torchrun_preemption_of_one_worker_ends_the_job_with_75_and_no_restart(tmp_path):
+    """launch/torchrun_single_node.sh with 2 workers: SIGUSR1 to one worker stops both after the same step
+    with one checkpoint; torchrun does not restart them (which would resume and train on), and the script
+    exits 75, the status train.py documents for a preemption."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    env = dict(_env(tmp_path), NPROC="2", RUN_ID="preempt", PORT=str(port), MAX_RESTARTS="2")
+    env["MOE_TRAIN_STATUS_FILE"] = str(tmp_path / "status")
+    cmd = ["launch/torchrun_single_node.sh", *FAST, "trainer.max_steps=200", f"hydra.run.dir={run_dir}"]
+    script = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.time() + 180
+        while len(_losses(run_dir)) < 2 and script.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        workers = _workers(script.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGUSR1)
+        out, _ = script.communicate(timeout=180)
+    finally:
+        if script.poll() is None:
+            script.kill()
+    assert script.returncode == EXIT_PREEMPTED, out[-3000:]
+    recs = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    stops = [r for r in recs if r["kind"] == "preempted"]
+    assert len(stops) == 1 and recs[-1] == stops[0], recs[-3:]
+    step = stops[0]["step"]
+    assert 2 <= step < 200
+    assert max(_losses(run_dir)) == step  # nothing trained after the stop: no restarted attempt
+    assert "resumed from" not in out and "will restart worker group" not in out, out[-3000:]
+    assert os.path.isfile(run_dir / "checkpoints" / f"step_{step:08d}" / "meta.json")
+    assert (tmp_path / "status").read_text().strip() == str(EXIT_PREEMPTED)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: room for the run's logs, not for a checkpoint (mounting needs root)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a size-capped tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_disk_full_at_save_says_no_space_left_and_where(small_disk, capsys):
+    """The save fails inside DCP (a CheckpointException wrapping torch's `unexpected pos` error): the user
+    reads one line saying there is no space left on the device and which directory, and the run exits 5."""
+    from moe_train.train import main
+
+    run = small_disk / "run"
+    with pytest.raises(SystemExit) as e:
+        main(make_cfg(run, "trainer.max_steps=1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 5, err[-2000:]
+    line = next(x for x in err.splitlines() if x.startswith("error:"))
+    assert "no space left on device" in line and str(run / "checkpoints") in line, line
+    assert "saving the checkpoint of step 1" in line, line
+    assert not os.path.exists(run / "checkpoints" / "latest")

@@ -195,22 +195,28 @@ def test_hydra_sweep_through_submitit(slurm, tmp_path):
     assert list(sweep.glob(".submitit/*/*_log.out")), "the points did not run as SLURM jobs"
 
 
-def test_sbatch_usr1_checkpoints_and_requeues(slurm, tmp_path):
-    """SIGUSR1 to the batch script (what `--signal=B:USR1@120` sends): the workers save and exit 75 and the
-    script requeues the job (same id, so the same run dir). That resuming there continues the run exactly is
-    tested without SLURM (tests/test_launch.py); SLURM delays a requeued job's start, so it is not awaited."""
+def _job(env: dict, job: str) -> dict[str, str]:
+    """`scontrol show job` as key -> value (the first of each key)."""
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    fields: dict[str, str] = {}
+    for word in out.split():
+        key, _, value = word.partition("=")
+        fields.setdefault(key, value)
+    return fields
+
+
+def test_sbatch_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, tmp_path):
+    """SIGUSR1 to the batch script (what `--signal=B:USR1@120` sends): every worker saves, the job step ends
+    with 75 without a torchrun restart, and the script requeues the job (same id, so the same run dir). The
+    requeued job resumes from that checkpoint in that run dir and runs to the end."""
     env = dict(slurm, PYTHONPATH=ROOT, MOE_TRAIN_CACHE=str(tmp_path / "cache"), NPROC="2", PORT="29612")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     steps = 30
     over = [*TINY[:-3], f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.progress=false"]
-    res = subprocess.run(
-        ["sbatch", "--parsable", f"--output={tmp_path / 'job.out'}", "launch/slurm.sbatch", *over],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    log = tmp_path / "job.out"
+    # append: the requeued run writes after the first one instead of over it
+    cmd = ["sbatch", "--parsable", "--open-mode=append", f"--output={log}", "launch/slurm.sbatch", *over]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip().split(";")[0]
     run_dir = os.path.join(ROOT, "outputs", f"slurm-{job}")
@@ -220,19 +226,28 @@ def test_sbatch_usr1_checkpoints_and_requeues(slurm, tmp_path):
         while time.time() < deadline and not (os.path.exists(metrics) and len(_losses(run_dir)) >= 3):
             time.sleep(0.2)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True)
-        show = ""
-        while time.time() < deadline:
-            cmd = ["scontrol", "show", "job", job]
-            show = subprocess.run(cmd, env=env, capture_output=True, text=True).stdout
-            if "Restarts=1" in show:
-                break
+        while time.time() < deadline and _job(env, job).get("Restarts") != "1":
             time.sleep(0.5)
-        assert "Restarts=1" in show, show
+        assert _job(env, job).get("Restarts") == "1", _job(env, job)
         recs = _losses(run_dir)
         stop = [r for r in recs if r["kind"] == "preempted"]
         assert len(stop) == 1 and 3 <= stop[0]["step"] < steps, recs[-3:]
         step = stop[0]["step"]
         assert os.path.isfile(os.path.join(run_dir, "checkpoints", f"step_{step:08d}", "meta.json"))
+        # SLURM holds a requeued job back for a while; let it start now
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=False)
+        deadline = time.time() + 240
+        while time.time() < deadline and _job(env, job).get("JobState") not in ("COMPLETED", "FAILED"):
+            time.sleep(0.5)
+        final = _job(env, job)
+        text = log.read_text()
+        assert final.get("JobState") == "COMPLETED", (final, text[-3000:])
+        assert "job exit status 75" in text and "will restart worker group" not in text, text[-3000:]
+        assert f"resumed from {os.path.join(run_dir, 'checkpoints', f'step_{step:08d}')}" in text, text[
+            -3000:
+        ]
+        train = [r["step"] for r in _losses(run_dir) if r["kind"] == "train"]
+        assert train == list(range(1, steps + 1)), train  # one run dir: the resumed steps follow the stop
     finally:
         subprocess.run(["scancel", job], env=env, check=False)
         shutil.rmtree(run_dir, ignore_errors=True)
