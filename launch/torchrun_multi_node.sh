@@ -8,6 +8,7 @@
 # rank 0 leaves in outputs/torchrun-$RUN_ID/exit_status: torchrun itself says 1 for any failure).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source launch/exit_status.sh
 : "${RUN_ID:?set RUN_ID, the same on every node}"
 : "${HEAD_ADDR:?set HEAD_ADDR, a host name or address of one node that every node reaches}"
 NNODES=${NNODES:?set NNODES}
@@ -28,7 +29,5 @@ torchrun --nnodes="$NNODES" --nproc-per-node="$NPROC" --max-restarts="${MAX_REST
 AGENT=$!
 # torchrun passes SIGTERM on to every worker (SIGUSR1 it does not handle: it would die of it)
 trap 'kill -TERM "$AGENT" 2>/dev/null' TERM USR1
-wait "$AGENT"; rc=$?
-while ((rc > 128)) && kill -0 "$AGENT" 2>/dev/null; do wait "$AGENT"; rc=$?; done  # woken by the trap
-if [[ -s "$MOE_TRAIN_STATUS_FILE" ]]; then rc=$(<"$MOE_TRAIN_STATUS_FILE"); fi
-exit "$rc"
+wait_for_status "$AGENT"
+exit "$STATUS"

@@ -260,30 +260,28 @@ def test_nonfinite_weights_stop_the_run_and_are_never_committed(tmp_path):
     """Weights that became non-finite make every later loss non-finite: with skipping on, the run stops after
     trainer.max_consecutive_skips skipped steps in a row, and no checkpoint of such weights is committed."""
     run = tmp_path / "run"
-    Trainer(
-        make_cfg(run, "trainer.max_steps=2", "trainer.ckpt_every=1", "trainer.keep_last=5"), str(run)
-    ).run()
-    good = (run / "checkpoints" / "latest").read_text().strip()
-    assert good == "step_00000002"
+    small = ("model.num_hidden_layers=2", "data.batch_size=4", "trainer.keep_last=5")
+    Trainer(make_cfg(run, *small, "trainer.max_steps=1", "trainer.ckpt_every=1"), str(run)).run()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
 
     def poisoned(*overrides: str) -> Trainer:
-        t = Trainer(make_cfg(run, "trainer.skip_nonfinite=true", "trainer.keep_last=5", *overrides), str(run))
-        assert t.step == 2
+        t = Trainer(make_cfg(run, *small, "trainer.skip_nonfinite=true", *overrides), str(run))
+        assert t.step == 1
         with torch.no_grad():
             next(iter(t.model.parameters())).fill_(float("nan"))
         return t
 
-    # the bound: steps 3, 4, 5 skipped, the fourth non-finite step in a row stops the run
-    t = poisoned("trainer.max_steps=20", "trainer.max_consecutive_skips=3")
-    with pytest.raises(RuntimeError, match=r"non-finite loss on 4 steps in a row \(steps 3 to 6"):
+    # the bound: steps 2 and 3 skipped, the third non-finite step in a row stops the run
+    t = poisoned("trainer.max_steps=20", "trainer.max_consecutive_skips=2")
+    with pytest.raises(RuntimeError, match=r"non-finite loss on 3 steps in a row \(steps 2 to 4"):
         t.run()
-    assert t.step == 5 and t.skipped_steps == 3
-    # under the bound, the end-of-run save refuses the weights: step 4 is never committed
-    t = poisoned("trainer.max_steps=4", "trainer.ckpt_every=1")
-    with pytest.raises(RuntimeError, match="non-finite weights after step 3"):
+    assert t.step == 3 and t.skipped_steps == 2
+    # under the bound, the save refuses the weights: step 2 is never committed
+    t = poisoned("trainer.max_steps=2", "trainer.ckpt_every=1")
+    with pytest.raises(RuntimeError, match="non-finite weights after step 2"):
         t.run()
-    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000001", "step_00000002"]
-    assert (run / "checkpoints" / "latest").read_text().strip() == good
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000001"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
 
 
 def test_sm_carveout_is_left_alone_on_cpu(tmp_path):
