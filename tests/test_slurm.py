@@ -236,13 +236,17 @@ def test_sbatch_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, tmp_path):
         assert os.path.isfile(os.path.join(run_dir, "checkpoints", f"step_{step:08d}", "meta.json"))
         # SLURM holds a requeued job back for a while; let it start now
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=False)
+        # the first run's end may still show as FAILED (status 75) for a moment: wait for the second run's end
         deadline = time.time() + 240
-        while time.time() < deadline and _job(env, job).get("JobState") not in ("COMPLETED", "FAILED"):
+        while time.time() < deadline and log.read_text().count("job exit status") < 2:
             time.sleep(0.5)
-        final = _job(env, job)
+        while time.time() < deadline and _job(env, job).get("JobState") != "COMPLETED":
+            time.sleep(0.5)
         text = log.read_text()
-        assert final.get("JobState") == "COMPLETED", (final, text[-3000:])
-        assert "job exit status 75" in text and "will restart worker group" not in text, text[-3000:]
+        assert _job(env, job).get("JobState") == "COMPLETED", (_job(env, job), text[-3000:])
+        ends = [line for line in text.splitlines() if line.startswith("job exit status")]
+        assert ends == ["job exit status 75", "job exit status 0"], text[-3000:]
+        assert "will restart worker group" not in text, text[-3000:]
         assert f"resumed from {os.path.join(run_dir, 'checkpoints', f'step_{step:08d}')}" in text, text[
             -3000:
         ]
