@@ -126,7 +126,8 @@ class TrainerConfig:
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 8
+    # validation sequences, rounded up to whole data.batch_size batches, each cut like a training step
+    eval_sequences: int = 256
     ckpt_every: int = 0  # 0: only at the end
     resume: str = "auto"  # auto | none | path to a checkpoint directory or to one checkpoint
     keep_last: int = 2
@@ -432,7 +433,7 @@ def validate(cfg: TrainConfig) -> None:
             "aux_free needs model.scoring_func=sigmoid (the bias shifts sigmoid scores)",
         )
 
-    _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_batches"])
+    _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_sequences"])
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16"))
     _choice("trainer.recompute", t.recompute, ("none", "selective", "full"))
