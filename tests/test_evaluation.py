@@ -1,9 +1,11 @@
-"""Evaluation cut like a training step, checkpoints committed before it, failures it survives; the pp=2 and
-ep=2 cases run inside tests/test_layout_invariance.py's process groups."""
+"""Evaluation cut like a training step, checkpoints committed before it, failures it survives, and the
+time-based checkpoint; the pp=2 and ep=2 cases run inside tests/test_layout_invariance.py's process
+groups."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -66,6 +68,18 @@ def test_eval_fault_at_last_step_keeps_the_checkpoint_and_resume_evaluates(tmp_p
     recs = read_metrics(run)
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3]  # nothing trained twice
     assert [r["step"] for r in recs if r["kind"] == "eval"] == [3]
+
+
+def test_time_based_checkpoint_before_ckpt_every_is_reached(tmp_path):
+    def steps_saved(run, minutes: str) -> list[str]:
+        cfg = make_cfg(run, "trainer.max_steps=3", "trainer.ckpt_every=100", "trainer.keep_last=5", minutes)
+        Trainer(cfg, str(run)).run()
+        return sorted(d for d in os.listdir(run / "checkpoints") if d.startswith("step_"))
+
+    # any step outlasts a microsecond: every step is due by time
+    timed = steps_saved(tmp_path / "timed", "trainer.ckpt_every_minutes=1e-8")
+    assert timed == ["step_00000001", "step_00000002", "step_00000003"]
+    assert steps_saved(tmp_path / "off", "trainer.ckpt_every_minutes=0") == ["step_00000003"]
 
 
 def test_memory_estimate_covers_evaluation_and_warns_when_it_does_not_fit(tmp_path, capsys):

@@ -144,7 +144,8 @@ def test_ep4_and_dp4_ep2_on_4_processes(reference, tmp_path):
 
 
 PIPELINES_2 = [
-    ("parallel.pp=2", "parallel.microbatches=2"),
+    # a checkpoint due by time at every step, whatever each rank's clock says: the ranks agree on it
+    ("parallel.pp=2", "parallel.microbatches=2", "trainer.ckpt_every_minutes=1e-8"),
     ("parallel.pp=2", "parallel.schedule=dualpipev", "parallel.microbatches=4"),
     ("parallel.pp=2", "parallel.schedule=dualpipe", "parallel.microbatches=4"),
 ]
@@ -152,13 +153,15 @@ PIPELINES_2 = [
 
 def test_pipelines_on_2_processes(reference, tmp_path):
     """1F1B, DualPipeV and DualPipe with pp=2 through the trainer: the one-process losses and gradients;
-    1F1B's evaluation under 1 and 4 micro-batches."""
+    1F1B's evaluation under 1 and 4 micro-batches; time-based checkpoints."""
     bf16 = ("parallel.pp=2", "parallel.microbatches=2", "trainer.dtype=bf16")
     results = run_world(2, _worker_and_evals, str(tmp_path), [*PIPELINES_2, bf16], [("parallel.pp=2",)])
     rank0 = results[0][0]
     for result, layout in zip(rank0[:-1], PIPELINES_2, strict=True):
         _compare(reference, result, " ".join(layout))
     _check_eval_microbatches([evals[0] for _, evals in results], 1, "pp=2")
+    steps = sorted(d for d in os.listdir(tmp_path / "0" / "run" / "checkpoints") if d.startswith("step_"))
+    assert steps == ["step_00000001", "step_00000002", "step_00000003"]  # ckpt_every=2 saves only 2 and 3
     # under bf16 autocast the residual stream between stages stays fp32: p2p buffers must match it
     # (a bf16 buffer hung NCCL); bf16 matmuls only round the losses
     got = [r["loss"] for r in rank0[-1]["records"] if r["kind"] == "train"]

@@ -33,6 +33,7 @@ from ..parallel.pipeline.executor import LOSS_KEYS
 from .evaluation import Evaluator
 from .faults import EvaluationError, Preempted, StopRequest, guarded, injected_exit
 from .metrics import MetricsHub, Throughput, build_loggers, print_summary, profiler, run_summary
+from .save_policy import SavePolicy
 from .setup import (
     autocast_dtype,
     build_data,
@@ -203,7 +204,7 @@ class Trainer:
         meter = Throughput(self.cfg.data.batch_size * self.cfg.data.seq_len, self.flops_per_token, self.peak)
         last: dict[str, Any] = {}
         last_eval: dict[str, Any] = {}
-        stop = StopRequest()
+        stop, saves = StopRequest(), SavePolicy(t, self.totals)
         evaluates = lambda step: step % t.eval_every == 0 or step == t.max_steps
         try:
             if self.step and evaluates(self.step):
@@ -218,11 +219,11 @@ class Trainer:
                         prof.step()
                     progress.advance()
                     stopping = stop.agreed(self.mesh) and self.step < t.max_steps
-                    due = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.max_steps
-                    if due or stopping:
+                    if saves.due(self.step) or stopping:
                         # committed now when anything that may fail follows at this step; a preempted job
                         # is requeued and must find it committed
                         self.save(commit=stopping or evaluates(self.step))
+                        saves.saved()
                     if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                         last = record | meter.take(self.device)
                         hub.log(last)
