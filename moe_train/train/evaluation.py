@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,7 +43,7 @@ class Evaluator:
         mesh: Mesh,
         executor: PipelineExecutor,
         totals: Totals,
-        val_stream: Any,
+        val_stream: np.ndarray,
         checkpoints_root: str,
     ) -> None:
         """val_stream: the corpus's validation tokens; checkpoints_root: where a failure looks up the

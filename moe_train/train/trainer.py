@@ -4,8 +4,9 @@ Losses of one optimizer step are means over the *global* batch: each micro-batch
 share of the batch's sequences, so how the batch is cut into micro-batches (or ranks) never changes the
 update. Every step runs through the pipeline executor (one stage when pp = 1); the optimizer engine reduces,
 clips and updates; hooks after the update (the selection-bias controller) see the step's global loads.
-A step's checkpoint is committed before its logging, evaluation and the summary run, so nothing that fails
-after the update costs the step; a resume at an evaluation step evaluates it first (it may have failed).
+A step's checkpoint is written before its logging and evaluation, and committed (asynchronous saves too)
+before an evaluation or the summary runs, so neither can cost the step; a resume at an evaluation step
+evaluates it first (it may have failed, or a preemption skipped it).
 """
 
 from __future__ import annotations
