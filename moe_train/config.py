@@ -126,8 +126,10 @@ class TrainerConfig:
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 8
-    ckpt_every: int = 0  # 0: only at the end
+    # validation sequences, rounded up to whole data.batch_size batches, each cut like a training step
+    eval_sequences: int = 256
+    ckpt_every: int = 0  # steps between checkpoints; 0: none by step count (the end always saves)
+    ckpt_every_minutes: float = 30.0  # wall-clock minutes between checkpoints; 0: none by time
     resume: str = "auto"  # auto | none | path to a checkpoint directory or to one checkpoint
     keep_last: int = 2
     # write checkpoint shards in the background (committed at the next save or the end of the run)
@@ -432,12 +434,14 @@ def validate(cfg: TrainConfig) -> None:
             "aux_free needs model.scoring_func=sigmoid (the bias shifts sigmoid scores)",
         )
 
-    _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_batches"])
+    _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_sequences"])
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16"))
     _choice("trainer.recompute", t.recompute, ("none", "selective", "full"))
     if t.ckpt_every < 0:
-        _fail("trainer.ckpt_every", t.ckpt_every, ">= 0 (0 saves only at the end)")
+        _fail("trainer.ckpt_every", t.ckpt_every, ">= 0 (0: no checkpoints by step count)")
+    if t.ckpt_every_minutes < 0:
+        _fail("trainer.ckpt_every_minutes", t.ckpt_every_minutes, ">= 0 (0: no checkpoints by time)")
     if t.keep_last < 1:
         _fail("trainer.keep_last", t.keep_last, ">= 1")
     if t.mtp_weight < 0 or t.mtp_weight_final < 0:

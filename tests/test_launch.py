@@ -27,7 +27,7 @@ FAST = (
     "data.batch_size=4",
     "trainer.log_every=1",
     "trainer.eval_every=1000",
-    "trainer.eval_batches=1",
+    "trainer.eval_sequences=4",
     "trainer.progress=false",
     "trainer.keep_last=10",
 )

@@ -39,7 +39,15 @@ def shared_run_dir(run_dir: str, mesh: Mesh) -> str:
 
 def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     """Validate, build, train; returns the run summary. Bad input exits with status 2 and one message."""
-    from .faults import EXIT_COLLECTIVE, EXIT_NONFINITE, EXIT_PREEMPTED, CollectiveError, Preempted
+    from .faults import (
+        EXIT_COLLECTIVE,
+        EXIT_EVAL,
+        EXIT_NONFINITE,
+        EXIT_PREEMPTED,
+        CollectiveError,
+        EvaluationError,
+        Preempted,
+    )
     from .trainer import NonFiniteLossError, Trainer
 
     try:
@@ -57,6 +65,9 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NONFINITE) from None
+    except EvaluationError as e:
+        print(f"error: rank {mesh.rank}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_EVAL) from None
     except Preempted as e:
         if mesh.is_logging_rank:
             print(f"preempted: {e}", file=sys.stderr, flush=True)

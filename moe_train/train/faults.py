@@ -23,6 +23,7 @@ from ..parallel.mesh import Mesh
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4  # a collective failed or timed out (a peer died or ranks disagree on the program)
+EXIT_EVAL = 5  # evaluation failed (e.g. out of memory) after the step's checkpoint was committed
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run again to continue
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -35,6 +36,15 @@ class Preempted(Exception):
         super().__init__(
             f"stopped at step {step} on {signame}; checkpoint written, continue with trainer.resume=auto"
         )
+        self.step = step
+
+
+class EvaluationError(Exception):
+    """Evaluation at a step failed after that step's checkpoint was committed. Not a RuntimeError, so
+    `guarded` passes it on instead of reporting a collective failure."""
+
+    def __init__(self, step: int, message: str) -> None:
+        super().__init__(message)
         self.step = step
 
 
@@ -113,3 +123,11 @@ def injected_exit(step: int, rank: int, env: dict[str, str] | None = None) -> No
     if int(want_rank) == rank and int(want_step) == step:
         print(f"fault injection: rank {rank} exits after step {step}", flush=True)
         os._exit(1)
+
+
+def injected_eval_fault(step: int, env: dict[str, str] | None = None) -> None:
+    """Fault injection for the evaluation tests: `MOE_TRAIN_FAULT_EVAL_OOM=<step>` makes the evaluation at
+    that step run out of memory on every rank, as CUDA's allocator would (raising its error type)."""
+    env = dict(os.environ) if env is None else env
+    if env.get("MOE_TRAIN_FAULT_EVAL_OOM") == str(step):
+        raise torch.OutOfMemoryError(f"fault injection: out of memory in evaluation at step {step}")
