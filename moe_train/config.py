@@ -130,6 +130,8 @@ class TrainerConfig:
     ckpt_every: int = 0  # 0: only at the end
     resume: str = "auto"  # auto | none | path to a checkpoint directory or to one checkpoint
     keep_last: int = 2
+    # The run dir's writer lease goes stale this long after its holder's last heartbeat (docs/checkpoints.md).
+    lease_timeout_s: float = 60.0
     # write checkpoint shards in the background (committed at the next save or the end of the run)
     async_save: bool = False
     progress: bool = True
@@ -440,6 +442,8 @@ def validate(cfg: TrainConfig) -> None:
         _fail("trainer.ckpt_every", t.ckpt_every, ">= 0 (0 saves only at the end)")
     if t.keep_last < 1:
         _fail("trainer.keep_last", t.keep_last, ">= 1")
+    if not 0 < t.lease_timeout_s < float("inf"):
+        _fail("trainer.lease_timeout_s", t.lease_timeout_s, "a finite number of seconds > 0")
     if t.mtp_weight < 0 or t.mtp_weight_final < 0:
         _fail("trainer.mtp_weight", (t.mtp_weight, t.mtp_weight_final), ">= 0")
     if t.resume not in ("auto", "none") and not os.path.exists(t.resume):
