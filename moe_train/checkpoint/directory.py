@@ -191,10 +191,10 @@ def supersede(ckpt_root: str, resumed: str | None) -> list[str]:
     """Move the checkpoints that cannot be ancestors of `resumed` (None: a fresh start) to superseded/ and
     point `latest` at what remains; returns the moved names. Only the lease holder calls this."""
     ckpts = list_checkpoints(ckpt_root)
-    inside = resumed is not None and os.path.realpath(os.path.dirname(resumed)) == os.path.realpath(ckpt_root)
+    m = _STEP_RE.match(os.path.basename(resumed)) if resumed is not None else None
+    inside = m is not None and os.path.realpath(os.path.dirname(resumed)) == os.path.realpath(ckpt_root)
     if inside:
-        base_step = int(_STEP_RE.match(os.path.basename(resumed)).group(1))  # type: ignore[union-attr]
-        base_commit = commit_number(resumed)  # type: ignore[arg-type]
+        base_step, base_commit = int(m.group(1)), commit_number(resumed)  # type: ignore[union-attr,arg-type]
         dead = [p for s, p in ckpts if s > base_step or commit_number(p) > base_commit]
     else:
         dead = [p for _, p in ckpts]
