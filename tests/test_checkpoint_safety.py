@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from moe_train import checkpoint as ckpt
-from moe_train.checkpoint import CheckpointError, RunLease
+from moe_train.checkpoint import Checkpointer, CheckpointError, RunLease
 from moe_train.checkpoint.directory import recover
+from moe_train.parallel.mesh import build_mesh
 from moe_train.train import main
 from moe_train.train.trainer import Trainer
 from tiny_cfg import tiny_cfg
@@ -264,29 +265,54 @@ CORRUPTIONS = {
 }
 
 
+def _resume_auto(run_dir: str) -> str | None:
+    """What `trainer.resume=auto` takes in `run_dir`: the trainer's own Checkpointer, without a model."""
+    return Checkpointer(
+        tiny_cfg(run_dir, "trainer.resume=auto", steps=4), run_dir, build_mesh(device="cpu")
+    ).to_resume()
+
+
 def test_corrupt_checkpoints_fall_back_to_the_newest_that_verifies(tmp_path, capsys):
     base = str(tmp_path / "base")
     Trainer(
         tiny_cfg(base, "trainer.resume=none", "trainer.ckpt_every=1", "trainer.keep_last=5", steps=3), base
     ).run()
+    want2 = ckpt.load_model_state(os.path.join(base, "checkpoints", "step_00000002"))
     cases = {**CORRUPTIONS, "__0_0.distcp ": ("4 KiB of garbage inside a shard", _garbage_inside)}
     for i, (name, (what, damage)) in enumerate(cases.items()):
         run_dir = str(tmp_path / f"case{i}")
         shutil.copytree(os.path.join(base, "checkpoints"), os.path.join(run_dir, "checkpoints"))
         damage(os.path.join(run_dir, "checkpoints", "step_00000003", name.strip()))
         capsys.readouterr()
-        t = Trainer(tiny_cfg(run_dir, "trainer.resume=auto", steps=4), run_dir)
-        assert t.step == 2, what
+        assert _resume_auto(run_dir) == os.path.join(run_dir, "checkpoints", "step_00000002"), what
         err = capsys.readouterr().err
         assert f"skips {run_dir}/checkpoints/step_00000003: {name.strip()}: " in err, (what, err)
         assert _names(os.path.join(run_dir, "checkpoints", "superseded")) == ["step_00000003"], what
-    # two bad ones: the fallback goes on to the next
+    # the trainer itself: garbage inside a shard once loaded silently; now it resumes step 2's weights
     run_dir = str(tmp_path / "two")
     shutil.copytree(os.path.join(base, "checkpoints"), os.path.join(run_dir, "checkpoints"))
+    _garbage_inside(os.path.join(run_dir, "checkpoints", "step_00000003", "__0_0.distcp"))
+    t = Trainer(tiny_cfg(run_dir, "trainer.resume=auto", steps=4), run_dir)
+    assert t.step == 2 and all(torch.equal(v, want2[k]) for k, v in t.model.state_dict().items())
+    # two bad ones: the fallback goes on to the next
+    run_dir = str(tmp_path / "three")
+    shutil.copytree(os.path.join(base, "checkpoints"), os.path.join(run_dir, "checkpoints"))
+    capsys.readouterr()
     for step in (2, 3):
         _garbage_inside(os.path.join(run_dir, "checkpoints", f"step_{step:08d}", "__0_0.distcp"))
-    assert Trainer(tiny_cfg(run_dir, "trainer.resume=auto", steps=4), run_dir).step == 1
-    assert "checksum mismatch" in capsys.readouterr().err
+    assert _resume_auto(run_dir).endswith("step_00000001")
+    assert capsys.readouterr().err.count("checksum mismatch") == 2
+    # none verifies: an error, not a silent fresh start
+    _garbage_inside(os.path.join(run_dir, "checkpoints", "step_00000001", "__0_0.distcp"))
+    shutil.move(
+        os.path.join(run_dir, "checkpoints", "superseded", "step_00000002"),
+        os.path.join(run_dir, "checkpoints"),
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"no checkpoint in .* verifies: step_00000001 \(__0_0.distcp: checksum.*; step_00000002 \(",
+    ):
+        _resume_auto(run_dir)
 
 
 def test_an_explicit_resume_to_a_corrupt_checkpoint_is_one_clear_error(tmp_path, capsys):
@@ -303,8 +329,8 @@ def test_an_explicit_resume_to_a_corrupt_checkpoint_is_one_clear_error(tmp_path,
         err
     )
     os.remove(os.path.join(path, "trainer.pt"))
-    with pytest.raises(CheckpointError, match=r"does not verify: __0_0\.distcp: .* \(and 1 more\)"):
-        Trainer(tiny_cfg(other, f"trainer.resume={path}", steps=2), other)
+    assert ckpt.verify(path).startswith("__0_0.distcp: checksum mismatch")
+    assert ckpt.verify(path).endswith("(and 1 more)")
 
 
 # ---------------------------------------------------------------------------------------- start-up
