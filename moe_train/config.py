@@ -13,7 +13,6 @@ Model field names follow transformers' ``DeepseekV3Config`` so a Hugging Face ``
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +131,8 @@ class TrainerConfig:
     ckpt_every_minutes: float = 30.0  # wall-clock minutes between checkpoints; 0: none by time
     resume: str = "auto"  # auto | none | path to a checkpoint directory or to one checkpoint
     keep_last: int = 2
+    # The run dir's writer lease goes stale this long after its holder's last heartbeat (docs/checkpoints.md).
+    lease_timeout_s: float = 60.0
     # write checkpoint shards in the background (committed at the next save or the end of the run)
     async_save: bool = False
     progress: bool = True
@@ -444,6 +445,8 @@ def validate(cfg: TrainConfig) -> None:
         _fail("trainer.ckpt_every_minutes", t.ckpt_every_minutes, ">= 0 (0: no checkpoints by time)")
     if t.keep_last < 1:
         _fail("trainer.keep_last", t.keep_last, ">= 1")
+    if not 0 < t.lease_timeout_s < float("inf"):
+        _fail("trainer.lease_timeout_s", t.lease_timeout_s, "a finite number of seconds > 0")
     if t.mtp_weight < 0 or t.mtp_weight_final < 0:
         _fail("trainer.mtp_weight", (t.mtp_weight, t.mtp_weight_final), ">= 0")
     if t.resume not in ("auto", "none") and not os.path.exists(t.resume):
@@ -468,13 +471,6 @@ def validate(cfg: TrainConfig) -> None:
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
     """The fully resolved config as plain containers (for metrics, wandb and checkpoints)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
-
-
-def fmt_count(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n)) if math.isfinite(n) else str(n)
 
 
 __all__ = [

@@ -39,6 +39,7 @@ def shared_run_dir(run_dir: str, mesh: Mesh) -> str:
 
 def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     """Validate, build, train; returns the run summary. Bad input exits with status 2 and one message."""
+    from ..checkpoint import CheckpointError
     from .faults import (
         EXIT_COLLECTIVE,
         EXIT_EVAL,
@@ -57,11 +58,14 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
         p = obj.parallel
         mesh = build_mesh(p.pp, p.ep, p.gpus_per_node, obj.trainer.device, p.backend, p.timeout_s)
         trainer = Trainer(obj, shared_run_dir(run_dir_of(obj), mesh), mesh)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     try:
         return trainer.run()
+    except CheckpointError as e:  # a commit that did not verify, or a lost writer lease
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NONFINITE) from None

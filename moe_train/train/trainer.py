@@ -63,6 +63,7 @@ class Trainer:
         self.mesh = mesh or build_mesh(p.pp, p.ep, p.gpus_per_node, t.device, p.backend)
         if self.mesh.is_logging_rank:
             os.makedirs(run_dir, exist_ok=True)
+        self.checkpoints = Checkpointer(cfg, run_dir, self.mesh)  # first: a run that may not write stops here
         self.device = self.mesh.device
         self.amp = autocast_dtype(self.device, t.dtype)
         seed_everything(t.seed)
@@ -85,7 +86,6 @@ class Trainer:
         self.memory: MemoryEstimate = estimate_stage_memory(cfg, self.mesh, stages, self.amp, self.engine)
         report_memory(self.memory, self.mesh)
         self.step, self.skipped_steps, self.wandb_id = 0, 0, None
-        self.checkpoints = Checkpointer(cfg, run_dir, self.mesh)
         c = self.checkpoints
         self.evaluator = Evaluator(cfg, self.mesh, s.executor, self.totals, self.data.dataset.val, c.root)
         self._resume()
@@ -243,6 +243,7 @@ class Trainer:
         finally:
             stop.close()
             hub.close()
+            self.checkpoints.close()
         if self.cfg.logger.console and self.mesh.is_logging_rank:
             print_summary(summary)
         return summary
