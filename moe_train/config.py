@@ -126,10 +126,14 @@ class TrainerConfig:
     dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 8
-    ckpt_every: int = 0  # 0: only at the end
+    # validation sequences, rounded up to whole data.batch_size batches, each cut like a training step
+    eval_sequences: int = 256
+    ckpt_every: int = 0  # steps between checkpoints; 0: none by step count (the end always saves)
+    ckpt_every_minutes: float = 30.0  # wall-clock minutes between checkpoints; 0: none by time
     resume: str = "auto"  # auto | none | path to a checkpoint directory or to one checkpoint
     keep_last: int = 2
+    # The run dir's writer lease goes stale this long after its holder's last heartbeat (docs/checkpoints.md).
+    lease_timeout_s: float = 60.0
     # write checkpoint shards in the background (committed at the next save or the end of the run)
     async_save: bool = False
     progress: bool = True
@@ -433,14 +437,18 @@ def validate(cfg: TrainConfig) -> None:
             "aux_free needs model.scoring_func=sigmoid (the bias shifts sigmoid scores)",
         )
 
-    _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_batches"])
+    _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_sequences"])
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16"))
     _choice("trainer.recompute", t.recompute, ("none", "selective", "full"))
     if t.ckpt_every < 0:
-        _fail("trainer.ckpt_every", t.ckpt_every, ">= 0 (0 saves only at the end)")
+        _fail("trainer.ckpt_every", t.ckpt_every, ">= 0 (0: no checkpoints by step count)")
+    if t.ckpt_every_minutes < 0:
+        _fail("trainer.ckpt_every_minutes", t.ckpt_every_minutes, ">= 0 (0: no checkpoints by time)")
     if t.keep_last < 1:
         _fail("trainer.keep_last", t.keep_last, ">= 1")
+    if not 0 < t.lease_timeout_s < float("inf"):
+        _fail("trainer.lease_timeout_s", t.lease_timeout_s, "a finite number of seconds > 0")
     if t.mtp_weight < 0 or t.mtp_weight_final < 0:
         _fail("trainer.mtp_weight", (t.mtp_weight, t.mtp_weight_final), ">= 0")
     if not 0.0 <= t.mtp_weight_switch_frac <= 1.0:
@@ -467,13 +475,6 @@ def validate(cfg: TrainConfig) -> None:
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
     """The fully resolved config as plain containers (for metrics, wandb and checkpoints)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
-
-
-def fmt_count(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n)) if math.isfinite(n) else str(n)
 
 
 __all__ = [

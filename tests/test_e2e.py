@@ -37,7 +37,7 @@ def test_train_py_writes_run_dir(tmp_path):
         "trainer.max_steps=4",
         "trainer.log_every=2",
         "trainer.eval_every=4",
-        "trainer.eval_batches=1",
+        "trainer.eval_sequences=4",
         "data.seq_len=32",
         "data.batch_size=4",
         f"hydra.run.dir={run_dir}",

@@ -28,7 +28,7 @@ FAST = (
     "data.batch_size=4",
     "trainer.log_every=1",
     "trainer.eval_every=1000",
-    "trainer.eval_batches=1",
+    "trainer.eval_sequences=4",
     "trainer.progress=false",
     "trainer.keep_last=10",
 )
@@ -459,14 +459,14 @@ def small_disk(tmp_path):
 
 def test_disk_full_at_save_says_no_space_left_and_where(small_disk, capsys):
     """The save fails inside DCP (a CheckpointException wrapping torch's `unexpected pos` error): the user
-    reads one line saying there is no space left on the device and which directory, and the run exits 5."""
+    reads one line saying there is no space left on the device and which directory, and the run exits 2."""
     from moe_train.train import main
 
     run = small_disk / "run"
     with pytest.raises(SystemExit) as e:
         main(make_cfg(run, "trainer.max_steps=1"))
     err = capsys.readouterr().err
-    assert e.value.code == 5, err[-2000:]
+    assert e.value.code == 2, err[-2000:]
     line = next(x for x in err.splitlines() if x.startswith("error:"))
     assert "no space left on device" in line and str(run / "checkpoints") in line, line
     assert "saving the checkpoint of step 1" in line, line

@@ -17,6 +17,7 @@ from moe_train.checkpoint import full_gradients
 from moe_train.config import load_config, to_object
 from moe_train.parallel.grads import reduce_gradients
 from moe_train.train.trainer import Trainer
+from test_evaluation import evaluate_watching_rows
 
 STEPS = 3
 
@@ -32,7 +33,7 @@ def make_cfg(run_dir: str, *overrides: str):
                 f"trainer.max_steps={STEPS}",
                 "trainer.log_every=1",
                 "trainer.eval_every=3",
-                "trainer.eval_batches=1",
+                "trainer.eval_sequences=8",
                 "trainer.progress=false",
                 "trainer.ckpt_every=2",
                 "trainer.keep_last=5",
@@ -67,6 +68,32 @@ def _worker(base: str, layouts: list[tuple[str, ...]]) -> list[dict]:
     return [run_layout(f"{base}/{i}", layout) for i, layout in enumerate(layouts)]
 
 
+def _eval_by_microbatches(run_dir: str, layout: tuple[str, ...]) -> dict[int, tuple[float, set[int]]]:
+    """For 1 and 4 micro-batches of one layout, at the initial weights: val_loss and the rows of this
+    rank's eval forwards."""
+    out, mesh = {}, None
+    for k in (1, 4):
+        cfg = make_cfg(f"{run_dir}/k{k}", *layout, f"parallel.microbatches={k}", "trainer.eval_sequences=16")
+        t = Trainer(cfg, f"{run_dir}/k{k}", mesh=mesh)
+        mesh = t.mesh
+        record, rows = evaluate_watching_rows(t)
+        out[k] = (record["val_loss"], rows)
+    return out
+
+
+def _worker_and_evals(base: str, layouts: list, eval_layouts: list) -> tuple[list[dict], list[dict]]:
+    evals = [_eval_by_microbatches(f"{base}/eval{i}", layout) for i, layout in enumerate(eval_layouts)]
+    return _worker(base, layouts), evals
+
+
+def _check_eval_microbatches(per_rank: list[dict], dp: int, what: str) -> None:
+    """Evaluation runs the training micro-batches (batch_size / (dp k) rows), with the val_loss of k = 1."""
+    for rank, got in enumerate(per_rank):
+        for k, (_, rows) in got.items():
+            assert rows == {8 // (dp * k)} or (rank and not rows), (what, rank, k, rows)
+        assert got[4][0] == pytest.approx(got[1][0], rel=1e-6), (what, rank)
+
+
 def _compare(ref: dict, got: dict, what: str) -> None:
     ref_train = [r for r in ref["records"] if r["kind"] in ("train", "eval")]
     got_train = [r for r in got["records"] if r["kind"] in ("train", "eval")]
@@ -94,8 +121,11 @@ def reference(tmp_path_factory):
 
 
 def test_ep2_on_2_processes_and_its_checkpoint_in_one_process(reference, tmp_path):
-    (rank0, _) = run_world(2, _worker, str(tmp_path), [("parallel.ep=2",)])
+    """The ep=2 run, its evaluation under 1 and 4 micro-batches, and its checkpoint in one process."""
+    results = run_world(2, _worker_and_evals, str(tmp_path), [("parallel.ep=2",)], [("parallel.ep=2",)])
+    rank0 = results[0][0]
     _compare(reference, rank0[0], "ep=2")
+    _check_eval_microbatches([evals[0] for _, evals in results], 2, "ep=2")
     # the ep=2 checkpoint of step 2 is a whole-model checkpoint: one process continues it exactly
     ckpt = tmp_path / "0" / "run" / "checkpoints" / "step_00000002"
     run_dir = str(tmp_path / "resumed")
@@ -114,18 +144,24 @@ def test_ep4_and_dp4_ep2_on_4_processes(reference, tmp_path):
 
 
 PIPELINES_2 = [
-    ("parallel.pp=2", "parallel.microbatches=2"),
+    # a checkpoint due by time at every step, whatever each rank's clock says: the ranks agree on it
+    ("parallel.pp=2", "parallel.microbatches=2", "trainer.ckpt_every_minutes=1e-8"),
     ("parallel.pp=2", "parallel.schedule=dualpipev", "parallel.microbatches=4"),
     ("parallel.pp=2", "parallel.schedule=dualpipe", "parallel.microbatches=4"),
 ]
 
 
 def test_pipelines_on_2_processes(reference, tmp_path):
-    """1F1B, DualPipeV and DualPipe with pp=2 through the trainer: the one-process losses and gradients."""
+    """1F1B, DualPipeV and DualPipe with pp=2 through the trainer: the one-process losses and gradients;
+    1F1B's evaluation under 1 and 4 micro-batches; time-based checkpoints."""
     bf16 = ("parallel.pp=2", "parallel.microbatches=2", "trainer.dtype=bf16")
-    (rank0, _) = run_world(2, _worker, str(tmp_path), [*PIPELINES_2, bf16])
+    results = run_world(2, _worker_and_evals, str(tmp_path), [*PIPELINES_2, bf16], [("parallel.pp=2",)])
+    rank0 = results[0][0]
     for result, layout in zip(rank0[:-1], PIPELINES_2, strict=True):
         _compare(reference, result, " ".join(layout))
+    _check_eval_microbatches([evals[0] for _, evals in results], 1, "pp=2")
+    steps = sorted(d for d in os.listdir(tmp_path / "0" / "run" / "checkpoints") if d.startswith("step_"))
+    assert steps == ["step_00000001", "step_00000002", "step_00000003"]  # ckpt_every=2 saves only 2 and 3
     # under bf16 autocast the residual stream between stages stays fp32: p2p buffers must match it
     # (a bf16 buffer hung NCCL); bf16 matmuls only round the losses
     got = [r["loss"] for r in rank0[-1]["records"] if r["kind"] == "train"]

@@ -26,7 +26,7 @@ def make_cfg(run_dir, *overrides: str):
                 "data.batch_size=8",
                 "trainer.log_every=1",
                 "trainer.eval_every=1000",
-                "trainer.eval_batches=2",
+                "trainer.eval_sequences=16",
                 "trainer.progress=false",
                 "logger.console=false",
                 *overrides,

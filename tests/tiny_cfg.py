@@ -20,6 +20,7 @@ def tiny_cfg(run_dir: str, *overrides: str, steps: int) -> TrainConfig:
                 f"trainer.max_steps={steps}",
                 "trainer.log_every=1",
                 "trainer.eval_every=1000",
+                "trainer.eval_sequences=64",
                 "trainer.progress=false",
                 "logger.console=false",
                 "optim.warmup_steps=2",

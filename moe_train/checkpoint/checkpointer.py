@@ -1,13 +1,21 @@
-"""A run's checkpoints as the trainer uses them: resume from one, save the next, commit what is in flight.
+"""A run's checkpoints as the trainer uses them: hold the run dir, resume from one, save the next, commit what
+is in flight.
 
-Holds the checkpoints directory, the asynchronous save still being written (committed at the next save or
-at the end of the run) and the gloo group those background writes coordinate on — their own, so they never
-race the training collectives on the main group (NCCL on GPUs).
+Built before any other work of the run: rank 0 checks that the checkpoints directory is writable and takes
+the run dir's writer lease (lease.py), and every rank stops with the same CheckpointError if either fails.
+Resuming verifies the checkpoint's files (integrity.py): `trainer.resume=auto` falls back, newest commit
+first, to the first that verifies and says which it skipped; an explicit path that does not verify is an
+error. The checkpoints that cannot be ancestors of the one resumed then move to superseded/ (directory.py).
+
+Holds the asynchronous save still being written (committed at the next save or at the end of the run) and
+the gloo group those background writes coordinate on — their own, so they never race the training
+collectives on the main group (NCCL on GPUs).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -16,8 +24,18 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..parallel.mesh import Mesh
-from .directory import latest_checkpoint, resolve_checkpoint
+from ..train.hydra_args import launch_id
+from .directory import (
+    CheckpointError,
+    check_writable,
+    newest_first,
+    recover,
+    resolve_checkpoint,
+    supersede,
+)
 from .errors import checkpoint_io
+from .integrity import verify
+from .lease import RunLease
 from .sharded import PendingSave, commit_pending
 from .trainer_state import NamedOptimizerState, load, save
 
@@ -27,16 +45,69 @@ class Checkpointer:
         self.cfg, self.mesh = cfg, mesh
         self.root = os.path.join(run_dir, "checkpoints")
         self._pending: PendingSave | None = None
+        self.lease: RunLease | None = None
+        problem = None
+        if mesh.rank == 0:
+            try:
+                check_writable(self.root)
+                self.lease = RunLease(run_dir, launch_id(os.environ), cfg.trainer.lease_timeout_s)
+                self.lease.acquire()
+                recover(self.root)
+            except CheckpointError as e:
+                problem = str(e)
+        self._agree(problem)
         self._async_group = None
         if cfg.trainer.async_save and mesh.distributed:
             self._async_group = dist.new_group(backend="gloo")
 
+    def _agree(self, problem: str | None) -> None:
+        """Raise rank 0's `problem` on every rank (collective), so no rank goes on alone."""
+        box = [problem]
+        if self.mesh.distributed:
+            dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise CheckpointError(box[0])
+
+    def _say(self, msg: str) -> None:
+        if self.mesh.rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+
     def to_resume(self) -> str | None:
-        """The checkpoint `trainer.resume` names: the latest of this run (auto), a path, or none."""
+        """The checkpoint `trainer.resume` names, verified: the newest of this run that verifies (auto), a
+        path, or none; then the checkpoints that cannot be its ancestors move to superseded/. Collective."""
         mode = self.cfg.trainer.resume
-        if mode == "none":
-            return None
-        return latest_checkpoint(self.root) if mode == "auto" else resolve_checkpoint(mode)
+        path = None
+        if mode == "auto":
+            path = self._newest_verified()
+        elif mode != "none":
+            path = resolve_checkpoint(mode)
+            problem = verify(path)
+            if problem:
+                raise CheckpointError(f"checkpoint {path} does not verify: {problem}")
+        moved = None
+        if self.mesh.rank == 0 and self.lease is not None:
+            moved = supersede(self.root, path)
+        if self.mesh.distributed:
+            dist.barrier()
+        if moved:
+            line, names = path or "a fresh start", ", ".join(moved)
+            self._say(f"checkpoints not on the line of {line} moved aside: {self.root}/{{{names}}}")
+        return path
+
+    def _newest_verified(self) -> str | None:
+        skipped = []
+        for path in newest_first(self.root):
+            problem = verify(path)
+            if problem is None:
+                return path
+            skipped.append(f"{os.path.basename(path)} ({problem})")
+            self._say(f"warning: resume=auto skips {path}: {problem}")
+        if skipped:
+            raise CheckpointError(
+                f"no checkpoint in {self.root} verifies: {'; '.join(skipped)}; "
+                "pass trainer.resume=none to start afresh (they would move to superseded/)"
+            )
+        return None
 
     def load(
         self,
@@ -49,6 +120,13 @@ class Checkpointer:
         with checkpoint_io(f"loading checkpoint {path}", path):
             return load(path, model, optimizer, sharded, self.mesh, self.cfg.model)
 
+    def _check_lease(self) -> None:
+        """A run that lost its lease (another run took the dir over) must not commit. Collective."""
+        problem = None
+        if self.mesh.rank == 0 and self.lease is not None and not self.lease.held():
+            problem = f"writer lease {self.lease.path} was taken over by another run; not committing"
+        self._agree(problem)
+
     def save(
         self,
         trainer_state: dict[str, Any],
@@ -57,10 +135,11 @@ class Checkpointer:
         sharded: NamedOptimizerState | None,
         config_yaml: str,
     ) -> str | None:
-        """Every rank writes its own shards; committed atomically once all ranks are done (None while an
-        asynchronous write is still in flight)."""
+        """Every rank writes its own shards; committed once all ranks are done and every file read back
+        (None while an asynchronous write is still in flight)."""
         t = self.cfg.trainer
         self.finish()
+        self._check_lease()
         with checkpoint_io(f"saving the checkpoint of step {trainer_state['step']}", self.root):
             out = save(
                 self.root,
@@ -84,5 +163,11 @@ class Checkpointer:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        with checkpoint_io(f"committing the checkpoint of step {pending.step}", self.root):
+        self._check_lease()
+        with checkpoint_io(f"committing the checkpoint of step {pending.meta['step']}", self.root):
             return commit_pending(pending, self.cfg.trainer.keep_last)
+
+    def close(self) -> None:
+        """Give up the run dir's writer lease (the run writes nothing more)."""
+        if self.lease is not None:
+            self.lease.release()

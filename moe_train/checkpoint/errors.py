@@ -3,8 +3,8 @@
 Writing and reading a checkpoint fails in many shapes — an `OSError` from `open`, a `RuntimeError` from
 torch's zip writer (`unexpected pos 704 vs 598` when the disk fills up), an `UnpicklingError` from a damaged
 `trainer.pt`, DCP's `CheckpointException` (a `BaseException`, which no `except Exception` catches) wrapping
-any of those per rank. `checkpoint_io` turns each into a `CheckpointIOError` saying what was being done,
-where, and — when the filesystem is full — that there is no space left on the device.
+any of those per rank. `checkpoint_io` turns each into a `CheckpointError` (directory.py) saying what was
+being done, where, and — when the filesystem is full — that there is no space left on the device.
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ from collections.abc import Iterator
 
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .directory import CheckpointError
+
 # a write failure with less than this free is reported as a full disk: a failed write leaves its partial
 # file behind, so the filesystem stays (nearly) full until the next save clears the leftovers
 FULL_BELOW_BYTES = 64 << 20
 # what torch's zip reader and writer say when a file is cut short or a write did not land
 _STREAM_ERRORS = ("PytorchStreamWriter", "PytorchStreamReader", "unexpected pos", "inline_container")
-
-
-class CheckpointIOError(Exception):
-    """A checkpoint could not be written or read; the message names the path (exit status 5).
-
-    Not a RuntimeError: the collective guard (train/faults.py) re-labels RuntimeErrors as failed
-    collectives, and this is a filesystem fault on every rank that sees it.
-    """
 
 
 def _causes(e: BaseException) -> list[BaseException]:
@@ -76,14 +70,14 @@ def describe(e: BaseException, what: str, where: str) -> str:
 
 @contextlib.contextmanager
 def checkpoint_io(what: str, where: str) -> Iterator[None]:
-    """Re-raise a filesystem or format failure inside as CheckpointIOError naming `where`."""
+    """Re-raise a filesystem or format failure inside as CheckpointError naming `where`."""
     try:
         yield
-    except CheckpointIOError:
+    except CheckpointError:
         raise
     except (OSError, EOFError, pickle.UnpicklingError, CheckpointException) as e:
-        raise CheckpointIOError(describe(e, what, where)) from None
+        raise CheckpointError(describe(e, what, where)) from None
     except RuntimeError as e:
         if not any(s in str(e) for s in _STREAM_ERRORS):
             raise  # not a file's fault (a collective, a bug): the caller's guard names it
-        raise CheckpointIOError(describe(e, what, where)) from None
+        raise CheckpointError(describe(e, what, where)) from None

@@ -15,9 +15,11 @@ A reader asks for exactly the keys its own (partial) model holds, so a checkpoin
 at ep=4, at pp=4 or in one process; `load_model_state` rebuilds the whole one-process state dict (for HF
 export and inference) on one process without a process group.
 
-Atomic commit: all ranks write into `step_N.tmp/`, then — only after a barrier proves every rank finished —
-rank 0 seals and publishes the directory (directory.py). A crash at any point before the rename leaves the
-previous checkpoint complete and chosen by `trainer.resume=auto`.
+Verified atomic commit: all ranks write into `step_N.tmp/`; only after a barrier proves every rank finished
+are the files read back — each by one rank — and checked against what DCP's `.metadata` says must exist
+(integrity.py); then rank 0 records their checksums in meta.json and publishes the directory (directory.py).
+A crash or a missing file at any point before the rename leaves the previous checkpoint complete and chosen
+by `trainer.resume=auto`.
 
 Besides the DCP files a checkpoint holds `rng/rank<R>.pt` (each rank's RNG states, restored when the layout is
 the same) and the files every checkpoint has: `trainer.pt`, `config.yaml`, `meta.json` (with the layout that
@@ -26,10 +28,8 @@ wrote it).
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ..model.moe import RoutedExperts
-from .directory import checkpoint_name, publish, read_meta, seal
+from .directory import CheckpointError, checkpoint_name, publish, read_meta, write_common, write_meta
+from .integrity import CHECKSUM, read_back
 from .mismatch import check_keys
 
 FORMAT = "moe_train/dcp-v1"
@@ -119,13 +120,14 @@ def merge_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ save
 @dataclass
 class PendingSave:
-    """An asynchronous save whose shards may still be in flight; committed by `commit_pending`."""
+    """A save whose shards may still be in flight (async: `future`); committed by `commit_pending`."""
 
     future: Any
     tmp: str
     final: str
-    step: int
-    seal: Callable[[], None]  # rank 0's trainer.pt, config.yaml and meta.json, written at commit
+    trainer_state: dict[str, Any]
+    config_yaml: str
+    meta: dict[str, Any]  # step, format, has_optim, layout: meta.json's fields besides the history and files
 
 
 def _rank() -> int:
@@ -142,7 +144,8 @@ def _barrier() -> None:
 
 
 def _prepare_dir(root: str, step: int) -> tuple[str, str]:
-    """(tmp, final) for step; rank 0 clears leftovers of crashed saves. Collective."""
+    """(tmp, final) for step; rank 0 clears leftovers of crashed saves (only the lease holder saves, so no
+    other run's save is in progress here). Collective."""
     final = os.path.join(root, checkpoint_name(step))
     tmp = f"{final}.tmp"
     if _rank() == 0:
@@ -155,17 +158,51 @@ def _prepare_dir(root: str, step: int) -> tuple[str, str]:
     return tmp, final
 
 
-def _commit(tmp: str, final: str, step: int, seal_files: Callable[[], None], keep_last: int | None) -> None:
-    """After every rank's shards are on disk (caller's barrier): rank 0 seals and publishes. Collective."""
+def expected_files(tmp: str) -> dict[str, int]:
+    """Every file a complete checkpoint in `tmp` must hold -> the size it must reach: DCP's `.metadata`, the
+    data files it points into (up to their last byte it names), each rank's RNG file, trainer.pt, config.yaml.
+    CheckpointError when `.metadata` is missing or unreadable."""
+    try:
+        md = dcp.FileSystemReader(tmp).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read it means the same: no loadable checkpoint
+        raise CheckpointError(f".metadata: missing or unreadable ({type(e).__name__})") from None
+    out = {".metadata": 1, "trainer.pt": 1, "config.yaml": 0}
+    for info in (md.storage_data or {}).values():
+        out[info.relative_path] = max(out.get(info.relative_path, 0), info.offset + info.length)
+    world = 1 if _single() else dist.get_world_size()
+    out |= {f"rng/rank{r}.pt": 1 for r in range(world)}
+    return out
+
+
+def _commit(p: PendingSave, keep_last: int | None) -> None:
+    """After every rank's shards are on disk (caller's barrier): read every file back once (one rank per
+    file), then rank 0 records the checksums, publishes and prunes. Nothing is committed — and nothing
+    pruned — unless every file is there. Collective."""
     injected = os.environ.get(FAULT_ENV)
-    if injected and int(injected) == step:
+    if injected and int(injected) == p.meta["step"]:
         print(
-            f"fault injection: rank {_rank()} exits between shard write and commit of step {step}", flush=True
+            f"fault injection: rank {_rank()} exits between shard write and commit of step {p.meta['step']}",
+            flush=True,
         )
         os._exit(1)
     if _rank() == 0:
-        seal_files()
-        publish(tmp, final, keep_last)
+        write_common(p.tmp, p.trainer_state, p.config_yaml)
+    _barrier()
+    try:
+        wanted, missing = expected_files(p.tmp), []
+    except CheckpointError as e:  # still join the gather below: every rank must reach the same verdict
+        wanted, missing = {}, [str(e)]
+    files, problems = read_back(p.tmp, wanted)
+    problems = missing + problems
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint of step {p.meta['step']} not committed, {p.tmp}: {problems[0]}{more}; "
+            "the previous checkpoint stays the latest"
+        )
+    if _rank() == 0:
+        write_meta(p.tmp, p.meta, files, CHECKSUM)
+        publish(p.tmp, p.final, keep_last)
     _barrier()
 
 
@@ -187,14 +224,21 @@ def save(
     tmp, final = _prepare_dir(root, step)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(rng, os.path.join(tmp, "rng", f"rank{_rank()}.pt"))
-    has_optim = trainer_state.get("has_optim", True)
-    seal_files = functools.partial(seal, tmp, step, trainer_state, config_yaml, FORMAT, has_optim, layout)
+    meta = {
+        "step": step,
+        "format": FORMAT,
+        "has_optim": trainer_state.get("has_optim", True),
+        "layout": layout,
+    }
+    pending = PendingSave(None, tmp, final, trainer_state, config_yaml, meta)
     if async_save:
-        future = dcp.async_save(tensors, checkpoint_id=tmp, process_group=async_group, no_dist=_single())
-        return PendingSave(future, tmp, final, step, seal_files)
+        pending.future = dcp.async_save(
+            tensors, checkpoint_id=tmp, process_group=async_group, no_dist=_single()
+        )
+        return pending
     dcp.save(tensors, checkpoint_id=tmp, no_dist=_single())
     _barrier()
-    _commit(tmp, final, step, seal_files, keep_last)
+    _commit(pending, keep_last)
     return final
 
 
@@ -202,7 +246,7 @@ def commit_pending(p: PendingSave, keep_last: int | None) -> str:
     """Wait for this rank's background writes, then commit once all ranks are done. Collective."""
     p.future.result()
     _barrier()
-    _commit(p.tmp, p.final, p.step, p.seal, keep_last)
+    _commit(p, keep_last)
     return p.final
 
 

@@ -7,7 +7,8 @@ generation read it as they read sharded checkpoints. One checkpoint, `checkpoint
   optim.pt          name-keyed optimizer state (absent in model-only checkpoints, e.g. HF imports)
   trainer.pt        step and anything else the trainer needs to continue
   config.yaml       the resolved config of the run that wrote it
-  meta.json         written last: its presence marks a complete checkpoint
+  meta.json         written last, with every file's size and checksum: its presence marks a complete
+                    checkpoint
 It is written into `step_N.tmp-<pid>` and published as directory.py describes.
 
 Across ep and pp: `full_state` and `full_gradients` gather each rank's expert slices over its ep group and the
@@ -31,7 +32,16 @@ from torch import nn
 from ..model.moe import RoutedExperts
 from ..parallel.expert import expert_param_names
 from ..parallel.mesh import Mesh
-from .directory import checkpoint_name, publish, read_meta, resolve_checkpoint, seal
+from .directory import (
+    CheckpointError,
+    checkpoint_name,
+    publish,
+    read_meta,
+    resolve_checkpoint,
+    write_common,
+    write_meta,
+)
+from .integrity import CHECKSUM, read_back
 from .sharded import is_sharded
 from .sharded import load_model_state as load_sharded_model_state
 
@@ -57,7 +67,13 @@ def save_checkpoint(
     torch.save(model_state, os.path.join(tmp, "model.pt"))
     if optim_state is not None:
         torch.save(optim_state, os.path.join(tmp, "optim.pt"))
-    seal(tmp, step, trainer_state, config_yaml, FORMAT, has_optim=optim_state is not None)
+    write_common(tmp, trainer_state, config_yaml)
+    names = [os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs]
+    files, problems = read_back(tmp, dict.fromkeys(names, 0), collective=False)
+    if problems:
+        raise CheckpointError(f"checkpoint of step {step} not committed, {tmp}: {problems[0]}")
+    meta = {"step": step, "format": FORMAT, "has_optim": optim_state is not None}
+    write_meta(tmp, meta, files, CHECKSUM)
     publish(tmp, final, keep_last)
     return final
 

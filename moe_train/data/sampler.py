@@ -59,18 +59,24 @@ class GlobalBatchSampler:
 
         Only this rank's rows are read from the stream, but they are the same rows ``global_batch`` holds.
         """
-        if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"rank={rank}, world={world}: need world >= 1 and 0 <= rank < world")
-        if microbatches < 1:
-            raise ValueError(f"microbatches={microbatches} must be >= 1")
-        if self.batch_size % (world * microbatches):
-            raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by world*microbatches={world}*{microbatches}"
-                f"={world * microbatches}"
-            )
-        per_rank = self.batch_size // world
-        starts = self.offsets(step)[rank * per_rank : (rank + 1) * per_rank]
-        return list(_windows(self.tokens, starts, self.seq_len).split(per_rank // microbatches))
+        lo, hi, rows = rank_rows(self.batch_size, rank, world, microbatches)
+        return list(_windows(self.tokens, self.offsets(step)[lo:hi], self.seq_len).split(rows))
+
+
+def rank_rows(batch_size: int, rank: int, world: int, microbatches: int) -> tuple[int, int, int]:
+    """(first row, end row, rows per micro-batch) of `rank`'s share of a batch of `batch_size` sequences
+    cut over `world` data-parallel ranks: the one cut of training steps and evaluation rounds alike."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank={rank}, world={world}: need world >= 1 and 0 <= rank < world")
+    if microbatches < 1:
+        raise ValueError(f"microbatches={microbatches} must be >= 1")
+    if batch_size % (world * microbatches):
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by world*microbatches={world}*{microbatches}"
+            f"={world * microbatches}"
+        )
+    per_rank = batch_size // world
+    return rank * per_rank, (rank + 1) * per_rank, per_rank // microbatches
 
 
 def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""A per-rank memory estimate printed at start-up: model state plus activations of in-flight micro-batches.
+"""A per-rank memory estimate printed at start-up: model state plus activations of in-flight micro-batches,
+and what evaluation (a forward of one micro-batch without backward) needs.
 
 This is arithmetic, not a measurement. Model state is exact for the parameters this rank holds (its partial
 model under pipeline/expert parallelism): fp32 weights and gradients and AdamW's two fp32 moments, 16
@@ -107,6 +108,17 @@ def activation_bytes(
     return total
 
 
+def eval_activation_bytes(
+    c: ModelConfig, stages: Sequence[tuple[Sequence[int], bool]], tokens: int, a: int
+) -> int:
+    """A forward without backward (evaluation) keeps nothing between blocks: one micro-batch of `tokens`
+    tokens through the largest block (what it would save for backward bounds its live temporaries) and the
+    head's logits."""
+    layers = [i for ids, _ in stages for i in ids]
+    block = max((layer_bytes(c, i, a, "none") for i in layers), default=0)
+    return tokens * (block + (head_bytes(c, a) if any(head for _, head in stages) else 0))
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     params: int  # parameters this rank holds
@@ -114,20 +126,40 @@ class MemoryEstimate:
     activation_bytes: int
     in_flight: int  # micro-batches whose activations are alive at the peak
     recompute: str
+    eval_activation_bytes: int = 0  # evaluation: one micro-batch's forward, nothing kept for backward
 
     @property
     def total_bytes(self) -> int:
         return self.state_bytes + self.activation_bytes
 
+    @property
+    def eval_total_bytes(self) -> int:
+        return self.state_bytes + self.eval_activation_bytes
+
     def line(self, rank: int) -> str:
         return (
             f"rank {rank}: params {self.params:,} ({self.state_bytes / GIB:.3f} GiB weights+grads+Adam), "
             f"activations ~{self.activation_bytes / GIB:.3f} GiB (in-flight {self.in_flight}, "
-            f"recompute={self.recompute}), total ~{self.total_bytes / GIB:.3f} GiB (estimate)"
+            f"recompute={self.recompute}), total ~{self.total_bytes / GIB:.3f} GiB; evaluation "
+            f"~{self.eval_total_bytes / GIB:.3f} GiB (estimate)"
         )
 
+    def warnings(self, capacity: int | None) -> list[str]:
+        """One line for each phase (training step, evaluation) whose estimate exceeds `capacity` bytes of
+        device memory (None: unknown, no check), with the keys that shrink it."""
+        phases = (
+            ("a training step", self.total_bytes, "trainer.recompute=selective|full, parallel.pp or ep"),
+            ("evaluation", self.eval_total_bytes, "parallel.pp or ep (it runs the training micro-batches)"),
+        )
+        return [
+            f"warning: {what} needs ~{total / GIB:.1f} GiB by the memory estimate, more than the device's "
+            f"{capacity / GIB:.1f} GiB: raise parallel.microbatches, or use {keys}"
+            for what, total, keys in phases
+            if capacity is not None and total > capacity
+        ]
+
     def as_dict(self) -> dict[str, int | str]:
-        return {**asdict(self), "total_bytes": self.total_bytes}
+        return {**asdict(self), "total_bytes": self.total_bytes, "eval_total_bytes": self.eval_total_bytes}
 
 
 @dataclass(frozen=True)
@@ -166,4 +198,5 @@ def estimate_memory(
     s = sharding or StateSharding()
     dense = params - s.expert_params
     state = s.bytes(dense, s.dense_shards, bf16) + s.bytes(s.expert_params, s.expert_shards, bf16)
-    return MemoryEstimate(params, int(state), acts, in_flight, mode)
+    evals = eval_activation_bytes(c, stages, tokens, a)
+    return MemoryEstimate(params, int(state), acts, in_flight, mode, evals)

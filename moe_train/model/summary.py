@@ -6,12 +6,21 @@ The meta device allocates nothing, so even the 671B DeepSeek-V3 shape is checked
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
 
-from ..config import fmt_count, load_config, to_object, validate_model
+from ..config import load_config, to_object, validate_model
 from . import build_model, count_params, is_moe_layer, train_flops_per_token
+
+
+def fmt_count(n: float) -> str:
+    """n with a K/M/B/T suffix (two decimals)."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n)) if math.isfinite(n) else str(n)
 
 
 def module_counts(model: torch.nn.Module, cfg) -> tuple[int, int, int]:

@@ -43,14 +43,15 @@ def shared_run_dir(run_dir: str, mesh: Mesh) -> str:
 def _exit_status(e: BaseException, built: bool) -> int | None:
     """The documented status for an exception that ends a run; None for an unexpected one (a bug: Python
     prints its traceback and exits 1)."""
-    from ..checkpoint import CheckpointIOError
+    from ..checkpoint import CheckpointError
     from .faults import (
-        EXIT_CHECKPOINT,
         EXIT_COLLECTIVE,
+        EXIT_EVAL,
         EXIT_NONFINITE,
         EXIT_PREEMPTED,
         EXIT_USER_ERROR,
         CollectiveError,
+        EvaluationError,
         NonFiniteLossError,
         Preempted,
     )
@@ -58,8 +59,9 @@ def _exit_status(e: BaseException, built: bool) -> int | None:
     if not built and isinstance(e, ConfigError | FileNotFoundError | ValueError):
         return EXIT_USER_ERROR
     for kind, status in (
-        (CheckpointIOError, EXIT_CHECKPOINT),
+        (CheckpointError, EXIT_USER_ERROR),  # unwritable, damaged, unverified, a lost writer lease, disk full
         (NonFiniteLossError, EXIT_NONFINITE),
+        (EvaluationError, EXIT_EVAL),
         (Preempted, EXIT_PREEMPTED),
         (CollectiveError, EXIT_COLLECTIVE),
     ):
@@ -72,7 +74,7 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     """Validate, build, train; returns the run summary. Every other ending prints one message and exits with
     its documented status (train/faults.py). Whatever the ending, the process groups are destroyed first, in
     one order (Mesh.close), and rank 0 records the status for the launch scripts (faults.record_status)."""
-    from .faults import EXIT_OK, EXIT_PREEMPTED, record_status, stop_elastic_agent
+    from .faults import EXIT_EVAL, EXIT_OK, EXIT_PREEMPTED, record_status, stop_elastic_agent
     from .trainer import Trainer
 
     record_status(None)
@@ -93,7 +95,9 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
             mesh.close()
         if status is None:
             raise
-        if status != EXIT_PREEMPTED:
+        if status == EXIT_EVAL and mesh is not None:
+            print(f"error: rank {mesh.rank}: {e}", file=sys.stderr, flush=True)
+        elif status != EXIT_PREEMPTED:
             # every rank prints: with a failed collective the rank reporting first is seldom the cause
             print(f"error: {e}", file=sys.stderr, flush=True)
         elif mesh is None or mesh.is_logging_rank:

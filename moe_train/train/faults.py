@@ -29,10 +29,10 @@ from ..parallel.mesh import Mesh
 
 # Exit statuses of train.py (docs/launching.md); 1 is left to Python: an unexpected error, with its traceback.
 EXIT_OK = 0
-EXIT_USER_ERROR = 2  # a bad config or input: one line naming the key or file
+EXIT_USER_ERROR = 2  # a bad config or input, or a checkpoint that cannot be written or read: one line
 EXIT_NONFINITE = 3  # a non-finite loss (or too many in a row, or non-finite weights at a save)
 EXIT_COLLECTIVE = 4  # a collective failed or timed out (a peer died or ranks disagree on the program)
-EXIT_CHECKPOINT = 5  # a checkpoint could not be written or read (disk full, I/O error, damaged file)
+EXIT_EVAL = 5  # evaluation failed (e.g. out of memory) after the step's checkpoint was committed
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with a checkpoint; run again to continue
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -50,6 +50,15 @@ class Preempted(Exception):
         super().__init__(
             f"stopped at step {step} on {signame}; checkpoint written, continue with trainer.resume=auto"
         )
+        self.step = step
+
+
+class EvaluationError(Exception):
+    """Evaluation at a step failed after that step's checkpoint was committed. Not a RuntimeError, so
+    `guarded` passes it on instead of reporting a collective failure."""
+
+    def __init__(self, step: int, message: str) -> None:
+        super().__init__(message)
         self.step = step
 
 
@@ -195,3 +204,11 @@ def stop_elastic_agent(env: Mapping[str, str] | None = None) -> None:
     env = os.environ if env is None else env
     if "TORCHELASTIC_RUN_ID" in env and env.get("LOCAL_RANK", "0") == "0":
         os.kill(os.getppid(), signal.SIGTERM)
+
+
+def injected_eval_fault(step: int, env: dict[str, str] | None = None) -> None:
+    """Fault injection for the evaluation tests: `MOE_TRAIN_FAULT_EVAL_OOM=<step>` makes the evaluation at
+    that step run out of memory on every rank, as CUDA's allocator would (raising its error type)."""
+    env = dict(os.environ) if env is None else env
+    if env.get("MOE_TRAIN_FAULT_EVAL_OOM") == str(step):
+        raise torch.OutOfMemoryError(f"fault injection: out of memory in evaluation at step {step}")

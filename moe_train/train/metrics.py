@@ -188,7 +188,8 @@ def profiler(enabled: bool, device: Any, run_dir: str) -> contextlib.AbstractCon
 
 
 class Throughput:
-    """Tokens per second (and MFU against `peak` TFLOP/s, if known) over the steps since the last take."""
+    """Tokens per second (and MFU against `peak` TFLOP/s, if known) and the peak device memory over the steps
+    since the last take."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None) -> None:
         self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
@@ -202,7 +203,18 @@ class Throughput:
         if self.peak:
             out["mfu"] = out["tokens_per_s"] * self.flops_per_token / (self.peak * 1e12)
         self.steps, self.since = 0, now
-        return out
+        return out | peak_memory(device)
+
+
+def peak_memory(device: Any) -> dict[str, float]:
+    """`peak_mem_gib`: the most device memory allocated since the previous call, which starts a new window
+    (CUDA only; nothing elsewhere). Train records cover the steps since the last one, eval records their
+    evaluation alone, so the two peaks compare directly."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"peak_mem_gib": peak}
 
 
 def run_summary(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,6 @@ import torch
 from ..balance import balance_loss_spec
 from ..config import TrainConfig
 from ..data import GlobalBatchSampler, build_dataset
-from ..data.sampler import val_batches
 from ..model import Transformer, is_moe_layer
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
@@ -61,13 +61,12 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Data:
-    dataset: Any
+    dataset: Any  # its `val` stream is evaluation's (train/evaluation.py)
     sampler: GlobalBatchSampler
-    val: list[torch.Tensor]
 
 
 def build_data(cfg: TrainConfig) -> Data:
-    """The corpus, the global-batch sampler and the validation batches; resolves `model.vocab_size`."""
+    """The corpus and the global-batch sampler; resolves `model.vocab_size`."""
     d, t = cfg.data, cfg.trainer
     data = build_dataset(d)
     if cfg.model.vocab_size is None:
@@ -77,8 +76,7 @@ def build_data(cfg: TrainConfig) -> Data:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({data.vocab_size}); set model.vocab_size >= {data.vocab_size} or null"
         )
-    sampler = GlobalBatchSampler(data.train, d.seq_len, d.batch_size, t.seed)
-    return Data(data, sampler, val_batches(data.val, d.seq_len, d.batch_size, t.eval_batches))
+    return Data(data, GlobalBatchSampler(data.train, d.seq_len, d.batch_size, t.seed))
 
 
 @dataclass
@@ -136,8 +134,8 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters) -> Stages
 def estimate_stage_memory(
     cfg: TrainConfig, mesh: Mesh, stages: Stages, amp: torch.dtype | None, engine: Any
 ) -> MemoryEstimate:
-    """This rank's memory estimate: its stages' weights, the engine's optimizer-state layout, and the
-    activations of the micro-batches its schedule keeps in flight."""
+    """This rank's memory estimate: its stages' weights, the engine's optimizer-state layout, the
+    activations of the micro-batches its schedule keeps in flight, and evaluation's one micro-batch."""
     rows = cfg.data.batch_size // (mesh.layout.dp * cfg.parallel.microbatches)
     return estimate_memory(
         stages.model,
@@ -149,6 +147,15 @@ def estimate_stage_memory(
         amp == torch.bfloat16,
         engine.state_sharding(),
     )
+
+
+def report_memory(memory: MemoryEstimate, mesh: Mesh) -> None:
+    """Print this rank's estimate, and warn before any step runs when a phase would not fit the device."""
+    print(memory.line(mesh.rank), flush=True)
+    d = mesh.device
+    capacity = torch.cuda.get_device_properties(d).total_memory if d.type == "cuda" else None
+    for line in memory.warnings(capacity):
+        print(f"rank {mesh.rank}: {line}", file=sys.stderr, flush=True)
 
 
 def moe_layer_ids(cfg: TrainConfig) -> list[int]:

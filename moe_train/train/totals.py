@@ -26,11 +26,12 @@ class Totals:
     def __init__(self, mesh: Mesh, moe_layers: list[int], n_experts: int) -> None:
         self.mesh, self.moe_layers, self.n_experts = mesh, moe_layers, n_experts
 
-    def values(self, values: list[float]) -> list[float]:
+    def values(self, values: list[float], op: Any = dist.ReduceOp.SUM) -> list[float]:
+        """Each value summed (or reduced by `op`) over every rank."""
         if not self.mesh.distributed:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.mesh.device)
-        dist.all_reduce(t, group=self.mesh.group("world"))
+        dist.all_reduce(t, op=op, group=self.mesh.group("world"))
         return t.tolist()
 
     def loads(self, counts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:

@@ -1,9 +1,12 @@
-"""The training loop: build, then for each step run the executor, update, evaluate, log and save.
+"""The training loop: build, then for each step run the executor, update, save, log and evaluate.
 
 Losses of one optimizer step are means over the *global* batch: each micro-batch's loss is weighted by its
 share of the batch's sequences, so how the batch is cut into micro-batches (or ranks) never changes the
 update. Every step runs through the pipeline executor (one stage when pp = 1); the optimizer engine reduces,
 clips and updates; hooks after the update (the selection-bias controller) see the step's global loads.
+A step's checkpoint is written before its logging and evaluation, and committed (asynchronous saves too)
+before an evaluation or the summary runs, so neither can cost the step; a resume at an evaluation step
+evaluates it first (it may have failed, or a preemption skipped it).
 """
 
 from __future__ import annotations
@@ -28,8 +31,18 @@ from ..optim.engine import build_engine
 from ..parallel.dispatch import CommCounters
 from ..parallel.mesh import Mesh, build_mesh
 from ..parallel.pipeline.executor import LOSS_KEYS
-from .faults import Preempted, StopRequest, check_finite_weights, guarded, injected_exit, nonfinite_verdict
-from .metrics import Throughput, build_loggers, print_summary, profiler, run_summary
+from .evaluation import Evaluator
+from .faults import (
+    EvaluationError,
+    Preempted,
+    StopRequest,
+    check_finite_weights,
+    guarded,
+    injected_exit,
+    nonfinite_verdict,
+)
+from .metrics import MetricsHub, Throughput, build_loggers, print_summary, profiler, run_summary
+from .save_policy import SavePolicy
 from .setup import (
     autocast_dtype,
     build_data,
@@ -37,6 +50,7 @@ from .setup import (
     estimate_stage_memory,
     moe_layer_ids,
     peak_tflops,
+    report_memory,
     seed_everything,
     write_run_info,
 )
@@ -53,6 +67,7 @@ class Trainer:
         self.mesh = mesh or build_mesh(p.pp, p.ep, p.gpus_per_node, t.device, p.backend)
         if self.mesh.is_logging_rank:
             os.makedirs(run_dir, exist_ok=True)
+        self.checkpoints = Checkpointer(cfg, run_dir, self.mesh)  # first: a run that may not write stops here
         self.device = self.mesh.device
         self.amp = autocast_dtype(self.device, t.dtype)
         seed_everything(t.seed)
@@ -73,9 +88,10 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = peak_tflops(t.peak_tflops, self.device)
         self.memory: MemoryEstimate = estimate_stage_memory(cfg, self.mesh, stages, self.amp, self.engine)
-        print(self.memory.line(self.mesh.rank), flush=True)
+        report_memory(self.memory, self.mesh)
         self.step, self.skipped_steps, self.skip_streak, self.wandb_id = 0, 0, 0, None
-        self.checkpoints = Checkpointer(cfg, run_dir, self.mesh)
+        c = self.checkpoints
+        self.evaluator = Evaluator(cfg, self.mesh, s.executor, self.totals, self.data.dataset.val, c.root)
         self._resume()
         if self.mesh.is_logging_rank:
             facts = {"data": self.data.dataset.info, "params": self.params, "flops": self.flops_per_token}
@@ -93,15 +109,17 @@ class Trainer:
         if self.mesh.is_logging_rank:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
-    def save(self) -> str | None:
-        """This step's checkpoint (checkpoint.Checkpointer.save)."""
+    def save(self, commit: bool = False) -> str | None:
+        """This step's checkpoint (checkpoint.Checkpointer.save); `commit`: an asynchronous one too, before
+        returning (its path; None while one is in flight)."""
         state = {"step": self.step, "wandb_id": self.wandb_id, "skipped_steps": self.skipped_steps}
         yaml, e = OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.engine
         check_finite_weights(self.model, self.mesh, self.step)
         with guarded(self.mesh, f"checkpoint of step {self.step}"):
-            return self.checkpoints.save(
+            path = self.checkpoints.save(
                 state | {"has_optim": True}, self.model, e.optimizer, e.sharded_state, yaml
             )
+            return (self.checkpoints.finish() or path) if commit else path
 
     # ----------------------------------------------------------------------------------------- steps
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -165,24 +183,18 @@ class Trainer:
             record.update(self.totals.comm_bytes(self.counters))
         return record
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean LM loss over the validation batches and the loads' MaxVio, through the training forward."""
-        self.model.eval()
-        stats = MoEStats()
-        dp, r = self.mesh.layout.dp, self.mesh.dp_rank
-        loss_sum = 0.0
-        for batch in self.data.val:
-            rows = batch.shape[0] // dp
-            with self._autocast():
-                res = self.executor.forward_only([batch[r * rows : (r + 1) * rows]], [rows / batch.shape[0]])
-            loss_sum += res.sums["lm_loss"]
-            stats.records.extend(res.stats.records)
-        (loss_sum,) = self.totals.values([loss_sum])
-        loads = self.totals.loads(stats.counts_by_layer())
-        return {"kind": "eval", "step": self.step, "val_loss": loss_sum / len(self.data.val)} | maxvio_record(
-            loads, "maxvio_global"
-        )
+        """This step's eval record: the validation set through the training forward (train/evaluation.py)."""
+        return self.evaluator(self.model, self.step, self._autocast)
+
+    def _evaluate_logged(self, hub: MetricsHub) -> dict[str, Any]:
+        try:
+            record = self.evaluate()
+        except EvaluationError as e:
+            hub.log({"kind": "eval_failed", "step": e.step, "error": str(e)})
+            raise
+        hub.log(record)
+        return record
 
     # ----------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
@@ -193,8 +205,11 @@ class Trainer:
         meter = Throughput(self.cfg.data.batch_size * self.cfg.data.seq_len, self.flops_per_token, self.peak)
         last: dict[str, Any] = {}
         last_eval: dict[str, Any] = {}
-        stop = StopRequest()
+        stop, saves = StopRequest(), SavePolicy(t, self.totals)
+        evaluates = lambda step: step % t.eval_every == 0 or step == t.max_steps
         try:
+            if self.step and evaluates(self.step):
+                last_eval = self._evaluate_logged(hub)
             with profiler(t.profile, self.device, self.run_dir) as prof:
                 while self.step < t.max_steps:
                     record = self.train_step(self.step)
@@ -204,22 +219,20 @@ class Trainer:
                     if prof is not None:
                         prof.step()
                     progress.advance()
+                    stopping = stop.agreed(self.mesh) and self.step < t.max_steps
+                    if saves.due(self.step) or stopping:
+                        # committed now when anything that may fail follows at this step; a preempted job
+                        # is requeued and must find it committed
+                        self.save(commit=stopping or evaluates(self.step))
+                        saves.saved()
                     if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                         last = record | meter.take(self.device)
                         hub.log(last)
-                    if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                        with guarded(self.mesh, f"evaluation at step {self.step}"):
-                            last_eval = self.evaluate()
-                        hub.log(last_eval)
-                    saved = (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.max_steps
-                    if saved:
-                        self.save()
-                    if stop.agreed(self.mesh) and self.step < t.max_steps:
-                        if not saved:
-                            self.save()
-                        self.checkpoints.finish()  # the requeued job must find it committed
+                    if stopping:
                         hub.log({"kind": "preempted", "step": self.step, "signal": stop.signame})
                         raise Preempted(self.step, stop.signame or "?")
+                    if evaluates(self.step):
+                        last_eval = self._evaluate_logged(hub)
             with guarded(self.mesh, "committing the last asynchronous checkpoint"):
                 self.checkpoints.finish()
             summary = run_summary(self.step, self.run_dir, self.skipped_steps, last, last_eval)
@@ -230,6 +243,7 @@ class Trainer:
         finally:
             stop.close()
             hub.close()
+            self.checkpoints.close()
         if self.cfg.logger.console and self.mesh.is_logging_rank:
             print_summary(summary)
         return summary
