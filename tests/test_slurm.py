@@ -234,8 +234,11 @@ def test_sbatch_usr1_checkpoints_exits_75_requeues_and_resumes(slurm, tmp_path):
         assert len(stop) == 1 and 3 <= stop[0]["step"] < steps, recs[-3:]
         step = stop[0]["step"]
         assert os.path.isfile(os.path.join(run_dir, "checkpoints", f"step_{step:08d}", "meta.json"))
-        # SLURM holds a requeued job back for a while; let it start now
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=False)
+        # SLURM holds a requeued job back for a while; once it is pending again, let it start now
+        while time.time() < deadline and _job(env, job).get("JobState") != "PENDING":
+            time.sleep(0.5)
+        update = ["scontrol", "update", f"JobId={job}", "StartTime=now"]
+        assert subprocess.run(update, env=env, capture_output=True).returncode == 0, _job(env, job)
         # the first run's end may still show as FAILED (status 75) for a moment: wait for the second run's end
         deadline = time.time() + 240
         while time.time() < deadline and log.read_text().count("job exit status") < 2:
