@@ -222,7 +222,8 @@ class Trainer:
                     if saves.due(self.step) or stopping:
                         # committed now when anything that may fail follows at this step; a preempted job
                         # is requeued and must find it committed
-                        self.save(commit=stopping or evaluates(self.step))
+                        with meter.paused(self.device):
+                            self.save(commit=stopping or evaluates(self.step))
                         saves.saved()
                     if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                         last = record | meter.take(self.device)
@@ -231,7 +232,8 @@ class Trainer:
                         hub.log({"kind": "preempted", "step": self.step, "signal": stop.signame})
                         raise Preempted(self.step, stop.signame or "?")
                     if evaluates(self.step):
-                        last_eval = self._evaluate_logged(hub)
+                        with meter.paused(self.device):
+                            last_eval = self._evaluate_logged(hub)
             with guarded(self.mesh, "committing the last asynchronous checkpoint"):
                 self.checkpoints.finish()
             summary = run_summary(self.step, self.run_dir, self.skipped_steps, last, last_eval)
