@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -205,3 +206,39 @@ def test_aux_free_lowers_maxvio_against_none(tmp_path):
         mv = [r["maxvio_batch"] for r in read_metrics(run) if r["kind"] == "train"][-20:]
         results[mode] = float(np.mean(mv))
     assert results["aux_free"] < 0.6 * results["none"], results
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_forwards_run_under_autocast_and_backwards_outside_it(tmp_path, overlap):
+    """trainer.dtype=bf16: every forward runs under autocast, and no backward does — autocast asks for
+    backwards outside it (inside, each backward matmul re-casts the fp32 gradients it meets and keeps the
+    copies). With overlap an F&B pair interleaves the two, so the context follows each side."""
+    over = ["parallel.overlap=true"] if overlap else []
+    t = Trainer(make_cfg(tmp_path, "trainer.dtype=bf16", "parallel.microbatches=2", *over), str(tmp_path))
+    forward, backward = [], []
+    layer = t.model.layers["1"]
+    layer.self_attn.register_forward_pre_hook(lambda m, a: forward.append(torch.is_autocast_enabled("cpu")))
+    for p in layer.parameters():
+        p.register_hook(lambda g: backward.append(torch.is_autocast_enabled("cpu")))
+    t.train_step(0)
+    assert forward and all(forward), forward
+    assert backward and not any(backward), backward
+
+
+def test_tokens_per_s_leaves_checkpoints_and_evaluations_out(tmp_path):
+    """A window's tokens/s is its steps' own: a save or an evaluation at a step does not slow the number
+    (here both take over PAUSE seconds, more than a tiny step's whole window)."""
+    pause = 3.0
+    run = tmp_path / "run"
+    t = Trainer(
+        make_cfg(run, "trainer.max_steps=3", "trainer.ckpt_every=1", "trainer.eval_every=1"), str(run)
+    )
+    save, evaluate = t.save, t.evaluate
+    t.save = lambda **kw: (time.sleep(pause), save(**kw))[1]
+    t.evaluate = lambda: (time.sleep(pause), evaluate())[1]
+    t.run()
+    train = [r for r in read_metrics(run) if r["kind"] == "train"]
+    tokens = t.cfg.data.batch_size * t.cfg.data.seq_len
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for r in train[1:]:  # windows that follow a save and an evaluation
+        assert tokens / r["tokens_per_s"] < pause, r

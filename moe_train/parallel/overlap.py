@@ -52,8 +52,8 @@ recomputation is not supported (the config rejects `trainer.recompute=full` with
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -382,6 +382,21 @@ def drain(program: Program) -> Any:
             next(program)
         except StopIteration as stop:
             return stop.value
+
+
+def within(context: Callable[[], AbstractContextManager], program: Program) -> Program:
+    """`program` with `context()` entered only while the program itself runs: each of its resumptions
+    runs inside a fresh context, and whatever runs between them (the other side of an F&B pair) outside.
+    The executor runs forwards under the trainer's autocast this way and backwards outside it, as autocast
+    asks: a backward inside autocast would re-cast the fp32 gradients it meets and keep the copies."""
+    value: Any = None
+    while True:
+        with context():
+            try:
+                op = program.send(value)
+            except StopIteration as stop:
+                return stop.value
+        value = yield op
 
 
 def pair(forward: Program, backward: Program) -> tuple[Any, Any]:

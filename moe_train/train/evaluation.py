@@ -11,9 +11,7 @@ memory the start-up estimate already checked.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,23 +51,19 @@ class Evaluator:
         self.batches = val_batches(val_stream, d.seq_len, d.batch_size, eval_batch_count(cfg))
         self.checkpoints_root = checkpoints_root
 
-    def __call__(
-        self, model: nn.Module, step: int, autocast: Callable[[], contextlib.AbstractContextManager]
-    ) -> dict[str, Any]:
+    def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
         """The eval record of `step`: the mean LM loss per validation sequence and MaxVio of the loads.
         Running out of memory raises EvaluationError naming the step, what ran out and the checkpoint to
         continue from; a failed collective is reported as one (`guarded`)."""
         with guarded(self.mesh, f"evaluation at step {step}"):
             try:
                 injected_eval_fault(step)
-                return self._run(model, step, autocast)
+                return self._run(model, step)
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise EvaluationError(step, self._explain(step, e)) from e
 
     @torch.no_grad()
-    def _run(
-        self, model: nn.Module, step: int, autocast: Callable[[], contextlib.AbstractContextManager]
-    ) -> dict[str, Any]:
+    def _run(self, model: nn.Module, step: int) -> dict[str, Any]:
         model.eval()
         device = self.mesh.device
         peak_memory(device)  # the record's peak is this evaluation's alone
@@ -80,8 +74,7 @@ class Evaluator:
                 batch.shape[0], self.mesh.dp_rank, self.mesh.layout.dp, self.cfg.parallel.microbatches
             )
             micro = list(batch[lo:hi].split(rows))
-            with autocast():
-                res = self.executor.forward_only(micro, [rows / n] * len(micro))
+            res = self.executor.forward_only(micro, [rows / n] * len(micro))  # under its forward context
             loss += res.sums["lm_loss"]
             stats.records.extend(res.stats.records)
         (loss,) = self.totals.values([loss])

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -194,6 +195,18 @@ class Throughput:
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None) -> None:
         self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
         self.steps, self.since = 0, time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self, device: Any) -> Iterator[None]:
+        """Time spent inside (a checkpoint, an evaluation) is not training: it leaves the window, so the
+        window's tokens/s is the steps' own."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the steps' kernels still running belong to the window
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.since += time.perf_counter() - start
 
     def take(self, device: Any) -> dict[str, float]:
         if device.type == "cuda":

@@ -77,7 +77,7 @@ class Trainer:
         self.model, self.executor, self.ties = stages.model, stages.executor, stages.ties
         s = stages
         self.engine = build_engine(cfg, s.model, self.mesh, s.ties, s.owned, s.pipelined, run_dir)
-        self.executor.backward_fn = self.engine.backward
+        self.executor.backward_fn, self.executor.forward_context = self.engine.backward, self._autocast
         self.totals = Totals(self.mesh, moe_layer_ids(cfg), cfg.model.n_routed_experts)
         self.has_balance = balance_loss_spec(cfg.balance).alpha > 0
         self.bias = BiasController(cfg.balance, t.max_steps)
@@ -138,8 +138,7 @@ class Trainer:
         self.model.train()
         micro = self.data.sampler.shard(step, mesh.dp_rank, mesh.layout.dp, cfg.parallel.microbatches)
         weights = [mb.shape[0] / cfg.data.batch_size for mb in micro]
-        with self._autocast():
-            res = self.executor.run(micro, weights, self.mtp_weight(step))
+        res = self.executor.run(micro, weights, self.mtp_weight(step))
         sums: dict[str, float | None] = dict(
             zip(LOSS_KEYS, self.totals.values([res.sums[k] for k in LOSS_KEYS]), strict=True)
         )
@@ -185,7 +184,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """This step's eval record: the validation set through the training forward (train/evaluation.py)."""
-        return self.evaluator(self.model, self.step, self._autocast)
+        return self.evaluator(self.model, self.step)
 
     def _evaluate_logged(self, hub: MetricsHub) -> dict[str, Any]:
         try:
@@ -223,7 +222,8 @@ class Trainer:
                     if saves.due(self.step) or stopping:
                         # committed now when anything that may fail follows at this step; a preempted job
                         # is requeued and must find it committed
-                        self.save(commit=stopping or evaluates(self.step))
+                        with meter.paused(self.device):
+                            self.save(commit=stopping or evaluates(self.step))
                         saves.saved()
                     if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
                         last = record | meter.take(self.device)
@@ -232,7 +232,8 @@ class Trainer:
                         hub.log({"kind": "preempted", "step": self.step, "signal": stop.signame})
                         raise Preempted(self.step, stop.signame or "?")
                     if evaluates(self.step):
-                        last_eval = self._evaluate_logged(hub)
+                        with meter.paused(self.device):
+                            last_eval = self._evaluate_logged(hub)
             with guarded(self.mesh, "committing the last asynchronous checkpoint"):
                 self.checkpoints.finish()
             summary = run_summary(self.step, self.run_dir, self.skipped_steps, last, last_eval)

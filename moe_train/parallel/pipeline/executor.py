@@ -24,6 +24,7 @@ own, e.g. DeepSpeed's), whatever the schedule. Evaluation runs the same stage fo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from ...model import MoEStats, Transformer
 from ...model.loss import training_loss
-from ..overlap import OverlapEngine, StageTape, drain, pair
+from ..overlap import OverlapEngine, StageTape, drain, pair, within
 from .schedules import Action, Kind, Schedule
 from .stages import StageView
 
@@ -114,7 +115,9 @@ class PipelineExecutor:
         """rank: this rank's pipeline index; stages: stage id -> module for the stages it holds;
         peers[i]: global rank of pipeline rank i (for p2p); group: the pipeline process group;
         overlap: run actions through an overlap engine (True: a new one; or the engine to use);
-        backward: how a full backward (BW) of the plain path backpropagates its roots."""
+        backward: how a full backward (BW) of the plain path backpropagates its roots.
+        `forward_context` (settable, like `backward_fn`): entered around each forward's own work and
+        nothing else (`overlap.within`): the trainer's autocast, so backwards run outside it."""
         self.schedule, self.rank, self.stages = schedule, rank, stages
         self.peers, self.group = peers, group
         self.hidden, self.dtype = hidden_size, dtype
@@ -122,6 +125,7 @@ class PipelineExecutor:
             overlap if isinstance(overlap, OverlapEngine) else OverlapEngine() if overlap else None
         )
         self.backward_fn = backward
+        self.forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     # ------------------------------------------------------------------------------------------- p2p
     def _send(self, t: torch.Tensor, to: int, tag: int, pending: list) -> None:
@@ -173,7 +177,7 @@ class PipelineExecutor:
 
     def _forward(self, stage: int, mb: int, run: _Run, keep: bool = True) -> None:
         x = self._stage_input(stage, mb, run, keep)
-        drain(self._forward_program(stage, mb, x, run, keep))
+        drain(within(self.forward_context, self._forward_program(stage, mb, x, run, keep)))
 
     def _stage_input(self, stage: int, mb: int, run: _Run, keep: bool) -> torch.Tensor:
         """Token ids on a pipeline's first stage; else the activation received (or handed over locally)."""
@@ -290,7 +294,7 @@ class PipelineExecutor:
         st = run.stash.pop((b.stage, b.mb))
         self._incoming_grad(b.stage, b.mb, st, run)
         pair(
-            self._forward_program(f.stage, f.mb, x, run, keep=True),
+            within(self.forward_context, self._forward_program(f.stage, f.mb, x, run, keep=True)),
             self._backward_program(b.stage, b.mb, st, False, run),
         )
 
