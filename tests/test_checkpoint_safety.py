@@ -58,6 +58,7 @@ def _names(d) -> list[str]:
 # ------------------------------------------------------------------------------------- one writer
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_run_dir_exits_2_and_the_first_is_unharmed(tmp_path, capsys):
     run_dir, steps = tmp_path / "run", 8
     cmd = [

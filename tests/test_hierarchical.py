@@ -237,6 +237,7 @@ def _check_suite(results: list[dict], hidden: int, topk_group: int) -> None:
                     assert b["a2a_combine_inter_node_bytes"] == b["a2a_dispatch_inter_node_bytes"]
 
 
+@pytest.mark.slow
 def test_hierarchical_matches_flat_on_4_processes(tmp_path):
     """2 nodes × 2 and 4 × 1: outputs and gradients equal flat (rel ≤ 1e-5), each stage on its link, same
     training losses and gradients as the flat run."""

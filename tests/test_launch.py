@@ -51,6 +51,7 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_exits_75_and_resume_matches_uninterrupted(tmp_path):
     steps = 12
     env = _env(tmp_path)

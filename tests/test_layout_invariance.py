@@ -137,6 +137,7 @@ def test_ep2_on_2_processes_and_its_checkpoint_in_one_process(reference, tmp_pat
     assert resumed[0]["grad_norm"] == pytest.approx(ep2[3]["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_ep4_and_dp4_ep2_on_4_processes(reference, tmp_path):
     results = run_world(4, _worker, str(tmp_path), [("parallel.ep=4",), ("parallel.ep=2",)])
     _compare(reference, results[0][0], "ep=4")
