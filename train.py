@@ -11,13 +11,10 @@ from moe_train.train.faults import EXIT_USER_ERROR
 from moe_train.train.hydra_args import rank_overrides
 
 register_configs()
-_started = False  # set once Hydra has composed the config and handed it to the task
 
 
 @hydra.main(config_path="configs", config_name="train", version_base=None)
 def run(cfg: DictConfig) -> None:
-    global _started
-    _started = True
     from moe_train.train import main
 
     main(cfg)
@@ -30,7 +27,10 @@ if __name__ == "__main__":
         run()
     except SystemExit as e:
         # Hydra reports its own errors (an unknown key, a malformed override, a missing group) with status 1,
-        # the status Python gives a crash; they are bad input, which exits 2 (docs/launching.md)
-        if e.code == 1 and not _started:
+        # the status Python gives a crash; they are bad input, which exits 2 (docs/launching.md). Hydra sets
+        # its HydraConfig only once the config is composed and the task is about to run.
+        from hydra.core.hydra_config import HydraConfig
+
+        if e.code == 1 and not HydraConfig.initialized():
             raise SystemExit(EXIT_USER_ERROR) from None
         raise
