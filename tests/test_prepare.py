@@ -66,10 +66,12 @@ def _files(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def test_resume_after_kill_gives_identical_shards(tmp_path):
-    """Killed (SIGKILL) after shard 2 at the worst point — shard 3's .bin files written, its manifest not —
-    then restarted: the same shard files, corpus and meta.json as a run never interrupted, and the shards
-    committed before the kill are kept as they were rather than redone."""
+@pytest.mark.parametrize("k", [2, 5])
+def test_resume_after_kill_gives_identical_shards(tmp_path, k):
+    """Killed (SIGKILL) after shard k at the worst point — shard k+1's .bin files written, its manifest not;
+    after the last shard (5), before the concatenation — then restarted: the same shard files, corpus and
+    meta.json as a run never interrupted, and the shards committed before the kill are kept as they were
+    rather than redone."""
     src = tmp_path / "src"
     texts = _corpus(src)
     lines = (src / "a.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -87,25 +89,25 @@ def test_resume_after_kill_gives_identical_shards(tmp_path):
     assert meta["n_skipped_records"] == 1 and meta["skipped"][0].startswith(f"{src / 'a.jsonl'}:10: field")
 
     out = tmp_path / "out"
-    env = {**os.environ, FAULT_ENV: "2", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, FAULT_ENV: str(k), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "moe_train.data.prepare", "--out", str(out), *args]
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr
-    assert "after committing shard 2" in killed.stderr
+    assert f"after committing shard {k}" in killed.stderr
     shards = out / "shards"
     assert not (out / "meta.json").exists() and not (out / "train.bin").exists()
-    assert [p.name for p in sorted(shards.glob("*.json"))] == [
-        "00000.json",
-        "00001.json",
-        "00002.json",
-        "plan.json",
-    ]
-    assert (shards / "00003.train.bin").exists()  # written, never committed: must be redone, not trusted
-    committed = {p.name: p.stat().st_mtime_ns for p in shards.glob("0000[012].*")}
+    manifests = sorted(p.name for p in shards.glob("0*.json"))
+    assert manifests == [f"{i:05d}.json" for i in range(k + 1)]
+    if k + 1 < n_shards:
+        assert (shards / f"{k + 1:05d}.train.bin").exists()  # written, never committed: redone, not trusted
+    committed = {p.name: p.stat().st_mtime_ns for p in shards.glob("0*") if int(p.name[:5]) <= k}
 
+    # what a kill in the middle of a write leaves behind; the restart removes it
+    (shards / f".{k + 1:05d}.train.bin.x1.tmp").write_bytes(b"partial")
+    (out / ".train.bin.x2.tmp").write_bytes(b"partial")
     assert prepare_main(["--out", str(out), *args]) == 0
     assert _files(out) == _files(ref)
-    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("0000[012].*")} == committed
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("0*") if int(p.name[:5]) <= k} == committed
 
     # the corpus holds every document exactly once (the bad record in none)
     ds = build_dataset(DataConfig(name="memmap", path=str(out)))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -89,6 +90,9 @@ def prepare(
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         os.unlink(meta_path)  # readers now see "not built" rather than an old meta next to new .bin files
+    for name in ("train.bin", "val.bin", "meta.json"):  # temporary files of a concatenation a kill cut short
+        for tmp in glob.glob(os.path.join(glob.escape(out), f".{name}.*.tmp")):
+            os.unlink(tmp)
     if manifests:
         last = manifests[-1]
         for k in ("seen", "val_tokens", "n_train", "n_val"):
@@ -160,6 +164,9 @@ def _resume(shard_dir: str, plan: dict[str, Any], dtype: np.dtype, fresh: bool) 
     else:  # nothing committed yet (e.g. the last attempt stopped at a bad record): start under this plan
         with atomic_write(plan_path, "w") as f:
             json.dump(plan, f, indent=2)
+    for name in os.listdir(shard_dir):  # temporary files of writes a kill cut short
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.unlink(os.path.join(shard_dir, name))
     manifests: list[dict[str, Any]] = []
     while os.path.isfile(path := os.path.join(shard_dir, f"{len(manifests):05d}.json")):
         with open(path, encoding="utf-8") as f:
