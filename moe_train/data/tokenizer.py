@@ -1,14 +1,19 @@
 """Tokenizers: a dependency-free byte tokenizer and a thin wrapper around a Hugging Face ``tokenizer.json``.
 
 Both expose the same small surface (``encode``, ``decode``, ``encode_arrays``, ``eod_id``, ``vocab_size``,
-``name``, ``fingerprint``) so corpus builders never branch on the tokenizer kind.  ``fingerprint`` identifies
-the token mapping itself (not the file's location), which is what a token cache must be keyed by.
+``name``, ``fingerprint``, ``tokenizer_hash``) so corpus builders never branch on the tokenizer kind.
+``fingerprint`` identifies the token mapping itself (not the file's location), which is what a token cache
+must be keyed by.  ``tokenizer_hash`` is the sha256 of the tokenizer's JSON in canonical form (sorted keys,
+no whitespace): re-saving or pretty-printing ``tokenizer.json`` keeps it, so two corpora can be checked for
+the same tokenizer whoever wrote their files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +27,12 @@ EOD_CANDIDATES: tuple[str, ...] = (
 )
 
 
+def json_sha256(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON: the same value whatever key order or indentation a file had."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class ByteTokenizer:
     """UTF-8 bytes are tokens 0..255 and 256 separates documents.
 
@@ -33,6 +44,7 @@ class ByteTokenizer:
     vocab_size: int = 257
     name: str = "bytes"
     fingerprint: str = "bytes-v1"
+    tokenizer_hash: str = json_sha256({"moe_train_tokenizer": "bytes", "version": 1})
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -80,7 +92,9 @@ class HFTokenizer:
             )
         self.eod_id: int = int(eod)
         with open(path, "rb") as f:
-            self.fingerprint: str = "hf-" + hashlib.sha256(f.read()).hexdigest()
+            raw = f.read()
+        self.fingerprint: str = "hf-" + hashlib.sha256(raw).hexdigest()
+        self.tokenizer_hash: str = json_sha256(json.loads(raw))
         self.name: str = f"hf:{os.path.abspath(path)}"
 
     def encode(self, text: str) -> list[int]:
