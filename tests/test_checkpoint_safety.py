@@ -123,6 +123,7 @@ def _holders(tmp_path, specs: dict[str, tuple[str, float]]) -> dict[str, subproc
     return procs
 
 
+@pytest.mark.slow
 def test_the_same_run_takes_a_silent_lease_over_within_T_and_other_runs_exit(tmp_path):
     T = 2.0
     # an old attempt per way a run comes back (a SLURM requeue, a torchrun elastic restart); one that dies

@@ -136,6 +136,7 @@ def _one_process(base: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_one_process_follows_torch_and_resumes(tmp_path):
     (res,) = run_world(1, _one_process, str(tmp_path))
     assert_follows(res["torch"], res["ds1"], "zero-1, one process")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from test_trainer import make_cfg
 
@@ -109,6 +110,7 @@ def _distributed_worker(base: str, layouts: list[tuple[str, ...]]) -> list[dict]
     return out
 
 
+@pytest.mark.slow
 def test_full_recompute_through_pipeline_and_expert_parallel_on_2_ranks(tmp_path):
     layouts = [
         ("parallel.pp=2", "parallel.schedule=dualpipev", "parallel.microbatches=4"),
