@@ -20,6 +20,7 @@ import torch
 from ..balance import balance_loss_spec
 from ..config import TrainConfig
 from ..data import GlobalBatchSampler, build_dataset
+from ..data.mixture import MixtureDataset, MixtureSampler, load_mixture
 from ..model import Transformer, is_moe_layer
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
@@ -61,14 +62,19 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Data:
-    dataset: Any  # its `val` stream is evaluation's (train/evaluation.py)
-    sampler: GlobalBatchSampler
+    dataset: Any  # TokenDataset, or MixtureDataset for data.name=mixture
+    sampler: GlobalBatchSampler | MixtureSampler
+
+    @property
+    def val(self) -> np.ndarray | dict[str, np.ndarray]:
+        """Evaluation's validation stream, or one per mixture source by name (train/evaluation.py)."""
+        return self.dataset.val
 
 
 def build_data(cfg: TrainConfig) -> Data:
     """The corpus and the global-batch sampler; resolves `model.vocab_size`."""
     d, t = cfg.data, cfg.trainer
-    data = build_dataset(d)
+    data = load_mixture(d) if d.name == "mixture" else build_dataset(d)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data.vocab_size
     elif cfg.model.vocab_size < data.vocab_size:
@@ -76,6 +82,9 @@ def build_data(cfg: TrainConfig) -> Data:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({data.vocab_size}); set model.vocab_size >= {data.vocab_size} or null"
         )
+    if isinstance(data, MixtureDataset):
+        streams, weights = [c.train for c in data.corpora], [s.weight for s in data.sources]
+        return Data(data, MixtureSampler(streams, weights, d.seq_len, d.batch_size, t.seed))
     return Data(data, GlobalBatchSampler(data.train, d.seq_len, d.batch_size, t.seed))
 
 

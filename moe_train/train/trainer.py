@@ -91,7 +91,7 @@ class Trainer:
         report_memory(self.memory, self.mesh)
         self.step, self.skipped_steps, self.skip_streak, self.wandb_id = 0, 0, 0, None
         c = self.checkpoints
-        self.evaluator = Evaluator(cfg, self.mesh, s.executor, self.totals, self.data.dataset.val, c.root)
+        self.evaluator = Evaluator(cfg, self.mesh, s.executor, self.totals, self.data.val, c.root)
         self._resume()
         if self.mesh.is_logging_rank:
             facts = {"data": self.data.dataset.info, "params": self.params, "flops": self.flops_per_token}
