@@ -152,32 +152,65 @@ def test_sources_must_share_the_tokenizer_by_its_hash(tmp_path):
         load_mixture(_mixture(str(tmp_path / "absent"), a))
 
 
-def test_a_run_logs_tokens_and_val_loss_per_source(tmp_path):
-    a, b = _corpus(tmp_path, "a"), _corpus(tmp_path, "b")
-    run = tmp_path / "run"
+def _mixture_run(run: str, a: str, b: str, *layout: str) -> list[dict] | None:
+    """A 2-step run on a 3:1 mixture of corpora a and b; the metrics records on the logging rank."""
     mix = f"[{{name:code,path:'{a}',weight:3}},{{name:prose,path:'{b}',weight:1}}]"
     overrides = [
         "data=mixture",
         f"data.mixture={mix}",
         "data.seq_len=16",
         "data.batch_size=8",
-        "model.num_hidden_layers=1",
+        "model.num_hidden_layers=2",
         "trainer.max_steps=2",
         "trainer.log_every=1",
         "trainer.eval_every=2",
         "trainer.eval_sequences=8",
         "trainer.progress=false",
         "logger.console=false",
+        *layout,
     ]
     cfg = to_object(load_config(overrides))
-    cfg.run_dir = str(run)
-    Trainer(cfg, str(run)).run()
-    records = read_metrics(run)
+    cfg.run_dir = run
+    t = Trainer(cfg, run)
+    t.run()
+    return read_metrics(run) if t.mesh.is_logging_rank else None
+
+
+def _layouts_on_2_processes(base: str, a: str, b: str) -> list[list[dict] | None]:
+    layouts = [(), ("parallel.ep=2",), ("parallel.pp=2", "parallel.microbatches=2")]
+    return [_mixture_run(f"{base}/{i}", a, b, *lay) for i, lay in enumerate(layouts)]
+
+
+@pytest.mark.slow
+def test_per_source_records_are_the_same_under_dp2_ep2_pp2(tmp_path):
+    from tests.distributed import run_world
+
+    a, b = _corpus(tmp_path, "a"), _corpus(tmp_path, "b")
+    ref = _mixture_run(str(tmp_path / "one"), a, b)
+    runs = run_world(2, _layouts_on_2_processes, str(tmp_path / "two"), a, b)[0]
+    keys = [f"{k}/{n}" for k in ("source_tokens", "lm_loss", "val_loss") for n in ("code", "prose")]
+    assert {k for r in ref for k in keys if k in r} == set(keys)
+    for what, got in zip(("dp=2", "dp=2 ep=2", "pp=2"), runs, strict=True):
+        assert len(got) == len(ref), what
+        for r, g in zip(ref, got, strict=True):
+            for k in [k for k in keys if k in r]:
+                assert g[k] == pytest.approx(r[k], rel=1e-4), (what, r["step"], k)
+
+
+def test_a_run_logs_tokens_and_losses_per_source(tmp_path):
+    a, b = _corpus(tmp_path, "a"), _corpus(tmp_path, "b")
+    run = tmp_path / "run"
+    records = _mixture_run(str(run), a, b)
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2]
     for r in train:
-        assert r["source_tokens/code"] + r["source_tokens/prose"] == 8 * 16
-        assert r["source_tokens/code"] > r["source_tokens/prose"] > 0
+        tokens = {n: r[f"source_tokens/{n}"] for n in ("code", "prose")}
+        assert sum(tokens.values()) == 8 * 16 and tokens["code"] > tokens["prose"] > 0
+        # every sequence has seq_len tokens, so the batch's LM loss is the token-weighted mean of the
+        # sources' losses: the per-source split loses and double-counts nothing
+        mixed = sum(tokens[n] * r[f"lm_loss/{n}"] for n in tokens) / (8 * 16)
+        assert mixed == pytest.approx(r["lm_loss"], rel=1e-5)
+        assert r["lm_loss/code"] != r["lm_loss/prose"]
     (ev,) = [r for r in records if r["kind"] == "eval"]
     assert ev["val_sequences"] == 16  # each source's own held-out set
     assert ev["val_loss"] == pytest.approx(0.75 * ev["val_loss/code"] + 0.25 * ev["val_loss/prose"])

@@ -141,7 +141,7 @@ class Trainer:
         res = self.executor.run(micro, weights, self.mtp_weight(step))
         sums: dict[str, float | None] = dict(
             zip(LOSS_KEYS, self.totals.values([res.sums[k] for k in LOSS_KEYS]), strict=True)
-        )
+        ) | self.data.source_losses(step, mesh, res.rows, self.totals)
         # which terms exist is a property of the config; this rank may hold no MoE layer or no head
         if cfg.model.num_nextn_predict_layers == 0:
             sums["mtp_loss"] = None
