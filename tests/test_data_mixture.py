@@ -217,3 +217,18 @@ def test_a_run_logs_tokens_and_losses_per_source(tmp_path):
     assert ev["val_loss/code"] != ev["val_loss/prose"]
     info = json.loads((run / "run_info.json").read_text())["data"]
     assert [s["name"] for s in info["sources"]] == ["code", "prose"]
+
+
+def test_a_run_resumed_at_step_1_trains_step_2_on_the_same_batch(tmp_path):
+    """The trainer end to end: a resumed mixture run's step 2 has the uninterrupted run's losses, per
+    source too, which it could not have with another batch."""
+    a, b = _corpus(tmp_path, "a"), _corpus(tmp_path, "b")
+    full = tmp_path / "full"
+    ref = _mixture_run(str(full), a, b, "trainer.ckpt_every=1", "trainer.keep_last=5")
+    resumed = _mixture_run(
+        str(tmp_path / "resumed"), a, b, f"trainer.resume={full / 'checkpoints' / 'step_00000001'}"
+    )
+    (want,) = [r for r in ref if r["kind"] == "train" and r["step"] == 2]
+    (got,) = [r for r in resumed if r["kind"] == "train"]
+    keys = ["loss", "lm_loss", "lm_loss/code", "lm_loss/prose", "source_tokens/code", "source_tokens/prose"]
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
