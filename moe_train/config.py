@@ -68,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib"  # stdlib | memmap | synthetic
+    name: str = "stdlib"  # stdlib | memmap | synthetic | mixture
     tokenizer: str | None = None  # None: byte-level; else a tokenizers `tokenizer.json`
     path: str | None = None  # memmap: directory holding train.bin / val.bin / meta.json
     cache_dir: str | None = None  # None: $MOE_TRAIN_CACHE or ~/.cache/moe_train
@@ -77,6 +77,7 @@ class DataConfig:
     val_fraction: float = 0.05
     synthetic_vocab: int = 257
     synthetic_tokens: int = 1_000_000
+    mixture: list[Any] = field(default_factory=list)  # mixture: [{name, path, weight}] (data/mixture.py)
 
 
 @dataclass
@@ -385,7 +386,7 @@ def validate(cfg: TrainConfig) -> None:
     _finite(cfg, "")
     validate_model(cfg.model)
     d, o, b, t, p = cfg.data, cfg.optim, cfg.balance, cfg.trainer, cfg.parallel
-    _choice("data.name", d.name, ("stdlib", "memmap", "synthetic"))
+    _choice("data.name", d.name, ("stdlib", "memmap", "synthetic", "mixture"))
     _positive(d, "data", ["seq_len", "batch_size"])
     if not 0.0 < d.val_fraction < 0.5:
         _fail("data.val_fraction", d.val_fraction, "between 0 and 0.5 (exclusive)")

@@ -257,6 +257,22 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
     ),
     ("memmap id >= vocab", ["data=memmap", "data.path={ids_over_vocab}"], 2, "train.bin holds token id 99"),
     ("memmap short", ["data=memmap", "data.path={short_train}"], 2, "train.bin holds 2000 tokens but"),
+    ("mixture empty", ["data=mixture"], 2, "data.mixture=[] is not allowed"),
+    (
+        "mixture weight",
+        ["data=mixture", "data.mixture=[{{name:a,path:'/x',weight:-1}}]"],
+        2,
+        "data.mixture[0].weight=-1 is not allowed",
+    ),
+    (
+        "mixture vocab",
+        [
+            "data=mixture",
+            "data.mixture=[{{name:a,path:'{mix_a}',weight:1}},{{name:b,path:'{mix_b}',weight:1}}]",
+        ],
+        2,
+        "data.mixture[1] (b) has vocab_size=65 but data.mixture[0] (a) has 64",
+    ),
     ("tokenizer missing", ["data.tokenizer=/no/tok.json"], 2, "data.tokenizer='/no/tok.json' is not allowed"),
     (
         "tokenizer not json",
@@ -322,6 +338,8 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
         "ids_over_vocab": _memmap(root / "ids_over_vocab", meta, top=100),
         "short_train": _memmap(root / "short_train", {**meta, "n_train_tokens": 4000}, n_train=2000),
         "empty_dir": str(root / "empty"),
+        "mix_a": _memmap(root / "mix_a", meta),
+        "mix_b": _memmap(root / "mix_b", {**meta, "vocab_size": 65}),
     }
     files["odd_bytes"] = _memmap(root / "odd_bytes", meta)
     with open(os.path.join(files["odd_bytes"], "train.bin"), "ab") as f:

@@ -59,6 +59,8 @@ def build_dataset(cfg: DataConfig) -> TokenDataset:
         return _load_memmap(cfg)
     if cfg.name == "synthetic":
         return _build_synthetic(cfg)
+    if cfg.name == "mixture":
+        raise ValueError("data.name=mixture is several corpora: build it with moe_train.data.load_mixture")
     raise ValueError(f"data.name={cfg.name!r} is not allowed: one of stdlib, memmap, synthetic")
 
 
@@ -217,6 +219,9 @@ def _load_memmap(cfg: DataConfig) -> TokenDataset:
         "n_val_tokens": int(len(val)),
         "unigram_entropy_nats": unigram_entropy(val, vocab_size),
         "tokenizer": meta.get("tokenizer"),
+        # None: unknown (written by another tool); mixtures compare sources by these (data/mixture.py)
+        "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"),
+        "tokenizer_hash": meta.get("tokenizer_hash"),
         "vocab_size": vocab_size,
         "eod_id": eod_id,
     }

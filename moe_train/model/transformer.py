@@ -102,6 +102,7 @@ class ModelOutput:
     lm_loss: torch.Tensor | None
     mtp_loss: torch.Tensor | None  # mean over MTP depths, unweighted (the trainer applies lambda)
     logits: torch.Tensor | None
+    lm_loss_rows: torch.Tensor | None = None  # [b] each sequence's mean LM loss, detached (`row_losses`)
 
 
 class Transformer(nn.Module):
@@ -130,6 +131,7 @@ class Transformer(nn.Module):
             )
         self.cfg = cfg
         self.is_first, self.is_last = first, last
+        self.row_losses = False  # head also returns each sequence's LM loss (a mixture's loss per source)
         self.rotary = RotaryTable(
             cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
@@ -208,7 +210,12 @@ class Transformer(nn.Module):
         logits = self.lm_head(h)
         if labels is None:
             return ModelOutput(None, None, logits)
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1))
+        rows = None
+        if self.row_losses:
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1), reduction="none")
+            lm_loss, rows = ce.mean(), ce.detach().view(labels.shape).mean(1)
+        else:
+            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1))
         mtp_loss = None
         if len(self.mtp) and labels.shape[1] > len(self.mtp):
             losses = []
@@ -223,4 +230,4 @@ class Transformer(nn.Module):
                 mtp_logits = self.lm_head(layer.norm(h_prev))
                 losses.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(), labels[:, k:].reshape(-1)))
             mtp_loss = torch.stack(losses).mean()
-        return ModelOutput(lm_loss, mtp_loss, logits if return_logits else None)
+        return ModelOutput(lm_loss, mtp_loss, logits if return_logits else None, rows)

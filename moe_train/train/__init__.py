@@ -10,6 +10,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from ..config import ConfigError, TrainConfig, to_object, validate
+from ..data.mixture import mixture_sources
 from ..parallel.layout import check_layout
 from ..parallel.mesh import Mesh, build_mesh
 
@@ -83,6 +84,7 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
     try:
         obj = to_object(cfg)
         validate(obj)
+        mixture_sources(obj.data)  # its rules live with the mixture (config.py knows nothing of data/)
         check_layout(obj, int(os.environ.get("WORLD_SIZE", "1")))
         p = obj.parallel
         mesh = build_mesh(p.pp, p.ep, p.gpus_per_node, obj.trainer.device, p.backend, p.timeout_s)

@@ -6,12 +6,15 @@ batch is cut as a step's batch is (`rank_rows`): this rank's data-parallel share
 micro-batches, run through the executor's forward without backward (`forward_only`, nothing stashed, on the
 pipeline path too). Every forward therefore sees the training micro-batch's shape, and at most one step's
 micro-batches are in flight: evaluation never needs more activation memory than a training step, whose
-memory the start-up estimate already checked.
+memory the start-up estimate already checked. A mixture (`data.name=mixture`) evaluates each source's
+held-out stream as such a set and records `val_loss/NAME` per source; its `val_loss` weighs them by the
+mixture's weights.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,7 @@ from torch import nn
 
 from ..checkpoint import latest_checkpoint
 from ..config import TrainConfig
+from ..data.mixture import mixture_sources
 from ..data.sampler import rank_rows, val_batches
 from ..model import MoEStats
 from ..parallel.mesh import Mesh
@@ -41,14 +45,19 @@ class Evaluator:
         mesh: Mesh,
         executor: PipelineExecutor,
         totals: Totals,
-        val_stream: np.ndarray,
+        val_stream: np.ndarray | Mapping[str, np.ndarray],
         checkpoints_root: str,
     ) -> None:
-        """val_stream: the corpus's validation tokens; checkpoints_root: where a failure looks up the
-        committed checkpoint it names."""
+        """val_stream: the corpus's validation tokens, or a mixture's, one stream per source name;
+        checkpoints_root: where a failure looks up the committed checkpoint it names."""
         self.cfg, self.mesh, self.executor, self.totals = cfg, mesh, executor, totals
-        d = cfg.data
-        self.batches = val_batches(val_stream, d.seq_len, d.batch_size, eval_batch_count(cfg))
+        d, n = cfg.data, eval_batch_count(cfg)
+        streams = val_stream if isinstance(val_stream, Mapping) else {"": val_stream}
+        # every source gets the whole eval set, so each source's val loss is as precise as a lone corpus's
+        self.sets = {k: val_batches(v, d.seq_len, d.batch_size, n) for k, v in streams.items()}
+        sources = mixture_sources(d)
+        total = sum(s.weight for s in sources)
+        self.weights = {s.name: s.weight / total for s in sources} if sources else {"": 1.0}
         self.checkpoints_root = checkpoints_root
 
     def __call__(self, model: nn.Module, step: int) -> dict[str, Any]:
@@ -67,19 +76,25 @@ class Evaluator:
         model.eval()
         device = self.mesh.device
         peak_memory(device)  # the record's peak is this evaluation's alone
-        stats, loss = MoEStats(), 0.0
-        n = sum(b.shape[0] for b in self.batches)
-        for batch in self.batches:
-            lo, hi, rows = rank_rows(
-                batch.shape[0], self.mesh.dp_rank, self.mesh.layout.dp, self.cfg.parallel.microbatches
-            )
-            micro = list(batch[lo:hi].split(rows))
-            res = self.executor.forward_only(micro, [rows / n] * len(micro))  # under its forward context
-            loss += res.sums["lm_loss"]
-            stats.records.extend(res.stats.records)
-        (loss,) = self.totals.values([loss])
+        stats, losses, n_all = MoEStats(), [], 0
+        for batches in self.sets.values():
+            loss, n = 0.0, sum(b.shape[0] for b in batches)
+            for batch in batches:
+                lo, hi, rows = rank_rows(
+                    batch.shape[0], self.mesh.dp_rank, self.mesh.layout.dp, self.cfg.parallel.microbatches
+                )
+                micro = list(batch[lo:hi].split(rows))
+                res = self.executor.forward_only(micro, [rows / n] * len(micro))  # under its forward context
+                loss += res.sums["lm_loss"]
+                stats.records.extend(res.stats.records)
+            losses.append(loss)
+            n_all += n
+        per = dict(zip(self.sets, self.totals.values(losses), strict=True))  # one reduction for all sets
         loads = self.totals.loads(stats.counts_by_layer())
-        record = {"kind": "eval", "step": step, "val_loss": loss, "val_sequences": n}
+        # a mixture's val_loss is the expected loss of a sequence drawn with the training weights
+        val_loss = sum(self.weights[k] * v for k, v in per.items())
+        record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_sequences": n_all}
+        record |= {f"val_loss/{k}": v for k, v in per.items() if k}
         return record | maxvio_record(loads, "maxvio_global") | peak_memory(device)
 
     def _explain(self, step: int, e: BaseException) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..data.mixture import mixture_sources, step_source_tokens
+
 
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
@@ -124,10 +126,17 @@ class WandbLogger:
 
 
 class MetricsHub:
-    def __init__(self, loggers: list[Any]) -> None:
+    def __init__(self, loggers: list[Any], data: Any = None) -> None:
+        """data: the run's `data` config; a mixture's train records get the tokens of each source."""
         self.loggers = loggers
+        self.sources = mixture_sources(data) if data is not None else []
+        self.data = data
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.sources and record.get("kind") == "train":
+            # the batch's composition is a function of the config and the step, so no rank is asked
+            d = self.data
+            record = record | step_source_tokens(self.sources, d.batch_size, d.seq_len, record["step"] - 1)
         for lg in self.loggers:
             lg.log(record)
 
@@ -170,7 +179,7 @@ def build_loggers(
         w = WandbLogger(run_dir, lg.wandb, resolved_dict(cfg), wandb_id)
         wandb_id = w.run_id
         loggers.append(w)
-    return MetricsHub(loggers), progress, wandb_id
+    return MetricsHub(loggers, cfg.data), progress, wandb_id
 
 
 def profiler(enabled: bool, device: Any, run_dir: str) -> contextlib.AbstractContextManager:

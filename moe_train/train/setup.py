@@ -20,6 +20,8 @@ import torch
 from ..balance import balance_loss_spec
 from ..config import TrainConfig
 from ..data import GlobalBatchSampler, build_dataset
+from ..data.mixture import MixtureDataset, MixtureSampler, load_mixture
+from ..data.sampler import rank_rows
 from ..model import Transformer, is_moe_layer
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
@@ -61,14 +63,42 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Data:
-    dataset: Any  # its `val` stream is evaluation's (train/evaluation.py)
-    sampler: GlobalBatchSampler
+    dataset: Any  # TokenDataset, or MixtureDataset for data.name=mixture
+    sampler: GlobalBatchSampler | MixtureSampler
+    microbatches: int = 1  # parallel.microbatches: how this rank's rows are cut
+
+    @property
+    def val(self) -> np.ndarray | dict[str, np.ndarray]:
+        """Evaluation's validation stream, or one per mixture source by name (train/evaluation.py)."""
+        return self.dataset.val
+
+    def source_losses(
+        self, step: int, mesh: Mesh, rows: dict[int, torch.Tensor], totals: Any
+    ) -> dict[str, float | None]:
+        """A mixture's `lm_loss/NAME`: the mean LM loss of step `step`'s sequences from each source (None
+        for a source with none this step), from the per-sequence losses of this rank's micro-batches
+        (`rows`, on ranks holding the head) summed over every rank; {} for a single corpus. Every rank
+        calls it: the sum is a collective."""
+        if not isinstance(self.sampler, MixtureSampler):
+            return {}
+        src = self.sampler.sources(step)
+        lo, _, per_mb = rank_rows(len(src), mesh.dp_rank, mesh.layout.dp, self.microbatches)
+        sums = np.zeros(len(self.dataset.sources))
+        for mb, losses in rows.items():
+            start = lo + mb * per_mb
+            np.add.at(sums, src[start : start + per_mb], losses.float().cpu().numpy())
+        counts = np.bincount(src, minlength=len(sums))
+        totals_ = totals.values(sums.tolist())
+        return {
+            f"lm_loss/{s.name}": (t / int(c) if c else None)
+            for s, t, c in zip(self.dataset.sources, totals_, counts, strict=True)
+        }
 
 
 def build_data(cfg: TrainConfig) -> Data:
     """The corpus and the global-batch sampler; resolves `model.vocab_size`."""
     d, t = cfg.data, cfg.trainer
-    data = build_dataset(d)
+    data = load_mixture(d) if d.name == "mixture" else build_dataset(d)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = data.vocab_size
     elif cfg.model.vocab_size < data.vocab_size:
@@ -76,6 +106,10 @@ def build_data(cfg: TrainConfig) -> Data:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({data.vocab_size}); set model.vocab_size >= {data.vocab_size} or null"
         )
+    if isinstance(data, MixtureDataset):
+        streams, weights = [c.train for c in data.corpora], [s.weight for s in data.sources]
+        sampler = MixtureSampler(streams, weights, d.seq_len, d.batch_size, t.seed)
+        return Data(data, sampler, cfg.parallel.microbatches)
     return Data(data, GlobalBatchSampler(data.train, d.seq_len, d.batch_size, t.seed))
 
 
@@ -102,6 +136,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters) -> Stages
         cfg.model, schedule, mesh.pp_rank, balance, mesh.device, t.seed, experts, p.stage_layers
     )
     set_recompute(model, t.recompute)
+    model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses
     apply_expert_parallel(model, mesh, counters, dispatcher=p.dispatcher)
     if cfg.model.init_from:
         from ..hf import load_hf_weights

@@ -91,7 +91,7 @@ class Trainer:
         report_memory(self.memory, self.mesh)
         self.step, self.skipped_steps, self.skip_streak, self.wandb_id = 0, 0, 0, None
         c = self.checkpoints
-        self.evaluator = Evaluator(cfg, self.mesh, s.executor, self.totals, self.data.dataset.val, c.root)
+        self.evaluator = Evaluator(cfg, self.mesh, s.executor, self.totals, self.data.val, c.root)
         self._resume()
         if self.mesh.is_logging_rank:
             facts = {"data": self.data.dataset.info, "params": self.params, "flops": self.flops_per_token}
@@ -141,7 +141,7 @@ class Trainer:
         res = self.executor.run(micro, weights, self.mtp_weight(step))
         sums: dict[str, float | None] = dict(
             zip(LOSS_KEYS, self.totals.values([res.sums[k] for k in LOSS_KEYS]), strict=True)
-        )
+        ) | self.data.source_losses(step, mesh, res.rows, self.totals)
         # which terms exist is a property of the config; this rank may hold no MoE layer or no head
         if cfg.model.num_nextn_predict_layers == 0:
             sums["mtp_loss"] = None

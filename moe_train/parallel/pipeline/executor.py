@@ -62,6 +62,7 @@ class _Stash:
 class StepOutput:
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_KEYS, 0.0))
     stats: MoEStats = field(default_factory=MoEStats)
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # micro-batch -> its lm_loss_rows
     # (key, weight, scalar tensor) terms of `sums`, read back together by `finish` (one host sync)
     pending: list[tuple[str, float, torch.Tensor]] = field(default_factory=list)
 
@@ -221,6 +222,8 @@ class PipelineExecutor:
         else:
             h = module(x, None, stats)
         terms = training_loss(heads[0] if last else None, stats, run.mtp_weight)
+        if last and heads[0].lm_loss_rows is not None:
+            run.out.rows[mb] = heads[0].lm_loss_rows
         for key, value in terms.parts.items():
             run.out.add(key, w, value)
         if terms.total is not None:
