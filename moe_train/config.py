@@ -438,7 +438,7 @@ def validate(cfg: TrainConfig) -> None:
             "aux_free needs model.scoring_func=sigmoid (the bias shifts sigmoid scores)",
         )
 
-    _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_sequences"])
+    _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_sequences", "lease_timeout_s"])
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16"))
     _choice("trainer.recompute", t.recompute, ("none", "selective", "full"))
@@ -448,8 +448,6 @@ def validate(cfg: TrainConfig) -> None:
         _fail("trainer.ckpt_every_minutes", t.ckpt_every_minutes, ">= 0 (0: no checkpoints by time)")
     if t.keep_last < 1:
         _fail("trainer.keep_last", t.keep_last, ">= 1")
-    if not 0 < t.lease_timeout_s < float("inf"):
-        _fail("trainer.lease_timeout_s", t.lease_timeout_s, "a finite number of seconds > 0")
     if t.mtp_weight < 0 or t.mtp_weight_final < 0:
         _fail("trainer.mtp_weight", (t.mtp_weight, t.mtp_weight_final), ">= 0")
     if not 0.0 <= t.mtp_weight_switch_frac <= 1.0:
