@@ -12,17 +12,7 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; df -h /tmp | tail -1
 NEW=$PWD; OLD=$(cd "${1:?usage: compare_commits.sh OLD_DIR}" && pwd); R=${OUT:-/tmp}/runs; mkdir -p $R
-med() { python3 -c "
-import json,statistics
-r=[json.loads(l) for l in open('$1') if '\"train\"' in l]
-r=[x for x in r if x['step']>$2]
-print(round(statistics.median([x['tokens_per_s'] for x in r])), len(r))"; }
-train() { SECONDS=0; tag=$1; tree=$2; skip=$3; last=$4; shift 4
-  ( cd $tree && PYTHONPATH=$tree:/tmp/site exec python train.py hydra.run.dir=$R/$tag logger.console=false trainer.progress=false trainer.eval_every=100000 trainer.max_steps=$((last+1)) "$@" > $R/$tag.log 2>&1 ) &
-  pid=$!
-  for i in $(seq 1 300); do grep -q "\"step\": $last," $R/$tag/metrics.jsonl 2>/dev/null && break; kill -0 $pid 2>/dev/null || break; sleep 1; done
-  kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf $R/$tag/checkpoints
-  [ -f $R/$tag/metrics.jsonl ] && echo "$tag tokens/s(median, n) $(med $R/$tag/metrics.jsonl $skip) (${SECONDS}s)" || { echo "$tag FAILED"; tail -3 $R/$tag.log; }; }
+source "$NEW/bench/runs.sh"
 # Host-bound runs drift between machine starts and within one: rounds alternate the order (new-old, then
 # old-new), so a drift in time does not favour either checkout; compare the medians over the rounds.
 order() { [ $(($1 % 2)) = 1 ] && echo "new old" || echo "old new"; }

@@ -215,6 +215,12 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
     ("seq_len > positions", ["data.seq_len=8192"], 2, "at most model.max_position_embeddings=4096"),
     ("val_fraction", ["data.val_fraction=0.7"], 2, "data.val_fraction=0.7 is not allowed: between 0 and 0.5"),
     ("synthetic vocab", ["data.synthetic_vocab=0"], 2, "data.synthetic_vocab=0 is not allowed"),
+    (
+        "reset positions without masks",
+        ["data.document_mask=false", "data.reset_positions=true"],
+        2,
+        "data.reset_positions=True is not allowed: false or null when data.document_mask=false",
+    ),
     ("hidden size", ["model.hidden_size=-8"], 2, "model.hidden_size=-8 is not allowed: must be a positive"),
     ("rms eps", ["model.rms_norm_eps=0"], 2, "model.rms_norm_eps=0.0 is not allowed"),
     ("vocab zero", ["model.vocab_size=0"], 2, "model.vocab_size=0 is not allowed"),

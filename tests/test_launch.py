@@ -289,11 +289,10 @@ def test_sm_carveout_is_left_alone_on_cpu(tmp_path):
     """The SM carveout steers CUDA matmuls only; on CPU the overlap engine must not set it (torch prints a
     warning for it on every process)."""
     from moe_train.parallel.mesh import build_mesh
-    from moe_train.train.setup import build_stages
+    from moe_train.train.setup import build_data, build_stages
 
     cfg = make_cfg(tmp_path, "parallel.overlap=true", "parallel.overlap_sm_carveout=4", "trainer.device=cpu")
-    cfg.model.vocab_size = 257
-    stages = build_stages(cfg, build_mesh(device="cpu"), CommCounters())
+    stages = build_stages(cfg, build_mesh(device="cpu"), CommCounters(), build_data(cfg))
     assert stages.executor.engine is not None and stages.executor.engine.sm_carveout == 0
 
 

@@ -28,6 +28,7 @@ def make_cfg(run_dir: str, *overrides: str):
             [
                 "data=synthetic",
                 "data.synthetic_tokens=100000",
+                "data.synthetic_doc_tokens=16",  # documents of 1-32 tokens: most rows need their masks
                 "data.seq_len=32",
                 "data.batch_size=8",
                 f"trainer.max_steps={STEPS}",

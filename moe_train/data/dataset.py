@@ -49,6 +49,7 @@ class TokenDataset:
     vocab_size: int
     eod_id: int
     info: dict[str, Any] = field(default_factory=dict)
+    documents: bool = True  # the streams are documents ended by eod_id (synthetic data is not)
 
 
 def build_dataset(cfg: DataConfig) -> TokenDataset:
@@ -275,24 +276,31 @@ def _build_synthetic(cfg: DataConfig) -> TokenDataset:
     """Uniform random tokens from a fixed seed: identical everywhere, no files, no structure to learn.
 
     The best achievable loss is ln(vocab), which makes it a check that the trainer is not leaking labels.
-    The last id doubles as ``eod_id`` only to satisfy the interface; the stream has no documents.
+    The last id is ``eod_id``. By default it is an ordinary token and the stream has no documents; with
+    ``synthetic_doc_tokens`` > 0 it ends documents of uniformly random length (mean about that many tokens)
+    and appears nowhere else, so document masks have something to mask.
     """
-    vocab, n = int(cfg.synthetic_vocab), int(cfg.synthetic_tokens)
+    vocab, n, doc = int(cfg.synthetic_vocab), int(cfg.synthetic_tokens), int(cfg.synthetic_doc_tokens)
     if vocab < 2 or n < 2:
         raise ValueError(
             f"synthetic corpus needs synthetic_vocab >= 2 and synthetic_tokens >= 2, got {vocab}, {n}"
         )
     rng = np.random.default_rng(_SYNTHETIC_SEED)
-    tokens = rng.integers(0, vocab, size=n, dtype=np.int64).astype(token_dtype(vocab))
+    tokens = rng.integers(0, vocab - (doc > 0), size=n, dtype=np.int64).astype(token_dtype(vocab))
+    if doc > 0:
+        ends = np.cumsum(rng.integers(1, 2 * doc + 1, size=n // doc + 1))
+        tokens[ends[ends < n]] = vocab - 1
     n_val = min(max(1, round(n * cfg.val_fraction)), n - 1)
     train, val = tokens[: n - n_val], tokens[n - n_val :]
     info: dict[str, Any] = {
         "name": "synthetic",
         **_stream_info(train, val, vocab),
-        "n_docs": 0,
+        "n_docs": int(np.count_nonzero(tokens == vocab - 1)) if doc > 0 else 0,
         "seed": _SYNTHETIC_SEED,
         "tokenizer": None,
         "vocab_size": vocab,
         "eod_id": vocab - 1,
     }
-    return TokenDataset(train=train, val=val, vocab_size=vocab, eod_id=vocab - 1, info=info)
+    return TokenDataset(
+        train=train, val=val, vocab_size=vocab, eod_id=vocab - 1, info=info, documents=doc > 0
+    )

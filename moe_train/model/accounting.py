@@ -66,17 +66,20 @@ def count_params(c: ModelConfig) -> ParamCounts:
     return ParamCounts(total, active, emb, mtp_total, mtp_active)
 
 
+def attention_flops_per_pair(c: ModelConfig, include_mtp: bool = True) -> float:
+    """Training FLOPs of one allowed (query, key) pair over all attention layers: QK^T and AV forward,
+    2·n_h·(d_qk + d_v), times 3 for forward and backward."""
+    layers = c.num_hidden_layers + (c.num_nextn_predict_layers if include_mtp else 0)
+    return 6.0 * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * layers
+
+
 def train_flops_per_token(c: ModelConfig, seq_len: int, include_mtp: bool = True) -> float:
-    """6 × (active parameters that do matmuls, head included) + causal attention (3 × n_h(d_qk+d_v)T/… )."""
+    """6 × (active parameters that do matmuls, head included) + causal attention over the whole sequence
+    (a mean context of T/2 pairs per token; document masks allow fewer: `attention_flops_per_pair`)."""
     p = count_params(c)
     matmul_params = p.active - p.embedding
-    n_attn_layers = c.num_hidden_layers
     if include_mtp:
         matmul_params += (
             p.mtp_active + c.num_nextn_predict_layers * c.vocab_size * c.hidden_size
         )  # head reused
-        n_attn_layers += c.num_nextn_predict_layers
-    qk = c.qk_nope_head_dim + c.qk_rope_head_dim
-    # forward QK^T and AV over a causal context of mean length T/2: 2·n_h·(d_qk+d_v)·T/2; ×3 for training
-    attn = 3 * c.num_attention_heads * (qk + c.v_head_dim) * seq_len * n_attn_layers
-    return 6.0 * matmul_params + attn
+    return 6.0 * matmul_params + attention_flops_per_pair(c, include_mtp) * seq_len / 2

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.attention import document_attention
+from .documents import Documents
 from .norm import RMSNorm
 from .recompute import Recomputable, maybe_checkpoint
 from .rope import RotaryTable, softmax_scale
@@ -55,9 +57,11 @@ class MLA(Recomputable, nn.Module):
     def _kv_up(self, latent: torch.Tensor) -> torch.Tensor:
         return self.kv_b_proj(self.kv_a_layernorm.compute(latent))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
+        """Causal self-attention over x [B, T, H]; within each document of `docs`, at its RoPE positions."""
         B, T, _ = x.shape
         rotary = self._rotary[0]
+        pos = None if docs is None or docs.positions is None else docs.positions.unsqueeze(1)
         # Selective recomputation: the up-projections behind the latent norms are recomputed from the
         # (small) latents, so their wide outputs' norm intermediates are not kept.
         selective = self.recompute == "selective" and self.training
@@ -67,16 +71,19 @@ class MLA(Recomputable, nn.Module):
             q = self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = rotary(q_pe)
+        q_pe = rotary(q_pe, pos)
 
         kv_a = self.kv_a_proj_with_mqa(x)
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = maybe_checkpoint(selective, self._kv_up, latent)
         kv = kv.view(B, T, self.n_heads, self.nope + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_head_dim], dim=-1)
-        k_pe = rotary(k_pe.unsqueeze(1)).expand(B, self.n_heads, T, self.rope)
+        k_pe = rotary(k_pe.unsqueeze(1), pos).expand(B, self.n_heads, T, self.rope)
 
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe], dim=-1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        if docs is None or docs.single:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            o = document_attention(q, k, v, docs.mask(), self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA
+from .documents import Documents
 from .mlp import SwiGLU
 from .moe import BalanceLoss, MoE, MoEOptions
 from .norm import RMSNorm
@@ -49,28 +50,37 @@ class DecoderLayer(Recomputable, nn.Module):
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, stats: MoEStats | None = None, docs: Documents | None = None
+    ) -> torch.Tensor:
         # Full recomputation: only the block input is kept; the whole block runs again inside backward.
-        return maybe_checkpoint(self.recompute == "full" and self.training, self._run, h, stats)
+        return maybe_checkpoint(self.recompute == "full" and self.training, self._run, h, stats, docs)
 
-    def _run(self, h: torch.Tensor, stats: MoEStats | None) -> torch.Tensor:
-        return run(self.program(h, stats))
+    def _run(self, h: torch.Tensor, stats: MoEStats | None, docs: Documents | None) -> torch.Tensor:
+        return run(self.program(h, stats, docs=docs))
 
     def program(
-        self, h: torch.Tensor, stats: MoEStats | None = None, attend: Attend | None = None
+        self,
+        h: torch.Tensor,
+        stats: MoEStats | None = None,
+        attend: Attend | None = None,
+        docs: Documents | None = None,
     ) -> Program:
         """The block as phases (model/phases.py): attention with its residual, then the MLP — a MoE
         layer's phases and `finish`, or the dense MLP. attend: the attention over the normalised input
-        (default `self_attn`; inference passes its cached attention)."""
-        h1, x = yield Compute("attn", self.attention, (h, attend), layer=self.layer_id)
+        (default `self_attn` within `docs`; inference passes its cached attention)."""
+        h1, x = yield Compute("attn", self.attention, (h, attend, docs), layer=self.layer_id)
         if isinstance(self.mlp, MoE):
             routed, shared = yield from self.mlp.program(x, stats)
             return (yield Compute("finish", self.finish, (h1, routed, shared), join=True))
         return (yield Compute("mlp", self._dense, (h1, x), join=True))
 
-    def attention(self, h: torch.Tensor, attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(
+        self, h: torch.Tensor, attend: Attend | None = None, docs: Documents | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h + attention(norm(h)), and its normalised value (the MLP's input)."""
-        h1 = h + (attend or self.self_attn)(self.input_layernorm(h))
+        x = self.input_layernorm(h)
+        h1 = h + (attend(x) if attend is not None else self.self_attn(x, docs))
         return h1, self.post_attention_layernorm(h1)
 
     def finish(self, h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
@@ -92,9 +102,15 @@ class MTPLayer(nn.Module):
         self.block = DecoderLayer(cfg, layer_id, rotary, moe)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, stats: MoEStats | None) -> torch.Tensor:
+    def forward(
+        self,
+        h_prev: torch.Tensor,
+        emb_next: torch.Tensor,
+        stats: MoEStats | None,
+        docs: Documents | None = None,
+    ) -> torch.Tensor:
         h = self.eh_proj(torch.cat([self.hnorm(h_prev), self.enorm(emb_next)], dim=-1))
-        return self.block(h, stats)
+        return self.block(h, stats, docs)
 
 
 @dataclass
@@ -161,28 +177,32 @@ class Transformer(nn.Module):
         layer_ids: Sequence[int] | None = None,
         embed: bool | None = None,
         phases: bool = False,
+        docs: Documents | None = None,
     ) -> Program:
         """The forward as ops (model/phases.py): the embedding when `embed` (default: this holds the first
         layers), the layers `layer_ids` (default: all held) in order, then `head(h)` if given; returns the
         head's value, else the hidden states. x: token ids with the embedding, hidden states otherwise.
         phases: each block as its phases (the overlap engine cuts them); otherwise one op per block, which
-        may recompute the whole block (`trainer.recompute=full`)."""
+        may recompute the whole block (`trainer.recompute=full`). docs: the sequences' documents (None: one
+        causal sequence each)."""
         h = x
         if self.is_first if embed is None else embed:
             h = yield Compute("embed", self.embed_tokens, (x,))
         for i in self.layers if layer_ids is None else layer_ids:
             layer = self.layers[str(i)]
             if phases:
-                h = yield from layer.program(h, stats)
+                h = yield from layer.program(h, stats, docs=docs)
             else:
-                h = yield Compute("block", layer, (h, stats), layer=layer.layer_id)
+                h = yield Compute("block", layer, (h, stats, docs), layer=layer.layer_id)
         if head is None:
             return h
         return (yield Compute("head", head, (h,)))
 
-    def hidden_states(self, input_ids: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, stats: MoEStats | None = None, docs: Documents | None = None
+    ) -> torch.Tensor:
         """The last held layer's output, before the final norm."""
-        return run(self.program(input_ids, stats))
+        return run(self.program(input_ids, stats, docs=docs))
 
     def forward(
         self,
@@ -190,13 +210,18 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         stats: MoEStats | None = None,
         return_logits: bool = False,
+        docs: Documents | None = None,
     ) -> torch.Tensor | ModelOutput:
         """x: token ids where this holds the embedding, hidden states elsewhere. labels[:, i] is the token
         after x[:, i]; MTP depth k predicts labels[:, i + k]. The losses (ModelOutput) where this holds the
         head, else the hidden states."""
         if not self.is_last:
-            return self.hidden_states(x, stats)
-        return run(self.program(x, stats, lambda h: self.head(h, labels, stats, return_logits)))
+            return self.hidden_states(x, stats, docs)
+
+        def head(h: torch.Tensor) -> ModelOutput:
+            return self.head(h, labels, stats, return_logits, docs)
+
+        return run(self.program(x, stats, head, docs=docs))
 
     def head(
         self,
@@ -204,8 +229,11 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None,
         stats: MoEStats | None = None,
         return_logits: bool = False,
+        docs: Documents | None = None,
     ) -> ModelOutput:
-        """Final norm, logits, the LM loss and the MTP blocks' loss (labels given)."""
+        """Final norm, logits, the LM loss and the MTP blocks' loss (labels given). With `docs`, an MTP
+        target in another document than its position's is left out: it counts zero, and each depth's mean
+        still divides by all its positions, so the loss does not depend on how a batch is cut."""
         h = self.norm(h)
         logits = self.lm_head(h)
         if labels is None:
@@ -226,8 +254,12 @@ class Transformer(nn.Module):
             for k, layer in enumerate(self.mtp, start=1):
                 n = labels.shape[1] - k
                 emb_next = self.embed_tokens(labels[:, k - 1 : k - 1 + n])
-                h_prev = layer(h_prev[:, :n], emb_next, stats)
-                mtp_logits = self.lm_head(layer.norm(h_prev))
-                losses.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(), labels[:, k:].reshape(-1)))
+                h_prev = layer(h_prev[:, :n], emb_next, stats, None if docs is None else docs.prefix(n))
+                mtp_logits = self.lm_head(layer.norm(h_prev)).flatten(0, 1).float()
+                if docs is None or docs.single:
+                    losses.append(F.cross_entropy(mtp_logits, labels[:, k:].reshape(-1)))
+                else:
+                    ce = F.cross_entropy(mtp_logits, labels[:, k:].reshape(-1), reduction="none")
+                    losses.append((ce * docs.same(k).reshape(-1)).mean())
             mtp_loss = torch.stack(losses).mean()
         return ModelOutput(lm_loss, mtp_loss, logits if return_logits else None, rows)

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -198,12 +198,21 @@ def profiler(enabled: bool, device: Any, run_dir: str) -> contextlib.AbstractCon
 
 
 class Throughput:
-    """Tokens per second (and MFU against `peak` TFLOP/s, if known) and the peak device memory over the steps
-    since the last take."""
+    """Tokens per second (and MFU, if the device's peak TFLOP/s is known) and the peak device memory over the
+    steps since the last take. flops(step): the training FLOPs of step's global batch (`StepFlops`); MFU
+    divides them by the window's time and by the peak of all `devices` that ran the batch."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None) -> None:
-        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
-        self.steps, self.since = 0, time.perf_counter()
+    def __init__(
+        self, tokens_per_step: int, flops: Callable[[int], float], peak: float | None, devices: int = 1
+    ) -> None:
+        self.tokens_per_step, self.flops_of, self.peak, self.devices = tokens_per_step, flops, peak, devices
+        self.steps, self.flops, self.since = 0, 0.0, time.perf_counter()
+
+    def add(self, step: int) -> None:
+        """Step `step` ran in this window."""
+        self.steps += 1
+        if self.peak:
+            self.flops += self.flops_of(step)
 
     @contextlib.contextmanager
     def paused(self, device: Any) -> Iterator[None]:
@@ -221,10 +230,11 @@ class Throughput:
         if device.type == "cuda":
             torch.cuda.synchronize()  # the window ends when its kernels do
         now = time.perf_counter()
-        out = {"tokens_per_s": self.tokens_per_step * self.steps / max(now - self.since, 1e-9)}
+        elapsed = max(now - self.since, 1e-9)
+        out = {"tokens_per_s": self.tokens_per_step * self.steps / elapsed}
         if self.peak:
-            out["mfu"] = out["tokens_per_s"] * self.flops_per_token / (self.peak * 1e12)
-        self.steps, self.since = 0, now
+            out["mfu"] = self.flops / elapsed / (self.peak * 1e12 * self.devices)
+        self.steps, self.flops, self.since = 0, 0.0, now
         return out | peak_memory(device)
 
 

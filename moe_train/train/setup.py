@@ -7,10 +7,12 @@ drives what is built here.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,9 @@ from ..config import TrainConfig
 from ..data import GlobalBatchSampler, build_dataset
 from ..data.mixture import MixtureDataset, MixtureSampler, load_mixture
 from ..data.sampler import rank_rows
-from ..model import Transformer, is_moe_layer
+from ..model import Transformer, is_moe_layer, train_flops_per_token
+from ..model.accounting import attention_flops_per_pair
+from ..model.documents import Documents
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
 from ..parallel.dispatch import CommCounters
@@ -113,6 +117,36 @@ def build_data(cfg: TrainConfig) -> Data:
     return Data(data, GlobalBatchSampler(data.train, d.seq_len, d.batch_size, t.seed))
 
 
+def document_finder(cfg: TrainConfig, data: Data) -> Callable[[torch.Tensor], Documents] | None:
+    """How a micro-batch's documents are found: by the corpus's end-of-document token, where
+    `data.document_mask` is on and the corpus has documents; None: every row is one causal sequence."""
+    d = cfg.data
+    if not d.document_mask or not getattr(data.dataset, "documents", True):
+        return None
+    reset = d.reset_positions is not False
+    return functools.partial(Documents.of, eod_id=data.dataset.eod_id, reset_positions=reset)
+
+
+class StepFlops:
+    """Training FLOPs of a step's global batch, for MFU: matmuls for every token, and attention for the
+    (query, key) pairs its documents allow — causal over each whole row where there are no document masks.
+    `per_token` is the causal count per token (what run_info.json records)."""
+
+    def __init__(self, cfg: TrainConfig, data: Data) -> None:
+        d = cfg.data
+        self.per_token = train_flops_per_token(cfg.model, d.seq_len)
+        self.per_pair = attention_flops_per_pair(cfg.model)
+        self.tokens, self.causal_pairs = d.batch_size * d.seq_len, d.batch_size * d.seq_len * d.seq_len / 2
+        self.data, self.documents = data, document_finder(cfg, data)
+
+    def __call__(self, step: int) -> float:
+        if self.documents is None:
+            return self.per_token * self.tokens
+        docs = self.documents(self.data.sampler.global_batch(step)[:, :-1])
+        pairs = self.causal_pairs if docs.single else docs.pairs
+        return self.per_token * self.tokens + self.per_pair * (pairs - self.causal_pairs)
+
+
 @dataclass
 class Stages:
     """This rank's model, the executor over its stages, and what the gradient reduction and memory estimate
@@ -127,7 +161,7 @@ class Stages:
     pipelined: bool  # several stages, or F&B pairs: losses and loads are summed over every rank
 
 
-def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters) -> Stages:
+def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Data) -> Stages:
     p, t = cfg.parallel, cfg.trainer
     schedule = schedule_for(p)
     experts = expert_slice(cfg.model.n_routed_experts, mesh)
@@ -160,6 +194,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters) -> Stages
         next(model.parameters()).dtype,
         overlap=OverlapEngine(sm_carveout=carveout) if p.overlap else False,
     )
+    executor.documents = document_finder(cfg, data) or executor.documents
     # the executor keeps a stage's graph until its W pass, so activations count until W
     in_flight = peak_activations(schedule, release="W")[mesh.pp_rank]
     pipelined = schedule.n_stages > 1 or p.overlap

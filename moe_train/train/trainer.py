@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from ..balance import BiasController, balance_loss_spec
 from ..checkpoint import Checkpointer
 from ..config import TrainConfig
-from ..model import MoEStats, count_params, train_flops_per_token
+from ..model import MoEStats, count_params
 from ..model.memory import MemoryEstimate
 from ..optim import lr_at
 from ..optim.engine import build_engine
@@ -44,6 +44,7 @@ from .faults import (
 from .metrics import MetricsHub, Throughput, build_loggers, print_summary, profiler, run_summary
 from .save_policy import SavePolicy
 from .setup import (
+    StepFlops,
     autocast_dtype,
     build_data,
     build_stages,
@@ -73,9 +74,8 @@ class Trainer:
         seed_everything(t.seed)
         self.data = build_data(cfg)
         self.counters = CommCounters()
-        stages = build_stages(cfg, self.mesh, self.counters)
+        s = stages = build_stages(cfg, self.mesh, self.counters, self.data)
         self.model, self.executor, self.ties = stages.model, stages.executor, stages.ties
-        s = stages
         self.engine = build_engine(cfg, s.model, self.mesh, s.ties, s.owned, s.pipelined, run_dir)
         self.executor.backward_fn, self.executor.forward_context = self.engine.backward, self._autocast
         self.totals = Totals(self.mesh, moe_layer_ids(cfg), cfg.model.n_routed_experts)
@@ -85,7 +85,7 @@ class Trainer:
             lambda step, loads: {"bias_update_rate": self.bias.update(self.model.moe_layers(), loads, step)}
         ]
         self.params = count_params(cfg.model)
-        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.flops = StepFlops(cfg, self.data)
         self.peak = peak_tflops(t.peak_tflops, self.device)
         self.memory: MemoryEstimate = estimate_stage_memory(cfg, self.mesh, stages, self.amp, self.engine)
         report_memory(self.memory, self.mesh)
@@ -94,7 +94,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.mesh, s.executor, self.totals, self.data.val, c.root)
         self._resume()
         if self.mesh.is_logging_rank:
-            facts = {"data": self.data.dataset.info, "params": self.params, "flops": self.flops_per_token}
+            facts = {"data": self.data.dataset.info, "params": self.params, "flops": self.flops.per_token}
             write_run_info(run_dir, cfg, self.mesh, amp=self.amp, memory=self.memory, **facts)
 
     # ----------------------------------------------------------------------------------------- state
@@ -201,7 +201,7 @@ class Trainer:
         hub, progress, self.wandb_id = build_loggers(
             self.cfg, self.mesh, self.run_dir, self.step, self.wandb_id
         )
-        meter = Throughput(self.cfg.data.batch_size * self.cfg.data.seq_len, self.flops_per_token, self.peak)
+        meter = Throughput(self.flops.tokens, self.flops, self.peak, self.mesh.world)
         last: dict[str, Any] = {}
         last_eval: dict[str, Any] = {}
         stop, saves = StopRequest(), SavePolicy(t, self.totals)
@@ -214,7 +214,7 @@ class Trainer:
                     record = self.train_step(self.step)
                     self.step += 1
                     injected_exit(self.step, self.mesh.rank)
-                    meter.steps += 1
+                    meter.add(self.step - 1)
                     if prof is not None:
                         prof.step()
                     progress.advance()

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ...model import MoEStats, Transformer
+from ...model.documents import Documents
 from ...model.loss import training_loss
 from ..overlap import OverlapEngine, StageTape, drain, pair, within
 from .schedules import Action, Kind, Schedule
@@ -40,6 +41,7 @@ from .stages import StageView
 
 # backpropagate `tensors` with incoming gradients `grads` (torch.autograd.backward's signature)
 Backward = Callable[[list[torch.Tensor], list[torch.Tensor]], None]
+Segment = Callable[[torch.Tensor], "Documents | None"]  # input ids [b, T] -> their documents, or None
 LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
 
@@ -91,6 +93,8 @@ class _Run:
     local_bwd: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # same-rank gradients
     sends: list = field(default_factory=list)  # p2p work to wait for at the end
     on_device: dict[int, torch.Tensor] = field(default_factory=dict)  # micro-batch -> its tokens, copied once
+    segment: Segment = lambda tokens: None  # the executor's `documents`
+    docs: dict[int, Documents | None] = field(default_factory=dict)  # micro-batch -> its documents, on device
 
     def tokens(self, mb: int, device: torch.device) -> torch.Tensor:
         """Micro-batch mb's tokens on `device`: one copy shared by its input ids and labels, and by every
@@ -98,6 +102,14 @@ class _Run:
         if mb not in self.on_device:
             self.on_device[mb] = self.micro[mb].to(device, non_blocking=True)
         return self.on_device[mb]
+
+    def documents(self, mb: int, device: torch.device) -> Documents | None:
+        """Micro-batch mb's documents, found in its input ids where they are (on the host, so without a
+        device sync), then copied to `device` once for every stage of this rank."""
+        if mb not in self.docs:
+            found = self.segment(self.micro[mb][:, :-1])
+            self.docs[mb] = None if found is None else found.to(device)
+        return self.docs[mb]
 
 
 class PipelineExecutor:
@@ -118,7 +130,9 @@ class PipelineExecutor:
         overlap: run actions through an overlap engine (True: a new one; or the engine to use);
         backward: how a full backward (BW) of the plain path backpropagates its roots.
         `forward_context` (settable, like `backward_fn`): entered around each forward's own work and
-        nothing else (`overlap.within`): the trainer's autocast, so backwards run outside it."""
+        nothing else (`overlap.within`): the trainer's autocast, so backwards run outside it.
+        `documents` (settable): a micro-batch's input ids -> their `Documents` (model/documents.py), or
+        None for one causal sequence per row."""
         self.schedule, self.rank, self.stages = schedule, rank, stages
         self.peers, self.group = peers, group
         self.hidden, self.dtype = hidden_size, dtype
@@ -127,6 +141,7 @@ class PipelineExecutor:
         )
         self.backward_fn = backward
         self.forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.documents: Segment = lambda tokens: None
 
     # ------------------------------------------------------------------------------------------- p2p
     def _send(self, t: torch.Tensor, to: int, tag: int, pending: list) -> None:
@@ -143,7 +158,7 @@ class PipelineExecutor:
     # --------------------------------------------------------------------------------------- running
     def run(self, micro: list[torch.Tensor], weights: list[float], mtp_weight: float) -> StepOutput:
         """micro[m]: tokens [b, T+1] of micro-batch m; weights[m]: its share of the global batch."""
-        run = _Run(micro, weights, mtp_weight)
+        run = _Run(micro, weights, mtp_weight, segment=self.documents)
         for action in self.schedule.ranks[self.rank]:
             if action.kind is Kind.FB and self.engine is not None:
                 self._pair(action, run)
@@ -157,7 +172,7 @@ class PipelineExecutor:
     @torch.no_grad()
     def forward_only(self, micro: list[torch.Tensor], weights: list[float]) -> StepOutput:
         """Evaluation: every micro-batch forward through the first pipeline, no backward, no stash."""
-        run = _Run(micro, weights, 0.0)
+        run = _Run(micro, weights, 0.0, segment=self.documents)
         mine = [s for s in self.schedule.pipelines[0] if self.schedule.rank_of(s) == self.rank]
         for mb in range(len(micro)):
             for stage in mine:
@@ -202,6 +217,7 @@ class PipelineExecutor:
         """The forward of (stage, mb) as a program (parallel/overlap.py) that sends its output at the end."""
         sch, module = self.schedule, self.stages[stage]
         labels = run.tokens(mb, x.device)[:, 1:]
+        docs = run.documents(mb, x.device)
         stats = MoEStats()
         w = run.weights[mb]
         last = sch.is_last_stage(stage)
@@ -209,18 +225,18 @@ class PipelineExecutor:
 
         def head(h: torch.Tensor) -> torch.Tensor:
             """The head's weighted loss terms (the engine's sub-steps backpropagate the balance terms)."""
-            heads.append(module.head(h, labels, stats))
+            heads.append(module.head(h, labels, stats, docs=docs))
             return training_loss(heads[0], None, run.mtp_weight).total * w
 
         tape = None
         if self.engine is not None and keep:
-            ops = module.program(x, stats, head if last else None, phases=True)
+            ops = module.program(x, stats, head if last else None, phases=True, docs=docs)
             tape = yield from self.engine.forward(ops, x, stats, w)
             h = tape.output  # the weighted loss on the last stage
         elif last:
-            heads.append(module(x, labels, stats))
+            heads.append(module(x, labels, stats, docs=docs))
         else:
-            h = module(x, None, stats)
+            h = module(x, None, stats, docs=docs)
         terms = training_loss(heads[0] if last else None, stats, run.mtp_weight)
         if last and heads[0].lm_loss_rows is not None:
             run.out.rows[mb] = heads[0].lm_loss_rows

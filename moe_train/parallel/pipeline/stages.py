@@ -14,6 +14,7 @@ import torch
 
 from ...config import ModelConfig
 from ...model import ModelOutput, MoEStats, Transformer, build_model
+from ...model.documents import Documents
 from ...model.moe import BalanceLoss
 from ...model.phases import Program, run
 
@@ -62,22 +63,31 @@ class StageView:
         stats: MoEStats | None = None,
         head: Callable[[torch.Tensor], Any] | None = None,
         phases: bool = False,
+        docs: Documents | None = None,
     ) -> Program:
         """`Transformer.program` over this stage's slice (the head only on the last stage)."""
         head = head if self.is_last else None
-        return self.model.program(x, stats, head, self.layer_ids, self.is_first, phases)
+        return self.model.program(x, stats, head, self.layer_ids, self.is_first, phases, docs)
 
     def head(
-        self, h: torch.Tensor, labels: torch.Tensor | None, stats: MoEStats | None = None
+        self,
+        h: torch.Tensor,
+        labels: torch.Tensor | None,
+        stats: MoEStats | None = None,
+        docs: Documents | None = None,
     ) -> ModelOutput:
-        return self.model.head(h, labels, stats)
+        return self.model.head(h, labels, stats, docs=docs)
 
     def __call__(
-        self, x: torch.Tensor, labels: torch.Tensor | None = None, stats: MoEStats | None = None
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        stats: MoEStats | None = None,
+        docs: Documents | None = None,
     ) -> torch.Tensor | ModelOutput:
         """Hidden states, or the losses on the last stage (as `Transformer.forward`)."""
-        head = (lambda h: self.head(h, labels, stats)) if self.is_last else None
-        return run(self.program(x, stats, head))
+        head = (lambda h: self.head(h, labels, stats, docs)) if self.is_last else None
+        return run(self.program(x, stats, head, docs=docs))
 
     def parameters(self):
         m = self.model

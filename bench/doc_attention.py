@@ -1,0 +1,205 @@
+"""Document-masked attention against cuDNN's causal SDPA, forward plus backward, at MLA's head dims.
+
+The kernels `moe_train.ops.attention` runs (FlexAttention with a document block mask on CUDA) against
+`scaled_dot_product_attention(is_causal=True)` on the cuDNN backend, on the DeepSeek-V2-Lite proxy's
+attention shape: micro-batch 2, 16 heads, seq 4096, query/key head dim 192 (128 + 64 rope), value head dim
+128, bf16. Documents per sequence: 1, 4, 16, in equal lengths and in random lengths (a fixed seed).
+
+FLOPs count what a document-causal mask needs: 2·(d_qk + d_v) per (query, key) pair a document allows
+(pairs = Σ L(L+1)/2 over its documents), forward; backward 2.5× that. The block mask is built once per
+micro-batch and shared by every layer; its cost is reported beside the kernel's.
+
+Usage (GPU machine): python bench/doc_attention.py [--batch 2 --heads 16 --seq 4096 --iters 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
+
+from moe_train.ops.attention import block_mask, document_attention  # noqa: E402
+
+
+def _mask_mod(ids: torch.Tensor):
+    def same_document_causal(b, h, q, kv):
+        return (ids[b, q] == ids[b, kv]) & (q >= kv)
+
+    return same_document_causal
+
+
+def doc_ids(batch: int, seq: int, n_docs: int, random_lengths: bool, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n_docs)
+    rows = []
+    for _ in range(batch):
+        if random_lengths and n_docs > 1:
+            cuts = torch.randperm(seq - 1, generator=g)[: n_docs - 1].sort().values + 1
+        else:
+            cuts = torch.arange(1, n_docs) * (seq // n_docs)
+        starts = torch.zeros(seq, dtype=torch.int32)
+        starts[cuts] = 1
+        rows.append(starts.cumsum(0))
+    return torch.stack(rows).to(device)
+
+
+def pairs(ids: torch.Tensor) -> int:
+    total = 0
+    for row in ids.cpu():
+        lengths = torch.unique_consecutive(row, return_counts=True)[1].double()
+        total += int((lengths * (lengths + 1) / 2).sum())
+    return total
+
+
+def timed(fn, iters: int, back_to_back: int = 10) -> float:
+    """Median ms per call of fn(), over iters groups of back_to_back calls (CUDA events around each group):
+    the host queues a group ahead of the GPU, as it does in a training step, so launch cost that a step
+    hides is not counted."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(back_to_back):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / back_to_back)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--dqk", type=int, default=192)
+    ap.add_argument("--dv", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--autotune", action="store_true", help="also FlexAttention compiled with max-autotune")
+    ap.add_argument("--split-only", action="store_true", help="only cuDNN causal per document, beside cuDNN")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    B, H, T = a.batch, a.heads, a.seq
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def t(d):
+        return torch.randn(B, H, T, d, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_()
+
+    q, k, v = t(a.dqk), t(a.dqk), t(a.dv)
+    go = torch.randn(B, H, T, a.dv, device=dev, dtype=torch.bfloat16, generator=gen)
+    scale = a.dqk**-0.5
+    per_pair = 2 * (a.dqk + a.dv) * H * 3.5  # forward + backward
+
+    def step(attn):
+        def f():
+            q.grad = k.grad = v.grad = None
+            attn().backward(go)
+
+        return f
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B} H={H} T={T}", a.dqk, a.dv)
+    base = timed(step(cudnn), a.iters)
+    causal_pairs = B * T * (T + 1) // 2
+    print("| attention | docs/seq | lengths | fwd+bwd ms | vs cuDNN causal | TFLOP/s (doc pairs) | mask ms |")
+    print("|---|---|---|---|---|---|---|")
+    tflops = per_pair * causal_pairs / base / 1e9
+    print(f"| cuDNN SDPA causal | 1 | - | {base:.3f} | 1.00 | {tflops:.0f} | - |")
+    for n_docs, rnd in ((4, False), (4, True), (8, True), (16, False), (16, True)):
+        ids = doc_ids(B, T, n_docs, rnd, dev)
+        spans = [torch.unique_consecutive(row, return_counts=True)[1].cumsum(0).tolist() for row in ids.cpu()]
+
+        def split(spans=spans):
+            """cuDNN's causal kernel on each document alone (lengths known on the host)."""
+            rows = []
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                for b, ends in enumerate(spans):
+                    parts, lo = [], 0
+                    for hi in ends:
+                        s = slice(lo, hi)
+                        one = (t[b : b + 1, :, s] for t in (q, k, v))
+                        parts.append(F.scaled_dot_product_attention(*one, is_causal=True, scale=scale))
+                        lo = hi
+                    rows.append(torch.cat(parts, 2))
+            return torch.cat(rows)
+
+        ms = timed(step(split), a.iters)
+        print(
+            f"| cuDNN causal per document | {n_docs} | {'random' if rnd else 'equal'} | {ms:.3f} | "
+            f"{ms / base:.2f} | {per_pair * pairs(ids) / ms / 1e9:.0f} | - |"
+        )
+    if a.split_only:
+        return
+    kernels = {"flex": None}
+    if a.autotune:
+        kernels["flex, max-autotune"] = torch.compile(
+            flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs"
+        )
+    for name, kernel in kernels.items():
+        for n_docs in (1, 4, 16):
+            for rnd in (False, True) if n_docs > 1 else (False,):
+                ids = doc_ids(B, T, n_docs, rnd, dev)
+                build = timed(lambda ids=ids: block_mask(ids), a.iters)
+                mask = block_mask(ids)
+
+                def attn(mask=mask, kernel=kernel):
+                    if kernel is None:
+                        return document_attention(q, k, v, mask, scale)
+                    return kernel(q, k, v, block_mask=mask, scale=scale)
+
+                ms = timed(step(attn), a.iters)
+                p = pairs(ids)
+                lengths = "random" if rnd else "equal"
+                print(
+                    f"| {name}, document mask | {n_docs} | {lengths} | {ms:.3f} | {ms / base:.2f} | "
+                    f"{per_pair * p / ms / 1e9:.0f} | {build:.3f} |"
+                )
+    try:  # FlashAttention-2 varlen: one head dim for q, k and v, so v is padded to d_qk
+        from torch.nn.attention.varlen import varlen_attn
+
+        for n_docs, rnd in ((1, False), (4, False), (4, True), (16, False), (16, True)):
+            ids = doc_ids(B, T, n_docs, rnd, dev)
+            rows = ids.cpu() + torch.arange(B)[:, None] * T  # documents of different rows stay apart
+            lengths = torch.unique_consecutive(rows, return_counts=True)[1]
+            cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(dev, torch.int32)
+            top = int(lengths.max())
+
+            def fa2(cu=cu, top=top):
+                flat = [t.transpose(1, 2).reshape(B * T, H, -1) for t in (q, k, F.pad(v, (0, a.dqk - a.dv)))]
+                o = varlen_attn(*flat, cu, cu, top, top, scale=scale, window_size=(-1, 0))
+                return o[..., : a.dv].view(B, T, H, a.dv).transpose(1, 2)
+
+            ms = timed(step(fa2), a.iters)
+            print(
+                f"| varlen FA2 (v padded) | {n_docs} | {'random' if rnd else 'equal'} | {ms:.3f} | "
+                f"{ms / base:.2f} | {per_pair * pairs(ids) / ms / 1e9:.0f} | - |"
+            )
+    except Exception as e:  # noqa: BLE001 - a missing or different API is reported, not fatal
+        print(f"varlen FA2: not run ({type(e).__name__}: {str(e)[:200]})")
+    ids = doc_ids(B, T, 16, True, dev)
+    mask_mod = _mask_mod(ids)
+    generic = timed(lambda: create_block_mask(mask_mod, B, None, T, T, device=dev), a.iters, 1)
+    print(f"create_block_mask over all T² pairs (16 random documents): {generic:.3f} ms")
+    # the flex kernel's error against an fp32 reference, beside cuDNN's (one document per sequence)
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale)
+        ids = doc_ids(B, T, 1, False, dev)
+        e_flex = (document_attention(q, k, v, block_mask(ids), scale).float() - ref).abs().max().item()
+        e_cudnn = (cudnn().float() - ref).abs().max().item()
+    print(f"max |error| vs fp32: flex {e_flex:.2e}, cuDNN {e_cudnn:.2e}")
+
+
+if __name__ == "__main__":
+    main()

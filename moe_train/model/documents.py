@@ -1,0 +1,71 @@
+"""The documents of packed sequences: which positions may attend to which, and their RoPE positions.
+
+Corpora pack documents back to back, each ended by the end-of-document token, and training windows are cut
+anywhere in that stream. With document masks a position attends only to earlier positions of its own
+document, so a sequence of packed documents computes what each document alone would: the end-of-document
+token closes its document (it is predicted from that document), and the token after it opens the next one.
+RoPE positions may restart at each document's first token, as if each one began the sequence.
+
+Built from a micro-batch's token ids, where those are on the host, so that nothing here waits on the GPU: the
+trainer's executor makes one per micro-batch and every layer of every stage shares it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.attention import Mask, block_mask, dense_mask, flex_available
+
+
+@dataclass
+class Documents:
+    """ids [B, T]: each position's document within its row (0 first, counting up). positions [B, T]: RoPE
+    position within the document, or None for 0..T-1. single: every row is one document (or a piece of
+    one), so plain causal attention computes the same and no mask is needed."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor | None
+    single: bool
+    pairs: int = 0  # (query, key) pairs the mask allows, all rows: Σ L(L+1)/2 over documents (for MFU)
+    _masks: dict[tuple[int, str], Mask] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, eod_id: int, reset_positions: bool = True) -> Documents:
+        """tokens: [B, T] input ids (on the host, where `single` is then read without a device sync)."""
+        eod = (tokens == eod_id).to(torch.int32)
+        ids = torch.cumsum(eod, 1, dtype=torch.int32) - eod  # an end-of-document token closes its own
+        single = not bool(ids[:, -1].any())
+        idx = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        opens = torch.zeros_like(eod, dtype=torch.bool)
+        opens[:, 1:] = eod[:, :-1].bool()
+        within = idx - torch.where(opens, idx, 0).cummax(1).values  # position within its document
+        pairs = int(within.sum()) + within.numel()  # each query attends to itself and `within` earlier keys
+        positions = within if reset_positions and not single else None
+        return cls(ids, positions, single, pairs)
+
+    def to(self, device: torch.device) -> Documents:
+        if self.ids.device == device:
+            return self
+        pos = None if self.positions is None else self.positions.to(device, non_blocking=True)
+        return Documents(self.ids.to(device, non_blocking=True), pos, self.single, self.pairs)
+
+    def prefix(self, n: int) -> Documents:
+        """The first n positions of every row (a multi-token-prediction block's shorter sequence)."""
+        pos = None if self.positions is None else self.positions[:, :n]
+        return Documents(self.ids[:, :n], pos, self.single)
+
+    def mask(self) -> Mask:
+        """The document-causal mask in the form the device's kernel takes (ops/attention.py), built once
+        and shared by every layer."""
+        kind = "block" if flex_available(self.ids.device) else "dense"
+        key = (self.ids.shape[1], kind)
+        if key not in self._masks:
+            self._masks[key] = (block_mask if kind == "block" else dense_mask)(self.ids)
+        return self._masks[key]
+
+    def same(self, k: int) -> torch.Tensor:
+        """[B, T-k] bool: position i and position i+k lie in one document (an MTP depth-k target is
+        predicted within its document only)."""
+        return self.ids[:, k:] == self.ids[:, :-k]
