@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from moe_train.config import register_configs
 from moe_train.train.faults import EXIT_USER_ERROR
-from moe_train.train.hydra_args import rank_overrides
+from moe_train.train.hydra_args import HYDRA_RECORD_ENV, hydra_record_dir, rank_overrides
 
 register_configs()
 
@@ -21,7 +21,10 @@ def run(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # before Hydra parses argv: one run dir per launch, `.hydra/` written by rank 0 only
+    # before Hydra parses argv: one run dir per launch; `.hydra/` written by rank 0 once the run dir is its
+    record = hydra_record_dir(sys.argv[1:], os.environ)
+    if record:
+        os.environ[HYDRA_RECORD_ENV] = record
     sys.argv += rank_overrides(sys.argv[1:], os.environ)
     try:
         run()

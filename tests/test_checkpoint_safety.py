@@ -166,6 +166,32 @@ def test_the_same_run_takes_a_silent_lease_over_within_T_and_other_runs_exit(tmp
             p.wait()
 
 
+@pytest.mark.slow
+def test_a_refused_run_leaves_the_busy_run_dirs_hydra_record_alone(tmp_path):
+    """Hydra would write `.hydra/` before the trainer takes the run dir's lease: the refused second run would
+    overwrite the first run's record of its config. Rank 0 writes it once the lease is held."""
+    procs = _holders(tmp_path, {"run": ("first", 600.0)})
+    try:
+        record = tmp_path / "run" / ".hydra"
+        record.mkdir()
+        (record / "config.yaml").write_text("the first run's config\n")
+        cmd = [
+            sys.executable,
+            "train.py",
+            "data=synthetic",
+            "trainer.seed=7",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+        r = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "in use by another run" in r.stderr, r.stderr[-2000:]
+        assert sorted(os.listdir(record)) == ["config.yaml"]
+        assert (record / "config.yaml").read_text() == "the first run's config\n"
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
 def test_a_commit_needs_every_file_read_back(tmp_path):
     run_dir = str(tmp_path / "run")
     t = Trainer(tiny_cfg(run_dir, "trainer.resume=none", "trainer.async_save=true", steps=3), run_dir)

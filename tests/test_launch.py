@@ -179,19 +179,24 @@ def test_hung_collective_times_out_naming_rank_and_phase():
 
 
 def test_rank_overrides_share_one_run_dir():
-    from moe_train.train.hydra_args import rank_overrides
+    from moe_train.train.hydra_args import hydra_record_dir, rank_overrides
 
-    assert rank_overrides([], {}) == []
-    assert rank_overrides(["a=1"], {"RANK": "0", "TORCHELASTIC_RUN_ID": "none"}) == []
+    # Hydra writes no .hydra/ itself (rank 0 does, once the run dir is its own), unless the user says where
+    null = "hydra.output_subdir=null"
+    assert rank_overrides([], {}) == [null]
+    assert rank_overrides(["a=1"], {"RANK": "0", "TORCHELASTIC_RUN_ID": "none"}) == [null]
+    assert rank_overrides(["hydra.output_subdir=cfg"], {}) == []
     assert rank_overrides([], {"RANK": "1", "TORCHELASTIC_RUN_ID": "job7"}) == [
-        "hydra.output_subdir=null",
+        null,
         "hydra.run.dir=outputs/torchrun-job7",
     ]
+    assert hydra_record_dir([], {}) == ".hydra" and hydra_record_dir([], {"RANK": "1"}) is None
+    assert hydra_record_dir(["hydra.output_subdir=cfg"], {}) is None
     # SLURM's job id wins (stable across requeues); an explicit run dir or a sweep is left alone
     env = {"RANK": "0", "TORCHELASTIC_RUN_ID": "x", "SLURM_JOB_ID": "42"}
-    assert rank_overrides([], env) == ["hydra.run.dir=outputs/slurm-42"]
-    assert rank_overrides(["hydra.run.dir=/r"], env) == []
-    assert rank_overrides(["-m", "optim.lr=1,2"], env) == []
+    assert rank_overrides([], env) == [null, "hydra.run.dir=outputs/slurm-42"]
+    assert rank_overrides(["hydra.run.dir=/r"], env) == [null]
+    assert rank_overrides(["-m", "optim.lr=1,2"], env) == [null]
 
 
 def test_local_sweep_writes_one_run_dir_per_value(tmp_path):

@@ -13,6 +13,7 @@ from ..config import ConfigError, TrainConfig, to_object, validate
 from ..data.mixture import mixture_sources
 from ..parallel.layout import check_layout
 from ..parallel.mesh import Mesh, build_mesh
+from .hydra_args import write_hydra_record
 
 
 def run_dir_of(cfg: TrainConfig) -> str:
@@ -90,6 +91,8 @@ def main(cfg: DictConfig | TrainConfig) -> dict[str, Any]:
         mesh = build_mesh(p.pp, p.ep, p.gpus_per_node, obj.trainer.device, p.backend, p.timeout_s)
         trainer = Trainer(obj, shared_run_dir(run_dir_of(obj), mesh), mesh)
         built = True
+        if mesh.is_logging_rank:  # the run dir is this run's now (its writer lease)
+            write_hydra_record(trainer.run_dir, cfg)
         summary = trainer.run()
     except BaseException as e:
         status = _exit_status(e, built)
