@@ -251,6 +251,7 @@ def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> 
         "world_size": mesh.world,
         "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep},
         "autocast": str(amp) if amp else "fp32",
+        "dtype": cfg.trainer.dtype,
         "recompute": cfg.trainer.recompute,
         "memory_estimate_rank0": facts["memory"].as_dict(),
     }
