@@ -160,14 +160,15 @@ def _layouts(base: str) -> list[dict]:
     return [
         _run(f"{base}/dp2"),  # dp=2: the overlapped gradient reduction on the masters
         _run(f"{base}/pp2", "parallel.pp=2", MICRO),  # bf16 residual stream between stages, tied embedding
+        _run(f"{base}/ep2", "parallel.ep=2"),  # bf16 rows through the all-to-all, expert masters by name
     ]
 
 
-def test_bf16_master_dp2_and_pp2_on_2_processes_match_one_process(tmp_path):
+def test_bf16_master_dp2_pp2_ep2_on_2_processes_match_one_process(tmp_path):
     ref = _run(str(tmp_path / "ref"), MICRO)
-    dp2, pp2 = run_world(2, _layouts, str(tmp_path))[0]
+    dp2, pp2, ep2 = run_world(2, _layouts, str(tmp_path))[0]
     assert dp2["sync"]
-    for got, what in ((dp2, "dp=2"), (pp2, "pp=2")):
+    for got, what in ((dp2, "dp=2"), (pp2, "pp=2"), (ep2, "ep=2")):
         for a, b in zip(ref["records"], got["records"], strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (what, a["step"])
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (what, a["step"])
