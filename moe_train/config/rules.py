@@ -125,6 +125,13 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
 
 def _validate_deepspeed(cfg: TrainConfig) -> None:
     ds, t = cfg.deepspeed, cfg.trainer
+    if t.dtype == "bf16_master":
+        _fail(
+            "trainer.dtype",
+            t.dtype,
+            "auto, fp32 or bf16 with optim.engine=deepspeed (fp32 master weights are the torch engine's; "
+            "use optim.engine=torch for bf16_master)",
+        )
     if ds.zero_stage not in (1, 2):
         _fail(
             "deepspeed.zero_stage",
@@ -234,7 +241,7 @@ def validate(cfg: TrainConfig) -> None:
 
     _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_sequences", "lease_timeout_s"])
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16"))
+    _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16", "bf16_master"))
     _choice("trainer.recompute", t.recompute, ("none", "selective", "full"))
     if t.ckpt_every < 0:
         _fail("trainer.ckpt_every", t.ckpt_every, ">= 0 (0: no checkpoints by step count)")

@@ -124,7 +124,8 @@ class TrainerConfig:
     max_steps: int = 300
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16
+    # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16 | bf16_master (bf16 params, fp32 masters)
+    dtype: str = "auto"
     log_every: int = 10
     eval_every: int = 100
     # validation sequences, rounded up to whole data.batch_size batches, each cut like a training step

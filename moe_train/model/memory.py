@@ -5,10 +5,12 @@ This is arithmetic, not a measurement. Model state is exact for the parameters t
 model under pipeline/expert parallelism): fp32 weights and gradients and AdamW's two fp32 moments, 16
 bytes/param unless the optimizer engine shards or offloads some of it (`StateSharding`), plus 2 bytes/param
 for bf16 copies of the weights when bf16 autocast is on (autocast casts each weight once per region and the
-casts are saved for backward). Activations count, per token and layer, the tensors autograd saves for
-backward (docs/parallelism.md, "Memory per rank"); they leave out the allocator's fragmentation, temporaries
-of the op being run, communication buffers and the T×T attention matrix (a fused/flash attention keeps none;
-CPU's math attention does).
+casts are saved for backward). With fp32 master weights (`trainer.dtype=bf16_master`) the parameters are
+bf16 (2 bytes) beside a 4-byte fp32 master, 4-byte fp32 gradients and the moments: 18 bytes/param, with no
+autocast copy (the routers' few fp32 parameters are counted like the rest). Activations count, per token
+and layer, the tensors autograd saves for backward (docs/parallelism.md, "Memory per rank"); they leave out
+the allocator's fragmentation, temporaries of the op being run, communication buffers and the T×T attention
+matrix (a fused/flash attention keeps none; CPU's math attention does).
 """
 
 from __future__ import annotations
@@ -173,12 +175,15 @@ class StateSharding:
     expert_params: int = 0  # how many of the rank's parameters are sharded over `expert_shards`
     grads_sharded: bool = False  # gradients are split like the optimizer state
     offloaded: bool = False  # the optimizer state lives in host memory
+    master_weights: bool = False  # bf16 parameters with fp32 masters beside them (optim/master.py)
 
     def bytes(self, n: int, shards: int, bf16: bool) -> float:
-        """fp32 weight, gradient, optimizer state, bf16 weight copy under autocast."""
+        """fp32 weight, gradient, optimizer state, bf16 weight copy under autocast; with master weights a
+        bf16 parameter and its fp32 master instead of the weight and its copy."""
         grad = 4 / shards if self.grads_sharded else 4
         opt = 0 if self.offloaded else self.optimizer_bytes / shards
-        return n * (4 + grad + opt + (2 if bf16 else 0))
+        weights = 2 + 4 if self.master_weights else 4 + (2 if bf16 else 0)
+        return n * (weights + grad + opt)
 
 
 def estimate_memory(

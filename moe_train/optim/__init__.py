@@ -10,9 +10,13 @@ from .param_groups import split_decay
 from .schedule import lr_at
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, params: dict[str, torch.Tensor] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over `params` (default: the model's parameters; fp32 masters under `trainer.dtype=bf16_master`),
+    named like the model's parameters, which decide the decay groups."""
     decay, skip = split_decay(model)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if params is None else params
     groups = [
         {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay, "names": decay},
         {"params": [params[n] for n in skip], "weight_decay": 0.0, "names": skip},

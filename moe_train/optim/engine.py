@@ -7,12 +7,15 @@ gradients are reduced and how optimizer state is laid out; the memory estimate l
 `state_sharding`, checkpoints through `optimizer` or, for state partitioned across ranks, `sharded_state`.
 
 - `TorchEngine`: AdamW on full replicas; gradients summed by `parallel.grads` after backward, or while
-  backward runs (`parallel.grad_sync`, `parallel.overlap_grad_reduce`).
+  backward runs (`parallel.grad_sync`, `parallel.overlap_grad_reduce`). Under `trainer.dtype=bf16_master`
+  the model's parameters are bf16 and the engine holds their fp32 masters (optim/master.py): gradients
+  accumulate, reduce and clip there, AdamW updates them, and they are cast back once per step.
 - `DeepSpeedZero` (optim/deepspeed_zero): DeepSpeed ZeRO-1/2 reduces, clips and updates.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +29,7 @@ from ..parallel.grads import clip_gradients, reduce_gradients, reduce_ties
 from ..parallel.mesh import Mesh
 from . import build_optimizer, set_lr
 from .deepspeed_zero import DeepSpeedZero
+from .master import MasterWeights, param_dtype
 
 Ties = list[tuple[Any, list[str]]]
 
@@ -58,6 +62,10 @@ class OptimizerEngine(Protocol):
 
     def zero_grad(self) -> None: ...
 
+    def checkpoint_weights(self) -> contextlib.AbstractContextManager:
+        """While entered, the model's parameters hold the weights checkpoints save and load (fp32)."""
+        ...
+
     def drop_step(self) -> None:
         """Drop this step's gradients without reducing them (a non-finite loss)."""
         ...
@@ -74,13 +82,18 @@ class TorchEngine:
         ties: Ties,
         owned: set[str] | None,
         overlap_grad_reduce: bool,
+        masters: MasterWeights | None = None,
     ) -> None:
+        """masters: fp32 masters of the model's (bf16) parameters; None: the parameters are the weights."""
         self.model, self.mesh, self.ties, self.owned = model, mesh, ties, owned
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.masters = masters  # built before the overlapped reduction: its hooks must run first
+        self.params = masters.named if masters is not None else None  # where gradients live, by name
+        self.optimizer = build_optimizer(model, cfg.optim, None if masters is None else dict(masters.named))
         self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         self.grad_sync: OverlappedGradReduce | None = None
         if overlap_grad_reduce and mesh.distributed:
-            sync = OverlappedGradReduce(model, mesh, cfg.parallel.microbatches)
+            holder = masters.master_of if masters is not None else None
+            sync = OverlappedGradReduce(model, mesh, cfg.parallel.microbatches, holder=holder)
             self.grad_sync = sync if sync.active else None
 
     @property
@@ -88,7 +101,7 @@ class TorchEngine:
         return None
 
     def state_sharding(self) -> StateSharding:
-        return StateSharding()
+        return StateSharding(master_weights=self.masters is not None)
 
     def begin_step(self) -> None:
         if self.grad_sync is not None:
@@ -100,12 +113,14 @@ class TorchEngine:
     def step(self, lr: float) -> float:
         if self.grad_sync is not None:
             self.grad_sync.finish()
-            reduce_ties(self.model, self.ties)
+            reduce_ties(self.model, self.ties, self.params)
         else:
-            reduce_gradients(self.model, self.mesh, self.ties)
-        grad_norm = clip_gradients(self.model, self.mesh, self.clip, self.owned)
+            reduce_gradients(self.model, self.mesh, self.ties, self.params)
+        grad_norm = clip_gradients(self.model, self.mesh, self.clip, self.owned, self.params)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
+        if self.masters is not None:
+            self.masters.copy_to_model()
         return grad_norm
 
     def zero_grad(self) -> None:
@@ -115,6 +130,9 @@ class TorchEngine:
         if self.grad_sync is not None:
             self.grad_sync.finish()  # overlapped reductions already ran: let them end, then drop
         self.zero_grad()
+
+    def checkpoint_weights(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.masters is None else self.masters.as_parameters()
 
 
 def build_engine(
@@ -141,4 +159,6 @@ def build_engine(
             ties=ties,
         )
     overlap = cfg.parallel.overlap_grad_reduce and not pipeline
-    return TorchEngine(model, cfg, mesh, ties, owned, overlap)
+    dtype = param_dtype(cfg.trainer.dtype)
+    masters = MasterWeights(model, dtype) if dtype is not None else None
+    return TorchEngine(model, cfg, mesh, ties, owned, overlap, masters)

@@ -14,10 +14,15 @@ end of backward) is reduced at `finish`, as before.
 
 Hooks count accumulations only while armed (`arm` at the start of a training step), so code that calls
 backward on its own (tests, evaluation) and then reduces with `grads.reduce_gradients` is unaffected.
+
+Under fp32 master weights (optim/master.py) a parameter's gradient lives on its master: `holder` maps each
+parameter to the tensor whose `.grad` is reduced. The master's own hook, registered first, has moved the
+micro-batch's gradient there by the time this class's hook counts it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +47,16 @@ class _Bucket:
 
 
 class OverlappedGradReduce:
-    def __init__(self, model: nn.Module, mesh: Mesh, microbatches: int, bucket_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        mesh: Mesh,
+        microbatches: int,
+        bucket_bytes: int = 64 << 20,
+        holder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.microbatches = microbatches
+        self.holder = holder or (lambda p: p)
         self.armed = False
         self.buckets: list[_Bucket] = []
         self._next = 0
@@ -65,7 +78,7 @@ class OverlappedGradReduce:
                 self.buckets.append(open_[kind])
                 sizes[kind] = 0
             open_[kind].params.append(p)
-            sizes[kind] += p.numel() * p.element_size()
+            sizes[kind] += p.numel() * self.holder(p).element_size()
             if sizes[kind] >= bucket_bytes:
                 del open_[kind]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
@@ -106,10 +119,10 @@ class OverlappedGradReduce:
 
     def _launch(self, b: _Bucket) -> None:
         grads = []
-        for p in b.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+        for h in map(self.holder, b.params):
+            if h.grad is None:
+                h.grad = torch.zeros_like(h)
+            grads.append(h.grad)
         b.flat = _flatten_dense_tensors(grads)
         b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
         b.launched = True
@@ -121,7 +134,7 @@ class OverlappedGradReduce:
             self._next += 1
         for b in self.buckets:
             b.work.wait()
-            grads = [p.grad for p in b.params]
+            grads = [self.holder(p).grad for p in b.params]
             for g, new in zip(grads, _unflatten_dense_tensors(b.flat, grads), strict=True):
                 g.copy_(new)
             b.flat, b.work = None, None

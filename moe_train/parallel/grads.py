@@ -5,10 +5,15 @@ Every rank weights its micro-batch losses by their share of the *global* batch, 
 Routed-expert parameters exist on one rank of each ep group, whose all-to-all backward already gathered the
 gradient of every token of the group: sum over expert-dp (the replicas of the same expert slice).
 The norm for clipping counts each parameter once: dense ones from any rank, experts summed over ep.
+
+Each function works on `(name, tensor)` pairs whose `.grad` holds the gradient: by default the model's own
+parameters, or — under `trainer.dtype=bf16_master` — the fp32 master copies carrying the same names
+(optim/master.py), so one reduction and one norm serve both precisions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,48 +48,70 @@ def _all_reduce_sum(grads: list[torch.Tensor], group, bucket_bytes: int = 64 << 
     flush()
 
 
-def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+#: (name, tensor) pairs whose `.grad` holds a parameter's gradient, named like the model's parameters
+Named = Sequence[tuple[str, torch.Tensor]]
+
+
+def named_or_model(model: nn.Module, params: Named | None) -> Named:
+    return list(model.named_parameters()) if params is None else params
+
+
+def split_params(
+    model: nn.Module, params: Named | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(dense, routed-expert) tensors among `params` (default: the model's parameters) that need gradients."""
     experts = expert_param_names(model)
     dense, expert = [], []
-    for n, p in model.named_parameters():
+    for n, p in named_or_model(model, params):
         if p.requires_grad:
             (expert if n in experts else dense).append(p)
     return dense, expert
 
 
-def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+def _grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     return [p.grad for p in params]
 
 
-def reduce_gradients(model: nn.Module, mesh: Mesh, ties: list[tuple[Any, list[str]]] | None = None) -> None:
+def reduce_gradients(
+    model: nn.Module,
+    mesh: Mesh,
+    ties: list[tuple[Any, list[str]]] | None = None,
+    params: Named | None = None,
+) -> None:
     """ties: (process group, parameter names) whose copies on other pipeline ranks must be summed too
-    (the embedding read by the first and the last chunk; DualPipe's two copies of every chunk)."""
+    (the embedding read by the first and the last chunk; DualPipe's two copies of every chunk).
+    params: the tensors holding the gradients (default: the model's parameters)."""
     if not mesh.distributed:
         return
-    dense, expert = split_params(model)
+    dense, expert = split_params(model, params)
     if mesh.layout.dp > 1:
         _all_reduce_sum(_grads(dense), mesh.group("dp"))
     if mesh.layout.edp > 1:
         _all_reduce_sum(_grads(expert), mesh.group("edp"))
-    reduce_ties(model, ties)
+    reduce_ties(model, ties, params)
 
 
-def reduce_ties(model: nn.Module, ties: list[tuple[Any, list[str]]] | None) -> None:
+def reduce_ties(
+    model: nn.Module, ties: list[tuple[Any, list[str]]] | None, params: Named | None = None
+) -> None:
     """Sum the gradients of parameters held by several pipeline ranks (see reduce_gradients)."""
-    params = dict(model.named_parameters())
+    by_name = dict(named_or_model(model, params))
     for group, names in ties or []:
-        _all_reduce_sum(_grads([params[n] for n in names]), group)
+        _all_reduce_sum(_grads([by_name[n] for n in names]), group)
 
 
-def global_grad_norm(model: nn.Module, mesh: Mesh, owned: set[str] | None = None) -> torch.Tensor:
+def global_grad_norm(
+    model: nn.Module, mesh: Mesh, owned: set[str] | None = None, params: Named | None = None
+) -> torch.Tensor:
     """owned: the parameter names this pipeline rank counts (a copy held by several ranks counts once)."""
-    names = {n for n, _ in model.named_parameters()} if owned is None else owned
+    named = named_or_model(model, params)
+    names = {n for n, _ in named} if owned is None else owned
     experts = expert_param_names(model)
-    dense = [p for n, p in model.named_parameters() if n in names and n not in experts]
-    expert = [p for n, p in model.named_parameters() if n in names and n in experts]
+    dense = [p for n, p in named if n in names and n not in experts]
+    expert = [p for n, p in named if n in names and n in experts]
     dev = next(model.parameters()).device
     sq_dense = sum(
         (p.grad.float().pow(2).sum() for p in dense if p.grad is not None), torch.zeros((), device=dev)
@@ -100,12 +127,18 @@ def global_grad_norm(model: nn.Module, mesh: Mesh, owned: set[str] | None = None
     return total.sqrt()
 
 
-def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float, owned: set[str] | None = None) -> float:
+def clip_gradients(
+    model: nn.Module,
+    mesh: Mesh,
+    max_norm: float,
+    owned: set[str] | None = None,
+    params: Named | None = None,
+) -> float:
     """Clip to max_norm (inf: measure only) by the layout-independent global norm; returns the norm."""
-    norm = global_grad_norm(model, mesh, owned)
+    norm = global_grad_norm(model, mesh, owned, params)
     if max_norm != float("inf"):
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in model.parameters():
+        for _, p in named_or_model(model, params):
             if p.grad is not None:
                 p.grad.mul_(scale.to(p.grad.dtype))
     return float(norm)

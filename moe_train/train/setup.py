@@ -29,6 +29,7 @@ from ..model.accounting import attention_flops_per_pair
 from ..model.documents import Documents
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
+from ..optim.master import param_dtype
 from ..parallel.dispatch import CommCounters
 from ..parallel.expert import apply_expert_parallel, expert_slice
 from ..parallel.mesh import Mesh
@@ -42,10 +43,12 @@ KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0}
 
 
 def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default, none (fp32) on CPU."""
+    """bf16 autocast on CUDA by default, none (fp32) on CPU; bf16_master (bf16 parameters) on any device,
+    where autocast keeps the ops it runs in fp32 (softmax, losses) there and lets fp32 inputs meet bf16
+    weights."""
     if dtype == "fp32":
         return None
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+    if dtype in ("bf16", "bf16_master") or (dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
 
@@ -190,8 +193,9 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         peers,
         None,
         cfg.model.hidden_size,
-        # the residual stream between stages keeps the weights' dtype, also under autocast
-        next(model.parameters()).dtype,
+        # the residual stream between stages keeps the parameters' dtype, also under autocast (the engine
+        # casts them to bf16 later under bf16_master)
+        param_dtype(t.dtype) or next(model.parameters()).dtype,
         overlap=OverlapEngine(sm_carveout=carveout) if p.overlap else False,
     )
     executor.documents = document_finder(cfg, data) or executor.documents
@@ -247,6 +251,7 @@ def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> 
         "world_size": mesh.world,
         "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep},
         "autocast": str(amp) if amp else "fp32",
+        "dtype": cfg.trainer.dtype,
         "recompute": cfg.trainer.recompute,
         "memory_estimate_rank0": facts["memory"].as_dict(),
     }

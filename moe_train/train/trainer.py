@@ -102,7 +102,7 @@ class Trainer:
         path = self.checkpoints.to_resume()
         if path is None:
             return
-        with guarded(self.mesh, f"loading checkpoint {path}"):
+        with guarded(self.mesh, f"loading checkpoint {path}"), self.engine.checkpoint_weights():
             tr = self.checkpoints.load(path, self.model, self.engine.optimizer, self.engine.sharded_state)
         self.step, self.wandb_id = int(tr["step"]), tr.get("wandb_id")
         self.skipped_steps = int(tr.get("skipped_steps", 0))
@@ -115,7 +115,7 @@ class Trainer:
         state = {"step": self.step, "wandb_id": self.wandb_id, "skipped_steps": self.skipped_steps}
         yaml, e = OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.engine
         check_finite_weights(self.model, self.mesh, self.step)
-        with guarded(self.mesh, f"checkpoint of step {self.step}"):
+        with guarded(self.mesh, f"checkpoint of step {self.step}"), e.checkpoint_weights():
             path = self.checkpoints.save(
                 state | {"has_optim": True}, self.model, e.optimizer, e.sharded_state, yaml
             )

@@ -5,6 +5,7 @@ DeepSpeed is reached only through `internals` (its table names every DeepSpeed a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -174,6 +175,10 @@ class DeepSpeedZero:
     def drop_step(self) -> None:
         """A skipped step: its gradients are dropped before any reduction."""
         self.zero_grad()
+
+    def checkpoint_weights(self) -> contextlib.AbstractContextManager:
+        """The model's fp32 parameters are the weights checkpoints hold."""
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------- state
     def named_state(self) -> dict[str, dict[str, Any]]:
