@@ -164,6 +164,7 @@ def _layouts(base: str) -> list[dict]:
     ]
 
 
+@pytest.mark.slow
 def test_bf16_master_dp2_pp2_ep2_on_2_processes_match_one_process(tmp_path):
     ref = _run(str(tmp_path / "ref"), MICRO)
     dp2, pp2, ep2 = run_world(2, _layouts, str(tmp_path))[0]
