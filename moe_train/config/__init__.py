@@ -6,6 +6,7 @@ from omegaconf import MISSING
 from .rules import validate, validate_model
 from .schema import (
     CONFIG_DIR,
+    YARN_KEYS,
     BalanceConfig,
     ConfigError,
     DataConfig,
@@ -26,6 +27,7 @@ from .schema import (
 __all__ = [
     "MISSING",
     "CONFIG_DIR",
+    "YARN_KEYS",
     "DeepSpeedSection",
     "ConfigError",
     "ModelConfig",

@@ -13,7 +13,7 @@ import os
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-from .schema import ConfigError, ModelConfig, TrainConfig
+from .schema import YARN_KEYS, ConfigError, ModelConfig, TrainConfig
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -106,16 +106,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         kind = rs.get("type", rs.get("rope_type"))
         if kind not in ("yarn",):
             _fail(f"{prefix}.rope_scaling.type", kind, "yarn (or rope_scaling=null)")
-        known = {
-            "type",
-            "rope_type",
-            "factor",
-            "original_max_position_embeddings",
-            "beta_fast",
-            "beta_slow",
-            "mscale",
-            "mscale_all_dim",
-        }
+        known = {"type", "rope_type", *YARN_KEYS}
         unknown = sorted(set(rs) - known)
         if unknown:
             _fail(f"{prefix}.rope_scaling", unknown, "keys among " + ", ".join(sorted(known)))

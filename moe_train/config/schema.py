@@ -21,6 +21,17 @@ class ConfigError(ValueError):
     """A config value breaks a rule; the message names the key, the value and what is allowed."""
 
 
+# YaRN's parameters in `model.rope_scaling` (besides its type): what validation and HF conversion accept
+YARN_KEYS = (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
+
+
 @dataclass
 class ModelConfig:
     # vocab_size None: taken from the data's tokenizer at start-up (257 for the byte tokenizer).

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..config import ConfigError, ModelConfig, validate_model
+from ..config import YARN_KEYS, ConfigError, ModelConfig, validate_model
 
 # transformers' DeepseekV3Config defaults (plus the hub-only fields of DeepSeek's configuration_deepseek.py):
 # a field missing from config.json means this value to every reader, so it must mean it to us too.
@@ -106,14 +106,6 @@ _FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     ),
 }
 
-_YARN_KEYS = (
-    "factor",
-    "original_max_position_embeddings",
-    "beta_fast",
-    "beta_slow",
-    "mscale",
-    "mscale_all_dim",
-)
 # DeepSeek's hub code defaults for YaRN keys a file leaves out (moe_train.model.rope uses the same).
 _YARN_DEFAULTS = {"original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}
 
@@ -186,15 +178,15 @@ def _read_rope(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | 
             "derives YaRN's attention factor from mscale/mscale_all_dim as DeepSeek-V3 does"
         )
     rs.pop("attention_factor", None)
-    unknown = sorted(set(rs) - set(_YARN_KEYS))
+    unknown = sorted(set(rs) - set(YARN_KEYS))
     if unknown:
         raise ConfigError(
-            f"{source}: rope_scaling keys {unknown} are not supported; known: {list(_YARN_KEYS)}"
+            f"{source}: rope_scaling keys {unknown} are not supported; known: {list(YARN_KEYS)}"
         )
     if rs.get("factor") is None:
         raise ConfigError(f"{source}: rope_scaling.factor is required for yarn")
     out: dict[str, Any] = {"type": "yarn"}
-    for k in _YARN_KEYS:
+    for k in YARN_KEYS:
         v = rs.get(k, _YARN_DEFAULTS.get(k))
         if v is not None:
             out[k] = v
@@ -315,7 +307,7 @@ def model_config_to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") ->
         rs = dict(cfg.rope_scaling)
         rs.pop("rope_type", None)
         rs.pop("type", None)
-        scaling = {"type": "yarn", **{k: rs[k] for k in _YARN_KEYS if k in rs}}
+        scaling = {"type": "yarn", **{k: rs[k] for k in YARN_KEYS if k in rs}}
         for k, v in _YARN_DEFAULTS.items():
             scaling.setdefault(k, v)
         _check_yarn_mscale(scaling, source)
