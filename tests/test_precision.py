@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distributed import run_world
+from moe_train.checkpoint import full_gradients
 from moe_train.config import ConfigError, validate
 from moe_train.optim.engine import TorchEngine
 from moe_train.optim.master import MasterWeights
@@ -99,6 +100,8 @@ def test_bf16_master_trains_with_bf16_params_and_fp32_accumulation(tmp_path):
         assert torch.equal(masters[n].grad, grads[0].float() + grads[1].float()), n
         bf16_sum_differs |= not torch.equal(masters[n].grad, (grads[0] + grads[1]).float())
     assert bf16_sum_differs  # summing in bf16 would have rounded
+    full = full_gradients(t.model, t.mesh, t.engine.masters.named)  # the diagnostic view reads the masters
+    assert all(torch.equal(full[n], masters[n].grad) for n in masters)
     t.engine.step(1e-3)
     t.engine.zero_grad()
     for n, p in params.items():  # one cast per optimizer step, from the updated masters

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -181,12 +181,16 @@ def full_state(
     return model_sd, optim_sd
 
 
-def full_gradients(model: nn.Module, mesh: Mesh) -> dict[str, torch.Tensor]:
+def full_gradients(
+    model: nn.Module, mesh: Mesh, params: Sequence[tuple[str, torch.Tensor]] | None = None
+) -> dict[str, torch.Tensor]:
     """Every parameter's gradient as the one-process model would hold it (expert slices gathered over ep,
-    pipeline ranks' layers merged over pp). Call after the gradient reduction."""
+    pipeline ranks' layers merged over pp). Call after the gradient reduction. params: the (name, tensor)
+    pairs whose `.grad` holds the gradients (default: the model's parameters; the fp32 masters under
+    `trainer.dtype=bf16_master`, optim/master.py)."""
     experts, _, _ = _expert_names_and_slice(model)
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters() if params is None else params:
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         out[name] = _gather0(g, mesh) if name in experts and mesh.layout.ep > 1 else g.detach().clone()
     if mesh.distributed and mesh.layout.pp > 1:
