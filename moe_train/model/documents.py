@@ -29,7 +29,7 @@ class Documents:
     positions: torch.Tensor | None
     single: bool
     pairs: int = 0  # (query, key) pairs the mask allows, all rows: Σ L(L+1)/2 over documents (for MFU)
-    _masks: dict[tuple[int, str], Mask] = field(default_factory=dict, repr=False)
+    _mask: Mask | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, tokens: torch.Tensor, eod_id: int, reset_positions: bool = True) -> Documents:
@@ -59,11 +59,9 @@ class Documents:
     def mask(self) -> Mask:
         """The document-causal mask in the form the device's kernel takes (ops/attention.py), built once
         and shared by every layer."""
-        kind = "block" if flex_available(self.ids.device) else "dense"
-        key = (self.ids.shape[1], kind)
-        if key not in self._masks:
-            self._masks[key] = (block_mask if kind == "block" else dense_mask)(self.ids)
-        return self._masks[key]
+        if self._mask is None:
+            self._mask = (block_mask if flex_available(self.ids.device) else dense_mask)(self.ids)
+        return self._mask
 
     def same(self, k: int) -> torch.Tensor:
         """[B, T-k] bool: position i and position i+k lie in one document (an MTP depth-k target is

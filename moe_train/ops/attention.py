@@ -12,21 +12,16 @@ A document is a run of equal ids in `ids` ([B, T], non-decreasing along T): the 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-try:  # FlexAttention: torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-except ImportError:  # pragma: no cover - every supported torch has it
-    BlockMask = None  # type: ignore[assignment,misc]
-
-Mask = Any  # a dense bool mask [B, 1, T, T] or a FlexAttention BlockMask
+Mask = torch.Tensor | BlockMask  # a dense bool mask [B, 1, T, T], or FlexAttention's block mask
 
 
 def flex_available(device: torch.device) -> bool:
-    return device.type == "cuda" and BlockMask is not None
+    return device.type == "cuda"
 
 
 def dense_mask(ids: torch.Tensor) -> torch.Tensor:
@@ -86,7 +81,7 @@ def document_attention(
 ) -> torch.Tensor:
     """q, k: [B, H, T, d_qk]; v: [B, H, T, d_v]; mask: `dense_mask` or `block_mask` of the same ids.
     compiled=False runs a BlockMask through eager FlexAttention (the CPU tests' check of its meaning)."""
-    if BlockMask is not None and isinstance(mask, BlockMask):
+    if isinstance(mask, BlockMask):
         fn = _compiled_flex() if compiled else flex_attention
         return fn(q, k, v, block_mask=mask, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

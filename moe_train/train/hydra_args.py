@@ -34,12 +34,17 @@ def launch_id(env: Mapping[str, str]) -> str | None:
     return None
 
 
+def _sets_output_subdir(argv: Sequence[str]) -> bool:
+    """The user chose where Hydra writes its record (then Hydra writes it, as usual)."""
+    return any(a.startswith("hydra.output_subdir=") for a in argv)
+
+
 def rank_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
     """Overrides to append to argv (empty for a plain single-process run, so its behaviour is unchanged)."""
     args = list(argv)
     out: list[str] = []
     multirun = "-m" in args or "--multirun" in args
-    if not any(a.startswith("hydra.output_subdir=") for a in args):
+    if not _sets_output_subdir(args):
         out.append("hydra.output_subdir=null")  # rank 0 writes it later: `write_hydra_record`
     ident = launch_id(env)
     if ident and not multirun and not any(a.startswith("hydra.run.dir=") for a in args):
@@ -50,7 +55,7 @@ def rank_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
 def hydra_record_dir(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
     """The subdir rank 0 writes Hydra's record into once it holds the run dir, or None (another rank, or
     the user chose `hydra.output_subdir`, which Hydra then writes itself)."""
-    if env.get("RANK", "0") != "0" or any(a.startswith("hydra.output_subdir=") for a in argv):
+    if env.get("RANK", "0") != "0" or _sets_output_subdir(argv):
         return None
     return ".hydra"
 
