@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.cross_entropy import linear_cross_entropy
 from .attention import MLA
 from .documents import Documents
 from .mlp import SwiGLU
@@ -235,15 +235,11 @@ class Transformer(nn.Module):
         target in another document than its position's is left out: it counts zero, and each depth's mean
         still divides by all its positions, so the loss does not depend on how a batch is cut."""
         h = self.norm(h)
-        logits = self.lm_head(h)
+        logits = self.lm_head(h) if labels is None or return_logits else None
         if labels is None:
             return ModelOutput(None, None, logits)
-        rows = None
-        if self.row_losses:
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1), reduction="none")
-            lm_loss, rows = ce.mean(), ce.detach().view(labels.shape).mean(1)
-        else:
-            lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.reshape(-1))
+        lm_loss, ce = self._cross_entropy(h, labels)
+        rows = ce.view(labels.shape).mean(1) if self.row_losses else None
         mtp_loss = None
         if len(self.mtp) and labels.shape[1] > len(self.mtp):
             losses = []
@@ -255,11 +251,15 @@ class Transformer(nn.Module):
                 n = labels.shape[1] - k
                 emb_next = self.embed_tokens(labels[:, k - 1 : k - 1 + n])
                 h_prev = layer(h_prev[:, :n], emb_next, stats, None if docs is None else docs.prefix(n))
-                mtp_logits = self.lm_head(layer.norm(h_prev)).flatten(0, 1).float()
-                if docs is None or docs.single:
-                    losses.append(F.cross_entropy(mtp_logits, labels[:, k:].reshape(-1)))
-                else:
-                    ce = F.cross_entropy(mtp_logits, labels[:, k:].reshape(-1), reduction="none")
-                    losses.append((ce * docs.same(k).reshape(-1)).mean())
+                same = None if docs is None or docs.single else docs.same(k)
+                losses.append(self._cross_entropy(layer.norm(h_prev), labels[:, k:], same)[0])
             mtp_loss = torch.stack(losses).mean()
-        return ModelOutput(lm_loss, mtp_loss, logits if return_logits else None, rows)
+        return ModelOutput(lm_loss, mtp_loss, logits, rows)
+
+    def _cross_entropy(
+        self, h: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's loss on normalised states h [b, n, D] against labels [b, n], each target weighted by
+        `weights` (None: all 1), the mean over all b·n positions; and each position's loss, detached."""
+        flat = None if weights is None else weights.reshape(-1)
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.reshape(-1), flat)
