@@ -90,6 +90,7 @@ def _train_with_saves(run_dir: str, steps: int) -> None:
     t.run()
 
 
+@pytest.mark.slow  # a multi-process crash and restart (the fast tier keeps the single-process safety tests)
 def test_a_crash_between_shard_write_and_commit_leaves_the_previous_checkpoint(tmp_path):
     root = str(tmp_path / "r")
     import torch.multiprocessing as mp

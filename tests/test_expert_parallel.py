@@ -104,7 +104,7 @@ def _dispatch_suite() -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 processes: slow tier
 def test_dispatch_combine_matches_single_process(world):
     """Outputs, input and weight gradients equal the one-process MoE (each token comes back to its place);
     dispatched bytes equal unique (token, rank) pairs; empty experts, empty ranks and uneven splits work."""

@@ -59,6 +59,7 @@ def _offload_case(ckpt_dir: str) -> dict:
     }
 
 
+@pytest.mark.slow  # DeepSpeed ZeRO-3 start-up
 def test_zero3_cpu_offload_generates_the_resident_models_tokens(tmp_path):
     cfg = ModelConfig(**{**BASE, **CASES["lora_q"], "vocab_size": 257})
     model = build_model(cfg, seed=3).eval()

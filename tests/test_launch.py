@@ -199,6 +199,7 @@ def test_rank_overrides_share_one_run_dir():
     assert rank_overrides(["-m", "optim.lr=1,2"], env) == [null]
 
 
+@pytest.mark.slow  # two train.py processes
 def test_local_sweep_writes_one_run_dir_per_value(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "-m", *FAST, "trainer.max_steps=2", "optim.lr=1e-3,3e-4"]

@@ -153,6 +153,7 @@ PIPELINES_2 = [
 ]
 
 
+@pytest.mark.slow  # every schedule in 2 processes (the fast tier keeps tests/test_pipeline.py's)
 def test_pipelines_on_2_processes(reference, tmp_path):
     """1F1B, DualPipeV and DualPipe with pp=2 through the trainer: the one-process losses and gradients;
     1F1B's evaluation under 1 and 4 micro-batches; time-based checkpoints."""

@@ -3,6 +3,7 @@ reduced and clipped in fp32, checkpoints in fp32 that other precisions resume (o
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from distributed import run_world
 from moe_train.checkpoint import full_gradients
 from moe_train.config import ConfigError, validate
+from moe_train.optim.adamw import StoredMomentsAdamW
 from moe_train.optim.engine import TorchEngine
 from moe_train.optim.master import MasterWeights
 from moe_train.train.trainer import Trainer
@@ -149,6 +151,64 @@ def test_bf16_master_with_deepspeed_is_a_config_error(tmp_path):
     cfg = tiny_cfg(str(tmp_path), "trainer.dtype=bf16_master", "optim.engine=deepspeed", steps=1)
     with pytest.raises(ConfigError, match=r"trainer\.dtype='bf16_master'.*optim\.engine=deepspeed"):
         validate(cfg)
+
+
+# ------------------------------------------------------------------------------- bf16 AdamW moments
+def test_stored_moments_adamw_in_fp32_is_torch_adamw_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,), (4, 4)]
+
+    def groups():
+        ps = [
+            torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+            for i, s in enumerate(shapes)
+        ]
+        return ps, [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
+
+    mine, mine_groups = groups()
+    theirs, their_groups = groups()
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    a = StoredMomentsAdamW(mine_groups, torch.float32, **hyper)
+    b = torch.optim.AdamW(their_groups, foreach=False, **hyper)
+    for step in range(5):
+        for group in (a.param_groups, b.param_groups):
+            for pg in group:
+                pg["lr"] = 1e-2 / (step + 1)
+        for p, q in zip(mine, theirs, strict=True):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(mine, theirs, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"])
+
+
+def test_bf16_moments_are_stored_bf16_track_fp32_and_resume_exactly(tmp_path):
+    bf16 = ("optim.moments_dtype=bf16", "trainer.dtype=bf16_master", "trainer.ckpt_every=2")
+    src = tmp_path / "src"
+    t = Trainer(tiny_cfg(str(src), *bf16, steps=3), str(src))
+    assert t.engine.state_sharding().optimizer_bytes == 4
+    t.run()
+    moments = _moments(t)
+    assert moments and all(
+        m[k].dtype == torch.bfloat16 for m in moments.values() for k in ("exp_avg", "exp_avg_sq")
+    )
+    fp32 = _trainer(tmp_path / "fp32", "trainer.dtype=bf16_master", steps=3)
+    losses = [r["loss"] for r in _steps(fp32, 3)]
+    with open(src / "metrics.jsonl") as f:
+        got = [json.loads(line)["loss"] for line in f if '"train"' in line]
+    assert got[0] == losses[0]  # the first step's loss is taken before any update
+    assert got[1:] == pytest.approx(losses[1:], rel=2e-3)
+    assert got[1:] != losses[1:]  # the moments' rounding shows
+
+    dst = tmp_path / "dst"
+    r = Trainer(tiny_cfg(str(dst), *bf16, f"trainer.resume={_ckpt(src, 2)}", steps=3), str(dst))
+    record = r.train_step(2)
+    assert record["loss"] == got[2]
+    after, want = _weights(r), _weights(t)
+    for n, w in want.items():
+        assert torch.equal(after[n], w), n
 
 
 # ------------------------------------------------------------------------------------------ gloo

@@ -116,6 +116,10 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
 
 def _validate_deepspeed(cfg: TrainConfig) -> None:
     ds, t = cfg.deepspeed, cfg.trainer
+    if cfg.optim.moments_dtype != "fp32":
+        _fail(
+            "optim.moments_dtype", cfg.optim.moments_dtype, "fp32 with optim.engine=deepspeed (its own Adam)"
+        )
     if t.dtype == "bf16_master":
         _fail(
             "trainer.dtype",
@@ -214,6 +218,14 @@ def validate(cfg: TrainConfig) -> None:
             _fail(f"optim.{n}", getattr(o, n), "in [0, 1)")
     if o.weight_decay < 0:
         _fail("optim.weight_decay", o.weight_decay, ">= 0")
+    _choice("optim.moments_dtype", o.moments_dtype, ("fp32", "bf16"))
+    if o.moments_dtype == "bf16" and o.beta2 > 1 - 2**-8:
+        _fail(
+            "optim.beta2",
+            o.beta2,
+            "at most 1 - 2^-8 (0.99609) with optim.moments_dtype=bf16: a smaller 1 - beta2 rounds the "
+            "second moment's updates away in bf16",
+        )
     if o.engine == "deepspeed":
         _validate_deepspeed(cfg)
 

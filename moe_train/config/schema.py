@@ -103,6 +103,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # <= 0 disables clipping
+    moments_dtype: str = "fp32"  # fp32 | bf16: how AdamW stores exp_avg / exp_avg_sq (optim/adamw.py)
 
 
 @dataclass

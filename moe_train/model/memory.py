@@ -7,7 +7,8 @@ bytes/param unless the optimizer engine shards or offloads some of it (`StateSha
 for bf16 copies of the weights when bf16 autocast is on (autocast casts each weight once per region and the
 casts are saved for backward). With fp32 master weights (`trainer.dtype=bf16_master`) the parameters are
 bf16 (2 bytes) beside a 4-byte fp32 master, 4-byte fp32 gradients and the moments: 18 bytes/param, with no
-autocast copy (the routers' few fp32 parameters are counted like the rest). Activations count, per token
+autocast copy (the routers' few fp32 parameters are counted like the rest); bf16 moments
+(`optim.moments_dtype=bf16`) take 4 bytes off either. Activations count, per token
 and layer, the tensors autograd saves for backward (docs/parallelism.md, "Memory per rank"); they leave out
 the allocator's fragmentation, temporaries of the op being run, communication buffers and the T×T attention
 matrix (a fused/flash attention keeps none; CPU's math attention does).
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.cross_entropy import CHUNK_ELEMENTS
 from .transformer import is_moe_layer
 
 GIB = 1024**3
@@ -79,11 +81,18 @@ def layer_bytes(c: ModelConfig, layer: int, a: int, mode: str) -> int:
     return attention_bytes(c, a, mode) + mlp_bytes(c, layer, a, mode)
 
 
-def head_bytes(c: ModelConfig, a: int) -> int:
-    """Per token, the output head: logits, their fp32 copy and the log-softmax cross-entropy keeps (×
-    1 + MTP depths, which reuse the head)."""
+def head_bytes(c: ModelConfig, a: int, tokens: int, backward: bool = True) -> int:
+    """The output head of a micro-batch of `tokens` tokens, for the LM head and each MTP depth (all reuse it):
+    the chunked cross-entropy (ops/cross_entropy.py) keeps the input gradient (a·h per token) and an fp32
+    weight gradient (4·V·h) from forward to backward, and holds one chunk's fp32 logits and their gradient
+    while it runs; without backward only the chunk."""
     assert c.vocab_size is not None
-    return (1 + c.num_nextn_predict_layers) * c.vocab_size * (a + 2 * FP32)
+    chunk = CHUNK_ELEMENTS * (FP32 + a)
+    if not backward:
+        return chunk
+    return (1 + c.num_nextn_predict_layers) * (
+        tokens * a * c.hidden_size + FP32 * c.vocab_size * c.hidden_size
+    ) + chunk
 
 
 def activation_bytes(
@@ -100,7 +109,7 @@ def activation_bytes(
     activations under mode=full, for the block being recomputed).
     """
     per_stage = [
-        tokens * (sum(layer_bytes(c, i, a, mode) for i in ids) + (head_bytes(c, a) if head else 0))
+        tokens * sum(layer_bytes(c, i, a, mode) for i in ids) + (head_bytes(c, a, tokens) if head else 0)
         for ids, head in stages
     ]
     total = in_flight * max(per_stage, default=0)
@@ -114,11 +123,11 @@ def eval_activation_bytes(
     c: ModelConfig, stages: Sequence[tuple[Sequence[int], bool]], tokens: int, a: int
 ) -> int:
     """A forward without backward (evaluation) keeps nothing between blocks: one micro-batch of `tokens`
-    tokens through the largest block (what it would save for backward bounds its live temporaries) and the
-    head's logits."""
+    tokens through the largest block (what it would save for backward bounds its live temporaries) and one
+    chunk of the head's logits."""
     layers = [i for ids, _ in stages for i in ids]
     block = max((layer_bytes(c, i, a, "none") for i in layers), default=0)
-    return tokens * (block + (head_bytes(c, a) if any(head for _, head in stages) else 0))
+    return tokens * block + (head_bytes(c, a, tokens, backward=False) if any(h for _, h in stages) else 0)
 
 
 @dataclass(frozen=True)

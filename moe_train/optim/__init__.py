@@ -1,4 +1,5 @@
-"""Optimizer engines. `torch`: AdamW with fp32 master weights and moments (fused on CUDA)."""
+"""Optimizer engines. `torch`: AdamW with fp32 weights or masters, fp32 moments (fused on CUDA) or bf16 ones
+(`optim.moments_dtype`, optim/adamw.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
+from .adamw import StoredMomentsAdamW
 from .param_groups import split_decay
 from .schedule import lr_at
 
@@ -21,10 +23,11 @@ def build_optimizer(
         {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay, "names": decay},
         {"params": [params[n] for n in skip], "weight_decay": 0.0, "names": skip},
     ]
+    hyper = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    if cfg.moments_dtype == "bf16":
+        return StoredMomentsAdamW(groups, torch.bfloat16, **hyper)
     on_cuda = all(p.is_cuda for p in params.values())
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True if on_cuda else None
-    )
+    return torch.optim.AdamW(groups, fused=True if on_cuda else None, **hyper)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

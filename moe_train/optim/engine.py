@@ -101,7 +101,8 @@ class TorchEngine:
         return None
 
     def state_sharding(self) -> StateSharding:
-        return StateSharding(master_weights=self.masters is not None)
+        moments = 2 * getattr(self.optimizer, "moments_dtype", torch.float32).itemsize  # torch's: fp32
+        return StateSharding(optimizer_bytes=moments, master_weights=self.masters is not None)
 
     def begin_step(self) -> None:
         if self.grad_sync is not None:
