@@ -87,7 +87,7 @@ def head_bytes(c: ModelConfig, a: int, tokens: int, backward: bool = True) -> in
     weight gradient (4·V·h) from forward to backward, and holds one chunk's fp32 logits and their gradient
     while it runs; without backward only the chunk."""
     assert c.vocab_size is not None
-    chunk = CHUNK_ELEMENTS * (FP32 + a)
+    chunk = min(tokens, max(1, CHUNK_ELEMENTS // c.vocab_size)) * c.vocab_size * (FP32 + a)
     if not backward:
         return chunk
     return (1 + c.num_nextn_predict_layers) * (
