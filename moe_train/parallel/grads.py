@@ -103,6 +103,25 @@ def reduce_ties(
         _all_reduce_sum(_grads([by_name[n] for n in names]), group)
 
 
+def _by_dtype(params: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
+    """The gradients present, grouped by dtype: a `_foreach` op takes one dtype and runs as a few
+    multi-tensor kernels on CUDA instead of one or more launches per parameter."""
+    out: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            out.setdefault(p.grad.dtype, []).append(p.grad)
+    return out
+
+
+def _sum_of_squares(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Σ‖grad‖² over `params` in fp32: per-tensor norms by `_foreach_norm`, squared and summed."""
+    total = torch.zeros((), device=device)
+    for grads in _by_dtype(params).values():
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        total = total + torch.stack(norms).pow(2).sum()
+    return total
+
+
 def global_grad_norm(
     model: nn.Module, mesh: Mesh, owned: set[str] | None = None, params: Named | None = None
 ) -> torch.Tensor:
@@ -113,12 +132,7 @@ def global_grad_norm(
     dense = [p for n, p in named if n in names and n not in experts]
     expert = [p for n, p in named if n in names and n in experts]
     dev = next(model.parameters()).device
-    sq_dense = sum(
-        (p.grad.float().pow(2).sum() for p in dense if p.grad is not None), torch.zeros((), device=dev)
-    )
-    sq_expert = sum(
-        (p.grad.float().pow(2).sum() for p in expert if p.grad is not None), torch.zeros((), device=dev)
-    )
+    sq_dense, sq_expert = _sum_of_squares(dense, dev), _sum_of_squares(expert, dev)
     if mesh.distributed and mesh.layout.ep > 1:
         dist.all_reduce(sq_expert, group=mesh.group("ep"))
     total = sq_dense + sq_expert
@@ -138,7 +152,6 @@ def clip_gradients(
     norm = global_grad_norm(model, mesh, owned, params)
     if max_norm != float("inf"):
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for _, p in named_or_model(model, params):
-            if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+        for grads in _by_dtype([p for _, p in named_or_model(model, params)]).values():
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
     return float(norm)
