@@ -10,6 +10,7 @@ FLOPs count what a document-causal mask needs: 2·(d_qk + d_v) per (query, key) 
 micro-batch and shared by every layer; its cost is reported beside the kernel's.
 
 Usage (GPU machine): python bench/doc_attention.py [--batch 2 --heads 16 --seq 4096 --iters 20]
+[--split-only: cuDNN causal per document; --ragged-only: cuDNN ragged attention through its private op]
 """
 
 from __future__ import annotations
@@ -74,6 +75,47 @@ def timed(fn, iters: int, back_to_back: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+class _CudnnRagged(torch.autograd.Function):
+    """cuDNN's ragged (THD) attention through the private `_cudnn_attention_forward/backward` ops, with
+    cumulative sequence lengths: one call for every document of a micro-batch, MLA's head dims as they are.
+    Here, in the bench, until a measurement and a correctness check on the GPU image's torch say it belongs
+    in `ops/attention.py` (torch 2.13's own `varlen_attn` leaves its cuDNN branch switched off)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, top, scale):  # noqa: ANN001, ANN205 - q, k, v: [total, H, d]
+        out = torch.ops.aten._cudnn_attention_forward(
+            q, k, v, None, cu, cu, top, top, True, 0.0, True, False, scale=scale
+        )
+        o, lse, seed, offset = out[0], out[1], out[6], out[7]
+        ctx.save_for_backward(q, k, v, o, lse, seed, offset, cu)
+        ctx.top, ctx.scale = top, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, go):  # noqa: ANN001, ANN205
+        q, k, v, o, lse, seed, offset, cu = ctx.saved_tensors
+        empty = torch.empty(0, device=q.device)
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            go.contiguous(),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            seed,
+            offset,
+            empty,
+            cu,
+            cu,
+            ctx.top,
+            ctx.top,
+            0.0,
+            True,
+            scale=ctx.scale,
+        )
+        return dq, dk, dv, None, None, None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=2)
@@ -84,6 +126,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--autotune", action="store_true", help="also FlexAttention compiled with max-autotune")
     ap.add_argument("--split-only", action="store_true", help="only cuDNN causal per document, beside cuDNN")
+    ap.add_argument("--ragged-only", action="store_true", help="only cuDNN's ragged attention, beside cuDNN")
     a = ap.parse_args()
     dev = torch.device("cuda")
     B, H, T = a.batch, a.heads, a.seq
@@ -117,6 +160,50 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     tflops = per_pair * causal_pairs / base / 1e9
     print(f"| cuDNN SDPA causal | 1 | - | {base:.3f} | 1.00 | {tflops:.0f} | - |")
+
+    def ragged_rows() -> None:
+        """cuDNN's ragged attention (the private op), checked against the document mask's kernel."""
+        for n_docs, rnd in ((1, False), (4, False), (4, True), (16, False), (16, True)):
+            ids = doc_ids(B, T, n_docs, rnd, dev)
+            rows = ids.cpu() + torch.arange(B)[:, None] * T
+            lengths = torch.unique_consecutive(rows, return_counts=True)[1]
+            cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(dev, torch.int32)
+            top = int(lengths.max())
+
+            def ragged(cu=cu, top=top):
+                flat = [t.transpose(1, 2).reshape(B * T, H, -1) for t in (q, k, v)]
+                o = _CudnnRagged.apply(*flat, cu, top, scale)
+                return o.view(B, T, H, a.dv).transpose(1, 2)
+
+            def reference(ids=ids, n_docs=n_docs):
+                return document_attention(q, k, v, block_mask(ids), scale) if n_docs > 1 else cudnn()
+
+            def grads(fn):
+                q.grad = k.grad = v.grad = None
+                out = fn()
+                out.backward(go)
+                return [out.detach()] + [t.grad.clone() for t in (q, k, v)]
+
+            name = "cuDNN ragged (private op)"
+            try:  # the values and gradients of the document mask's kernel, else not timed
+                pairs_ = zip(grads(ragged), grads(reference), strict=True)
+                err = max((x.float() - y.float()).abs().max().item() for x, y in pairs_)
+                if not err < 5e-2:
+                    print(f"| {name} | {n_docs} | wrong: max diff {err:.2e} | | | | |")
+                    continue
+                ms = timed(step(ragged), a.iters)
+            except Exception as e:  # noqa: BLE001 - a private op that is missing or refuses is a row
+                print(f"| {name} | {n_docs} | not run: {type(e).__name__}: {str(e)[:160]} | | | | |")
+                continue
+            lengths_kind = "random" if rnd else "equal"
+            print(
+                f"| {name}, max diff {err:.1e} | {n_docs} | {lengths_kind} | "
+                f"{ms:.3f} | {ms / base:.2f} | {per_pair * pairs(ids) / ms / 1e9:.0f} | - |"
+            )
+
+    if a.ragged_only:
+        ragged_rows()
+        return
     for n_docs, rnd in ((4, False), (4, True), (8, True), (16, False), (16, True)):
         ids = doc_ids(B, T, n_docs, rnd, dev)
         spans = [torch.unique_consecutive(row, return_counts=True)[1].cumsum(0).tolist() for row in ids.cpu()]
@@ -188,6 +275,7 @@ def main() -> None:
             )
     except Exception as e:  # noqa: BLE001 - a missing or different API is reported, not fatal
         print(f"varlen FA2: not run ({type(e).__name__}: {str(e)[:200]})")
+    ragged_rows()
     ids = doc_ids(B, T, 16, True, dev)
     mask_mod = _mask_mod(ids)
     generic = timed(lambda: create_block_mask(mask_mod, B, None, T, T, device=dev), a.iters, 1)
