@@ -7,21 +7,26 @@ memory-bound decode over the latent cache).  See docs/inference.md.
 
 --cuda-graph replays the decode step from a CUDA graph (falling back to eager decoding with a one-line
 reason where it cannot); --offload cpu|nvme keeps the weights off the GPU and streams them per layer
-through DeepSpeed ZeRO-Inference, for models larger than the GPU.
+through DeepSpeed ZeRO-Inference, for models larger than the GPU. --tp N splits the model over N processes
+started by `torchrun --nproc-per-node N` (parallel/tensor.py); rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 import warnings
 from typing import TextIO
 
 import torch
+import torch.distributed as dist
 
 from .infer import SamplingConfig, generate, load_for_inference
 from .infer.engine import GenerationResult, GraphFallbackWarning
 from .infer.offload import OFFLOAD_DEVICES, OffloadConfig
+from .parallel.tensor import join_decode_group, parallelize_for_decode
 
 
 class TextStream:
@@ -72,6 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--nvme-path", default=None, help="directory on the NVMe drive (--offload nvme)")
     p.add_argument("--prefetch-layers", type=int, default=1, help="layers fetched ahead (--offload)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch that many with torchrun)")
     return p.parse_args(argv)
 
 
@@ -90,6 +96,18 @@ def main(
 ) -> GenerationResult:
     args = parse_args(argv)
     out, err = out or sys.stdout, err or sys.stderr
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp != world:
+        raise SystemExit(
+            f"--tp={args.tp} needs as many processes: launch with torchrun --nproc-per-node {args.tp} "
+            f"(this is one of {world})"
+        )
+    if args.tp > 1:
+        if args.offload:
+            raise SystemExit("--offload works with --tp 1 only")
+        args.device = join_decode_group(args.device)
+        if dist.get_rank() != 0:  # one rank prints; every rank decodes the same tokens
+            out, err = io.StringIO(), io.StringIO()
     offload = None
     if args.offload:
         offload = OffloadConfig(args.offload, args.nvme_path, args.prefetch_layers)
@@ -99,7 +117,10 @@ def main(
     tok = loaded.tokenizer
     if tok is None:
         raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer tokenizer.json")
+    if args.tp > 1:
+        parallelize_for_decode(loaded.model)
     where = f", weights offloaded to {args.offload}" if args.offload else ""
+    where += f", tensor-parallel over {args.tp} ranks" if args.tp > 1 else ""
     err.write(f"loaded {loaded.source} (MTP layers are not used for generation{where})\n")
     prompts = [tok.encode(p) for p in args.prompt]
     stops = list(args.stop) + ([] if args.no_eod_stop else [tok.eod_id])
