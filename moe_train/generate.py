@@ -7,8 +7,8 @@ memory-bound decode over the latent cache).  See docs/inference.md.
 
 --cuda-graph replays the decode step from a CUDA graph (falling back to eager decoding with a one-line
 reason where it cannot); --offload cpu|nvme keeps the weights off the GPU and streams them per layer
-through DeepSpeed ZeRO-Inference, for models larger than the GPU. --tp N splits the model over N processes
-started by `torchrun --nproc-per-node N` (parallel/tensor.py); rank 0 prints.
+through DeepSpeed ZeRO-Inference, for models larger than the GPU. --tp T --ep E splits the model over T·E
+processes started by `torchrun --nproc-per-node T·E` (parallel/tensor.py); rank 0 prints.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--nvme-path", default=None, help="directory on the NVMe drive (--offload nvme)")
     p.add_argument("--prefetch-layers", type=int, default=1, help="layers fetched ahead (--offload)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch that many with torchrun)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (tp × ep processes, by torchrun)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (tp × ep processes, by torchrun)")
     return p.parse_args(argv)
 
 
@@ -96,15 +97,15 @@ def main(
 ) -> GenerationResult:
     args = parse_args(argv)
     out, err = out or sys.stdout, err or sys.stderr
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.tp != world:
+    world, ranks = int(os.environ.get("WORLD_SIZE", "1")), args.tp * args.ep
+    if ranks != world:
         raise SystemExit(
-            f"--tp={args.tp} needs as many processes: launch with torchrun --nproc-per-node {args.tp} "
-            f"(this is one of {world})"
+            f"--tp={args.tp} --ep={args.ep} needs {ranks} processes: launch with torchrun --nproc-per-node "
+            f"{ranks} (this is one of {world})"
         )
-    if args.tp > 1:
+    if ranks > 1:
         if args.offload:
-            raise SystemExit("--offload works with --tp 1 only")
+            raise SystemExit("--offload works with --tp 1 --ep 1 only")
         args.device = join_decode_group(args.device)
         if dist.get_rank() != 0:  # one rank prints; every rank decodes the same tokens
             out, err = io.StringIO(), io.StringIO()
@@ -117,10 +118,9 @@ def main(
     tok = loaded.tokenizer
     if tok is None:
         raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer tokenizer.json")
-    if args.tp > 1:
-        parallelize_for_decode(loaded.model)
+    model = parallelize_for_decode(loaded.model, args.ep) if ranks > 1 else loaded.model
     where = f", weights offloaded to {args.offload}" if args.offload else ""
-    where += f", tensor-parallel over {args.tp} ranks" if args.tp > 1 else ""
+    where += f", over {ranks} ranks (tp={args.tp}, ep={args.ep})" if ranks > 1 else ""
     err.write(f"loaded {loaded.source} (MTP layers are not used for generation{where})\n")
     prompts = [tok.encode(p) for p in args.prompt]
     stops = list(args.stop) + ([] if args.no_eod_stop else [tok.eod_id])
@@ -131,7 +131,7 @@ def main(
     with warnings.catch_warnings():  # report() prints the reason as one line
         warnings.simplefilter("ignore", GraphFallbackWarning)
         result = generate(
-            loaded.model,
+            model,
             prompts,
             args.max_new_tokens,
             sampling,

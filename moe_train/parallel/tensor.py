@@ -1,4 +1,4 @@
-"""Tensor parallelism for inference: a whole model's weights cut across the ranks of a group, in place.
+"""Tensor and expert parallelism for inference: a whole model's weights cut across ranks, in place.
 
 Applied after the model is built (`parallelize_for_decode`), as torchtitan's parallelize step is, so the
 model code knows nothing of it. Every rank holds the same tokens; each computes a slice of every block and
@@ -15,22 +15,34 @@ the slices' partial sums are all-reduced:
   experts' outputs are each all-reduced (the routed ones after the gate-weighted combine, on token rows).
 - The embedding, the router, the norms and the LM head stay whole: every rank routes identically because
   all-reduce hands every rank the same sum.
+
+With expert parallelism (ep > 1; world = tp × ep, rank = ep_rank · tp + tp_rank) the routed experts are
+also cut by expert: an ep rank holds n_experts/ep whole experts (each still cut over its tp group), runs only
+the token slots routed to them, and the combined rows are summed over every rank. Attention, dense MLPs and
+shared experts are cut over the tp group alone (ep ranks repeat them). The tokens are the same on every
+rank, so no token moves: the all-to-all of training is replaced by the one all-reduce. Which slots are local
+is read on the host (one sync a MoE layer), so this step runs eagerly, not in a CUDA graph, until the
+sync-free dispatcher of the dispatch issue replaces it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..infer.forward import InferenceModel, as_inference_model
 from ..model.attention import MLA
 from ..model.dispatch import LocalDispatcher, LocalPlan
 from ..model.mlp import SwiGLU
 from ..model.moe import MoE
+from ..model.phases import Program, done
+from ..model.transformer import Transformer
 
 
 class ReducedLocalDispatcher(LocalDispatcher):
@@ -45,6 +57,51 @@ class ReducedLocalDispatcher(LocalDispatcher):
         out = yield from super().combine_wait(plan, handle)
         dist.all_reduce(out, group=self.group)
         return out
+
+
+@dataclass
+class SlicePlan:
+    slot: torch.Tensor  # (M,) flat (token, k) index of each slot routed to a local expert, by local expert
+    token_of: torch.Tensor  # (M,) its token
+    counts: torch.Tensor  # (num_local,) slots per local expert
+    tokens: int  # tokens in the layer's input
+    weight: torch.Tensor | None = None  # (M,) their gate weights, once dispatched
+
+
+class ExpertSliceDispatcher:
+    """Experts [first, first + num_local) on this rank, the tokens on every rank: each rank runs the slots
+    routed to its experts and the gate-weighted rows are summed over `group` (see the module docstring)."""
+
+    host_sync_reason = "expert-parallel decode reads which token slots are local on the host"
+
+    def __init__(self, first: int, num_local: int, group: Any) -> None:
+        self.first, self.num_local, self.group = first, num_local, group
+
+    def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
+        k = topk_idx.shape[1]
+        local = topk_idx.reshape(-1) - self.first
+        slot = torch.nonzero((local >= 0) & (local < self.num_local)).squeeze(1)  # the host sync
+        slot = slot[torch.argsort(local[slot], stable=True)]
+        counts = torch.bincount(local[slot], minlength=self.num_local)
+        return done(SlicePlan(slot, slot // k, counts, topk_idx.shape[0]))
+
+    def dispatch_start(self, plan: SlicePlan, x: torch.Tensor, topk_weight: torch.Tensor) -> Program:
+        plan.weight = topk_weight.reshape(-1)[plan.slot]
+        return done(x[plan.token_of])
+
+    def dispatch_wait(self, plan: SlicePlan, handle: torch.Tensor) -> Program:
+        return done((handle, plan.counts))
+
+    def combine_start(self, plan: SlicePlan, y: torch.Tensor) -> Program:
+        return done(y)
+
+    def combine_wait(self, plan: SlicePlan, handle: torch.Tensor) -> Program:
+        """Σ gate·row per token over the local slots (fp32), then over the ranks."""
+        out = torch.zeros(plan.tokens, handle.shape[1], dtype=torch.float32, device=handle.device)
+        out.index_add_(0, plan.token_of, handle.float() * plan.weight.float()[:, None])
+        out = out.to(handle.dtype)
+        dist.all_reduce(out, group=self.group)
+        return done(out)
 
 
 def _reduce_output(group: Any):
@@ -91,15 +148,27 @@ def _split_attention(attn: MLA, group: Any, size: int, rank: int) -> None:
     attn.o_proj.register_forward_hook(_reduce_output(group))
 
 
-def _split_moe(moe: MoE, group: Any, size: int, rank: int) -> None:
+def _split_moe(moe: MoE, tp: Any, ep: tuple[int, int]) -> None:
+    """Routed experts: this ep rank's experts (ep = (rank, size)), each cut over the tp group; shared experts
+    cut over tp. The routed rows are summed over every rank."""
     experts = moe.experts
+    ep_rank, ep_size = ep
+    if ep_size > 1:
+        local = _blocks(moe.n_experts, ep_size, ep_rank, 1)
+        _keep(experts.gate_up_proj, 0, local)
+        _keep(experts.down_proj, 0, local)
+        experts.first_expert, experts.num_local = int(local[0]), len(local)
+    size, rank = dist.get_world_size(tp), dist.get_rank(tp)
     inter = experts.down_proj.shape[2]
     inner = _blocks(inter, size, rank, 1)
     _keep(experts.gate_up_proj, 1, torch.cat([inner, inter + inner]))  # its gate rows, then its up rows
     _keep(experts.down_proj, 2, inner)
-    moe.dispatcher = ReducedLocalDispatcher(group)
-    if moe.shared_experts is not None:
-        _split_swiglu(moe.shared_experts, group, size, rank)
+    if ep_size > 1:
+        moe.dispatcher = ExpertSliceDispatcher(experts.first_expert, experts.num_local, None)
+    else:
+        moe.dispatcher = ReducedLocalDispatcher(None)
+    if moe.shared_experts is not None and size > 1:
+        _split_swiglu(moe.shared_experts, tp, size, rank)
 
 
 def join_decode_group(device: str) -> str:
@@ -113,18 +182,39 @@ def join_decode_group(device: str) -> str:
     return device
 
 
-def parallelize_for_decode(model: nn.Module, group: Any = None) -> None:
-    """Cut `model` (a whole Transformer, or the InferenceModel over one) for tensor-parallel inference over
-    `group` (None: the default group), in place; see the module docstring for what is split."""
+def _tp_group(tp: int, ep: int) -> Any:
+    """This rank's tp group (ranks ep_rank·tp … ep_rank·tp + tp − 1); None: the whole world."""
+    if ep == 1:
+        return None
+    mine = None
+    for e in range(ep):  # every rank creates every group, in the same order
+        g = dist.new_group(list(range(e * tp, (e + 1) * tp)))
+        if dist.get_rank() // tp == e:
+            mine = g
+    return mine
+
+
+def parallelize_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> InferenceModel:
+    """Cut `model` for inference over every rank of the default process group: experts over `ep` ranks,
+    everything else (and each expert) over tp = world / ep; in place. Returns the InferenceModel over it
+    (made before cutting: it checks the model is whole)."""
+    model = as_inference_model(model)
+    world = dist.get_world_size()
+    if ep < 1 or world % ep:
+        raise ValueError(f"ep={ep} must divide the number of processes ({world})")
+    if world == 1:
+        return model
+    tp = world // ep
+    group = _tp_group(tp, ep)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if size == 1:
-        return
     modules = list(model.modules())
     shared = {id(m.shared_experts) for m in modules if isinstance(m, MoE)}
     for m in modules:
         if isinstance(m, MLA):
-            _split_attention(m, group, size, rank)
+            if size > 1:
+                _split_attention(m, group, size, rank)
         elif isinstance(m, MoE):
-            _split_moe(m, group, size, rank)
-        elif isinstance(m, SwiGLU) and id(m) not in shared:  # a dense layer's MLP
+            _split_moe(m, group, (dist.get_rank() // tp, ep))
+        elif isinstance(m, SwiGLU) and id(m) not in shared and size > 1:  # a dense layer's MLP
             _split_swiglu(m, group, size, rank)
+    return model
