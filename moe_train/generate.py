@@ -25,8 +25,9 @@ import torch.distributed as dist
 
 from .infer import SamplingConfig, generate, load_for_inference
 from .infer.engine import GenerationResult, GraphFallbackWarning
+from .infer.load import model_config
 from .infer.offload import OFFLOAD_DEVICES, OffloadConfig
-from .parallel.tensor import join_decode_group, parallelize_for_decode
+from .parallel.tensor import decode_expert_slice, join_decode_group, parallelize_for_decode
 
 
 class TextStream:
@@ -114,7 +115,10 @@ def main(
         offload = OffloadConfig(args.offload, args.nvme_path, args.prefetch_layers)
     elif args.nvme_path:
         raise SystemExit("--nvme-path is for --offload nvme")
-    loaded = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer, offload)
+    experts = None
+    if args.ep > 1:  # this rank's experts alone are read
+        experts = decode_expert_slice(model_config(args.checkpoint).n_routed_experts, args.ep)
+    loaded = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer, offload, experts)
     tok = loaded.tokenizer
     if tok is None:
         raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer tokenizer.json")

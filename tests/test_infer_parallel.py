@@ -89,3 +89,65 @@ def test_the_command_line_splits_over_torchrun_ranks_and_rank_0_prints(tmp_path)
     assert "over 2 ranks (tp=1, ep=2)" in r0["err"]
     with pytest.raises(SystemExit, match=r"--tp=2 --ep=1 needs 2 processes: launch with torchrun"):
         generate_main([str(tmp_path), "--prompt", "a", "--tp", "2"])
+
+
+def _sharded_load(sources: dict[str, str]) -> dict:
+    """ep=2: load each source with this rank's experts only, recording the tensors read; generate."""
+    import torch.distributed.checkpoint as dcp
+
+    from moe_train.hf import io as hf_io
+    from moe_train.infer import load_for_inference
+    from moe_train.parallel.tensor import decode_expert_slice
+
+    dist.init_process_group("gloo")
+    read: list[str] = []
+    real_iter, real_load = hf_io.iter_tensors, dcp.load
+
+    def iter_tensors(files, keys):
+        keys = list(keys)
+        read.extend(keys)
+        return real_iter(files, keys)
+
+    def load(state_dict, **kw):
+        read.extend(state_dict)
+        return real_load(state_dict, **kw)
+
+    hf_io.iter_tensors, dcp.load = iter_tensors, load
+    out = {}
+    for name, path in sources.items():
+        read.clear()
+        experts = decode_expert_slice(BASE["n_routed_experts"], 2)
+        loaded = load_for_inference(path, expert_slice=experts)
+        model = parallelize_for_decode(loaded.model, ep=2)
+        out[name] = {"tokens": generate(model, PROMPTS, 6).tokens, "read": list(read), "experts": experts}
+    return out
+
+
+def test_each_rank_reads_only_its_experts_from_hf_and_sharded_checkpoints(tmp_path):
+    from moe_train.checkpoint import sharded
+    from moe_train.checkpoint.sharded import model_entries
+    from moe_train.hf.cli import export_checkpoint
+
+    model = tiny("lora_q")
+    yaml = OmegaConf.to_yaml(OmegaConf.structured(TrainConfig(model=model.cfg)))
+    whole = tmp_path / "whole"
+    save_checkpoint(str(whole / "checkpoints"), 5, model.state_dict(), None, {"step": 5}, yaml)
+    export_checkpoint(str(whole), str(tmp_path / "hf"))
+    sharded.save(
+        str(tmp_path / "dcp"), 5, model_entries(model), {"step": 5, "has_optim": False}, {}, yaml, {}, None
+    )
+    sources = {"hf": str(tmp_path / "hf"), "sharded": str(tmp_path / "dcp" / "step_00000005")}
+    want = generate(model, PROMPTS, 6).tokens
+    ranks = run_world(2, _sharded_load, sources)
+    n = BASE["n_routed_experts"]
+    for r, got in enumerate(ranks):
+        for name in sources:
+            first, count = got[name]["experts"]
+            assert (first, count) == (r * n // 2, n // 2)
+            assert got[name]["tokens"] == want, (name, r)
+            experts_read = {
+                int(k.split(".experts.")[1].split(".")[0]) for k in got[name]["read"] if ".experts." in k
+            }
+            assert experts_read == set(range(first, first + count)), (name, r, experts_read)
+        # the MTP depth is not built for generation: a sharded checkpoint's MTP keys stay unread
+        assert not any(".mtp." in k for k in got["sharded"]["read"])

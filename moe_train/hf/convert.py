@@ -142,8 +142,10 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     seed: int = 0,
+    expert_slice: tuple[int, int] | None = None,
 ) -> Transformer:
-    """A moe_train model with the weights of the Hugging Face DeepSeek-V3 checkpoint directory `path`.
+    """A moe_train model with the weights of the Hugging Face DeepSeek-V3 checkpoint directory `path`;
+    expert_slice=(first, count): only those routed experts, whose tensors alone are read.
 
     The router (gate weight and selection bias) stays fp32 whatever `dtype`: the router computes in fp32
     and the bias is far below bf16's resolution.  MTP depths the files lack (transformers does not save them)
@@ -151,7 +153,7 @@ def from_pretrained(
     """
     cfg = read_hf_config(path)
     dtype = as_dtype(dtype)
-    model = build_empty_model(cfg, device, dtype)
+    model = build_empty_model(cfg, device, dtype, expert_slice)
     files, entries, missing_depths = _plan(model, cfg, path)
     _stream_into(model, files, entries, path)
     if missing_depths:

@@ -59,10 +59,13 @@ class InferenceModel(nn.Module):
         if not (model.is_first and model.is_last):
             raise ValueError("generation needs the whole model (not one pipeline stage)")
         for moe in model.moe_layers():
-            experts = moe.experts
-            if experts.num_local != moe.n_experts or not isinstance(moe.dispatcher, LocalDispatcher):
+            # an expert slice is served only by a dispatcher made for it (parallel/tensor.py)
+            if getattr(moe.dispatcher, "serves_expert_slice", False):
+                continue
+            if moe.experts.num_local != moe.n_experts or not isinstance(moe.dispatcher, LocalDispatcher):
                 raise ValueError(
-                    "inference needs every routed expert in this process (build without expert_slice)"
+                    "inference needs every routed expert in this process (build without expert_slice), "
+                    "or parallel.tensor.parallelize_for_decode for an expert-parallel slice"
                 )
         self.cfg = model.cfg
         self.embed_tokens = model.embed_tokens

@@ -14,14 +14,21 @@ import warnings
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
+from torch import nn
 
 from ..checkpoint import load_model_state, resolve_checkpoint
+from ..checkpoint.mismatch import check_keys
+from ..checkpoint.sharded import is_sharded, model_entries, stored_shapes
+from ..config import ModelConfig
 from ..data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from ..hf import from_pretrained
 from ..hf.cli import read_model_config
-from ..hf.convert import as_dtype
+from ..hf.convert import as_dtype, read_hf_config
 from ..model import build_empty_model
+from ..model.moe import RoutedExperts
 from ..model.transformer import Transformer
 from .forward import InferenceModel
 from .offload import OffloadConfig, check_available, offload_model
@@ -38,11 +45,34 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+def model_config(path: str) -> ModelConfig:
+    """The model config of an HF directory or of one of our checkpoints (run dir, checkpoints dir, step)."""
+    return read_hf_config(path) if is_hf_dir(path) else read_model_config(resolve_checkpoint(path))
+
+
 def _checkpoint_tokenizer(ckpt: str) -> str | None:
     """data.tokenizer of the run that wrote `ckpt` (None: bytes)."""
     with open(os.path.join(ckpt, "config.yaml"), encoding="utf-8") as f:
         data = OmegaConf.create(f.read()).get("data") or {}
     return data.get("tokenizer")
+
+
+def _load_ours(model: nn.Module, ckpt: str) -> None:
+    """A checkpoint of ours into `model`, reading only the tensors it holds from a sharded checkpoint (the
+    per-expert keys make an expert slice a set of keys); a whole-model file is memory-mapped and sliced."""
+    if is_sharded(ckpt):
+        wanted = model_entries(model)
+        check_keys(wanted, stored_shapes(ckpt), ckpt, whole_model=False)  # the MTP keys stay unread
+        dcp.load(wanted, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+        return
+    state = load_model_state(ckpt)
+    for m_name, m in model.named_modules():
+        if isinstance(m, RoutedExperts):
+            for p in ("gate_up_proj", "down_proj"):
+                key = f"{m_name}.{p}"
+                state[key] = state[key][m.first_expert : m.first_expert + m.num_local]
+    held = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in held}, strict=True)
 
 
 def load_for_inference(
@@ -51,11 +81,14 @@ def load_for_inference(
     dtype: torch.dtype | str = torch.float32,
     tokenizer: str | None = None,
     offload: OffloadConfig | str | None = None,
+    expert_slice: tuple[int, int] | None = None,
 ) -> Loaded:
     """The model in eval mode on `device` in `dtype` (routers stay fp32, as in training and HF import).
 
     tokenizer: a tokenizer.json overriding the one the checkpoint names (or an HF directory's own).
     offload: "cpu" | "nvme" | an OffloadConfig: weights stay off the GPU and stream to `device` per layer.
+    expert_slice: (first, count): build and read only those routed experts (expert-parallel decode; an HF
+    directory's and a sharded checkpoint's other experts are not read, a whole-model file is memory-mapped).
     """
     dtype = as_dtype(dtype) or torch.float32
     if isinstance(offload, str):
@@ -66,7 +99,7 @@ def load_for_inference(
     if is_hf_dir(path):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*MTP depths.*")  # MTP is not used here
-            model = from_pretrained(path, device=where, dtype=dtype)
+            model = from_pretrained(path, device=where, dtype=dtype, expert_slice=expert_slice)
         own = os.path.join(path, "tokenizer.json")
         tok_path = tokenizer or (own if os.path.isfile(own) else None)
         tok = load_tokenizer(tok_path) if tok_path else None
@@ -74,10 +107,8 @@ def load_for_inference(
     else:
         ckpt = resolve_checkpoint(path)
         cfg = replace(read_model_config(ckpt), num_nextn_predict_layers=0, init_from=None)
-        state = load_model_state(ckpt)
-        state = {k: v for k, v in state.items() if not k.startswith("mtp.")}
-        model = build_empty_model(cfg, where, dtype)
-        model.load_state_dict(state, strict=True)
+        model = build_empty_model(cfg, where, dtype, expert_slice)
+        _load_ours(model, ckpt)
         tok = load_tokenizer(tokenizer or _checkpoint_tokenizer(ckpt))
         source = ckpt
     model.eval()

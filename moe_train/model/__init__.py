@@ -36,13 +36,19 @@ def build_model(
     return model
 
 
-def build_empty_model(cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> Transformer:
-    """Allocate the model on `device` in `dtype` without initialising it (weights are about to be loaded).
+def build_empty_model(
+    cfg: ModelConfig,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    expert_slice: tuple[int, int] | None = None,
+) -> Transformer:
+    """Allocate the model on `device` in `dtype` without initialising it (weights are about to be loaded);
+    expert_slice=(first, count): only those routed experts.
 
     Built on the meta device first so no initialisation work or second copy happens; routers stay fp32
     (their scores decide top-k, see docs/architecture.md); the rotary tables are computed for real.
     """
-    model = build_model(cfg, device="meta")
+    model = build_model(cfg, device="meta", expert_slice=expert_slice)
     model.to(dtype)
     for m in model.modules():
         if isinstance(m, Router):

@@ -73,6 +73,7 @@ class ExpertSliceDispatcher:
     routed to its experts and the gate-weighted rows are summed over `group` (see the module docstring)."""
 
     host_sync_reason = "expert-parallel decode reads which token slots are local on the host"
+    serves_expert_slice = True  # InferenceModel accepts a model holding only some experts behind it
 
     def __init__(self, first: int, num_local: int, group: Any) -> None:
         self.first, self.num_local, self.group = first, num_local, group
@@ -154,10 +155,17 @@ def _split_moe(moe: MoE, tp: Any, ep: tuple[int, int]) -> None:
     experts = moe.experts
     ep_rank, ep_size = ep
     if ep_size > 1:
-        local = _blocks(moe.n_experts, ep_size, ep_rank, 1)
-        _keep(experts.gate_up_proj, 0, local)
-        _keep(experts.down_proj, 0, local)
-        experts.first_expert, experts.num_local = int(local[0]), len(local)
+        first, count = decode_expert_slice(moe.n_experts, ep_size, ep_rank)
+        if experts.num_local == moe.n_experts:
+            local = torch.arange(first, first + count)
+            _keep(experts.gate_up_proj, 0, local)
+            _keep(experts.down_proj, 0, local)
+            experts.first_expert, experts.num_local = first, count
+        elif (experts.first_expert, experts.num_local) != (first, count):
+            raise ValueError(
+                f"rank {dist.get_rank()} holds experts {experts.first_expert}..+{experts.num_local}, "
+                f"not its ep slice {first}..+{count} (load with expert_slice=decode_expert_slice(...))"
+            )
     size, rank = dist.get_world_size(tp), dist.get_rank(tp)
     inter = experts.down_proj.shape[2]
     inner = _blocks(inter, size, rank, 1)
@@ -182,6 +190,15 @@ def join_decode_group(device: str) -> str:
     return device
 
 
+def decode_expert_slice(n_experts: int, ep: int, ep_rank: int | None = None) -> tuple[int, int]:
+    """(first, count): the routed experts ep rank `ep_rank` (default: this process's, with rank =
+    ep_rank · tp + tp_rank) holds; what to load with `load_for_inference(expert_slice=...)`."""
+    if ep_rank is None:
+        ep_rank = dist.get_rank() // (dist.get_world_size() // ep)
+    local = _blocks(n_experts, ep, ep_rank, 1)
+    return int(local[0]), len(local)
+
+
 def _tp_group(tp: int, ep: int) -> Any:
     """This rank's tp group (ranks ep_rank·tp … ep_rank·tp + tp − 1); None: the whole world."""
     if ep == 1:
@@ -196,14 +213,13 @@ def _tp_group(tp: int, ep: int) -> Any:
 
 def parallelize_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> InferenceModel:
     """Cut `model` for inference over every rank of the default process group: experts over `ep` ranks,
-    everything else (and each expert) over tp = world / ep; in place. Returns the InferenceModel over it
-    (made before cutting: it checks the model is whole)."""
-    model = as_inference_model(model)
+    everything else (and each expert) over tp = world / ep; in place. Returns the InferenceModel over it.
+    A model loaded with only this rank's experts (`decode_expert_slice`) is taken as it is."""
     world = dist.get_world_size()
     if ep < 1 or world % ep:
         raise ValueError(f"ep={ep} must divide the number of processes ({world})")
     if world == 1:
-        return model
+        return as_inference_model(model)
     tp = world // ep
     group = _tp_group(tp, ep)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -217,4 +233,4 @@ def parallelize_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> 
             _split_moe(m, group, (dist.get_rank() // tp, ep))
         elif isinstance(m, SwiGLU) and id(m) not in shared and size > 1:  # a dense layer's MLP
             _split_swiglu(m, group, size, rank)
-    return model
+    return as_inference_model(model)
