@@ -86,6 +86,7 @@ def test_unknown_choice_of_group_or_key_is_rejected_by_hydra():
         load_config(["model.n_experts=8"])
 
 
+@pytest.mark.slow  # train.py in subprocesses
 def test_cli_error_is_one_message_and_nonzero_exit(tmp_path):
     """Through train.py: no traceback wall, a non-zero exit, the key named."""
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -76,6 +76,7 @@ def _cli(run_dir: str) -> dict:
     return {"tokens": result.tokens, "out": out.getvalue(), "err": err.getvalue()}
 
 
+@pytest.mark.slow  # two processes through the command line
 def test_the_command_line_splits_over_torchrun_ranks_and_rank_0_prints(tmp_path):
     cfg = ModelConfig(**{**BASE, **CASES["lora_q"], "vocab_size": 257})
     model = build_model(cfg, seed=3).eval()
@@ -123,6 +124,7 @@ def _sharded_load(sources: dict[str, str]) -> dict:
     return out
 
 
+@pytest.mark.slow  # two processes, three checkpoint formats written
 def test_each_rank_reads_only_its_experts_from_hf_and_sharded_checkpoints(tmp_path):
     from moe_train.checkpoint import sharded
     from moe_train.checkpoint.sharded import model_entries

@@ -28,7 +28,7 @@ sync-free dispatcher of the dispatch issue replaces it.
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +105,7 @@ class ExpertSliceDispatcher:
         return done(out)
 
 
-def _reduce_output(group: Any):
+def _reduce_output(group: Any) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
     def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out, group=group)
         return out
@@ -167,10 +167,11 @@ def _split_moe(moe: MoE, tp: Any, ep: tuple[int, int]) -> None:
                 f"not its ep slice {first}..+{count} (load with expert_slice=decode_expert_slice(...))"
             )
     size, rank = dist.get_world_size(tp), dist.get_rank(tp)
-    inter = experts.down_proj.shape[2]
-    inner = _blocks(inter, size, rank, 1)
-    _keep(experts.gate_up_proj, 1, torch.cat([inner, inter + inner]))  # its gate rows, then its up rows
-    _keep(experts.down_proj, 2, inner)
+    if size > 1:
+        inter = experts.down_proj.shape[2]
+        inner = _blocks(inter, size, rank, 1)
+        _keep(experts.gate_up_proj, 1, torch.cat([inner, inter + inner]))  # its gate rows, then its up rows
+        _keep(experts.down_proj, 2, inner)
     if ep_size > 1:
         moe.dispatcher = ExpertSliceDispatcher(experts.first_expert, experts.num_local, None)
     else:
