@@ -151,5 +151,6 @@ def test_each_rank_reads_only_its_experts_from_hf_and_sharded_checkpoints(tmp_pa
                 int(k.split(".experts.")[1].split(".")[0]) for k in got[name]["read"] if ".experts." in k
             }
             assert experts_read == set(range(first, first + count)), (name, r, experts_read)
-        # the MTP depth is not built for generation: a sharded checkpoint's MTP keys stay unread
+        # the MTP depth is not built for generation: its tensors stay unread (HF: layer 3 of 3 + 1)
         assert not any(".mtp." in k for k in got["sharded"]["read"])
+        assert not any(k.startswith(f"model.layers.{BASE['num_hidden_layers']}.") for k in got["hf"]["read"])

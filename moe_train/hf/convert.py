@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -63,8 +64,11 @@ def _local_expert(model: nn.Module, entry: Entry) -> int | None:
     return local if 0 <= local < experts.num_local else None
 
 
-def _plan(model: nn.Module, cfg: ModelConfig, path: str) -> tuple[dict[str, str], list[Entry], list[int]]:
-    """Check the files against the model; return (files, entries to read, MTP depths the files lack)."""
+def _plan(
+    model: nn.Module, cfg: ModelConfig, path: str, mtp: bool = True
+) -> tuple[dict[str, str], list[Entry], list[int]]:
+    """Check the files against the model; return (files, entries to read, MTP depths the files lack).
+    mtp=False: the model was built without the MTP depths cfg has, and none of their tensors is read."""
     files = io.weight_files(path)
     shapes = io.tensor_shapes(files)
     table = hub_entries(cfg)
@@ -79,6 +83,8 @@ def _plan(model: nn.Module, cfg: ModelConfig, path: str) -> tuple[dict[str, str]
         )
     held = model.state_dict(keep_vars=True)
     wanted = [e for e in table if e.ours is None or e.ours in held]
+    if not mtp:
+        wanted = [e for e in wanted if mtp_depth(cfg, e.hub) is None]
     wanted = [e for e in wanted if e.kind not in (GATE, UP, DOWN) or _local_expert(model, e) is not None]
     absent = {e.hub for e in wanted if e.hub not in shapes}
     # A checkpoint written by transformers has no MTP tensors (it does not model MTP): such depths keep their
@@ -143,9 +149,11 @@ def from_pretrained(
     dtype: torch.dtype | str = torch.float32,
     seed: int = 0,
     expert_slice: tuple[int, int] | None = None,
+    mtp: bool = True,
 ) -> Transformer:
     """A moe_train model with the weights of the Hugging Face DeepSeek-V3 checkpoint directory `path`;
-    expert_slice=(first, count): only those routed experts, whose tensors alone are read.
+    expert_slice=(first, count): only those routed experts, whose tensors alone are read; mtp=False: without
+    the MTP depths (generation does not use them), whose tensors are then not read.
 
     The router (gate weight and selection bias) stays fp32 whatever `dtype`: the router computes in fp32
     and the bias is far below bf16's resolution.  MTP depths the files lack (transformers does not save them)
@@ -153,8 +161,9 @@ def from_pretrained(
     """
     cfg = read_hf_config(path)
     dtype = as_dtype(dtype)
-    model = build_empty_model(cfg, device, dtype, expert_slice)
-    files, entries, missing_depths = _plan(model, cfg, path)
+    built = cfg if mtp else replace(cfg, num_nextn_predict_layers=0)
+    model = build_empty_model(built, device, dtype, expert_slice)
+    files, entries, missing_depths = _plan(model, cfg, path, mtp)
     _stream_into(model, files, entries, path)
     if missing_depths:
         _init_mtp(model, missing_depths, seed)

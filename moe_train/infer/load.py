@@ -10,7 +10,6 @@ streams them to `device` layer by layer: the model never has to fit on the GPU.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -97,9 +96,7 @@ def load_for_inference(
         check_available(offload)
     where = "cpu" if offload is not None else device
     if is_hf_dir(path):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*MTP depths.*")  # MTP is not used here
-            model = from_pretrained(path, device=where, dtype=dtype, expert_slice=expert_slice)
+        model = from_pretrained(path, device=where, dtype=dtype, expert_slice=expert_slice, mtp=False)
         own = os.path.join(path, "tokenizer.json")
         tok_path = tokenizer or (own if os.path.isfile(own) else None)
         tok = load_tokenizer(tok_path) if tok_path else None
