@@ -13,8 +13,10 @@ the slices' partial sums are all-reduced:
   dimension — gate and up rows, down columns — so a rank reads 1/size of the weights of the experts the
   router chose. The dense MLP's down_proj output is all-reduced; in a MoE block the shared and the routed
   experts' outputs are each all-reduced (the routed ones after the gate-weighted combine, on token rows).
-- The embedding, the router, the norms and the LM head stay whole: every rank routes identically because
-  all-reduce hands every rank the same sum.
+- The LM head: each rank keeps ceil(vocab/size) of its rows (the last rank's padded with zeros) and the
+  logits are all-gathered, so a decode step reads 1/size of the head on each rank.
+- The embedding (one row read a token), the router and the norms stay whole: every rank routes identically
+  because all-reduce hands every rank the same sum.
 
 With expert parallelism (ep > 1; world = tp × ep, rank = ep_rank · tp + tp_rank) the routed experts are
 also cut by expert: an ep rank holds n_experts/ep whole experts (each still cut over its tp group), runs only
@@ -149,6 +151,22 @@ def _split_attention(attn: MLA, group: Any, size: int, rank: int) -> None:
     attn.o_proj.register_forward_hook(_reduce_output(group))
 
 
+def _split_head(head: nn.Linear, group: Any, size: int, rank: int) -> None:
+    vocab = head.out_features
+    per = -(-vocab // size)
+    rows = torch.arange(rank * per, min(vocab, (rank + 1) * per))
+    w = head.weight.data.index_select(0, rows.to(head.weight.device))
+    head.weight.data = torch.cat([w, w.new_zeros(per - len(rows), w.shape[1])])  # equal parts to gather
+    head.out_features = per
+
+    def gather(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(out) for _ in range(size)]
+        dist.all_gather(parts, out.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)[..., :vocab]
+
+    head.register_forward_hook(gather)
+
+
 def _split_moe(moe: MoE, tp: Any, ep: tuple[int, int]) -> None:
     """Routed experts: this ep rank's experts (ep = (rank, size)), each cut over the tp group; shared experts
     cut over tp. The routed rows are summed over every rank."""
@@ -234,4 +252,6 @@ def parallelize_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> 
             _split_moe(m, group, (dist.get_rank() // tp, ep))
         elif isinstance(m, SwiGLU) and id(m) not in shared and size > 1:  # a dense layer's MLP
             _split_swiglu(m, group, size, rank)
+    if size > 1:
+        _split_head(model.lm_head, group, size, rank)
     return as_inference_model(model)
