@@ -211,6 +211,25 @@ def test_bf16_moments_are_stored_bf16_track_fp32_and_resume_exactly(tmp_path):
         assert torch.equal(after[n], w), n
 
 
+@pytest.mark.parametrize("saver,loader", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_moments_of_either_dtype_resume_under_the_other(tmp_path, saver, loader):
+    src = tmp_path / "src"
+    t = Trainer(tiny_cfg(str(src), f"optim.moments_dtype={saver}", "trainer.ckpt_every=2", steps=2), str(src))
+    t.run()
+    saved = _moments(t)
+    dst = tmp_path / "dst"
+    resume = f"trainer.resume={_ckpt(src, 2)}"
+    r = Trainer(tiny_cfg(str(dst), f"optim.moments_dtype={loader}", resume, steps=3), str(dst))
+    record = r.train_step(2)
+    assert torch.isfinite(torch.tensor(record["loss"]))
+    got = _moments(r)
+    want_dtype = torch.bfloat16 if loader == "bf16" else torch.float32
+    assert got.keys() == saved.keys()
+    for n, m in got.items():
+        assert m["exp_avg"].dtype == want_dtype, n
+        assert int(m["step"]) == 3, n  # the loaded count, advanced once
+
+
 # ------------------------------------------------------------------------------------------ gloo
 def _run(run_dir: str, *overrides: str) -> dict:
     t = Trainer(tiny_cfg(run_dir, "trainer.dtype=bf16_master", *overrides, steps=3), run_dir)
