@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 
+from bench.common import median_ms  # noqa: E402
 from moe_train.ops.attention import block_mask, document_attention  # noqa: E402
 
 
@@ -58,21 +59,7 @@ def pairs(ids: torch.Tensor) -> int:
 
 
 def timed(fn, iters: int, back_to_back: int = 10) -> float:
-    """Median ms per call of fn(), over iters groups of back_to_back calls (CUDA events around each group):
-    the host queues a group ahead of the GPU, as it does in a training step, so launch cost that a step
-    hides is not counted."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(back_to_back):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / back_to_back)
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, iters, back_to_back)
 
 
 class _CudnnRagged(torch.autograd.Function):

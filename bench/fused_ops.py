@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -28,32 +27,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import median_ms  # noqa: E402
 from moe_train.model.norm import RMSNorm  # noqa: E402
 from moe_train.model.rope import RotaryTable  # noqa: E402
 from moe_train.ops.cross_entropy import linear_cross_entropy  # noqa: E402
 from moe_train.ops.swiglu import swiglu_act  # noqa: E402
-
-
-def timed_ms(fn: Callable[[], None], device: str, iters: int = 10, group: int = 5) -> float:
-    """Median ms per call over `iters` groups of `group` back-to-back calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(group):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / group)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(group):
-                fn()
-            times.append((time.perf_counter() - t0) * 1e3 / group)
-    return sorted(times)[len(times) // 2]
 
 
 def _liger(name: str):
@@ -169,7 +147,7 @@ def main() -> None:
                 o = fn(*inputs)
                 torch.autograd.grad(o, inputs, go.to(o.dtype))
 
-            ms = timed_ms(step, a.device)
+            ms = median_ms(step, 10, 5, a.device)
             if base_err is None:
                 base_err, base_ms = (err_out, err_grad), ms
             print(

@@ -9,6 +9,7 @@ decoding of an HF directory.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import replace
 
@@ -258,12 +259,18 @@ def test_sampling_filters_and_is_reproducible():
 # ------------------------------------------------------------------------------------------ loading, CLI
 
 
-def test_checkpoint_generates_through_cli(tmp_path):
+def byte_model_checkpoint(run_dir: str) -> Transformer:
+    """A tiny model over the byte tokenizer's vocabulary, saved as run_dir's checkpoint of step 5."""
     cfg = ModelConfig(**{**BASE, **CASES["lora_q"], "vocab_size": 257})
     model = build_model(cfg, seed=3).eval()
     set_biases(model)
     yaml = OmegaConf.to_yaml(OmegaConf.structured(TrainConfig(model=cfg)))
-    save_checkpoint(str(tmp_path / "checkpoints"), 5, model.state_dict(), None, {"step": 5}, yaml)
+    save_checkpoint(os.path.join(run_dir, "checkpoints"), 5, model.state_dict(), None, {"step": 5}, yaml)
+    return model
+
+
+def test_checkpoint_generates_through_cli(tmp_path):
+    model = byte_model_checkpoint(str(tmp_path))
     loaded = load_for_inference(str(tmp_path))  # the run dir: its latest checkpoint
     assert len(loaded.model.mtp) == 0  # MTP is not used for generation, so not loaded
     x = ids((1, 9))

@@ -15,12 +15,10 @@ import io
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from test_infer import BASE, CASES, ids, set_biases, tiny
+from test_infer import BASE, byte_model_checkpoint, ids, tiny
 
 from distributed import run_world
-from moe_train.checkpoint import save_checkpoint
-from moe_train.config import ModelConfig, TrainConfig
+from moe_train.config import ModelConfig
 from moe_train.generate import main as generate_main
 from moe_train.infer import InferenceModel, generate, load_for_inference
 from moe_train.infer.offload import OffloadConfig, ds_config, nvme_dtype_problem, nvme_unavailable_reason
@@ -61,11 +59,7 @@ def _offload_case(ckpt_dir: str) -> dict:
 
 @pytest.mark.slow  # DeepSpeed ZeRO-3 start-up
 def test_zero3_cpu_offload_generates_the_resident_models_tokens(tmp_path):
-    cfg = ModelConfig(**{**BASE, **CASES["lora_q"], "vocab_size": 257})
-    model = build_model(cfg, seed=3).eval()
-    set_biases(model)
-    yaml = OmegaConf.to_yaml(OmegaConf.structured(TrainConfig(model=cfg)))
-    save_checkpoint(str(tmp_path / "checkpoints"), 5, model.state_dict(), None, {"step": 5}, yaml)
+    model = byte_model_checkpoint(str(tmp_path))
     (res,) = run_world(1, _offload_case, str(tmp_path))
 
     assert res["got"] == res["ref"]  # absorbed and plain decode alike

@@ -10,15 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from test_infer import BASE, CASES, ids, rel_err, set_biases, tiny
+from test_infer import BASE, CASES, byte_model_checkpoint, ids, rel_err, tiny
 
 from distributed import run_world
 from moe_train.checkpoint import save_checkpoint
-from moe_train.config import ModelConfig, TrainConfig
+from moe_train.config import TrainConfig
 from moe_train.generate import main as generate_main
 from moe_train.infer import generate, new_cache
 from moe_train.infer.forward import InferenceModel
-from moe_train.model import build_model
 from moe_train.parallel.tensor import parallelize_for_decode
 
 PROMPTS = [[5, 9, 2, 7, 1], [3, 4]]
@@ -78,11 +77,7 @@ def _cli(run_dir: str) -> dict:
 
 @pytest.mark.slow  # two processes through the command line
 def test_the_command_line_splits_over_torchrun_ranks_and_rank_0_prints(tmp_path):
-    cfg = ModelConfig(**{**BASE, **CASES["lora_q"], "vocab_size": 257})
-    model = build_model(cfg, seed=3).eval()
-    set_biases(model)
-    yaml = OmegaConf.to_yaml(OmegaConf.structured(TrainConfig(model=cfg)))
-    save_checkpoint(str(tmp_path / "checkpoints"), 5, model.state_dict(), None, {"step": 5}, yaml)
+    byte_model_checkpoint(str(tmp_path))
     one = generate_main([str(tmp_path), "--prompt", "héllo", "--max-new-tokens", "6", "--no-eod-stop"])
     r0, r1 = run_world(2, _cli, str(tmp_path))
     assert r0["tokens"] == r1["tokens"] == one.tokens
