@@ -252,22 +252,28 @@ def measure(
     """Warm up, then time `args.steps` steps back to back, with events between the phases of each step."""
     variant = res.variant
     assert cfg.vocab_size is not None
-    gen = torch.Generator(device="cpu").manual_seed(1234)  # the same batch for every variant
-    tokens = torch.randint(0, cfg.vocab_size, (variant.batch, args.seq + 1), generator=gen).to(device)
+    gen = torch.Generator(device="cpu").manual_seed(1234)  # the same batches for every variant
+    shape = (args.accum, variant.batch, args.seq + 1)
+    batches = torch.randint(0, cfg.vocab_size, shape, generator=gen).to(device)
     timer = Timer(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def step() -> tuple[Any, Any, Any, Any, torch.Tensor]:
+    def step() -> tuple[Any, list[tuple[Any, Any]], Any, Any, torch.Tensor]:
+        """One optimizer step over `args.accum` micro-batches (loss mean over them, as the trainer's)."""
         t0 = timer.mark()
-        loss = loss_fn(tokens)
-        t1 = timer.mark()
-        loss.backward()
+        fwd, total = [], torch.zeros((), device=device)
+        for tokens in batches:
+            f0 = timer.mark()
+            loss = loss_fn(tokens) / args.accum
+            fwd.append((f0, timer.mark()))
+            loss.backward()
+            total += loss.detach()
         t2 = timer.mark()
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = timer.mark()
-        return t0, t1, t2, t3, loss.detach()
+        return t0, fwd, t2, t3, total
 
     for _ in range(args.warmup):
         step()
@@ -275,10 +281,10 @@ def measure(
     marks = [step() for _ in range(args.steps)]
     timer.sync()
     res.step_ms = timer.ms(marks[0][0], marks[-1][3]) / args.steps
-    res.fwd_ms = sum(timer.ms(m[0], m[1]) for m in marks) / args.steps
-    res.bwd_ms = sum(timer.ms(m[1], m[2]) for m in marks) / args.steps
+    res.fwd_ms = sum(timer.ms(a, b) for m in marks for a, b in m[1]) / args.steps
+    res.bwd_ms = sum(timer.ms(m[0], m[2]) for m in marks) / args.steps - res.fwd_ms
     res.opt_ms = sum(timer.ms(m[2], m[3]) for m in marks) / args.steps
-    res.tokens_per_s = variant.batch * args.seq / (res.step_ms / 1e3)
+    res.tokens_per_s = args.accum * variant.batch * args.seq / (res.step_ms / 1e3)
     res.loss = float(marks[-1][4])
     if device.type == "cuda":
         res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
@@ -421,6 +427,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (accumulation)")
     ap.add_argument("--profile", default="", help="comma list of --variants items to profile after timing")
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--attention", action="store_true", help="also time SDPA backends on MLA's head dims")
@@ -443,7 +450,7 @@ def main() -> None:
         hf_version = "absent"
     header = (
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {gpu}, "
-        f"torch {torch.__version__}, transformers {hf_version}; seq {args.seq}, warmup {args.warmup}, "
+        f"torch {torch.__version__}, transformers {hf_version}; seq {args.seq}, accumulation {args.accum}, warmup {args.warmup}, "
         f"timed steps {args.steps}; "
         f"FLOP/token (L={args.layers}) {train_flops_per_token(base, args.seq) / 1e9:.3f} G"
     )
