@@ -120,3 +120,24 @@ def test_the_models_losses_are_the_plain_cross_entropy_of_its_logits():
     want = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.reshape(-1))
     torch.testing.assert_close(out.lm_loss, want, rtol=1e-6, atol=1e-6)
     assert out.mtp_loss is not None and torch.isfinite(out.mtp_loss)
+
+
+class _HeadCasts(TorchDispatchMode):
+    """How often the head weight is cast to another dtype."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.ptr, self.casts = weight.data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() == self.ptr:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_autocast_the_head_weight_is_cast_once_for_the_lm_and_mtp_losses():
+    model = build_model(TINY_MODEL, seed=0)
+    x = torch.randint(0, TINY_MODEL.vocab_size, (2, 12))
+    with _HeadCasts(model.lm_head.weight) as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, x)
+    assert out.mtp_loss is not None and seen.casts == 1

@@ -238,7 +238,8 @@ class Transformer(nn.Module):
         logits = self.lm_head(h) if labels is None or return_logits else None
         if labels is None:
             return ModelOutput(None, None, logits)
-        lm_loss, ce = self._cross_entropy(h, labels)
+        w = self._head_weight()
+        lm_loss, ce = self._cross_entropy(h, labels, w)
         rows = ce.view(labels.shape).mean(1) if self.row_losses else None
         mtp_loss = None
         if len(self.mtp) and labels.shape[1] > len(self.mtp):
@@ -252,14 +253,23 @@ class Transformer(nn.Module):
                 emb_next = self.embed_tokens(labels[:, k - 1 : k - 1 + n])
                 h_prev = layer(h_prev[:, :n], emb_next, stats, None if docs is None else docs.prefix(n))
                 same = None if docs is None or docs.single else docs.same(k)
-                losses.append(self._cross_entropy(layer.norm(h_prev), labels[:, k:], same)[0])
+                losses.append(self._cross_entropy(layer.norm(h_prev), labels[:, k:], w, same)[0])
             mtp_loss = torch.stack(losses).mean()
         return ModelOutput(lm_loss, mtp_loss, logits, rows)
 
+    def _head_weight(self) -> torch.Tensor:
+        """The head's weight as its matmuls take it: under autocast cast once per forward, shared by the LM
+        head and every MTP depth, rather than once per use."""
+        w = self.lm_head.weight
+        device = w.device.type
+        return w.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else w
+
+    @staticmethod
     def _cross_entropy(
-        self, h: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+        h: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's loss on normalised states h [b, n, D] against labels [b, n], each target weighted by
-        `weights` (None: all 1), the mean over all b·n positions; and each position's loss, detached."""
+        """The loss of normalised states h [b, n, D] through the head `weight` against labels [b, n], each
+        target weighted by `weights` (None: all 1), the mean over all b·n positions; and each position's loss,
+        detached."""
         flat = None if weights is None else weights.reshape(-1)
-        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.reshape(-1), flat)
+        return linear_cross_entropy(h.flatten(0, 1), weight, labels.reshape(-1), flat)
