@@ -450,7 +450,8 @@ def main() -> None:
         hf_version = "absent"
     header = (
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {gpu}, "
-        f"torch {torch.__version__}, transformers {hf_version}; seq {args.seq}, accumulation {args.accum}, warmup {args.warmup}, "
+        f"torch {torch.__version__}, transformers {hf_version}; seq {args.seq}, accumulation {args.accum}, "
+        f"warmup {args.warmup}, "
         f"timed steps {args.steps}; "
         f"FLOP/token (L={args.layers}) {train_flops_per_token(base, args.seq) / 1e9:.3f} G"
     )
