@@ -14,11 +14,19 @@ from moe_train.checkpoint import full_gradients
 from moe_train.config import ConfigError, validate
 from moe_train.optim.adamw import StoredMomentsAdamW
 from moe_train.optim.engine import TorchEngine
-from moe_train.optim.master import MasterWeights
+from moe_train.optim.master import MasterWeights, precision
 from moe_train.train.trainer import Trainer
 from tiny_cfg import tiny_cfg
 
 MICRO = "parallel.microbatches=2"
+
+
+def test_auto_is_bf16_master_on_cuda_with_the_torch_engine_and_fp32_on_cpu():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert precision("auto", cuda, "torch") == "bf16_master"
+    assert precision("auto", cuda, "deepspeed") == "bf16"  # DeepSpeed's ZeRO keeps the fp32 side itself
+    assert precision("auto", cpu, "torch") == "fp32"
+    assert [precision(d, cuda, "torch") for d in ("fp32", "bf16")] == ["fp32", "bf16"]
 
 
 def _trainer(run_dir, *overrides: str, steps: int = 3) -> Trainer:

@@ -29,7 +29,7 @@ from ..parallel.grads import clip_gradients, reduce_gradients, reduce_ties
 from ..parallel.mesh import Mesh
 from . import build_optimizer, set_lr
 from .deepspeed_zero import DeepSpeedZero
-from .master import MasterWeights, param_dtype
+from .master import MasterWeights, param_dtype, precision
 
 Ties = list[tuple[Any, list[str]]]
 
@@ -160,6 +160,6 @@ def build_engine(
             ties=ties,
         )
     overlap = cfg.parallel.overlap_grad_reduce and not pipeline
-    dtype = param_dtype(cfg.trainer.dtype)
+    dtype = param_dtype(precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine))
     masters = MasterWeights(model, dtype) if dtype is not None else None
     return TorchEngine(model, cfg, mesh, ties, owned, overlap, masters)

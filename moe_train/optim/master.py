@@ -38,9 +38,22 @@ def kept_fp32(model: nn.Module) -> set[str]:
     return out
 
 
-def param_dtype(trainer_dtype: str) -> torch.dtype | None:
-    """The dtype `trainer.dtype` gives the model's parameters, or None where they stay as built (fp32)."""
-    return torch.bfloat16 if trainer_dtype == "bf16_master" else None
+def precision(trainer_dtype: str, device: torch.device, engine: str) -> str:
+    """What `trainer.dtype` means on `device`: `auto` becomes `bf16_master` on CUDA under the torch engine
+    (bf16 weights, fp32 masters: the large-scale trainers' default), `bf16` autocast under DeepSpeed (whose
+    ZeRO holds the fp32 weights' optimizer side itself), and `fp32` on CPU, where bf16 matmuls are slower and
+    tests compare against fp32 references; any other value stands as given."""
+    if trainer_dtype != "auto":
+        return trainer_dtype
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16_master" if engine == "torch" else "bf16"
+
+
+def param_dtype(resolved: str) -> torch.dtype | None:
+    """The dtype a resolved precision (`precision`) gives the model's parameters, or None where they stay as
+    built (fp32)."""
+    return torch.bfloat16 if resolved == "bf16_master" else None
 
 
 class MasterWeights:

@@ -29,7 +29,7 @@ from ..model.accounting import attention_flops_per_pair
 from ..model.documents import Documents
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
-from ..optim.master import param_dtype
+from ..optim.master import param_dtype, precision
 from ..parallel.dispatch import CommCounters
 from ..parallel.expert import apply_expert_parallel, expert_slice
 from ..parallel.mesh import Mesh
@@ -42,15 +42,11 @@ from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0}
 
 
-def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default, none (fp32) on CPU; bf16_master (bf16 parameters) on any device,
-    where autocast keeps the ops it runs in fp32 (softmax, losses) there and lets fp32 inputs meet bf16
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for every precision but fp32 (`optim.master.precision` resolves `auto`); under
+    bf16_master autocast keeps the ops it runs in fp32 (softmax, losses) there and lets fp32 inputs meet bf16
     weights."""
-    if dtype == "fp32":
-        return None
-    if dtype in ("bf16", "bf16_master") or (dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    return None if precision(cfg.trainer.dtype, device, cfg.optim.engine) == "fp32" else torch.bfloat16
 
 
 def peak_tflops(cfg_value: float | None, device: torch.device) -> float | None:
@@ -195,7 +191,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         cfg.model.hidden_size,
         # the residual stream between stages keeps the parameters' dtype, also under autocast (the engine
         # casts them to bf16 later under bf16_master)
-        param_dtype(t.dtype) or next(model.parameters()).dtype,
+        param_dtype(precision(t.dtype, mesh.device, cfg.optim.engine)) or next(model.parameters()).dtype,
         overlap=OverlapEngine(sm_carveout=carveout) if p.overlap else False,
     )
     executor.documents = document_finder(cfg, data) or executor.documents
@@ -251,7 +247,7 @@ def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> 
         "world_size": mesh.world,
         "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep},
         "autocast": str(amp) if amp else "fp32",
-        "dtype": cfg.trainer.dtype,
+        "dtype": precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine),  # `auto` resolved
         "recompute": cfg.trainer.recompute,
         "memory_estimate_rank0": facts["memory"].as_dict(),
     }

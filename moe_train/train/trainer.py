@@ -70,7 +70,7 @@ class Trainer:
             os.makedirs(run_dir, exist_ok=True)
         self.checkpoints = Checkpointer(cfg, run_dir, self.mesh)  # first: a run that may not write stops here
         self.device = self.mesh.device
-        self.amp = autocast_dtype(self.device, t.dtype)
+        self.amp = autocast_dtype(cfg, self.device)
         seed_everything(t.seed)
         self.data = build_data(cfg)
         self.counters = CommCounters()
