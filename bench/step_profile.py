@@ -1,0 +1,102 @@
+"""Where a trainer step's time goes, host against device (the single-GPU speed issue: host ms ≤ GPU-busy ms).
+
+Builds the trainer from the same overrides `train.py` takes, runs warm-up steps, then profiles `--steps` steps
+(`Trainer.train_step`, what `Trainer.run` calls per step) with torch.profiler and prints per step:
+  wall ms      the steps' wall time over their count, profiler on (and, first, off)
+  GPU-busy ms  the union of the device's kernel, copy and memset intervals
+  host ms      wall minus the time the host thread spent blocked in CUDA synchronising calls (stream, device
+               and event synchronize, and the blocking device-to-host copies of `.item()` and `.tolist()`,
+               taken as a `cudaMemcpyAsync` over 50 µs): the time it spent issuing work. Host ms above
+               GPU-busy ms means the GPU waits on the host (launch-bound).
+  syncs        how many of those blocking calls a step makes
+and the top host-side ops by self CPU time. The profiler adds a few µs per op, so host ms under it is an upper
+bound; the wall time without it is printed beside.
+
+Usage (repository root, GPU machine): python bench/step_profile.py model=small [more overrides] [--steps 5]
+CPU smoke test: python bench/step_profile.py --steps 2 --warmup 1 model.num_hidden_layers=2 data=synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from moe_train.config import load_config, to_object  # noqa: E402
+from moe_train.train.trainer import Trainer  # noqa: E402
+
+# runtime calls the host waits in (a device-to-host copy into pageable memory blocks until the copy is done)
+BLOCKING = ("Synchronize", "cudaMemcpy")
+
+
+def union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Total length (µs in, ms out) of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total / 1e3
+
+
+def run_steps(t: Trainer, first: int, n: int) -> float:
+    """Seconds for steps first..first+n-1, the device drained before and after."""
+    sync = torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for s in range(first, first + n):
+        t.train_step(s)
+    sync()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--top", type=int, default=15, help="host-side ops listed")
+    a, overrides = ap.parse_known_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    run_dir = tempfile.mkdtemp(prefix="step_profile_")
+    base = ["trainer.progress=false", "trainer.resume=none", "trainer.eval_every=100000"]
+    base.append("logger.console=false")
+    cfg = to_object(load_config([*base, *overrides, f"trainer.max_steps={2 * a.warmup + 2 * a.steps}"]))
+    cfg.run_dir = run_dir
+    t = Trainer(cfg, run_dir)
+    run_steps(t, 0, a.warmup)
+    plain = run_steps(t, a.warmup, a.steps) / a.steps
+    cuda = t.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        wall = run_steps(t, a.warmup + a.steps, a.steps) / a.steps
+    events = prof.events()
+    device_iv = [
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    ]
+    blocked = [e for e in events if any(b in e.name for b in BLOCKING) and "Async" not in e.name]
+    blocked += [e for e in events if e.name == "cudaMemcpyAsync" and e.cpu_time_total > 50]  # waited
+    blocked_ms = union_ms([(e.time_range.start, e.time_range.end) for e in blocked]) / a.steps
+    gpu_ms = union_ms(device_iv) / a.steps
+    host_ms = wall * 1e3 - blocked_ms
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"{name}, torch {torch.__version__}, overrides: {' '.join(overrides)}")
+    print("| wall ms (profiler off) | wall ms (on) | GPU-busy ms | host ms | blocked ms | syncs/step |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {plain * 1e3:.1f} | {wall * 1e3:.1f} | {gpu_ms:.1f} | {host_ms:.1f} | {blocked_ms:.1f} "
+        f"| {len(blocked) / a.steps:.1f} |"
+    )
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()
