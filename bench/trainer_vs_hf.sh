@@ -2,8 +2,8 @@
 # The single-GPU speed issue's yardstick in one device call: `train.py` on the 6-layer DeepSeek-V2-Lite proxy
 # (seq 4096, micro-batch 2, 8 micro-batches a step, synthetic tokens) at this checkout — its default
 # precision (bf16_master on CUDA) and, with AMP=1, trainer.dtype=bf16 (the old default) — and at the old
-# checkout, beside transformers' DeepseekV3ForCausalLM in a bare loop at the same micro-batch and accumulation (bench/train_throughput.py
-# --accum 8). Training figures: median tokens/s of the logged steps after step 4 (metrics.jsonl), as a user
+# checkout, beside transformers' DeepseekV3ForCausalLM in a bare loop at the same micro-batch and
+# accumulation (bench/train_throughput.py --accum 8). Training figures: median tokens/s of the logged steps after step 4 (metrics.jsonl), as a user
 # reads them. Usage, from this checkout's root on the GPU machine, the old one unpacked in OLD_DIR:
 #   bash bench/trainer_vs_hf.sh OLD_DIR        (LAYERS, STEPS override 6 and 14)
 if [ -d .whl ]; then
