@@ -4,7 +4,8 @@
 # precision (bf16_master on CUDA) and, with AMP=1, trainer.dtype=bf16 (the old default) — and at the old
 # checkout, beside transformers' DeepseekV3ForCausalLM in a bare loop at the same micro-batch and
 # accumulation (bench/train_throughput.py --accum 8). Training figures: median tokens/s of the logged steps
-# after step 4 (metrics.jsonl), as a user reads them. Usage, from this checkout's root on the GPU machine, the old one unpacked in OLD_DIR:
+# after step 4 (metrics.jsonl), as a user reads them. Usage, from this checkout's root on the GPU machine,
+# the old one unpacked in OLD_DIR:
 #   bash bench/trainer_vs_hf.sh OLD_DIR        (LAYERS, STEPS override 6 and 14)
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
