@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_train.config import ModelConfig
 from moe_train.model import MoEStats, build_model, count_params
@@ -117,6 +118,34 @@ def test_reference_experts_with_no_tokens_still_connect_weights():
     out = expert_swiglu_reference(torch.zeros(0, 4), torch.tensor([0, 0]), w_gu, w_d)
     out.sum().backward()
     assert w_gu.grad is not None and torch.count_nonzero(w_gu.grad) == 0
+
+
+def test_reference_experts_backward_writes_each_weight_stack_once():
+    """The CPU experts' weight gradient is one stack of the E per-expert gradients, not E whole-stack zero
+    tensors (one per `w[e]`): the per-expert gradients equal a per-expert autograd's, and the graph holds no
+    per-expert select."""
+    E, H, inner = 5, 8, 6
+    counts = torch.tensor([3, 0, 4, 2, 1])
+    x = torch.randn(int(counts.sum()), H)
+    w_gu = torch.randn(E, 2 * inner, H, requires_grad=True)
+    w_d = torch.randn(E, H, inner, requires_grad=True)
+    out = expert_swiglu_reference(x, counts, w_gu, w_d)
+    seen, stack, nodes = set(), [out.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(type(node).__name__)
+        stack += [n for n, _ in node.next_functions]
+    assert "SelectBackward0" not in nodes and nodes.count("UnbindBackward0") == 2
+    out.square().sum().backward()
+    for e, xe in enumerate(torch.split(x, counts.tolist())):
+        gu_e, d_e = w_gu[e].detach().requires_grad_(), w_d[e].detach().requires_grad_()
+        g, u = F.linear(xe, gu_e).chunk(2, dim=-1)
+        F.linear(F.silu(g) * u, d_e).square().sum().backward()
+        want_gu = torch.zeros_like(gu_e) if gu_e.grad is None else gu_e.grad
+        torch.testing.assert_close(w_gu.grad[e], want_gu, rtol=1e-5, atol=1e-6)
 
 
 def test_mtp_loss_present_and_predicts_two_ahead():

@@ -69,12 +69,15 @@ def expert_swiglu_reference(
     """The same math as `expert_swiglu_grouped`, one matmul pair per expert (host reads `counts`)."""
     outs = []
     found: Taps = []
+    # unbind, not w[e] per expert: a select's backward writes a zero tensor of the whole weight stack, so E
+    # selects cost E whole stacks of writes; unbind's backward stacks the E expert gradients once
+    gate_ups, downs = w_gate_up.unbind(0), w_down.unbind(0)
     for e, xe in enumerate(torch.split(x, counts.tolist(), dim=0)):
         if xe.shape[0] == 0:
             continue
-        gu = F.linear(xe, w_gate_up[e])
+        gu = F.linear(xe, gate_ups[e])
         g, u = gu.chunk(2, dim=-1)
-        outs.append(F.linear(act(g, u), w_down[e]))
+        outs.append(F.linear(act(g, u), downs[e]))
         found += [(gu, w_gate_up), (outs[-1], w_down)]
     if not outs:
         # Keep the graph connected to the weights (every expert gets a zero gradient) and to x: under
