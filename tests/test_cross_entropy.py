@@ -44,6 +44,13 @@ def test_equals_the_plain_op_in_fp32_over_several_chunks(weighted):
     assert not ce.requires_grad
 
 
+def test_no_rows_give_a_zero_weight_gradient():
+    h, w, y, _ = _inputs()
+    loss, ce = linear_cross_entropy(h[:0], w, y[:0])
+    (gw,) = torch.autograd.grad(loss, (w,))
+    assert ce.shape == (0,) and torch.equal(gw, torch.zeros_like(w))
+
+
 def test_without_grad_gives_the_same_losses():
     h, w, y, keep = _inputs()
     loss, ce = linear_cross_entropy(h, w, y, keep, chunk_elements=8 * V)

@@ -16,11 +16,34 @@ Pure PyTorch: the same code is the CPU path and the CUDA path; it is determinist
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
-# Logits held at once: rows per chunk = CHUNK_ELEMENTS // vocab. 2**26 fp32 elements is 256 MiB, large enough
-# that each chunk's matmuls stay efficient, small next to the logits it replaces.
+# Logits held at once: rows per chunk = CHUNK_ELEMENTS // vocab. 2**26 elements (256 MiB in fp32, half in
+# bf16) keep each chunk's matmuls efficient and stay small next to the logits they replace; larger chunks
+# would also mean fewer passes over the fp32 weight gradient, which every chunk adds into.
 CHUNK_ELEMENTS = 1 << 26
+
+
+def _logits_grad(
+    logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's losses (fp32) and the gradient of scale·loss with respect to its logits, in the logits'
+    dtype: softmax − one-hot, computed in fp32. Written as one elementwise expression so that, compiled, it
+    reads the chunk's logits once and writes the gradient once, with no fp32 copy in memory."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    losses = lse - x.gather(1, labels[:, None]).squeeze(1)
+    target = torch.arange(x.shape[1], device=x.device)[None, :] == labels[:, None]
+    g = (torch.exp(x - lse[:, None]) - target.float()) * scale
+    return losses, g.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_logits_grad() -> Callable:
+    return torch.compile(_logits_grad)
 
 
 def _chunks(
@@ -32,29 +55,39 @@ def _chunks(
     grad_w: torch.Tensor | None,
     rows: int,
 ) -> torch.Tensor:
-    """Each token's loss [N] (fp32); fills grad_h / grad_w (when given) with the gradient of
-    Σ_i w_i · loss_i / N."""
+    """Each token's loss [N] (fp32); fills grad_h / grad_w (when given; grad_w fp32, its contents
+    overwritten) with the gradient of Σ_i w_i · loss_i / N."""
     n = h.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=h.device)
+    # the elementwise part compiled on CUDA (one fused pass per chunk); the same expression eager elsewhere
+    logits_grad = _compiled_logits_grad() if h.is_cuda else _logits_grad
     for lo in range(0, n, rows):
         hi = min(lo + rows, n)
         hc, yc = h[lo:hi], labels[lo:hi]
-        logits = (hc @ weight.t()).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        losses[lo:hi] = lse - logits.gather(1, yc[:, None]).squeeze(1)
+        logits = hc @ weight.t()
         if grad_h is None and grad_w is None:
+            x = logits.float()
+            losses[lo:hi] = torch.logsumexp(x, dim=-1) - x.gather(1, yc[:, None]).squeeze(1)
             continue
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' storage
-        g[torch.arange(hi - lo, device=g.device), yc] -= 1
         scale = (1.0 / n) if token_weights is None else token_weights[lo:hi, None].float() / n
-        g = g.mul_(scale).to(h.dtype)
+        losses[lo:hi], g = logits_grad(logits, yc, scale)
+        del logits
         if grad_h is not None:
             torch.mm(g, weight, out=grad_h[lo:hi])
-        if grad_w is not None:
-            if g.dtype == grad_w.dtype:
-                grad_w.addmm_(g.t(), hc)
-            else:  # bf16 chunk products summed in fp32
-                grad_w += (g.t() @ hc).float()
+        if grad_w is None:
+            continue
+        same = g.dtype == grad_w.dtype
+        if lo == 0:  # the first chunk writes, the others add: no pass over a zeroed buffer
+            if same:
+                torch.mm(g.t(), hc, out=grad_w)
+            else:
+                grad_w.copy_(g.t() @ hc)
+        elif same:
+            grad_w.addmm_(g.t(), hc)
+        else:  # bf16 chunk products summed in fp32
+            grad_w += (g.t() @ hc).float()
+    if n == 0 and grad_w is not None:
+        grad_w.zero_()
     return losses
 
 
@@ -63,7 +96,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, labels, token_weights, rows):  # noqa: ANN001, ANN205 - autograd's signature
         needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if needs_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
         losses = _chunks(h, weight, labels, token_weights, grad_h, grad_w, rows)
         weighted = losses if token_weights is None else losses * token_weights
         # grad_w stays fp32 until the incoming gradient is applied: one rounding to the weight's dtype
