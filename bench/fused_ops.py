@@ -2,14 +2,15 @@
 (forward plus backward) and error against an fp32 reference, on the V2-Lite proxy's shapes.
 
 Candidates per op (the single-GPU speed issue: prefer a maintained library, decide by measurement):
-  ours      the op as the model runs it (model/norm.py, ops/swiglu.py, model/rope.py, ops/cross_entropy.py;
-            for cross-entropy also `plain`: bf16 logits, an fp32 copy, F.cross_entropy)
+  ours      the op as the model runs it in training (ops/fused.py, ops/cross_entropy.py)
+  plain     its plain PyTorch form, the CPU path (for cross-entropy: bf16 logits, an fp32 copy,
+            F.cross_entropy)
   compiled  torch.compile of our op (what torchtitan does per block)
   torch     a fused op of torch itself where one exists (F.rms_norm)
   liger     Liger-Kernel's Triton op (RMSNorm, SiLU-mul, fused linear cross-entropy); RoPE is not offered:
             Liger rotates halves (rotate_half), DeepSeek's RoPE rotates interleaved pairs
 Error: max |output − fp32 reference| and max |input gradient − fp32 reference|, the reference computed in
-fp32 from the same bf16 inputs; "err ×" is that error over the `ours`/`plain` op's (the acceptance: ≤ 1.5).
+fp32 from the same bf16 inputs; "err ×" is that error over the `plain` op's (the acceptance: ≤ 1.5).
 
 Usage (GPU machine, Liger-Kernel's wheel in .whl/): python bench/fused_ops.py [--ops rmsnorm,swiglu,rope,ce]
 CPU smoke test: python bench/fused_ops.py --device cpu --tiny --variants ours,plain
@@ -31,7 +32,12 @@ from bench.common import median_ms  # noqa: E402
 from moe_train.model.norm import RMSNorm  # noqa: E402
 from moe_train.model.rope import RotaryTable  # noqa: E402
 from moe_train.ops.cross_entropy import linear_cross_entropy  # noqa: E402
-from moe_train.ops.swiglu import swiglu_act  # noqa: E402
+from moe_train.ops.fused import (  # noqa: E402
+    rms_norm_plain,
+    rotate_pairs_plain,
+    swiglu_act,
+    swiglu_plain,
+)
 
 
 def _liger(name: str):
@@ -62,7 +68,8 @@ def candidates(op: str, shapes: dict, device: str) -> tuple[list[torch.Tensor], 
 
         fns = {
             "ours": ours,
-            "compiled": torch.compile(ours),
+            "plain": lambda x, w: rms_norm_plain(x, w, eps),
+            "compiled": torch.compile(lambda x, w: rms_norm_plain(x, w, eps)),
             "torch": lambda x, w: F.rms_norm(x, (h,), w, eps),
             "liger": lambda x, w: _liger("rms").apply(x, w, eps, 0.0, "llama", False),
         }
@@ -74,7 +81,8 @@ def candidates(op: str, shapes: dict, device: str) -> tuple[list[torch.Tensor], 
         rows, inter = T * shapes["topk"], shapes["moe_inter"]
         return [leaf(rows, inter), leaf(rows, inter)], {
             "ours": swiglu_act,
-            "compiled": torch.compile(swiglu_act),
+            "plain": swiglu_plain,
+            "compiled": torch.compile(swiglu_plain),
             "liger": lambda a, b: _liger("silu_mul").apply(a, b),
         }
     if op == "rope":
@@ -82,7 +90,10 @@ def candidates(op: str, shapes: dict, device: str) -> tuple[list[torch.Tensor], 
         B = T // shapes["seq"]
         return [leaf(B, shapes["heads"], shapes["seq"], shapes["rope"])], {
             "ours": table,
-            "compiled": torch.compile(table.forward),
+            "plain": lambda x: rotate_pairs_plain(x, table.cos[: x.shape[-2]], table.sin[: x.shape[-2]]),
+            "compiled": torch.compile(
+                lambda x: rotate_pairs_plain(x, table.cos[: x.shape[-2]], table.sin[: x.shape[-2]])
+            ),
         }
     if op == "ce":
         V = shapes["vocab"]
@@ -114,7 +125,7 @@ def main() -> None:
         shapes = dict(tokens=64, seq=32, hidden=64, heads=2, rope=16, topk=2, moe_inter=48, vocab=300)
     name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, shapes {shapes}")
-    print("| op | variant | fwd+bwd ms | vs ours | max err out | err × | max err grad | err × |")
+    print("| op | variant | fwd+bwd ms | vs plain | max err out | err × | max err grad | err × |")
     print("|---|---|---|---|---|---|---|---|")
     wanted = a.variants.split(",")
     for op in a.ops.split(","):

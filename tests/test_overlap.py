@@ -353,8 +353,8 @@ def test_experts_b_then_w_from_taps_equals_full_backward(rows, recompute):
     no rows arrived (every weight still gets its zero gradient) and under selective recomputation."""
     from moe_train.model.phases import Compute
     from moe_train.model.recompute import maybe_checkpoint
+    from moe_train.ops.fused import swiglu_act
     from moe_train.ops.grouped_gemm import expert_swiglu_reference
-    from moe_train.ops.swiglu import swiglu_act
     from moe_train.parallel.overlap import OverlapEngine, drain
 
     act = functools.partial(maybe_checkpoint, True, swiglu_act) if recompute else swiglu_act

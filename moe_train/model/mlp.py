@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.swiglu import swiglu_act
+from ..ops.fused import swiglu_act
 from .recompute import Recomputable, maybe_checkpoint
 
 

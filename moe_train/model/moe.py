@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.fused import swiglu_act
 from ..ops.grouped_gemm import Taps, expert_swiglu
-from ..ops.swiglu import swiglu_act
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
 from .mlp import SwiGLU
 from .phases import Compute, Program, run

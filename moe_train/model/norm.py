@@ -1,10 +1,12 @@
-"""RMSNorm, computed in fp32 whatever the activation dtype (as DeepSeek-V3 and transformers do)."""
+"""RMSNorm, computed in fp32 whatever the activation dtype (as DeepSeek-V3 and transformers do); the op itself
+is `ops.fused.rms_norm` (torch's fused kernel on CUDA)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..ops.fused import rms_norm
 from .recompute import Recomputable, maybe_checkpoint
 
 
@@ -20,7 +22,4 @@ class RMSNorm(Recomputable, nn.Module):
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         """The norm itself, never checkpointed (for callers whose own checkpoint region includes it)."""
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(dtype)
+        return rms_norm(x, self.weight, self.eps)

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ..ops.fused import rotate_pairs
+
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     if scale <= 1.0:
@@ -99,7 +101,4 @@ class RotaryTable(torch.nn.Module):
             cos, sin = self.cos[:T], self.sin[:T]
         else:
             cos, sin = self.cos[positions], self.sin[positions]
-        xf = x.float()
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-        return out.to(x.dtype)
+        return rotate_pairs(x, cos, sin)

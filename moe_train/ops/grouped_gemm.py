@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .swiglu import swiglu_act
+from .fused import swiglu_act
 
 # (projection output, its weight) pairs a caller may ask for: a deferred weight-gradient pass starts from
 # these outputs' gradients, so it runs only the weight-gradient GEMMs (parallel/overlap.py, `SubStep`).

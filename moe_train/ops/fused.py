@@ -1,0 +1,63 @@
+"""The memory-bound elementwise ops of a training step, fused on CUDA, with their plain PyTorch form as the
+CPU path and the semantics the GPU path is held to (bench/fused_ops.py measured the candidates; the choice is
+recorded in docs/architecture.md, "Fused ops").
+
+- `rms_norm`: torch's own fused RMSNorm (`F.rms_norm`, fp32 math inside) where input and weight share a
+  dtype on CUDA; the fp32 composite otherwise.
+- `swiglu_act`, `rotate_pairs`: `torch.compile` of the plain expression on CUDA while autograd records (the
+  training step), so the fp32 intermediates and the strided halves live in registers instead of memory. Under
+  no_grad (evaluation, decode, and the CUDA graphs decode captures) the plain form runs: nothing compiles
+  during a capture, and decode's shapes change every step.
+
+Compiled kernels are deterministic for fixed shapes; torch's RMSNorm kernels are its own.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_plain(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight · x / rms(x), computed in fp32 whatever x's dtype, rounded once to x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * xf).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda and x.dtype == weight.dtype:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return rms_norm_plain(x, weight, eps)
+
+
+def swiglu_plain(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def rotate_pairs_plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of x's last dim by the angles whose cos/sin ([..., dim/2], fp32)
+    are given; fp32 math, rounded once to x's dtype."""
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def _fused_when_training(plain: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`plain`, or its compiled form for CUDA tensors while autograd records."""
+    compiled = functools.cache(lambda: torch.compile(plain))
+
+    @functools.wraps(plain)
+    def op(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and torch.is_grad_enabled():
+            return compiled()(x, *rest)
+        return plain(x, *rest)
+
+    return op
+
+
+swiglu_act = _fused_when_training(swiglu_plain)
+rotate_pairs = _fused_when_training(rotate_pairs_plain)
