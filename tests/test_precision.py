@@ -155,6 +155,48 @@ def test_checkpoints_hold_fp32_weights_any_precision_resumes(tmp_path, saver, lo
     assert torch.isfinite(torch.tensor(record["loss"]))
 
 
+# A checkpoint written by commit a938955 (before fp32 masters existed) with this model, step 2:
+# `python train.py` at that commit with OLD_MODEL, data=synthetic, data.synthetic_vocab=64, data.seq_len=32,
+# data.batch_size=8, trainer.max_steps=2, optim.warmup_steps=2.
+OLD_CKPT = os.path.join(os.path.dirname(__file__), "data", "ckpt_a938955")
+OLD_MODEL = (
+    "data.synthetic_vocab=64",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.moe_intermediate_size=16",
+    "model.n_routed_experts=4",
+    "model.num_experts_per_tok=2",
+    "model.n_group=2",
+    "model.topk_group=1",
+    "model.q_lora_rank=16",
+    "model.kv_lora_rank=16",
+    "model.num_attention_heads=2",
+    "model.qk_rope_head_dim=8",
+    "model.qk_nope_head_dim=8",
+    "model.v_head_dim=8",
+)
+
+
+def test_a_checkpoint_of_the_old_commit_resumes_under_either_precision(tmp_path):
+    """Its fp32 weights and moments come back under fp32 and as the masters under bf16_master, and both
+    train on; a fresh model of the same seed holds other weights, so nothing was left at its init."""
+    runs = {}
+    for dtype in ("fp32", "bf16_master"):
+        run = tmp_path / dtype
+        cfg = tiny_cfg(str(run), *OLD_MODEL, f"trainer.dtype={dtype}", f"trainer.resume={OLD_CKPT}", steps=3)
+        runs[dtype] = Trainer(cfg, str(run))
+    fresh = _trainer(tmp_path / "fresh", *OLD_MODEL, "trainer.dtype=fp32")
+    plain, master = _weights(runs["fp32"]), _weights(runs["bf16_master"])
+    assert runs["fp32"].step == runs["bf16_master"].step == 2
+    assert plain.keys() == master.keys() == _weights(fresh).keys()
+    assert all(torch.equal(plain[n], master[n]) for n in plain)
+    assert any(not torch.equal(plain[n], w) for n, w in _weights(fresh).items())
+    moments = _moments(runs["bf16_master"])
+    assert moments and all(int(m["step"]) == 2 for m in moments.values())
+    for t in runs.values():
+        assert torch.isfinite(torch.tensor(t.train_step(2)["loss"]))
+
+
 def test_bf16_master_with_deepspeed_is_a_config_error(tmp_path):
     cfg = tiny_cfg(str(tmp_path), "trainer.dtype=bf16_master", "optim.engine=deepspeed", steps=1)
     with pytest.raises(ConfigError, match=r"trainer\.dtype='bf16_master'.*optim\.engine=deepspeed"):
