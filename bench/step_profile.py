@@ -9,8 +9,8 @@ Builds the trainer from the same overrides `train.py` takes, runs warm-up steps,
                taken as a `cudaMemcpyAsync` over 50 µs): the time it spent issuing work. Host ms above
                GPU-busy ms means the GPU waits on the host (launch-bound).
   syncs        how many of those blocking calls a step makes
-and the top host-side ops by self CPU time. The profiler adds a few µs per op, so host ms under it is an upper
-bound; the wall time without it is printed beside.
+and the top ops by self CPU time and, on CUDA, by self device time. The profiler adds a few µs per op, so
+host ms under it is an upper bound; the wall time without it is printed beside.
 
 Usage (repository root, GPU machine): python bench/step_profile.py model=small [more overrides] [--steps 5]
 CPU smoke test: python bench/step_profile.py --steps 2 --warmup 1 model.num_hidden_layers=2 data=synthetic
@@ -95,7 +95,10 @@ def main() -> None:
         f"| {plain * 1e3:.1f} | {wall * 1e3:.1f} | {gpu_ms:.1f} | {host_ms:.1f} | {blocked_ms:.1f} "
         f"| {len(blocked) / a.steps:.1f} |"
     )
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top, max_name_column_width=50))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=a.top, max_name_column_width=50))
+    if cuda:  # where the device time goes, for the same steps
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=a.top, max_name_column_width=50))
 
 
 if __name__ == "__main__":
