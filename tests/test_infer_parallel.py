@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from test_infer import BASE, CASES, byte_model_checkpoint, ids, rel_err, tiny
+from torch.profiler import ProfilerActivity, profile
 
 from distributed import run_world
 from moe_train.checkpoint import save_checkpoint
@@ -18,6 +19,7 @@ from moe_train.config import TrainConfig
 from moe_train.generate import main as generate_main
 from moe_train.infer import generate, new_cache
 from moe_train.infer.forward import InferenceModel
+from moe_train.model.moe import MoE
 from moe_train.parallel.tensor import parallelize_for_decode
 
 PROMPTS = [[5, 9, 2, 7, 1], [3, 4]]
@@ -39,9 +41,13 @@ def _outputs(layouts: list[int | None]) -> dict:
             cache = new_cache(model, 2, 8)
             prefill = model(x, torch.arange(7).expand(2, 7), cache, absorb=False)
             cache.lengths.fill_(7)
-            step = model(x[:, -1:], torch.full((2, 1), 7), cache, absorb=True)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step = model(x[:, -1:], torch.full((2, 1), 7), cache, absorb=True)
+            reduces = sum(e.name == "c10d::allreduce_" for e in prof.events())
             held = sum(p.numel() for p in model.parameters())
             out[ep, case] = {"tokens": tokens, "prefill": prefill, "step": step, "params": held}
+            moe_blocks = sum(isinstance(step.layer.mlp, MoE) for step in model.layers)
+            out[ep, case] |= {"reduces": reduces, "blocks": len(model.layers), "moe_blocks": moe_blocks}
     return out
 
 
@@ -54,6 +60,10 @@ def _check(ref: dict, ranks: list[dict], ep: int) -> None:
             assert rel_err(g["prefill"], want["prefill"]) <= 1e-5, (ep, case, r)
             assert rel_err(g["step"], want["step"]) <= 1e-5, (ep, case, r)
             assert g["params"] < want["params"], (ep, case, r)  # each rank holds a slice
+            # one all-reduce per block: attention's and the MLP's (MoE: routed and shared rows together)
+            # under tp; the MoE blocks' alone when tp = 1 (attention and dense MLPs are whole)
+            tp = len(ranks) // ep
+            assert g["reduces"] == (2 * g["blocks"] if tp > 1 else g["moe_blocks"]), (ep, case, r)
 
 
 def test_tp2_and_ep2_generation_equals_one_process():

@@ -11,17 +11,20 @@ the slices' partial sums are all-reduced:
   would need the heads' keys rebuilt per rank, which the absorbed decode path avoids.
 - SwiGLU (dense layers, shared experts) and the routed experts: each keeps 1/size of every intermediate
   dimension — gate and up rows, down columns — so a rank reads 1/size of the weights of the experts the
-  router chose. The dense MLP's down_proj output is all-reduced; in a MoE block the shared and the routed
-  experts' outputs are each all-reduced (the routed ones after the gate-weighted combine, on token rows).
+  router chose. The dense MLP's down_proj output is all-reduced. In a MoE block the shared and the routed
+  experts' partial rows are added first and all-reduced once, in the block's finish (`DecoderLayer.finish`,
+  the composition phase: the residual is added to the sum, as in one process), so a MoE block costs one
+  all-reduce, as a dense one does.
 - The LM head: each rank keeps ceil(vocab/size) of its rows (the last rank's padded with zeros) and the
   logits are all-gathered, so a decode step reads 1/size of the head on each rank.
 - The embedding (one row read a token), the router and the norms stay whole: every rank routes identically
   because all-reduce hands every rank the same sum.
 
 With expert parallelism (ep > 1; world = tp × ep, rank = ep_rank · tp + tp_rank) the routed experts are
-also cut by expert: an ep rank holds n_experts/ep whole experts (each still cut over its tp group), runs only
-the token slots routed to them, and the combined rows are summed over every rank. Attention, dense MLPs and
-shared experts are cut over the tp group alone (ep ranks repeat them). The tokens are the same on every
+also cut by expert: an ep rank holds n_experts/ep whole experts (each still cut over its tp group) and runs
+only the token slots routed to them. Attention and dense MLPs are cut over the tp group alone (ep ranks repeat
+them); the shared experts are cut over every rank, so that their partial rows and the routed ones are summed
+by the same all-reduce over the world. The tokens are the same on every
 rank, so no token moves: the all-to-all of training is replaced by the one all-reduce. Which slots are local
 is read on the host (one sync a MoE layer), so this step runs eagerly, not in a CUDA graph, until the
 sync-free dispatcher of the dispatch issue replaces it.
@@ -30,7 +33,7 @@ sync-free dispatcher of the dispatch issue replaces it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,25 +43,11 @@ from torch import nn
 
 from ..infer.forward import InferenceModel, as_inference_model
 from ..model.attention import MLA
-from ..model.dispatch import LocalDispatcher, LocalPlan
+from ..model.dispatch import LocalDispatcher
 from ..model.mlp import SwiGLU
 from ..model.moe import MoE
 from ..model.phases import Program, done
-from ..model.transformer import Transformer
-
-
-class ReducedLocalDispatcher(LocalDispatcher):
-    """All experts on this rank, each holding a slice of its intermediate dimension: the combined rows are
-    partial sums, completed by one all-reduce over the group."""
-
-    def __init__(self, group: Any) -> None:
-        super().__init__()
-        self.group = group
-
-    def combine_wait(self, plan: LocalPlan, handle: torch.Tensor) -> Generator[Any, Any, torch.Tensor]:
-        out = yield from super().combine_wait(plan, handle)
-        dist.all_reduce(out, group=self.group)
-        return out
+from ..model.transformer import DecoderLayer, Transformer
 
 
 @dataclass
@@ -72,13 +61,14 @@ class SlicePlan:
 
 class ExpertSliceDispatcher:
     """Experts [first, first + num_local) on this rank, the tokens on every rank: each rank runs the slots
-    routed to its experts and the gate-weighted rows are summed over `group` (see the module docstring)."""
+    routed to its experts; its gate-weighted rows are a partial sum, which the block's finish completes over
+    every rank (see the module docstring)."""
 
     host_sync_reason = "expert-parallel decode reads which token slots are local on the host"
     serves_expert_slice = True  # InferenceModel accepts a model holding only some experts behind it
 
-    def __init__(self, first: int, num_local: int, group: Any) -> None:
-        self.first, self.num_local, self.group = first, num_local, group
+    def __init__(self, first: int, num_local: int) -> None:
+        self.first, self.num_local = first, num_local
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
         k = topk_idx.shape[1]
@@ -99,12 +89,10 @@ class ExpertSliceDispatcher:
         return done(y)
 
     def combine_wait(self, plan: SlicePlan, handle: torch.Tensor) -> Program:
-        """Σ gate·row per token over the local slots (fp32), then over the ranks."""
+        """Σ gate·row per token over the local slots (fp32): this rank's part of the routed rows."""
         out = torch.zeros(plan.tokens, handle.shape[1], dtype=torch.float32, device=handle.device)
         out.index_add_(0, plan.token_of, handle.float() * plan.weight.float()[:, None])
-        out = out.to(handle.dtype)
-        dist.all_reduce(out, group=self.group)
-        return done(out)
+        return done(out.to(handle.dtype))
 
 
 def _reduce_output(group: Any) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
@@ -128,14 +116,17 @@ def _blocks(n_blocks: int, size: int, rank: int, block: int) -> torch.Tensor:
     return torch.arange(rank * per * block, (rank + 1) * per * block)
 
 
-def _split_swiglu(mlp: SwiGLU, group: Any, size: int, rank: int) -> None:
+def _split_swiglu(mlp: SwiGLU, group: Any, size: int, rank: int, reduce: bool = True) -> None:
+    """Keep this rank's slice of the intermediate dimension; `reduce`: all-reduce down_proj's output over
+    `group` (None: the world), else the caller sums the partial rows itself."""
     inner = _blocks(mlp.gate_proj.out_features, size, rank, 1)
     for proj in (mlp.gate_proj, mlp.up_proj):
         _keep(proj.weight, 0, inner)
         proj.out_features = len(inner)
     _keep(mlp.down_proj.weight, 1, inner)
     mlp.down_proj.in_features = len(inner)
-    mlp.down_proj.register_forward_hook(_reduce_output(group))
+    if reduce:
+        mlp.down_proj.register_forward_hook(_reduce_output(group))
 
 
 def _split_attention(attn: MLA, group: Any, size: int, rank: int) -> None:
@@ -169,7 +160,7 @@ def _split_head(head: nn.Linear, group: Any, size: int, rank: int) -> None:
 
 def _split_moe(moe: MoE, tp: Any, ep: tuple[int, int]) -> None:
     """Routed experts: this ep rank's experts (ep = (rank, size)), each cut over the tp group; shared experts
-    cut over tp. The routed rows are summed over every rank."""
+    cut over every rank. Both leave partial rows, which `_reduce_finish` sums."""
     experts = moe.experts
     ep_rank, ep_size = ep
     if ep_size > 1:
@@ -191,11 +182,24 @@ def _split_moe(moe: MoE, tp: Any, ep: tuple[int, int]) -> None:
         _keep(experts.gate_up_proj, 1, torch.cat([inner, inter + inner]))  # its gate rows, then its up rows
         _keep(experts.down_proj, 2, inner)
     if ep_size > 1:
-        moe.dispatcher = ExpertSliceDispatcher(experts.first_expert, experts.num_local, None)
+        moe.dispatcher = ExpertSliceDispatcher(experts.first_expert, experts.num_local)
     else:
-        moe.dispatcher = ReducedLocalDispatcher(None)
-    if moe.shared_experts is not None and size > 1:
-        _split_swiglu(moe.shared_experts, tp, size, rank)
+        moe.dispatcher = LocalDispatcher()  # every expert here, each a slice: partial rows
+    if moe.shared_experts is not None:
+        _split_swiglu(moe.shared_experts, None, dist.get_world_size(), dist.get_rank(), reduce=False)
+
+
+def _reduce_finish(layer: DecoderLayer) -> None:
+    """The MoE block's finish with its routed and shared rows, partial sums on every rank, summed by one
+    all-reduce over the world before the block's own finish adds them to the residual."""
+    finish = layer.finish
+
+    def reduced(h: torch.Tensor, routed: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        rows = MoE.output(routed, shared)
+        dist.all_reduce(rows)
+        return finish(h, rows, None)
+
+    layer.finish = reduced
 
 
 def join_decode_group(device: str) -> str:
@@ -250,6 +254,8 @@ def parallelize_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> 
                 _split_attention(m, group, size, rank)
         elif isinstance(m, MoE):
             _split_moe(m, group, (dist.get_rank() // tp, ep))
+        elif isinstance(m, DecoderLayer) and isinstance(m.mlp, MoE):
+            _reduce_finish(m)
         elif isinstance(m, SwiGLU) and id(m) not in shared and size > 1:  # a dense layer's MLP
             _split_swiglu(m, group, size, rank)
     if size > 1:
