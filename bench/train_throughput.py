@@ -9,9 +9,7 @@ differ:
   hf    transformers DeepseekV3ForCausalLM, bf16 weights, fused AdamW, sdpa attention, grouped_mm experts
   bf16  moe_train, bf16 weights, fused AdamW (like hf)
   amp   moe_train, fp32 master weights + bf16 autocast (the trainer's old default on CUDA)
-  bf16c bf16, each block's phases compiled (`compile_phases`: attention with its norms and residual, the
-        router, shared and routed experts, the block's finish, the dense MLP): torch.compile per block's
-        parts, as torchtitan compiles per block, measured before the library adopts it
+  bf16c bf16, each block's phases compiled (`trainer.compile=phases`, moe_train/model/compile.py)
 
 A variant may carry its own depth and batch, `amp:8` or `bf16:12:2` (name:layers:batch), because fp32 master
 weights plus Adam moments (16 bytes a parameter) of the 6.9B-parameter 12-layer proxy nearly fill an H200.
@@ -191,6 +189,8 @@ def build(
     amp = variant.name == "amp" and device.type == "cuda"
     note = "fp32 master + bf16 autocast" if variant.name == "amp" else "bf16 weights"
     if variant.name == "bf16c":
+        from moe_train.model.compile import compile_phases
+
         note += f", compiled phases: {compile_phases(model)}"
 
     def ours_loss(tokens: torch.Tensor) -> torch.Tensor:
@@ -203,26 +203,6 @@ def build(
         return loss + bal if bal is not None else loss
 
     return model, opt, ours_loss, note
-
-
-def compile_phases(model: torch.nn.Module) -> int:
-    """torch.compile each block's phase callables in place (the phase program calls them by attribute, so
-    the compiled ones run); returns how many were compiled."""
-    from moe_train.model.moe import MoE
-    from moe_train.model.transformer import DecoderLayer
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, DecoderLayer):
-            for name in ("attention", "finish", "_dense"):
-                setattr(m, name, torch.compile(getattr(m, name), dynamic=False))
-                n += 1
-        if isinstance(m, MoE):
-            for name in ("gate", "shared_experts", "experts"):
-                if getattr(m, name, None) is not None:
-                    setattr(m, name, torch.compile(getattr(m, name), dynamic=False))
-                    n += 1
-    return n
 
 
 class Timer:

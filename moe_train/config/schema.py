@@ -157,6 +157,7 @@ class TrainerConfig:
     log_expert_load: bool = True  # per-layer load vectors in metrics.jsonl (for the load heatmap)
     profile: bool = False  # Chrome trace of a few steps into <run dir>/profile/
     recompute: str = "none"  # none | selective (norms, MLA up-projections, SwiGLU act) | full (blocks)
+    compile: str = "none"  # none | phases: torch.compile each block's phase callables (model/compile.py)
     # Peak dense bf16 TFLOP/s of one device for MFU; None: known GPUs (H100/H200: 989) or no MFU.
     peak_tflops: float | None = None
     # A non-finite loss skips the step (no update, counted in `skipped_steps`) instead of stopping the run.

@@ -26,6 +26,7 @@ from ..data.mixture import MixtureDataset, MixtureSampler, load_mixture
 from ..data.sampler import rank_rows
 from ..model import Transformer, is_moe_layer, train_flops_per_token
 from ..model.accounting import attention_flops_per_pair
+from ..model.compile import compile_phases
 from ..model.documents import Documents
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
@@ -169,6 +170,8 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         cfg.model, schedule, mesh.pp_rank, balance, mesh.device, t.seed, experts, p.stage_layers
     )
     set_recompute(model, t.recompute)
+    if t.compile == "phases":
+        compile_phases(model)
     model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses
     apply_expert_parallel(model, mesh, counters, dispatcher=p.dispatcher)
     if cfg.model.init_from:

@@ -1,0 +1,38 @@
+"""`trainer.compile=phases`: torch.compile each block's phase callables, as torchtitan compiles per block.
+
+A block is a program of phases (model/phases.py), and the runners — the eager one, the overlap engine,
+inference — call each phase's callable by attribute. Compiling those callables in place therefore compiles
+the same code for every runner, with no change to the program: attention with its norms and residual, the
+block's finish and the dense MLP (bound methods, replaced on the instance), and the router, the shared and
+the routed experts (modules, compiled in place by `nn.Module.compile`, which keeps parameter names, so
+checkpoints, optimizer groups and HF conversion see nothing). The dispatch phases stay eager: they hold the
+collectives and the row plans the overlap engine splits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .moe import MoE
+from .transformer import DecoderLayer
+
+METHODS = ("attention", "finish", "_dense")  # DecoderLayer's phase callables
+MODULES = ("gate", "shared_experts", "experts")  # MoE's phase modules
+
+
+def compile_phases(model: nn.Module) -> int:
+    """Compile every block's phase callables in `model`, in place; returns how many were compiled."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, DecoderLayer):
+            for name in METHODS:
+                setattr(m, name, torch.compile(getattr(m, name), dynamic=False))
+                n += 1
+        elif isinstance(m, MoE):
+            for name in MODULES:
+                sub = getattr(m, name, None)
+                if sub is not None:
+                    sub.compile(dynamic=False)
+                    n += 1
+    return n
