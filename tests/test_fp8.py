@@ -1,0 +1,80 @@
+"""ops/fp8.py, the FP8 recipe's reference math: E4M3 rounding equal to torch's float8 conversion bit for bit,
+tile and block scales, and the blockwise GEMM with fp32 promotion every 128 elements of K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_train.ops.fp8 import (
+    E4M3_MAX,
+    TILE,
+    blockwise_mm,
+    dequantize_blocks,
+    dequantize_tiles,
+    quantize_blocks,
+    quantize_tiles,
+    round_e4m3,
+)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def test_e4m3_rounding_equals_torchs_conversion_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    # a million values over every binade E4M3 has and beyond: subnormals (below 2^-6), exact ties,
+    # values that saturate (above 448), signed zeros
+    mags = torch.exp2(torch.empty(10**6).uniform_(-14, 11, generator=g))
+    x = mags * torch.where(torch.rand(10**6, generator=g) < 0.5, -1.0, 1.0)
+    ties = torch.arange(-2 * 448 * 8, 2 * 448 * 8 + 1) / 16.0  # midpoints between neighbours near 1..448
+    sub = torch.arange(-64, 65) * 2.0**-11  # the subnormal grid and its half steps
+    x = torch.cat([x, ties, sub, torch.tensor([0.0, -0.0, 447.9, 448.0, 464.0, 1e30, -1e30])])
+    ref = round_e4m3(x)
+    assert torch.equal(_bits(ref), _bits(x))  # same E4M3 encoding for every value
+    assert torch.equal(ref, x.to(torch.float8_e4m3fn).float())
+    assert ref.abs().max() == E4M3_MAX and torch.signbit(round_e4m3(torch.tensor(-0.0)))
+
+
+def test_round_e4m3_keeps_nan():
+    assert torch.isnan(round_e4m3(torch.tensor([float("nan")]))).all()
+
+
+def test_tile_and_block_scales_bound_the_error_per_tile():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3 * TILE, generator=g)
+    qx, sx = quantize_tiles(x)
+    assert sx.shape == (4, 3) and qx.abs().max() == E4M3_MAX  # each tile's largest value maps onto 448
+    err = (dequantize_tiles(qx, sx) - x).abs().reshape(4, 3, TILE).amax(-1)
+    assert torch.all(err <= sx * E4M3_MAX * 2.0**-4)  # half an E4M3 step at the top binade
+    spiked = x.clone()
+    spiked[0, 5] = 1e5  # an outlier pushes its own tile's other values into subnormals, and only that tile
+    qs, ss = quantize_tiles(spiked)
+    assert torch.equal(qs.reshape(4, 3, TILE)[:, 1:], qx.reshape(4, 3, TILE)[:, 1:])
+    assert torch.equal(qs[1:], qx[1:]) and not torch.equal(qs[0, :TILE], qx[0, :TILE])
+    w = torch.randn(2 * TILE, 3 * TILE, generator=g)
+    qw, sw = quantize_blocks(w)
+    assert sw.shape == (2, 3)
+    rel = (dequantize_blocks(qw, sw) - w).abs().max() / w.abs().max()
+    assert rel <= 2.0**-4
+    zero_x, zero_s = quantize_tiles(torch.zeros(2, TILE))
+    assert torch.equal(zero_x, torch.zeros(2, TILE)) and torch.equal(zero_s, torch.ones(2, 1))
+
+
+def test_blockwise_mm_is_the_product_of_the_dequantised_operands():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(8, 2 * TILE, generator=g), torch.randn(TILE, 2 * TILE, generator=g)
+    (qx, sx), (qw, sw) = quantize_tiles(x), quantize_blocks(w)
+    y = blockwise_mm(qx, sx, qw, sw)
+    want = dequantize_tiles(qx, sx).double() @ dequantize_blocks(qw, sw).double().t()
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-5)
+    rel = (y - x @ w.t()).norm() / (x @ w.t()).norm()
+    assert rel < 0.05  # FP8's few mantissa bits: percent-level error against the fp32 product
+
+
+def test_shapes_without_a_128_tiling_are_refused():
+    with pytest.raises(ValueError, match="K=100 is not a multiple of 128"):
+        quantize_tiles(torch.zeros(2, 100))
+    with pytest.raises(ValueError, match=r"\[128, 100\]"):
+        quantize_blocks(torch.zeros(128, 100))
