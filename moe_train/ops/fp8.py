@@ -75,13 +75,52 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def blockwise_mm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
-    """x @ w.T from tile-quantised x ([M, K], scales [M, K/128]) and block-quantised w ([N, K], scales
-    [N/128, K/128]): per 128-wide slice of K, the FP8 partial product in fp32, times the tile and block
-    scales, accumulated in fp32. [M, N] fp32."""
+    """x @ w.T from tile-quantised x ([M, K], scales [M, K/128]) and w ([N, K]) quantised by blocks (scales
+    [N/128, K/128]) or by tiles (scales [N, K/128], as Wgrad's operands are): per 128-wide slice of K, the FP8
+    partial product in fp32, times the two operands' scales, accumulated in fp32. [M, N] fp32."""
     m, k = qx.shape
     n = qw.shape[0]
+    if sw.shape[0] != n:  # one scale per 128 rows: spread it over its rows
+        sw = sw.repeat_interleave(TILE, dim=0)
     out = torch.zeros(m, n, dtype=torch.float32, device=qx.device)
     for j in range(k // TILE):
         part = qx[:, j * TILE : (j + 1) * TILE] @ qw[:, j * TILE : (j + 1) * TILE].t()
-        out += part * sx[:, j, None] * sw[:, j].repeat_interleave(TILE)[None, :]
+        out += part * sx[:, j, None] * sw[None, :, j]
     return out
+
+
+def fp8_eligible(in_features: int, out_features: int) -> bool:
+    """A linear layer the recipe runs in FP8: both its dims tile by 128 (forward's K and N, Dgrad's too)."""
+    return in_features % TILE == 0 and out_features % TILE == 0
+
+
+class _FP8Linear(torch.autograd.Function):
+    """y = x @ w.T with Fprop, Dgrad and Wgrad each an FP8 GEMM of online-quantised operands: activations and
+    output gradients by 1×128 tiles along each GEMM's K, the weight by 128×128 blocks (transposed for Dgrad:
+    the same blocks). Wgrad reduces over tokens, so both of its operands are tiled along the tokens."""
+
+    @staticmethod
+    def forward(ctx, x, w):  # noqa: ANN001, ANN205 - autograd's signature; x [M, K], w [N, K]
+        qw, sw = quantize_blocks(w)
+        ctx.save_for_backward(x, qw, sw)
+        ctx.dtype = x.dtype
+        return blockwise_mm(*quantize_tiles(x), qw, sw).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        x, qw, sw = ctx.saved_tensors
+        dx = blockwise_mm(*quantize_tiles(dy), qw.t(), sw.t())  # Dgrad: K of this GEMM is N
+        dw = blockwise_mm(*quantize_tiles(dy.t()), *quantize_tiles(x.t()))  # Wgrad: K is the tokens
+        return dx.to(ctx.dtype), dw.to(ctx.dtype)
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w.T, all three GEMMs in emulated FP8 (`_FP8Linear`); the tokens (x's leading dims) are
+    padded to a multiple of 128 for Wgrad's tiles and the padding dropped."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    flat = x.reshape(-1, k)
+    pad = -flat.shape[0] % TILE
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, k)])
+    y = _FP8Linear.apply(flat, w)
+    return y[: y.shape[0] - pad].reshape(*lead, w.shape[0])
