@@ -24,10 +24,10 @@ With expert parallelism (ep > 1; world = tp × ep, rank = ep_rank · tp + tp_ran
 also cut by expert: an ep rank holds n_experts/ep whole experts (each still cut over its tp group) and runs
 only the token slots routed to them. Attention and dense MLPs are cut over the tp group alone (ep ranks repeat
 them); the shared experts are cut over every rank, so that their partial rows and the routed ones are summed
-by the same all-reduce over the world. The tokens are the same on every
-rank, so no token moves: the all-to-all of training is replaced by the one all-reduce. Which slots are local
-is read on the host (one sync a MoE layer), so this step runs eagerly, not in a CUDA graph, until the
-sync-free dispatcher of the dispatch issue replaces it.
+by the same all-reduce over the world. The tokens are the same on every rank, so no token moves: the
+all-to-all of training is replaced by the one all-reduce. Which slots are local is read on the host (one sync
+a MoE layer), so this step runs eagerly, not in a CUDA graph, until the sync-free dispatcher of the dispatch
+issue replaces it.
 """
 
 from __future__ import annotations
