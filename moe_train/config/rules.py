@@ -120,12 +120,12 @@ def _validate_deepspeed(cfg: TrainConfig) -> None:
         _fail(
             "optim.moments_dtype", cfg.optim.moments_dtype, "fp32 with optim.engine=deepspeed (its own Adam)"
         )
-    if t.dtype == "bf16_master":
+    if t.dtype in ("bf16_master", "fp8"):
         _fail(
             "trainer.dtype",
             t.dtype,
             "auto, fp32 or bf16 with optim.engine=deepspeed (fp32 master weights are the torch engine's; "
-            "use optim.engine=torch for bf16_master)",
+            f"use optim.engine=torch for {t.dtype})",
         )
     if ds.zero_stage not in (1, 2):
         _fail(
@@ -244,7 +244,7 @@ def validate(cfg: TrainConfig) -> None:
 
     _positive(t, "trainer", ["max_steps", "log_every", "eval_every", "eval_sequences", "lease_timeout_s"])
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16", "bf16_master"))
+    _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16", "bf16_master", "fp8"))
     _choice("trainer.recompute", t.recompute, ("none", "selective", "full"))
     _choice("trainer.compile", t.compile, ("none", "phases"))
     if t.ckpt_every < 0:

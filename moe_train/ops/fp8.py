@@ -103,7 +103,7 @@ class _FP8Linear(torch.autograd.Function):
     def forward(ctx, x, w):  # noqa: ANN001, ANN205 - autograd's signature; x [M, K], w [N, K]
         qw, sw = quantize_blocks(w)
         ctx.save_for_backward(x, qw, sw)
-        ctx.dtype = x.dtype
+        ctx.dtypes = x.dtype, w.dtype
         return blockwise_mm(*quantize_tiles(x), qw, sw).to(x.dtype)
 
     @staticmethod
@@ -111,7 +111,7 @@ class _FP8Linear(torch.autograd.Function):
         x, qw, sw = ctx.saved_tensors
         dx = blockwise_mm(*quantize_tiles(dy), qw.t(), sw.t())  # Dgrad: K of this GEMM is N
         dw = blockwise_mm(*quantize_tiles(dy.t()), *quantize_tiles(x.t()))  # Wgrad: K is the tokens
-        return dx.to(ctx.dtype), dw.to(ctx.dtype)
+        return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1])
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

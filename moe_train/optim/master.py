@@ -53,7 +53,7 @@ def precision(trainer_dtype: str, device: torch.device, engine: str) -> str:
 def param_dtype(resolved: str) -> torch.dtype | None:
     """The dtype a resolved precision (`precision`) gives the model's parameters, or None where they stay as
     built (fp32)."""
-    return torch.bfloat16 if resolved == "bf16_master" else None
+    return torch.bfloat16 if resolved in ("bf16_master", "fp8") else None  # fp8: bf16 weights, FP8 GEMMs
 
 
 class MasterWeights:

@@ -28,6 +28,7 @@ from ..model import Transformer, is_moe_layer, train_flops_per_token
 from ..model.accounting import attention_flops_per_pair
 from ..model.compile import compile_phases
 from ..model.documents import Documents
+from ..model.fp8 import convert_to_fp8
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
 from ..optim.master import param_dtype, precision
@@ -170,6 +171,11 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         cfg.model, schedule, mesh.pp_rank, balance, mesh.device, t.seed, experts, p.stage_layers
     )
     set_recompute(model, t.recompute)
+    if precision(t.dtype, mesh.device, cfg.optim.engine) == "fp8":
+        fp8 = convert_to_fp8(model, cfg.model)
+        share = f"{fp8.share:.0%} of the recipe's GEMM multiply-adds"
+        # the quantisation is exact to the recipe; the GEMMs themselves run as fp32 matmuls until kernels land
+        print(f"rank {mesh.rank}: FP8 (emulated: slower than bf16) runs {share}", flush=True)
     if t.compile == "phases":
         compile_phases(model)
     model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses
