@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_train.model.moe import MoE
 from moe_train.ops.fp8 import (
     E4M3_MAX,
     TILE,
@@ -129,8 +130,8 @@ def test_fp8_trains_within_2_percent_of_fp32(tmp_path):
 
 
 def test_conversion_runs_the_eligible_linears_in_fp8_and_counts_the_rest():
-    """Eligible linears (both dims multiples of 128) switch to FP8, the rest and the head stay; the share
-    counts the routed experts' GEMMs as eligible, not yet FP8."""
+    """Eligible linears (both dims multiples of 128) and routed experts switch to FP8, the rest and the head
+    stay; the share counts the ineligible ones' work as not in FP8."""
     from moe_train.config import ModelConfig
     from moe_train.model import build_model
     from moe_train.model.fp8 import convert_to_fp8
@@ -149,3 +150,14 @@ def test_conversion_runs_the_eligible_linears_in_fp8_and_counts_the_rest():
     for n in converted & plain.keys():
         assert 0.005 < _rel(linears[n](x), plain[n]) < 0.06, n
     assert 0 < cov.fp8 < cov.eligible and 0 < cov.share < 1
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    assert moe.experts.linear is fp8_linear
+    flat = x.reshape(-1, 128)[:96]
+    counts = torch.tensor([40, 0, 56] + [0] * (moe.experts.num_local - 3))
+    got = moe.experts(flat, counts)
+    moe.experts.linear = None
+    assert 0.005 < _rel(got, moe.experts(flat, counts)) < 0.1  # two FP8 products in a row
+    small = ModelConfig(vocab_size=97, moe_intermediate_size=64)  # experts of 64 do not tile by 128
+    small_model = build_model(small, seed=0)
+    convert_to_fp8(small_model, small)
+    assert all(m.experts.linear is None for m in small_model.modules() if isinstance(m, MoE))

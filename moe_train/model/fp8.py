@@ -4,8 +4,9 @@ The recipe runs the dense linears — attention projections, dense MLPs, shared 
 the routed experts in FP8, and keeps the embedding, the output head, the gating and the attention core in
 higher precision. A linear whose dims do not tile by 128 stays bf16. `convert_to_fp8` swaps the forward of
 every eligible `nn.Linear` for the FP8 one (parameter names and dtypes unchanged, so checkpoints, masters and
-optimizer state see nothing) and reports the share of the recipe's GEMM FLOPs that now run in FP8. The routed
-experts' grouped GEMM is not converted yet: it counts as eligible and not in FP8.
+optimizer state see nothing), has the routed experts compute each expert's two products with the same FP8
+linear (the reference loop over experts, as FP8's CPU path), and reports the share of the recipe's GEMM
+multiply-adds that now run in FP8.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def convert_to_fp8(model: nn.Module, cfg: ModelConfig) -> FP8Coverage:
         if fp8_eligible(m.in_features, m.out_features):
             m.forward = functools.partial(_forward, m)
             fp8 += macs
-    moe_layers = sum(isinstance(m, MoE) for m in model.modules())  # the routed experts, per token
-    eligible += moe_layers * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    for m in model.modules():
+        if isinstance(m, MoE):  # the routed experts: top-k of them per token
+            macs = cfg.num_experts_per_tok * 3 * h * inter
+            eligible += macs
+            if fp8_eligible(h, inter):  # gate_up: K = hidden, N = 2·inter; down: K = inter, N = hidden
+                m.experts.linear = fp8_linear
+                fp8 += macs
     return FP8Coverage(fp8, eligible)

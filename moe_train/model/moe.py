@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.fused import swiglu_act
-from ..ops.grouped_gemm import Taps, expert_swiglu
+from ..ops.grouped_gemm import Linear, Taps, expert_swiglu
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
 from .mlp import SwiGLU
 from .phases import Compute, Program, run
@@ -109,12 +109,13 @@ class RoutedExperts(Recomputable, nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_local, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(self.num_local, h, i))
         self.impl = "auto"  # auto | grouped | reference (tests force one)
+        self.linear: Linear | None = None  # per-expert product in the reference loop (model/fp8.py sets it)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
         """taps: receives (projection output, weight) pairs (see grouped_gemm.Taps)."""
         selective = self.recompute == "selective" and self.training
         act = functools.partial(maybe_checkpoint, True, swiglu_act) if selective else swiglu_act
-        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, act, taps)
+        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, act, taps, self.linear)
 
 
 def balance_terms(routing: Routing, batch: int, seq: int, kind: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .fused import swiglu_act
 # these outputs' gradients, so it runs only the weight-gradient GEMMs (parallel/overlap.py, `SubStep`).
 Taps = list[tuple[torch.Tensor, torch.Tensor]]
 Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, weight [out, in]) -> x @ weight.T
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -65,8 +66,10 @@ def expert_swiglu_reference(
     w_down: torch.Tensor,
     act: Activation = swiglu_act,
     taps: Taps | None = None,
+    linear: Linear = F.linear,
 ) -> torch.Tensor:
-    """The same math as `expert_swiglu_grouped`, one matmul pair per expert (host reads `counts`)."""
+    """The same math as `expert_swiglu_grouped`, one matmul pair per expert (host reads `counts`); `linear`
+    computes each product (FP8 training passes its own)."""
     outs = []
     found: Taps = []
     # unbind, not w[e] per expert: a select's backward writes a zero tensor of the whole weight stack, so E
@@ -75,9 +78,9 @@ def expert_swiglu_reference(
     for e, xe in enumerate(torch.split(x, counts.tolist(), dim=0)):
         if xe.shape[0] == 0:
             continue
-        gu = F.linear(xe, gate_ups[e])
+        gu = linear(xe, gate_ups[e])
         g, u = gu.chunk(2, dim=-1)
-        outs.append(F.linear(act(g, u), downs[e]))
+        outs.append(linear(act(g, u), downs[e]))
         found += [(gu, w_gate_up), (outs[-1], w_down)]
     if not outs:
         # Keep the graph connected to the weights (every expert gets a zero gradient) and to x: under
@@ -99,8 +102,12 @@ def expert_swiglu(
     impl: str = "auto",
     act: Activation = swiglu_act,
     taps: Taps | None = None,
+    linear: Linear | None = None,
 ) -> torch.Tensor:
-    """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference."""
+    """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference; `linear`: the per-expert
+    product of the reference loop, which then runs on any device (FP8 training's emulated GEMM)."""
+    if linear is not None:
+        return expert_swiglu_reference(x, counts, w_gate_up, w_down, act, taps, linear)
     if impl == "grouped" or (
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
     ):
