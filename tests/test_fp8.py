@@ -124,6 +124,7 @@ def test_fp8_trains_within_2_percent_of_fp32(tmp_path):
         records = [t.train_step(s) for s in range(60)]
         losses[dtype] = sum(r["loss"] for r in records[-5:]) / 5
         if dtype == "fp8":
+            assert 0 < records[-1]["fp8_gemm_share"] < 1  # the counter each train record carries
             fp8 = [m for m in t.model.modules() if isinstance(m, torch.nn.Linear) and "forward" in vars(m)]
             assert fp8 and all(p.dtype == torch.bfloat16 for m in fp8 for p in m.parameters())
     assert losses["fp8"] == pytest.approx(losses["fp32"], rel=0.02)

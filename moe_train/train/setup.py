@@ -13,7 +13,7 @@ import os
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -160,6 +160,8 @@ class Stages:
     mem_stages: list[tuple[list[int], bool]]  # (layer ids incl. MTP blocks, holds the head) per stage
     in_flight: int  # micro-batches whose activations a stage keeps at once
     pipelined: bool  # several stages, or F&B pairs: losses and loads are summed over every rank
+    # entries each optimizer step's record gets (the trainer's `after_step` hooks): the FP8 share under fp8
+    after_step: list[Callable[[int, Any], dict[str, Any]]] = field(default_factory=list)
 
 
 def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Data) -> Stages:
@@ -171,11 +173,12 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         cfg.model, schedule, mesh.pp_rank, balance, mesh.device, t.seed, experts, p.stage_layers
     )
     set_recompute(model, t.recompute)
+    after_step: list[Callable[[int, Any], dict[str, Any]]] = []
     if precision(t.dtype, mesh.device, cfg.optim.engine) == "fp8":
-        fp8 = convert_to_fp8(model, cfg.model)
-        share = f"{fp8.share:.0%} of the recipe's GEMM multiply-adds"
+        share = convert_to_fp8(model, cfg.model).share
         # the quantisation is exact to the recipe; the GEMMs themselves run as fp32 matmuls until kernels land
-        print(f"rank {mesh.rank}: FP8 (emulated: slower than bf16) runs {share}", flush=True)
+        print(f"rank {mesh.rank}: FP8 (emulated: slower than bf16) runs {share:.0%} of its GEMMs", flush=True)
+        after_step.append(lambda step, loads: {"fp8_gemm_share": share})
     if t.compile == "phases":
         compile_phases(model)
     model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses
@@ -207,7 +210,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
     # the executor keeps a stage's graph until its W pass, so activations count until W
     in_flight = peak_activations(schedule, release="W")[mesh.pp_rank]
     pipelined = schedule.n_stages > 1 or p.overlap
-    return Stages(model, executor, ties, owned, mem_stages, in_flight, pipelined)
+    return Stages(model, executor, ties, owned, mem_stages, in_flight, pipelined, after_step)
 
 
 def estimate_stage_memory(

@@ -83,7 +83,7 @@ class Trainer:
         self.bias = BiasController(cfg.balance, t.max_steps)
         self.after_step: list[AfterStep] = [
             lambda step, loads: {"bias_update_rate": self.bias.update(self.model.moe_layers(), loads, step)}
-        ]
+        ] + s.after_step
         self.params = count_params(cfg.model)
         self.flops = StepFlops(cfg, self.data)
         self.peak = peak_tflops(t.peak_tflops, self.device)
