@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -438,7 +439,11 @@ def main() -> None:
     ap.add_argument("--attention", action="store_true", help="also time SDPA backends on MLA's head dims")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (CPU smoke test)")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the table and profiles go")
+    ap.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or os.path.join(tempfile.gettempdir(), "train_throughput"),
+        help="where the table and profiles go ($OUT on the device machine; never the checkout by default)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
