@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from moe_train.optim.adamw import StoredMomentsAdamW
 from moe_train.parallel.grads import clip_gradients
 from moe_train.parallel.mesh import build_mesh
 
@@ -42,4 +43,17 @@ def test_clipping_launches_as_many_ops_for_ten_or_a_hundred_parameters():
         torch.testing.assert_close(torch.tensor(norm), want, rtol=1e-5, atol=0)
         for p, g in zip(model.parameters(), grads, strict=True):  # every gradient scaled by 0.5 / norm
             torch.testing.assert_close(p.grad, g * (0.5 / (want + 1e-6)), rtol=1e-5, atol=1e-7)
+    assert counts[0] == counts[1], counts
+
+
+def test_adamw_with_stored_moments_launches_as_many_ops_for_ten_or_a_hundred_parameters():
+    """Its update is multi-tensor ops over the group (fp32 moments here: bf16 ones add one cast a moment)."""
+    counts = []
+    for n in (5, 50):
+        model = _model(n)
+        opt = StoredMomentsAdamW(model.parameters(), torch.float32, lr=1e-2)
+        opt.step()  # the first step creates the state, one tensor a parameter
+        with _Count() as c:
+            opt.step()
+        counts.append(c.ops)
     assert counts[0] == counts[1], counts

@@ -41,28 +41,43 @@ class StoredMomentsAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    for k in MOMENTS:
-                        state[k] = torch.zeros_like(p, dtype=self.moments_dtype)
-                for k in MOMENTS:  # a loaded state dict comes back in the parameter's dtype
-                    if state[k].dtype != self.moments_dtype:
-                        state[k] = state[k].to(self.moments_dtype)
-                state["step"] += 1
-                t = state["step"].item()
-                grad = p.grad.float()
-                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)  # fp32 state: itself, in place
-                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                p.mul_(1 - lr * wd)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
-                for k, v in zip(MOMENTS, (exp_avg, exp_avg_sq), strict=True):
-                    if v is not state[k]:  # fp32 state was updated in place; a bf16 one gets the rounding
-                        state[k].copy_(v)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params)
         return loss
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """torch's single-tensor AdamW arithmetic, as multi-tensor ops over the group's parameters (one launch
+        per op on CUDA, not one per parameter), in fp32 over moments read from and rounded back to their
+        stored dtype."""
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                for k in MOMENTS:
+                    state[k] = torch.zeros_like(p, dtype=self.moments_dtype)
+            for k in MOMENTS:  # a loaded state dict comes back in the parameter's dtype
+                if state[k].dtype != self.moments_dtype:
+                    state[k] = state[k].to(self.moments_dtype)
+        torch._foreach_add_([st["step"] for st in states], 1)
+        grads = [p.grad.float() for p in params]
+        stored = {k: [st[k] for st in states] for k in MOMENTS}
+        exp_avg, exp_avg_sq = ([m.float() for m in stored[k]] for k in MOMENTS)  # fp32 state: itself
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        torch._foreach_mul_(params, 1 - lr * wd)
+        by_step: dict[float, list[int]] = {}  # parameters that missed steps have their own bias correction
+        for i, t in enumerate(torch.stack([st["step"] for st in states]).tolist()):
+            by_step.setdefault(t, []).append(i)
+        for t, idx in by_step.items():
+            denom = torch._foreach_sqrt([exp_avg_sq[i] for i in idx])
+            torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
+            torch._foreach_add_(denom, eps)
+            ps, ms = [params[i] for i in idx], [exp_avg[i] for i in idx]
+            torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - beta1**t))
+        for k, updated in zip(MOMENTS, (exp_avg, exp_avg_sq), strict=True):
+            if updated[0] is not stored[k][0]:  # fp32 state was updated in place; bf16 gets the rounding
+                torch._foreach_copy_(stored[k], updated)
