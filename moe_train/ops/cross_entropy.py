@@ -16,10 +16,9 @@ Pure PyTorch: the same code is the CPU path and the CUDA path; it is determinist
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
+
+from .fused import compiled_on_cuda
 
 # Logits held at once: rows per chunk = CHUNK_ELEMENTS // vocab. Every chunk adds its product into the fp32
 # weight gradient (vocab × hidden), so fewer, larger chunks mean fewer passes over it; 2**28 elements is a
@@ -42,9 +41,9 @@ def _logits_grad(
     return losses, g.to(logits.dtype)
 
 
-@functools.cache
-def _compiled_logits_grad() -> Callable:
-    return torch.compile(_logits_grad)
+# compiled on CUDA (one fused pass per chunk), also inside the autograd function's forward, where autograd
+# does not record; the same expression eager elsewhere
+_fused_logits_grad = compiled_on_cuda(_logits_grad, training_only=False)
 
 
 def _chunks(
@@ -60,8 +59,6 @@ def _chunks(
     overwritten) with the gradient of Σ_i w_i · loss_i / N."""
     n = h.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=h.device)
-    # the elementwise part compiled on CUDA (one fused pass per chunk); the same expression eager elsewhere
-    logits_grad = _compiled_logits_grad() if h.is_cuda else _logits_grad
     for lo in range(0, n, rows):
         hi = min(lo + rows, n)
         hc, yc = h[lo:hi], labels[lo:hi]
@@ -71,7 +68,7 @@ def _chunks(
             losses[lo:hi] = torch.logsumexp(x, dim=-1) - x.gather(1, yc[:, None]).squeeze(1)
             continue
         scale = (1.0 / n) if token_weights is None else token_weights[lo:hi, None].float() / n
-        losses[lo:hi], g = logits_grad(logits, yc, scale)
+        losses[lo:hi], g = _fused_logits_grad(logits, yc, scale)
         del logits
         if grad_h is not None:
             torch.mm(g, weight, out=grad_h[lo:hi])

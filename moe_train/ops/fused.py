@@ -9,13 +9,16 @@ recorded in docs/architecture.md, "Fused ops").
   no_grad (evaluation, decode, and the CUDA graphs decode captures) the plain form runs: nothing compiles
   during a capture, and decode's shapes change every step.
 
-Compiled kernels are deterministic for fixed shapes; torch's RMSNorm kernels are its own.
+`compiled_on_cuda` is the compile-on-CUDA rule these follow (ops/cross_entropy.py uses it too, for its
+chunk's elementwise step). Compiled kernels are deterministic for fixed shapes; torch's RMSNorm kernels are
+its own.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,18 +49,19 @@ def rotate_pairs_plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
-def _fused_when_training(plain: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`plain`, or its compiled form for CUDA tensors while autograd records."""
+def compiled_on_cuda(plain: Callable[..., Any], training_only: bool = True) -> Callable[..., Any]:
+    """`plain`, or its compiled form (compiled on first use) when its first argument is a CUDA tensor — and,
+    with `training_only`, autograd records. The one home of the ops/ package's compile-on-CUDA rule."""
     compiled = functools.cache(lambda: torch.compile(plain))
 
     @functools.wraps(plain)
-    def op(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and torch.is_grad_enabled():
+    def op(x: torch.Tensor, *rest: Any) -> Any:
+        if x.is_cuda and (torch.is_grad_enabled() or not training_only):
             return compiled()(x, *rest)
         return plain(x, *rest)
 
     return op
 
 
-swiglu_act = _fused_when_training(swiglu_plain)
-rotate_pairs = _fused_when_training(rotate_pairs_plain)
+swiglu_act = compiled_on_cuda(swiglu_plain)
+rotate_pairs = compiled_on_cuda(rotate_pairs_plain)

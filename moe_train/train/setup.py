@@ -174,7 +174,8 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
     )
     set_recompute(model, t.recompute)
     after_step: list[Callable[[int, Any], dict[str, Any]]] = []
-    if precision(t.dtype, mesh.device, cfg.optim.engine) == "fp8":
+    resolved = precision(t.dtype, mesh.device, cfg.optim.engine)
+    if resolved == "fp8":
         share = convert_to_fp8(model, cfg.model).share
         # the quantisation is exact to the recipe; the GEMMs themselves run as fp32 matmuls until kernels land
         print(f"rank {mesh.rank}: FP8 (emulated: slower than bf16) runs {share:.0%} of its GEMMs", flush=True)
@@ -203,7 +204,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         cfg.model.hidden_size,
         # the residual stream between stages keeps the parameters' dtype, also under autocast (the engine
         # casts them to bf16 later under bf16_master)
-        param_dtype(precision(t.dtype, mesh.device, cfg.optim.engine)) or next(model.parameters()).dtype,
+        param_dtype(resolved) or next(model.parameters()).dtype,
         overlap=OverlapEngine(sm_carveout=carveout) if p.overlap else False,
     )
     executor.documents = document_finder(cfg, data) or executor.documents
