@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from distributed import run_world
 from moe_train.config import ModelConfig
 from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
+from moe_train.ops.fp8 import fp8_linear, packed_row_bytes
 from moe_train.ops.gather import Bags, bag_sum, gather_rows
 from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters
 from moe_train.parallel.mesh import Layout, MeshError, build_mesh
@@ -41,18 +43,23 @@ def _moe_pair(cfg, rank, ep, seed=7):
     return ref, sharded
 
 
-def _case(sizes: list[int], masked_rank: int | None, seed: int) -> dict:
-    """Tokens per rank = sizes; `masked_rank`'s experts get no tokens. Asserts equality with the reference."""
+def _case(sizes: list[int], masked_rank: int | None, seed: int, fp8: bool = False) -> dict:
+    """Tokens per rank = sizes; `masked_rank`'s experts get no tokens. Asserts equality with the reference.
+
+    fp8: FP8 experts in both, and FP8 dispatch rows: the experts' own 1×128 tiles of their input are those
+    the dispatch sent, so the one-process FP8 MoE is matched as closely as without FP8."""
     mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
     rank, ep = mesh.rank, mesh.layout.ep
-    cfg = CFG
+    cfg = dataclasses.replace(CFG, hidden_size=128, moe_intermediate_size=128) if fp8 else CFG
     ref, moe = _moe_pair(cfg, mesh.ep_rank, ep)
     per = cfg.n_routed_experts // ep
     if masked_rank is not None:
         for m in (ref, moe):
             m.gate.e_score_correction_bias[masked_rank * per : (masked_rank + 1) * per] = -10.0
+    if fp8:
+        ref.experts.linear = moe.experts.linear = fp8_linear
     counters = CommCounters()
-    moe.dispatcher = AllToAllDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters)
+    moe.dispatcher = AllToAllDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters, fp8_rows=fp8)
 
     g = torch.Generator().manual_seed(seed)
     total = sum(sizes)
@@ -81,14 +88,26 @@ def _case(sizes: list[int], masked_rank: int | None, seed: int) -> dict:
             continue
         grad = p.grad.clone()
         dist.all_reduce(grad)  # replicated weights: each rank holds its tokens' share of the gradient
-        torch.testing.assert_close(grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+        # sums of 128-wide rows in another order: fp32 rounding of larger values with fp8's widths
+        atol = 1e-4 if fp8 else 1e-5
+        torch.testing.assert_close(
+            grad, q.grad, rtol=1e-5, atol=atol, msg=functools.partial("{}: {}".format, name)
+        )
 
     # dispatched bytes = unique (token, rank) pairs × hidden × element size
     with torch.no_grad():
         idx = moe.gate(x.detach().reshape(-1, cfg.hidden_size)).topk_idx
     pairs = sum(len(set((row // per).tolist())) for row in idx)
     got = counters.take()
-    assert got.get("dispatch", 0) == pairs * cfg.hidden_size * 4, (got, pairs)
+    row = packed_row_bytes(cfg.hidden_size) if fp8 else cfg.hidden_size * 4
+    assert got.get("dispatch", 0) == pairs * row, (got, pairs)
+    if fp8:  # the recipe's halving: FP8 values plus a 4-byte scale per 128 against bf16's 2 bytes a value
+        assert got["dispatch"] <= 0.55 * pairs * cfg.hidden_size * 2
+        # combine stays in the rows' own dtype: every dispatched row comes back as one fp32 row
+        back, rest = divmod(got["combine"], cfg.hidden_size * 4)
+        totals = torch.tensor([pairs, back])
+        dist.all_reduce(totals)
+        assert rest == 0 and totals[0] == totals[1], (got, pairs)
     if masked_rank is not None:
         assert moe.experts.gate_up_proj.grad.abs().sum() == 0 or mesh.ep_rank != masked_rank
     return {"pairs": pairs, "rows_in": sizes[rank]}
@@ -101,13 +120,15 @@ def _dispatch_suite() -> list[dict]:
     out.append(_case([0] + [20] * (world - 1), None, 2))  # rank 0 sends nothing
     uneven = [5 + 7 * r for r in range(world)]
     out.append(_case(uneven, 0, 3))
+    out.append(_case([24] * world, None, 4, fp8=True))
     return out
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 processes: slow tier
 def test_dispatch_combine_matches_single_process(world):
     """Outputs, input and weight gradients equal the one-process MoE (each token comes back to its place);
-    dispatched bytes equal unique (token, rank) pairs; empty experts, empty ranks and uneven splits work."""
+    dispatched bytes equal unique (token, rank) pairs; empty experts, empty ranks and uneven splits work;
+    FP8 dispatch halves the dispatched bytes and matches the one-process FP8 MoE."""
     results = run_world(world, _dispatch_suite)
     assert len(results) == world
     # 24 tokens × top-3: a token whose slots share a rank ships one row there, so pairs < 72 per rank

@@ -95,24 +95,35 @@ def _check_eval_microbatches(per_rank: list[dict], dp: int, what: str) -> None:
         assert got[4][0] == pytest.approx(got[1][0], rel=1e-6), (what, rank)
 
 
-def _compare(ref: dict, got: dict, what: str) -> None:
+def _compare(ref: dict, got: dict, what: str, rel: float = 1e-4) -> None:
     ref_train = [r for r in ref["records"] if r["kind"] in ("train", "eval")]
     got_train = [r for r in got["records"] if r["kind"] in ("train", "eval")]
     assert len(ref_train) == len(got_train)
     for a, b in zip(ref_train, got_train, strict=True):
-        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "val_loss", "maxvio_batch"):
+        keys = ("loss", "lm_loss", "mtp_loss", "grad_norm", "val_loss", "maxvio_batch")
+        if rel != 1e-4:
+            # bf16 weights (FP8 runs): after an update the layouts' weights differ by bf16 rounding, which a
+            # norm of gradients amplifies and which may move a token to another expert, so past the first
+            # step (same weights everywhere) the losses are compared, not the gradient norm or the loads
+            keys = ("loss", "lm_loss", "mtp_loss", "val_loss") + (("grad_norm",) if a is ref_train[0] else ())
+        for key in keys:
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), (
                     what,
                     a["step"],
                     key,
                     a[key],
                     b[key],
                 )
-        if "expert_load" in a:
+        if "expert_load" in a and rel == 1e-4:
             assert a["expert_load"] == b["expert_load"], (what, a["step"])
-    for name, g in ref["grads"].items():
-        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=f"{what}: grad {name}")
+    for name, g in ref["grads"].items():  # step 0: the same weights in every layout
+        want, have = g.float(), got["grads"][name].float()
+        if rel == 1e-4:
+            torch.testing.assert_close(have, want, rtol=rel, atol=1e-6, msg=f"{what}: grad {name}")
+        else:  # a looser check (FP8): the whole tensor's relative error
+            err = float((have - want).norm() / want.norm().clamp_min(1e-12))
+            assert err <= rel, (what, name, err)
 
 
 @pytest.fixture(scope="module")

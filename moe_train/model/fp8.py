@@ -5,8 +5,8 @@ the routed experts in FP8, and keeps the embedding, the output head, the gating 
 higher precision. A linear whose dims do not tile by 128 stays bf16. `convert_to_fp8` swaps the forward of
 every eligible `nn.Linear` for the FP8 one (parameter names and dtypes unchanged, so checkpoints, masters and
 optimizer state see nothing), has the routed experts compute each expert's two products with the same FP8
-linear (the reference loop over experts, as FP8's CPU path), and reports the share of the recipe's GEMM
-multiply-adds that now run in FP8.
+linear (the reference loop over experts) and keep their SwiGLU input as FP8 tiles for backward, and reports
+the share of the recipe's GEMM multiply-adds that now run in FP8.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.fp8 import fp8_eligible, fp8_linear
+from ..ops.fp8 import fp8_eligible, fp8_linear, swiglu_fp8_cached
 from .moe import MoE
 
 
@@ -55,5 +55,6 @@ def convert_to_fp8(model: nn.Module, cfg: ModelConfig) -> FP8Coverage:
             eligible += macs
             if fp8_eligible(h, inter):  # gate_up: K = hidden, N = 2·inter; down: K = inter, N = hidden
                 m.experts.linear = fp8_linear
+                m.experts.act = swiglu_fp8_cached
                 fp8 += macs
     return FP8Coverage(fp8, eligible)

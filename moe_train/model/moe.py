@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.fused import swiglu_act
-from ..ops.grouped_gemm import Linear, Taps, expert_swiglu
+from ..ops.grouped_gemm import Activation, Linear, Taps, expert_swiglu
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
 from .mlp import SwiGLU
 from .phases import Compute, Program, run
@@ -110,11 +110,14 @@ class RoutedExperts(Recomputable, nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_local, h, i))
         self.impl = "auto"  # auto | grouped | reference (tests force one)
         self.linear: Linear | None = None  # per-expert product in the reference loop (model/fp8.py sets it)
+        self.act: Activation = swiglu_act  # FP8 training's keeps FP8 inputs (model/fp8.py sets it)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
         """taps: receives (projection output, weight) pairs (see grouped_gemm.Taps)."""
-        selective = self.recompute == "selective" and self.training
-        act = functools.partial(maybe_checkpoint, True, swiglu_act) if selective else swiglu_act
+        act = self.act
+        # selective recomputation checkpoints the activation; FP8's recomputes it from its FP8 cache itself
+        if self.recompute == "selective" and self.training and act is swiglu_act:
+            act = functools.partial(maybe_checkpoint, True, act)
         return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, act, taps, self.linear)
 
 

@@ -44,6 +44,9 @@ class Hop(Protocol):
 
     def start(self, tensors: tuple[torch.Tensor, ...]) -> Any: ...
 
+    def forward_exchange(self, k: int, x: torch.Tensor) -> Any:
+        """The forward exchange of the k-th tensor outside autograd (the overlap engine's)."""
+
     def wait(self, handle: Any) -> tuple[torch.Tensor, ...]: ...
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .fused import compiled_on_cuda, swiglu_act, swiglu_plain
+
 E4M3_MAX = 448.0
 TILE = 128
 _MANTISSA_BITS = 3
@@ -94,29 +96,109 @@ def fp8_eligible(in_features: int, out_features: int) -> bool:
     return in_features % TILE == 0 and out_features % TILE == 0
 
 
+# The kernel path. Operands are real float8_e4m3fn tensors with fp32 scales. Every GEMM below is `a @ b.T`
+# with both operands row-major and K (the reduction) their last dim, which is the layout `torch._scaled_mm`
+# takes (b passed as `b.t()`, column-major). On CUDA the GEMM is `torch._scaled_mm` with block-wise scales
+# (cuBLAS on SM90: 1×128 × 128×128 for Fprop and Dgrad, 1×128 × 1×128 for Wgrad); elsewhere it is
+# `blockwise_mm`, the reference, which the kernel is checked against on the GPU (bench/fp8_gemm.py).
+
+
+def _cast_tiles_plain(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    *lead, k = x.shape
+    tiles = x.float().reshape(*lead, k // TILE, TILE)
+    scale = _scales(tiles.abs().amax(-1))
+    q = (tiles / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(*lead, k), scale
+
+
+def _cast_blocks_plain(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = w.shape
+    blocks = w.float().reshape(n // TILE, TILE, k // TILE, TILE)
+    scale = _scales(blocks.abs().amax(dim=(1, 3)))
+    q = (blocks / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(n, k), scale
+
+
+def _retile_tokens_plain(qx: torch.Tensor, sx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] cached as 1×128 tiles along K → x.T [K, M] in 1×128 tiles along the tokens (Wgrad's)."""
+    return _cast_tiles_plain(dequantize_tiles(qx.float(), sx).t())
+
+
+def _pack_rows_plain(x: torch.Tensor) -> torch.Tensor:
+    q, s = _cast_tiles_plain(x)
+    return torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=-1)
+
+
+# The casts are memory-bound: one fused pass each on CUDA (compiled), the plain form elsewhere.
+cast_tiles = compiled_on_cuda(_cast_tiles_plain, training_only=False)
+cast_blocks = compiled_on_cuda(_cast_blocks_plain, training_only=False)
+retile_tokens = compiled_on_cuda(_retile_tokens_plain, training_only=False)
+pack_rows = compiled_on_cuda(_pack_rows_plain, training_only=False)
+
+
+def packed_row_bytes(k: int) -> int:
+    """Bytes of one row of width k as `pack_rows` sends it: k E4M3 values and k/128 fp32 scales."""
+    return k + 4 * (k // TILE)
+
+
+def unpack_rows(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rows `pack_rows` packed, dequantised to `dtype`: `dequantize_tiles(*quantize_tiles(x))`."""
+    k = packed.shape[-1] * TILE // (TILE + 4)
+    q = packed[:, :k].contiguous().view(torch.float8_e4m3fn)
+    s = packed[:, k:].contiguous().view(torch.float32)
+    return dequantize_tiles(q.float(), s).to(dtype)
+
+
+def scaled_mm_available(x: torch.Tensor) -> bool:
+    """Whether `fp8_mm` runs torch's block-scaled kernel here: CUDA on SM90 (cuBLAS's block-wise scaling)."""
+    return x.is_cuda and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(x.device)[0] == 9
+
+
+def fp8_mm(
+    qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """a @ b.T for FP8 a [M, K] with 1×128 tile scales [M, K/128] and FP8 b [N, K] with 128×128 block scales
+    [N/128, K/128] or 1×128 tile scales [N, K/128]; fp32 accumulation with promotion every 128 of K."""
+    if not scaled_mm_available(qa):
+        return blockwise_mm(qa.float(), sa, qb.float(), sb).to(out_dtype)
+    # cuBLAS takes a row-major and b column-major; a's tile scales outer-dim-major (M fastest); b's scales
+    # indexed like b ([K/128, N] or [K/128, N/128]): tiles with N fastest, blocks with K/128 fastest
+    scale_a = sa.t().contiguous().t()
+    scale_b = sb.t().contiguous() if sb.shape[0] == qb.shape[0] else sb.contiguous().t()
+    return torch._scaled_mm(qa.contiguous(), qb.contiguous().t(), scale_a, scale_b, out_dtype=out_dtype)
+
+
 class _FP8Linear(torch.autograd.Function):
     """y = x @ w.T with Fprop, Dgrad and Wgrad each an FP8 GEMM of online-quantised operands: activations and
     output gradients by 1×128 tiles along each GEMM's K, the weight by 128×128 blocks (transposed for Dgrad:
-    the same blocks). Wgrad reduces over tokens, so both of its operands are tiled along the tokens."""
+    the same blocks). Wgrad reduces over tokens, so both of its operands are tiled along the tokens.
+
+    The input is kept for backward as its FP8 tiles (the recipe caches linear inputs in FP8); Wgrad's
+    token-wise tiles are cut from those values."""
 
     @staticmethod
     def forward(ctx, x, w):  # noqa: ANN001, ANN205 - autograd's signature; x [M, K], w [N, K]
-        qw, sw = quantize_blocks(w)
-        ctx.save_for_backward(x, qw, sw)
+        qx, sx = cast_tiles(x)
+        qw, sw = cast_blocks(w)
+        ctx.save_for_backward(qx, sx, qw, sw)
         ctx.dtypes = x.dtype, w.dtype
-        return blockwise_mm(*quantize_tiles(x), qw, sw).to(x.dtype)
+        return fp8_mm(qx, sx, qw, sw, x.dtype)
 
     @staticmethod
     def backward(ctx, dy):  # noqa: ANN001, ANN205
-        x, qw, sw = ctx.saved_tensors
-        dx = blockwise_mm(*quantize_tiles(dy), qw.t(), sw.t())  # Dgrad: K of this GEMM is N
-        dw = blockwise_mm(*quantize_tiles(dy.t()), *quantize_tiles(x.t()))  # Wgrad: K is the tokens
-        return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1])
+        qx, sx, qw, sw = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        dy = dy.contiguous()
+        # Dgrad: K of this GEMM is N; w.T's 128×128 blocks are w's, transposed
+        dx = fp8_mm(*cast_tiles(dy), qw.t().contiguous(), sw.t(), x_dtype)
+        # Wgrad: K is the tokens; x comes back from its cached tiles
+        dw = fp8_mm(*cast_tiles(dy.t()), *retile_tokens(qx, sx), w_dtype)
+        return dx, dw
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ w.T, all three GEMMs in emulated FP8 (`_FP8Linear`); the tokens (x's leading dims) are
-    padded to a multiple of 128 for Wgrad's tiles and the padding dropped."""
+    """x [..., K] @ w.T, all three GEMMs in FP8 (`_FP8Linear`); the tokens (x's leading dims) are padded to a
+    multiple of 128 for Wgrad's tiles and the padding dropped."""
     lead, k = x.shape[:-1], x.shape[-1]
     flat = x.reshape(-1, k)
     pad = -flat.shape[0] % TILE
@@ -124,3 +206,30 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad, k)])
     y = _FP8Linear.apply(flat, w)
     return y[: y.shape[0] - pad].reshape(*lead, w.shape[0])
+
+
+class _SwiGLUFromFP8(torch.autograd.Function):
+    """silu(gate)·up whose backward recomputes it from gate and up held as FP8 tiles: the recipe caches the
+    routed experts' SwiGLU input in FP8 and recomputes the output in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(*cast_tiles(gate), *cast_tiles(up))
+        ctx.dtype = gate.dtype
+        return swiglu_act(gate, up)
+
+    @staticmethod
+    def backward(ctx, dh):  # noqa: ANN001, ANN205
+        qg, sg, qu, su = ctx.saved_tensors
+        with torch.enable_grad():
+            g, u = (dequantize_tiles(q.float(), s).requires_grad_() for q, s in ((qg, sg), (qu, su)))
+            dg, du = torch.autograd.grad(swiglu_plain(g, u), (g, u), dh.float())
+        return dg.to(ctx.dtype), du.to(ctx.dtype)
+
+
+def swiglu_fp8_cached(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`swiglu_act` keeping only the FP8 tiles of its inputs for backward (`_SwiGLUFromFP8`); widths that
+    128 does not divide keep their inputs as they are."""
+    if gate.shape[-1] % TILE:
+        return swiglu_act(gate, up)
+    return _SwiGLUFromFP8.apply(gate, up)

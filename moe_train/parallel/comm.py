@@ -14,6 +14,13 @@ exchange left pending inside one autograd call could not be overlapped with anyt
 
 The same code runs on gloo (async work handles) and NCCL (its own stream; a wait makes the current stream
 wait without blocking the host).
+
+FP8 dispatch (DeepSeek-V3's recipe, `trainer.dtype=fp8`): a hop with `fp8_rows` sends its first tensor as
+E4M3 values with their 1×128 tile scales, one packed byte row per row (`ops.fp8.pack_rows`, about half of
+bf16's bytes), and the receiver gets the dequantised rows. The tiles are those the experts' FP8 GEMM cuts
+from its input, and quantising a dequantised tile gives back the same E4M3 values, so the FP8 experts see
+what they would have seen without the exchange. Gradients travel back in their own dtype, and the
+quantisation passes them straight through (the recipe's combine and its backward stay bf16).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..ops.fp8 import pack_rows, unpack_rows
+
 
 @dataclass
 class Exchange:
@@ -31,24 +40,33 @@ class Exchange:
 
     out: torch.Tensor
     work: Any
+    fp8_as: torch.dtype | None = None  # FP8 rows: `out` holds packed bytes, dequantised to this dtype
 
 
-def exchange_start(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> Exchange:
+def exchange_start(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any, fp8: bool = False
+) -> Exchange:
     """Launch the exchange of x's rows (in_splits[i] rows to peer i, out_splits[i] from it); returns at once.
+    fp8: the rows travel as packed E4M3 tiles (see the module's docstring).
 
     On NCCL the transfer runs on the process group's own stream, after the work already queued on the
     current stream; on gloo on its worker threads."""
     x = x.detach()
+    fp8_as = x.dtype if fp8 else None
+    if fp8:
+        x = pack_rows(x)
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
-    return Exchange(out, work)
+    return Exchange(out, work, fp8_as)
 
 
 def exchange_wait(ex: Exchange) -> torch.Tensor:
     """The received rows. NCCL: the current stream waits for the transfer (the host does not); gloo: the
     host waits."""
     ex.work.wait()
-    return ex.out
+    if ex.fp8_as is None:
+        return ex.out
+    return unpack_rows(ex.out, ex.fp8_as)
 
 
 @dataclass
@@ -65,13 +83,18 @@ class A2AHop:
     """One all-to-all hop: send_splits[i] rows of each tensor to peer i, recv_splits[i] from it.
 
     log: optional list receiving "fwd_start:<name>", "fwd_wait:<name>", "bwd_start:<name>", "bwd_wait:<name>"
-    events (ordering tests)."""
+    events (ordering tests). fp8_rows: the first tensor travels forward as FP8 tiles (module docstring)."""
 
     name: str
     send_splits: list[int]
     recv_splits: list[int]
     group: Any
     log: list[str] | None = field(default=None, repr=False)
+    fp8_rows: bool = False
+
+    def forward_exchange(self, k: int, x: torch.Tensor) -> Exchange:
+        """Launch the forward exchange of the hop's k-th tensor."""
+        return exchange_start(x, self.recv_splits, self.send_splits, self.group, self.fp8_rows and k == 0)
 
     def note(self, event: str) -> None:
         if self.log is not None:
@@ -90,10 +113,14 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state: _InFlight, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         hop = state.hop
-        state.forward = [exchange_start(x, hop.recv_splits, hop.send_splits, hop.group) for x in xs]
+        state.forward = [hop.forward_exchange(k, x) for k, x in enumerate(xs)]
         hop.note("fwd_start")
         ctx.state = state
-        return tuple(e.out for e in state.forward)
+        # FP8 rows: the packed bytes cannot carry a gradient, so an empty tensor of the rows' dtype stands
+        # in for them between the two nodes; their gradient travels through `state`, as every one does
+        return tuple(
+            e.out if e.fp8_as is None else x.new_empty(0) for e, x in zip(state.forward, xs, strict=True)
+        )
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
@@ -107,12 +134,12 @@ class _Start(torch.autograd.Function):
 class _Wait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state: _InFlight, *bufs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        for e in state.forward:
-            e.work.wait()
+        got = [exchange_wait(e) for e in state.forward]
+        ctx.placeholders = [e.fp8_as is not None for e in state.forward]
         state.forward = []
         state.hop.note("fwd_wait")
         ctx.state = state
-        return tuple(b.view_as(b) for b in bufs)
+        return tuple(g if g is not b else b.view_as(b) for g, b in zip(got, bufs, strict=True))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
@@ -122,4 +149,4 @@ class _Wait(torch.autograd.Function):
         state.backward = [exchange_start(g, hop.send_splits, hop.recv_splits, hop.group) for g in grads]
         hop.note("bwd_start")
         # the values handed to _Start.backward are placeholders: it waits and returns the received rows
-        return (None, *grads)
+        return (None, *(g.new_empty(0) if p else g for g, p in zip(grads, ctx.placeholders, strict=True)))

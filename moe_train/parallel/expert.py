@@ -30,15 +30,16 @@ def apply_expert_parallel(
     counters: CommCounters | None = None,
     event_log: list[str] | None = None,
     dispatcher: str = "alltoall",
+    fp8_rows: bool = False,
 ) -> None:
     """Give every MoE layer a dispatcher of kind `dispatcher` (see `parallel.dispatch.DISPATCHERS`) over the
-    mesh's ep group; the layout checks of that kind run first."""
+    mesh's ep group; the layout checks of that kind run first. fp8_rows: dispatch rows travel in FP8."""
     if mesh.layout.ep == 1:
         return
     for m in model.modules():
         if isinstance(m, MoE):
             check_dispatcher(dispatcher, mesh.layout, m.n_experts, m.gate.n_group)
-            m.dispatcher = build_dispatcher(dispatcher, mesh, counters, event_log)
+            m.dispatcher = build_dispatcher(dispatcher, mesh, counters, event_log, fp8_rows)
 
 
 def expert_param_names(model: nn.Module) -> set[str]:

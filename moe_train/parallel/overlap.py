@@ -214,7 +214,7 @@ class OverlapEngine:
                 for o in origins:
                     if o is not None:
                         tape.consumers[o[0]] += 1
-                sent = [exchange_start(t, hop.recv_splits, hop.send_splits, hop.group) for t in op.tensors]
+                sent = [hop.forward_exchange(k, t) for k, t in enumerate(op.tensors)]
                 self._issued(side, hop.name, layer)
                 result = (tape.add("issue", rec), sent)
                 yield

@@ -183,7 +183,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
     if t.compile == "phases":
         compile_phases(model)
     model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses
-    apply_expert_parallel(model, mesh, counters, dispatcher=p.dispatcher)
+    apply_expert_parallel(model, mesh, counters, dispatcher=p.dispatcher, fp8_rows=resolved == "fp8")
     if cfg.model.init_from:
         from ..hf import load_hf_weights
 

@@ -21,13 +21,18 @@ from .flat import AllToAllDispatcher
 from .hierarchical import HierarchicalDispatcher
 
 
-def _flat(mesh: Mesh, counters: CommCounters | None, event_log: list[str] | None) -> Dispatcher:
+def _flat(
+    mesh: Mesh, counters: CommCounters | None, event_log: list[str] | None, fp8_rows: bool
+) -> Dispatcher:
     group_ranks = next(g for g in mesh.layout.ep_groups() if mesh.rank in g)
     peer_nodes = [mesh.layout.node_of(r) for r in group_ranks]
-    return AllToAllDispatcher(mesh.group("ep"), mesh.layout.ep, mesh.ep_rank, counters, peer_nodes, event_log)
+    ep, ep_rank = mesh.layout.ep, mesh.ep_rank
+    return AllToAllDispatcher(mesh.group("ep"), ep, ep_rank, counters, peer_nodes, event_log, fp8_rows)
 
 
-def _hierarchical(mesh: Mesh, counters: CommCounters | None, event_log: list[str] | None) -> Dispatcher:
+def _hierarchical(
+    mesh: Mesh, counters: CommCounters | None, event_log: list[str] | None, fp8_rows: bool
+) -> Dispatcher:
     nodes, local = mesh.layout.ep_node_shape()
     inter, intra = mesh.group("inter_node"), mesh.group("intra_node")
     return HierarchicalDispatcher(
@@ -41,6 +46,7 @@ def _hierarchical(mesh: Mesh, counters: CommCounters | None, event_log: list[str
         [mesh.layout.node_of(r) for r in dist.get_process_group_ranks(inter)],
         [mesh.layout.node_of(r) for r in dist.get_process_group_ranks(intra)],
         event_log,
+        fp8_rows,
     )
 
 
@@ -49,7 +55,8 @@ def _check_hierarchical(layout: Layout, n_experts: int, n_group: int) -> None:
     check_expert_groups(layout, n_experts, n_group)
 
 
-DispatcherFactory = Callable[[Mesh, CommCounters | None, list[str] | None], Dispatcher]
+# (mesh, byte counters, event log, dispatch rows as FP8) -> a dispatcher
+DispatcherFactory = Callable[[Mesh, CommCounters | None, list[str] | None, bool], Dispatcher]
 
 # name -> (factory, layout check(layout, n_experts, n_group) or None)
 DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], None] | None]] = {
@@ -68,10 +75,15 @@ def check_dispatcher(name: str, layout: Layout, n_experts: int, n_group: int) ->
 
 
 def build_dispatcher(
-    name: str, mesh: Mesh, counters: CommCounters | None = None, event_log: list[str] | None = None
+    name: str,
+    mesh: Mesh,
+    counters: CommCounters | None = None,
+    event_log: list[str] | None = None,
+    fp8_rows: bool = False,
 ) -> Any:
-    """One dispatcher of kind `name` over this rank's ep group."""
-    return DISPATCHERS[name][0](mesh, counters, event_log)
+    """One dispatcher of kind `name` over this rank's ep group; `fp8_rows`: its dispatch rows travel as FP8
+    tiles (`trainer.dtype=fp8`, parallel/comm.py)."""
+    return DISPATCHERS[name][0](mesh, counters, event_log, fp8_rows)
 
 
 __all__ = [

@@ -5,6 +5,20 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
+
+from ...ops.fp8 import TILE, packed_row_bytes
+
+
+def fp8_rows_fit(rows: torch.Tensor) -> bool:
+    """Whether rows of this width can travel as FP8 tiles (a width that 128 does not divide cannot)."""
+    return rows.shape[-1] % TILE == 0
+
+
+def row_bytes(rows: torch.Tensor, fp8: bool = False) -> int:
+    """Bytes one of `rows` takes on the wire: as it is, or packed as FP8 tiles with their scales."""
+    return packed_row_bytes(rows.shape[-1]) if fp8 else rows.shape[-1] * rows.element_size()
+
 
 @dataclass
 class CommCounters:

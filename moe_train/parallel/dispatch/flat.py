@@ -25,7 +25,7 @@ import torch
 
 from ...model.phases import Compute, Issue, Prepare, Program, Wait
 from ..comm import A2AHop
-from .counters import CommCounters
+from .counters import CommCounters, fp8_rows_fit, row_bytes
 from .rows import (
     Route,
     Slots,
@@ -60,18 +60,20 @@ class AllToAllDispatcher:
         counters: CommCounters | None = None,
         peer_nodes: list[int] | None = None,
         event_log: list[str] | None = None,
+        fp8_rows: bool = False,
     ) -> None:
         self.group, self.ep, self.ep_rank = group, ep, ep_rank
+        self.fp8_rows = fp8_rows  # dispatch rows travel as FP8 tiles (parallel/comm.py)
         self.counters = counters
         self.peer_nodes = peer_nodes or [0] * ep  # node of each ep peer, for the byte counters
         self.event_log = event_log
 
     def _hop(self, name: str, send: list[int], recv: list[int], rows: torch.Tensor) -> A2AHop:
         """A hop, added to the byte counters (`rows`: one of the rows it moves)."""
+        fp8 = self.fp8_rows and name == "dispatch" and fp8_rows_fit(rows)
         if self.counters is not None:
-            row_bytes = rows.shape[-1] * rows.element_size()
-            self.counters.add(name, send, row_bytes, self.ep_rank, self.peer_nodes)
-        return A2AHop(name, send, recv, self.group, self.event_log)
+            self.counters.add(name, send, row_bytes(rows, fp8), self.ep_rank, self.peer_nodes)
+        return A2AHop(name, send, recv, self.group, self.event_log, fp8)
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
         """The count exchange (the one host sync): rows per peer, and slots per expert for the receiver."""

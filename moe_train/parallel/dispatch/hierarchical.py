@@ -35,7 +35,7 @@ import torch
 
 from ...model.phases import Compute, Issue, Prepare, Program, Wait
 from ..comm import A2AHop
-from .counters import CommCounters
+from .counters import CommCounters, fp8_rows_fit, row_bytes
 from .rows import (
     Route,
     Slots,
@@ -78,8 +78,10 @@ class HierarchicalDispatcher:
         inter_peer_nodes: list[int] | None = None,
         intra_peer_nodes: list[int] | None = None,
         event_log: list[str] | None = None,
+        fp8_rows: bool = False,
     ) -> None:
         self.inter_group, self.intra_group = inter_group, intra_group
+        self.fp8_rows = fp8_rows  # dispatch rows travel as FP8 tiles, in both stages (parallel/comm.py)
         self.nodes, self.local = nodes, local
         self.node_rank, self.local_rank = node_rank, local_rank
         self.ep = nodes * local
@@ -94,15 +96,16 @@ class HierarchicalDispatcher:
         (so both compare on one run) and per-stage keys (`<kind>_stage_inter*`, `<kind>_stage_intra*`)
         that show which link each stage used (`rows`: one of the rows it moves)."""
         inter = stage == "inter"
+        fp8 = self.fp8_rows and kind == "dispatch" and fp8_rows_fit(rows)
         if self.counters is not None:
             me, peer_nodes = (
                 (self.node_rank, self.inter_peer_nodes) if inter else (self.local_rank, self.intra_peer_nodes)
             )
-            row_bytes = rows.shape[-1] * rows.element_size()
-            self.counters.add(kind, send, row_bytes, me, peer_nodes)
-            self.counters.add(f"{kind}_stage_{stage}", send, row_bytes, me, peer_nodes)
+            size = row_bytes(rows, fp8)
+            self.counters.add(kind, send, size, me, peer_nodes)
+            self.counters.add(f"{kind}_stage_{stage}", send, size, me, peer_nodes)
         group = self.inter_group if inter else self.intra_group
-        return A2AHop(f"{kind}_{stage}", send, recv, group, self.event_log)
+        return A2AHop(f"{kind}_{stage}", send, recv, group, self.event_log, fp8)
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
         """Stage 1's count exchange (stage 2's waits for the rows' metadata, see `dispatch_wait`)."""

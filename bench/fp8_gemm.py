@@ -1,0 +1,256 @@
+"""FP8 GEMMs by DeepSeek-V3's recipe against bf16, on the FP8 issue's shapes: kernel check, speed, error.
+
+1. Kernel check: `ops.fp8.fp8_mm` (torch._scaled_mm with block-wise scales on SM90) against `blockwise_mm`,
+   the plain-torch reference, for the three GEMMs of a linear (Fprop 1×128 × 128×128, Dgrad the same with
+   the transposed weight, Wgrad 1×128 × 1×128 along the tokens), on shapes that are not square.
+2. A dense linear 16,384 × 7168 → 7168, forward + backward: bf16 `F.linear` against `fp8_linear` (the casts
+   included), and each one's relative error against fp32 for y, dx and dw.
+3. Routed experts of DeepSeek-V3 shape (hidden 7168, expert width 2048, 32 experts, SwiGLU; 65,536 rows,
+   expert i getting rows ∝ 1/√(i+1), fixed seed), forward + backward: bf16 `torch._grouped_mm` (the bf16
+   path) against FP8 per expert (`expert_swiglu_reference` with `fp8_linear`: the recipe's scaling).
+   `--grouped` adds torch's `_scaled_grouped_mm` with row-wise scales, forward only, as a raw kernel rate.
+
+Usage (GPU machine): python bench/fp8_gemm.py [--out FILE]    CPU smoke test: --device cpu --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import emit, median_ms  # noqa: E402
+from moe_train.ops.fp8 import (  # noqa: E402
+    blockwise_mm,
+    cast_blocks,
+    cast_tiles,
+    fp8_linear,
+    fp8_mm,
+    scaled_mm_available,
+)
+from moe_train.ops.grouped_gemm import expert_swiglu_grouped, expert_swiglu_reference  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+def kernel_check(device: str, m: int, n: int, k: int) -> list[str]:
+    """fp8_mm against the reference for Fprop, Dgrad and Wgrad operand layouts."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, k, device=device, generator=g).bfloat16()
+    w = (torch.randn(n, k, device=device, generator=g) / k**0.5).bfloat16()
+    dy = torch.randn(m, n, device=device, generator=g).bfloat16()
+    qw, sw = cast_blocks(w)
+    cases = {
+        "Fprop 1x128 x 128x128": (*cast_tiles(x), qw, sw),
+        "Dgrad 1x128 x 128x128": (*cast_tiles(dy), qw.t().contiguous(), sw.t()),
+        "Wgrad 1x128 x 1x128": (*cast_tiles(dy.t()), *cast_tiles(x.t())),
+    }
+    out = [f"| GEMM ({m}×{n}×{k}) | kernel vs reference (rel) | kernel |", "|---|---|---|"]
+    for name, (qa, sa, qb, sb) in cases.items():
+        ref = blockwise_mm(qa.float(), sa, qb.float(), sb)
+        try:
+            got = fp8_mm(qa, sa, qb, sb, torch.bfloat16)
+            kernel = "_scaled_mm" if scaled_mm_available(qa) else "reference"
+            out.append(f"| {name} | {rel(got, ref):.2e} | {kernel} |")
+        except Exception as e:  # noqa: BLE001 - a table row says which layout the kernel refused
+            out.append(f"| {name} | failed: {str(e).splitlines()[0][:160]} | |")
+            traceback.print_exc(limit=2)
+    return out
+
+
+def dense(device: str, m: int, k: int, n: int, iters: int) -> list[str]:
+    g = torch.Generator(device=device).manual_seed(1)
+    x0 = torch.randn(m, k, device=device, generator=g)
+    w0 = torch.randn(n, k, device=device, generator=g) / k**0.5
+    dy0 = torch.randn(m, n, device=device, generator=g)
+
+    def run(fn, x, w):  # noqa: ANN001, ANN202
+        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+        y = fn(x, w)
+        dx, dw = torch.autograd.grad(y, (x, w), dy0.to(y.dtype))
+        return y, dx, dw
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = run(lambda x, w: x @ w.t(), x0, w0)  # fp32
+    xb, wb = x0.bfloat16(), w0.bfloat16()
+    rows = [
+        f"| dense {m}×{k}→{n}, fwd+bwd | ms | TFLOP/s | y rel | dx rel | dw rel |",
+        "|---|---|---|---|---|---|",
+    ]
+    flops = 6 * m * k * n
+    times = {}
+    variants = [("bf16 F.linear", F.linear), ("fp8 (recipe)", fp8_linear)]
+    ao = _torchao_blockwise()
+    if ao is not None and device == "cuda":
+        variants.append(("fp8 torchao Float8BlockwiseLinear", ao))
+    for name, fn in variants:
+        got = run(fn, xb, wb)
+        errs = [rel(a, b) for a, b in zip(got, ref, strict=True)]
+        times[name] = median_ms(lambda fn=fn: run(fn, xb, wb), iters, 3, device)
+        rows.append(
+            f"| {name} | {times[name]:.3f} | {flops / times[name] / 1e9:.0f} | "
+            + " | ".join(f"{e:.2e}" for e in errs)
+            + " |"
+        )
+    for name in times:
+        rows.append(f"| speed-up {name} / bf16 | {times['bf16 F.linear'] / times[name]:.2f}× | | | | |")
+    if device == "cuda":
+        rows += cast_breakdown(xb, wb, dy0.bfloat16(), iters)
+    return rows
+
+
+def _torchao_blockwise():  # noqa: ANN202 - torchao's blockwise FP8 linear (Triton casts), if installed
+    try:
+        from torchao.prototype.blockwise_fp8_training.linear import fp8_blockwise_mm
+    except Exception as e:  # noqa: BLE001
+        print(f"torchao blockwise FP8 not available: {e}")
+        return None
+    return lambda x, w: fp8_blockwise_mm.apply(x, w, 128, torch.bfloat16, False)
+
+
+def cast_breakdown(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, iters: int) -> list[str]:
+    """Each piece of `fp8_linear`'s forward and backward alone: the casts (compiled) and the three GEMMs."""
+    from moe_train.ops.fp8 import retile_tokens
+
+    qx, sx = cast_tiles(x)
+    qw, sw = cast_blocks(w)
+    qd, sd = cast_tiles(dy)
+    qwt = qw.t().contiguous()
+    pieces = {
+        "cast_tiles(x)": lambda: cast_tiles(x),
+        "cast_blocks(w)": lambda: cast_blocks(w),
+        "cast_tiles(dy)": lambda: cast_tiles(dy),
+        "cast_tiles(dy.t())": lambda: cast_tiles(dy.t()),
+        "retile_tokens(qx)": lambda: retile_tokens(qx, sx),
+        "qw.t().contiguous()": lambda: qw.t().contiguous(),
+        "Fprop _scaled_mm": lambda: fp8_mm(qx, sx, qw, sw, torch.bfloat16),
+        "Dgrad _scaled_mm": lambda: fp8_mm(qd, sd, qwt, sw.t(), torch.bfloat16),
+        "Wgrad _scaled_mm with its two casts": lambda: fp8_mm(
+            *cast_tiles(dy.t()), *retile_tokens(qx, sx), torch.bfloat16
+        ),
+    }
+    out = ["| piece of fp8_linear | ms |", "|---|---|"]
+    for name, fn in pieces.items():
+        out.append(f"| {name} | {median_ms(fn, iters, 3):.3f} |")
+    return out
+
+
+def experts(
+    device: str, hidden: int, width: int, n_exp: int, rows: int, iters: int, grouped: bool
+) -> list[str]:
+    g = torch.Generator(device=device).manual_seed(2)
+    share = torch.tensor([1 / (i + 1) ** 0.5 for i in range(n_exp)])
+    counts = (share / share.sum() * rows).floor().long()
+    counts[0] += rows - counts.sum()
+    counts = counts.to(device)
+    x = torch.randn(rows, hidden, device=device, generator=g).bfloat16()
+    wgu = (torch.randn(n_exp, 2 * width, hidden, device=device, generator=g) / hidden**0.5).bfloat16()
+    wd = (torch.randn(n_exp, hidden, width, device=device, generator=g) / width**0.5).bfloat16()
+    dy = torch.randn(rows, hidden, device=device, generator=g).bfloat16()
+
+    def run(fn):  # noqa: ANN001, ANN202
+        leaves = [t.detach().requires_grad_() for t in (x, wgu, wd)]
+        y = fn(leaves[0], counts, leaves[1], leaves[2])
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    bf16 = expert_swiglu_grouped if device == "cuda" else expert_swiglu_reference
+
+    def fp8(x, c, a, b):  # noqa: ANN001, ANN202
+        return expert_swiglu_reference(x, c, a, b, linear=fp8_linear)
+
+    flops = 6 * rows * 3 * hidden * width
+    out = [
+        f"| experts {n_exp}×({hidden}→2×{width}→{hidden}), {rows} rows, fwd+bwd | ms | TFLOP/s | y rel |",
+        "|---|---|---|---|",
+    ]
+    ref = run(bf16)
+    times = {}
+    variants = [("bf16 grouped_mm", bf16), ("fp8 per expert (recipe)", fp8)]
+    if device == "cuda":
+        try:
+            from torchao.prototype.moe_training.fp8_grouped_mm import (
+                _to_fp8_rowwise_then_scaled_grouped_mm as gmm,
+            )
+
+            def ao_rowwise(x, c, a, b):  # noqa: ANN001, ANN202 - row-wise scales: coarser than the recipe
+                offs = torch.cumsum(c, 0).to(torch.int32)
+                g, u = gmm(x, a.transpose(-2, -1), offs).chunk(2, dim=-1)
+                return gmm(F.silu(g) * u, b.transpose(-2, -1), offs)
+
+            variants.append(("fp8 torchao row-wise grouped", ao_rowwise))
+        except Exception as e:  # noqa: BLE001
+            print(f"torchao grouped FP8 not available: {e}")
+    for name, fn in variants:
+        try:
+            got = run(fn)
+            times[name] = median_ms(lambda fn=fn: run(fn), iters, 1, device)
+        except Exception as e:  # noqa: BLE001 - a row says what failed
+            out.append(f"| {name} | failed: {str(e).splitlines()[0][:160]} | | |")
+            continue
+        err = rel(got[0], ref[0])
+        out.append(f"| {name} | {times[name]:.2f} | {flops / times[name] / 1e9:.0f} | {err:.2e} |")
+    for name in times:
+        out.append(f"| speed-up {name} / bf16 | {times['bf16 grouped_mm'] / times[name]:.2f}× | | |")
+    if grouped and device == "cuda":
+        out += scaled_grouped(x, wgu, counts, iters)
+    return out
+
+
+def scaled_grouped(x: torch.Tensor, wgu: torch.Tensor, counts: torch.Tensor, iters: int) -> list[str]:
+    """The gate-up projection's forward alone: bf16 `_grouped_mm` against row-wise `_scaled_grouped_mm`."""
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    rows, hidden = x.shape
+    n = wgu.shape[1]
+    flops = 2 * rows * hidden * n
+    out = []
+    t = median_ms(lambda: torch._grouped_mm(x, wgu.transpose(-2, -1), offs=offs), iters, 3)
+    out.append(f"| gate-up fwd, bf16 _grouped_mm | {t:.3f} | {flops / t / 1e9:.0f} | |")
+    try:
+        xs = x.float().abs().amax(-1).clamp_min(1e-12) / 448
+        qx = (x.float() / xs[:, None]).to(torch.float8_e4m3fn)
+        ws = wgu.float().abs().amax(-1).clamp_min(1e-12) / 448  # [E, N]: one scale per output column
+        qw = (wgu.float() / ws[..., None]).to(torch.float8_e4m3fn)
+        fn = lambda: torch._scaled_grouped_mm(  # noqa: E731
+            qx, qw.transpose(-2, -1), xs, ws, offs=offs, out_dtype=torch.bfloat16
+        )
+        y = fn()
+        ref = torch._grouped_mm(x, wgu.transpose(-2, -1), offs=offs)
+        t8 = median_ms(fn, iters, 3)
+        name = "gate-up fwd, row-wise _scaled_grouped_mm"
+        out.append(f"| {name} | {t8:.3f} | {flops / t8 / 1e9:.0f} | {rel(y, ref):.2e} |")
+    except Exception as e:  # noqa: BLE001
+        out.append(f"| row-wise _scaled_grouped_mm | failed: {str(e).splitlines()[0][:160]} | | |")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--grouped", action="store_true")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    dev = a.device
+    lines = [f"device: {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}"]
+    if a.tiny:
+        lines += kernel_check(dev, 256, 384, 512)
+        lines += dense(dev, 256, 256, 384, 2)
+        lines += experts(dev, 256, 128, 4, 512, 2, a.grouped)
+    else:
+        lines += kernel_check(dev, 1024, 1536, 2048)
+        lines += dense(dev, 16384, 7168, 7168, a.iters)
+        lines += experts(dev, 7168, 2048, 32, 65536, a.iters, a.grouped)
+    emit(lines, a.out)
+
+
+if __name__ == "__main__":
+    main()
