@@ -8,7 +8,8 @@
 3. Routed experts of DeepSeek-V3 shape (hidden 7168, expert width 2048, 32 experts, SwiGLU; 65,536 rows,
    expert i getting rows ∝ 1/√(i+1), fixed seed), forward + backward: bf16 `torch._grouped_mm` (the bf16
    path) against FP8 per expert (`expert_swiglu_reference` with `fp8_linear`: the recipe's scaling).
-   `--grouped` adds torch's `_scaled_grouped_mm` with row-wise scales, forward only, as a raw kernel rate.
+   `--grouped` adds torch's `_scaled_grouped_mm` with row-wise scales, forward only, as a raw kernel rate;
+   `--profile` prints torch.profiler's top ops for one step of the FP8 per-expert path.
 
 Usage (GPU machine): python bench/fp8_gemm.py [--out FILE]    CPU smoke test: --device cpu --tiny
 """
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import moe_train.ops.fp8 as fp8_ops  # noqa: E402
 from bench.common import emit, median_ms  # noqa: E402
 from moe_train.ops.fp8 import (  # noqa: E402
     blockwise_mm,
@@ -87,7 +89,11 @@ def dense(device: str, m: int, k: int, n: int, iters: int) -> list[str]:
     ]
     flops = 6 * m * k * n
     times = {}
-    variants = [("bf16 F.linear", F.linear), ("fp8 (recipe)", fp8_linear)]
+    variants = [
+        ("bf16 F.linear", F.linear),
+        ("fp8 ours, reference casts", _with_reference_casts),
+        ("fp8 ours", fp8_linear),
+    ]
     ao = _torchao_blockwise()
     if ao is not None and device == "cuda":
         variants.append(("fp8 torchao Float8BlockwiseLinear", ao))
@@ -107,6 +113,16 @@ def dense(device: str, m: int, k: int, n: int, iters: int) -> list[str]:
     return rows
 
 
+def _with_reference_casts(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp8_linear with the reference's compiled casts whatever is installed (for the comparison only)."""
+    chosen = fp8_ops.fp8_kernels
+    fp8_ops.fp8_kernels = lambda x: fp8_ops.REFERENCE
+    try:
+        return fp8_linear(x, w)
+    finally:
+        fp8_ops.fp8_kernels = chosen
+
+
 def _torchao_blockwise():  # noqa: ANN202 - torchao's blockwise FP8 linear (Triton casts), if installed
     try:
         from torchao.prototype.blockwise_fp8_training.linear import fp8_blockwise_mm
@@ -117,38 +133,55 @@ def _torchao_blockwise():  # noqa: ANN202 - torchao's blockwise FP8 linear (Trit
 
 
 def cast_breakdown(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, iters: int) -> list[str]:
-    """Each piece of `fp8_linear`'s forward and backward alone: the casts (compiled) and the three GEMMs."""
-    from moe_train.ops.fp8 import retile_tokens
-
-    qx, sx = cast_tiles(x)
-    qw, sw = cast_blocks(w)
-    qd, sd = cast_tiles(dy)
-    qwt = qw.t().contiguous()
-    pieces = {
-        "cast_tiles(x)": lambda: cast_tiles(x),
-        "cast_blocks(w)": lambda: cast_blocks(w),
-        "cast_tiles(dy)": lambda: cast_tiles(dy),
-        "cast_tiles(dy.t())": lambda: cast_tiles(dy.t()),
-        "retile_tokens(qx)": lambda: retile_tokens(qx, sx),
-        "qw.t().contiguous()": lambda: qw.t().contiguous(),
-        "Fprop _scaled_mm": lambda: fp8_mm(qx, sx, qw, sw, torch.bfloat16),
-        "Dgrad _scaled_mm": lambda: fp8_mm(qd, sd, qwt, sw.t(), torch.bfloat16),
-        "Wgrad _scaled_mm with its two casts": lambda: fp8_mm(
-            *cast_tiles(dy.t()), *retile_tokens(qx, sx), torch.bfloat16
+    """Each piece of `fp8_linear`'s forward and backward alone, for every kernel set on this machine, and how
+    far each set's casts are from the reference's (E4M3 values that differ, largest scale difference)."""
+    sets = [fp8_ops.REFERENCE] + ([fp8_ops._torchao_kernels()] if fp8_ops._torchao_kernels() else [])
+    out = [
+        "| piece of fp8_linear | " + " | ".join(f"{k.name} ms" for k in sets) + " |",
+        "|---" * (len(sets) + 1) + "|",
+    ]
+    ops = {
+        "act(x)": lambda k: k.act(x),
+        "act_tokens(x)": lambda k: k.act_tokens(x),
+        "act(dy)": lambda k: k.act(dy),
+        "act_tokens_t(dy)": lambda k: k.act_tokens_t(dy),
+        "weight(w)": lambda k: k.weight(w),
+        "weight_t(w)": lambda k: k.weight_t(w),
+        "Fprop mm": lambda k, c={}: k.mm(*c.setdefault(k.name, (k.act(x), k.weight(w))), torch.bfloat16),
+        "Dgrad mm": lambda k, c={}: k.mm(*c.setdefault(k.name, (k.act(dy), k.weight_t(w))), torch.bfloat16),
+        "Wgrad mm": lambda k, c={}: k.mm(
+            *c.setdefault(k.name, (k.act_tokens_t(dy), k.act_tokens(x))), torch.bfloat16
         ),
     }
-    out = ["| piece of fp8_linear | ms |", "|---|---|"]
-    for name, fn in pieces.items():
-        out.append(f"| {name} | {median_ms(fn, iters, 3):.3f} |")
+    for name, op in ops.items():
+        out.append(
+            f"| {name} | "
+            + " | ".join(f"{median_ms(lambda k=k, op=op: op(k), iters, 3):.3f}" for k in sets)
+            + " |"
+        )
+    if len(sets) > 1:
+        ref, got = fp8_ops.REFERENCE.act(x), sets[1].act(x)
+        differ = (ref[0].float() != got[0].float()).float().mean().item()
+        scale = ((ref[1] - got[1]).abs() / ref[1]).max().item()
+        out.append(
+            f"| act(x) against the reference | {differ:.2e} of values differ, scales within {scale:.1e} | |"
+        )
     return out
 
 
 def experts(
-    device: str, hidden: int, width: int, n_exp: int, rows: int, iters: int, grouped: bool
+    device: str,
+    hidden: int,
+    width: int,
+    n_exp: int,
+    rows: int,
+    iters: int,
+    grouped: bool,
+    profile: bool = False,
 ) -> list[str]:
     g = torch.Generator(device=device).manual_seed(2)
     share = torch.tensor([1 / (i + 1) ** 0.5 for i in range(n_exp)])
-    counts = (share / share.sum() * rows).floor().long()
+    counts = (share / share.sum() * rows / 16).floor().long() * 16  # multiples of 16: grouped FP8 kernels
     counts[0] += rows - counts.sum()
     counts = counts.to(device)
     x = torch.randn(rows, hidden, device=device, generator=g).bfloat16()
@@ -182,8 +215,10 @@ def experts(
 
             def ao_rowwise(x, c, a, b):  # noqa: ANN001, ANN202 - row-wise scales: coarser than the recipe
                 offs = torch.cumsum(c, 0).to(torch.int32)
-                g, u = gmm(x, a.transpose(-2, -1), offs).chunk(2, dim=-1)
-                return gmm(F.silu(g) * u, b.transpose(-2, -1), offs)
+                g, u = gmm(x, a.transpose(-2, -1), offs, pad_token_groups_for_grouped_mm=False).chunk(
+                    2, dim=-1
+                )
+                return gmm(F.silu(g) * u, b.transpose(-2, -1), offs, pad_token_groups_for_grouped_mm=False)
 
             variants.append(("fp8 torchao row-wise grouped", ao_rowwise))
         except Exception as e:  # noqa: BLE001
@@ -201,6 +236,18 @@ def experts(
         out.append(f"| speed-up {name} / bf16 | {times['bf16 grouped_mm'] / times[name]:.2f}× | | |")
     if grouped and device == "cuda":
         out += scaled_grouped(x, wgu, counts, iters)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profiler(activities=activities) as p:
+            run(fp8)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        print(p.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60))
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
     return out
 
 
@@ -237,6 +284,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--grouped", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile one step of the FP8 per-expert path")
     ap.add_argument("--out")
     a = ap.parse_args()
     dev = a.device
@@ -244,11 +292,11 @@ def main() -> None:
     if a.tiny:
         lines += kernel_check(dev, 256, 384, 512)
         lines += dense(dev, 256, 256, 384, 2)
-        lines += experts(dev, 256, 128, 4, 512, 2, a.grouped)
+        lines += experts(dev, 256, 128, 4, 512, 2, a.grouped, a.profile)
     else:
         lines += kernel_check(dev, 1024, 1536, 2048)
         lines += dense(dev, 16384, 7168, 7168, a.iters)
-        lines += experts(dev, 7168, 2048, 32, 65536, a.iters, a.grouped)
+        lines += experts(dev, 7168, 2048, 32, 65536, a.iters, a.grouped, a.profile)
     emit(lines, a.out)
 
 

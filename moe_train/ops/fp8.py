@@ -17,6 +17,10 @@ A GEMM whose K or N is not a multiple of 128 has no such tiling; callers keep it
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from .fused import compiled_on_cuda, swiglu_act, swiglu_plain
@@ -119,11 +123,6 @@ def _cast_blocks_plain(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(n, k), scale
 
 
-def _retile_tokens_plain(qx: torch.Tensor, sx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] cached as 1×128 tiles along K → x.T [K, M] in 1×128 tiles along the tokens (Wgrad's)."""
-    return _cast_tiles_plain(dequantize_tiles(qx.float(), sx).t())
-
-
 def _pack_rows_plain(x: torch.Tensor) -> torch.Tensor:
     q, s = _cast_tiles_plain(x)
     return torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=-1)
@@ -132,7 +131,6 @@ def _pack_rows_plain(x: torch.Tensor) -> torch.Tensor:
 # The casts are memory-bound: one fused pass each on CUDA (compiled), the plain form elsewhere.
 cast_tiles = compiled_on_cuda(_cast_tiles_plain, training_only=False)
 cast_blocks = compiled_on_cuda(_cast_blocks_plain, training_only=False)
-retile_tokens = compiled_on_cuda(_retile_tokens_plain, training_only=False)
 pack_rows = compiled_on_cuda(_pack_rows_plain, training_only=False)
 
 
@@ -168,31 +166,88 @@ def fp8_mm(
     return torch._scaled_mm(qa.contiguous(), qb.contiguous().t(), scale_a, scale_b, out_dtype=out_dtype)
 
 
+@dataclass(frozen=True)
+class FP8Kernels:
+    """The casts and the GEMM of an FP8 linear as one implementation provides them. Each cast returns an
+    operand (E4M3 values, fp32 scales) laid out for this set's own `mm(a, b, out_dtype)` = a @ b."""
+
+    name: str
+    act: Callable  # x [M, K] -> a: 1×128 tiles along K (Fprop's x, Dgrad's dy)
+    act_tokens: Callable  # x [M, K] -> b of Wgrad: x tiled by 128 along the tokens M
+    act_tokens_t: Callable  # dy [M, N] -> a of Wgrad: dy.T, tiled by 128 along the tokens M
+    weight: Callable  # w [N, K] -> b of Fprop: w.T in 128×128 blocks
+    weight_t: Callable  # w [N, K] -> b of Dgrad: w in 128×128 blocks
+    mm: Callable
+
+
+def _blocks_t(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = cast_blocks(w)
+    return q.t().contiguous(), s.t()
+
+
+# The reference's casts (compiled on CUDA) with `fp8_mm`: b operands are held row-major along their K.
+REFERENCE = FP8Kernels(
+    "reference",
+    act=cast_tiles,
+    act_tokens=lambda x: cast_tiles(x.t()),
+    act_tokens_t=lambda dy: cast_tiles(dy.t()),
+    weight=cast_blocks,
+    weight_t=_blocks_t,
+    mm=lambda a, b, dtype: fp8_mm(*a, *b, dtype),
+)
+
+
+@functools.cache
+def _torchao_kernels() -> FP8Kernels | None:
+    """torchao's Triton casts for the block-wise recipe (`torchao.prototype.blockwise_fp8_training`) with
+    `torch._scaled_mm`, where torchao is installed; they write every operand in the layout cuBLAS reads."""
+    try:
+        from torchao.prototype.blockwise_fp8_training import kernels as k
+    except Exception:  # noqa: BLE001 - absent or built for another torch: the reference casts serve
+        return None
+
+    def contiguous(cast: Callable) -> Callable:
+        return lambda x: cast(x.contiguous(), TILE)
+
+    return FP8Kernels(
+        "torchao",
+        act=contiguous(k.triton_fp8_blockwise_act_quant_lhs),
+        act_tokens=contiguous(k.triton_fp8_blockwise_act_quant_rhs),
+        act_tokens_t=contiguous(k.triton_fp8_blockwise_act_quant_transposed_lhs),
+        weight=contiguous(k.triton_fp8_blockwise_weight_quant_transposed_rhs),
+        weight_t=contiguous(k.triton_fp8_blockwise_weight_quant_rhs),
+        mm=lambda a, b, dtype: torch._scaled_mm(a[0], b[0], a[1], b[1], out_dtype=dtype),
+    )
+
+
+def fp8_kernels(x: torch.Tensor) -> FP8Kernels:
+    """The kernel set for tensors like x: torchao's casts with `_scaled_mm` on SM90 where torchao is
+    installed, else the reference casts (their GEMM is `_scaled_mm` on SM90, `blockwise_mm` elsewhere)."""
+    return (_torchao_kernels() if scaled_mm_available(x) else None) or REFERENCE
+
+
 class _FP8Linear(torch.autograd.Function):
     """y = x @ w.T with Fprop, Dgrad and Wgrad each an FP8 GEMM of online-quantised operands: activations and
     output gradients by 1×128 tiles along each GEMM's K, the weight by 128×128 blocks (transposed for Dgrad:
     the same blocks). Wgrad reduces over tokens, so both of its operands are tiled along the tokens.
 
-    The input is kept for backward as its FP8 tiles (the recipe caches linear inputs in FP8); Wgrad's
-    token-wise tiles are cut from those values."""
+    The input is kept for backward only as its FP8 Wgrad operand (the recipe caches linear inputs in FP8),
+    cast in forward; the weight is the parameter itself, cast again in backward."""
 
     @staticmethod
     def forward(ctx, x, w):  # noqa: ANN001, ANN205 - autograd's signature; x [M, K], w [N, K]
-        qx, sx = cast_tiles(x)
-        qw, sw = cast_blocks(w)
-        ctx.save_for_backward(qx, sx, qw, sw)
-        ctx.dtypes = x.dtype, w.dtype
-        return fp8_mm(qx, sx, qw, sw, x.dtype)
+        k = ctx.kernels = fp8_kernels(x)
+        ctx.save_for_backward(*k.act_tokens(x), w)
+        ctx.x_dtype = x.dtype
+        return k.mm(k.act(x), k.weight(w), x.dtype)
 
     @staticmethod
     def backward(ctx, dy):  # noqa: ANN001, ANN205
-        qx, sx, qw, sw = ctx.saved_tensors
-        x_dtype, w_dtype = ctx.dtypes
+        qx, sx, w = ctx.saved_tensors
+        k = ctx.kernels
         dy = dy.contiguous()
-        # Dgrad: K of this GEMM is N; w.T's 128×128 blocks are w's, transposed
-        dx = fp8_mm(*cast_tiles(dy), qw.t().contiguous(), sw.t(), x_dtype)
-        # Wgrad: K is the tokens; x comes back from its cached tiles
-        dw = fp8_mm(*cast_tiles(dy.t()), *retile_tokens(qx, sx), w_dtype)
+        dx = k.mm(k.act(dy), k.weight_t(w), ctx.x_dtype)  # Dgrad: K of this GEMM is N
+        dw = k.mm(k.act_tokens_t(dy), (qx, sx), w.dtype)  # Wgrad: K is the tokens
         return dx, dw
 
 

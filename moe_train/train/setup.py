@@ -31,6 +31,7 @@ from ..model.documents import Documents
 from ..model.fp8 import convert_to_fp8
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
+from ..ops.fp8 import scaled_mm_available
 from ..optim.master import param_dtype, precision
 from ..parallel.dispatch import CommCounters
 from ..parallel.expert import apply_expert_parallel, expert_slice
@@ -177,8 +178,12 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
     resolved = precision(t.dtype, mesh.device, cfg.optim.engine)
     if resolved == "fp8":
         share = convert_to_fp8(model, cfg.model).share
-        # the quantisation is exact to the recipe; the GEMMs themselves run as fp32 matmuls until kernels land
-        print(f"rank {mesh.rank}: FP8 (emulated: slower than bf16) runs {share:.0%} of its GEMMs", flush=True)
+        how = (
+            "torch._scaled_mm"
+            if scaled_mm_available(torch.empty(0, device=mesh.device))
+            else "emulated in fp32"
+        )
+        print(f"rank {mesh.rank}: FP8 ({how}) runs {share:.0%} of its GEMMs", flush=True)
         after_step.append(lambda step, loads: {"fp8_gemm_share": share})
     if t.compile == "phases":
         compile_phases(model)
