@@ -179,10 +179,8 @@ def main() -> None:
                 if (
                     not err < 5e-2
                 ):  # timed all the same: a wrong kernel's time says whether it is worth fixing
-                    out_dq_dk_dv = ", ".join(f"{e:.1e}" for e in errs)
-                    print(
-                        f"| {name} | {n_docs} | wrong: max diff out, dq, dk, dv {out_dq_dk_dv} | {ms:.3f} | | | |"
-                    )
+                    diffs = ", ".join(f"{e:.1e}" for e in errs)
+                    print(f"| {name} | {n_docs} | wrong: max diff out, dq, dk, dv {diffs} | {ms:.3f} | | | |")
                     continue
             except Exception as e:  # noqa: BLE001 - a private op that is missing or refuses is a row
                 print(f"| {name} | {n_docs} | not run: {type(e).__name__}: {str(e)[:160]} | | | | |")
