@@ -17,7 +17,7 @@ from distributed import run_world
 from moe_train.config import ModelConfig
 from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
-from moe_train.ops.fp8 import fp8_linear, packed_row_bytes
+from moe_train.ops.fp8 import packed_row_bytes
 from moe_train.ops.gather import Bags, bag_sum, gather_rows
 from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters
 from moe_train.parallel.mesh import Layout, MeshError, build_mesh
@@ -57,7 +57,7 @@ def _case(sizes: list[int], masked_rank: int | None, seed: int, fp8: bool = Fals
         for m in (ref, moe):
             m.gate.e_score_correction_bias[masked_rank * per : (masked_rank + 1) * per] = -10.0
     if fp8:
-        ref.experts.linear = moe.experts.linear = fp8_linear
+        ref.experts.impl = moe.experts.impl = "fp8"
     counters = CommCounters()
     moe.dispatcher = AllToAllDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters, fp8_rows=fp8)
 

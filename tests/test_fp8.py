@@ -183,16 +183,42 @@ def test_conversion_runs_the_eligible_linears_in_fp8_and_counts_the_rest():
         assert 0.005 < _rel(linears[n](x), plain[n]) < 0.06, n
     assert 0 < cov.fp8 < cov.eligible and 0 < cov.share < 1
     moe = next(m for m in model.modules() if isinstance(m, MoE))
-    assert moe.experts.linear is fp8_linear
+    assert moe.experts.impl == "fp8"
     flat = x.reshape(-1, 128)[:96]
     counts = torch.tensor([40, 0, 56] + [0] * (moe.experts.num_local - 3))
     got = moe.experts(flat, counts)
-    moe.experts.linear = None
+    moe.experts.impl = "reference"
     assert 0.005 < _rel(got, moe.experts(flat, counts)) < 0.1  # two FP8 products in a row
     small = ModelConfig(vocab_size=97, moe_intermediate_size=64)  # experts of 64 do not tile by 128
     small_model = build_model(small, seed=0)
     convert_to_fp8(small_model, small)
-    assert all(m.experts.linear is None for m in small_model.modules() if isinstance(m, MoE))
+    assert all(m.experts.impl == "auto" for m in small_model.modules() if isinstance(m, MoE))
+
+
+def test_grouped_fp8_experts_equal_the_per_expert_loop():
+    """`expert_swiglu_fp8` (every cast once over all rows, groups padded to 128) gives the per-expert loop of
+    `fp8_linear` products on rows as FP8 dispatch delivers them bit for bit — outputs, input and weight
+    gradients — with empty experts, groups of fewer and more than 128 rows, and the FP8-cached SwiGLU."""
+    from moe_train.ops.fp8 import expert_swiglu_fp8, fp8_roundtrip, swiglu_fp8_cached
+    from moe_train.ops.grouped_gemm import expert_swiglu_reference
+
+    g = torch.Generator().manual_seed(5)
+    counts = torch.tensor([100, 0, 200, 1, 128])
+    x = torch.randn(int(counts.sum()), 2 * TILE, generator=g).bfloat16()
+    wgu = (torch.randn(5, 2 * TILE, 2 * TILE, generator=g) / 16).bfloat16()
+    wd = (torch.randn(5, 2 * TILE, TILE, generator=g) / 16).bfloat16()
+    go = torch.randn(x.shape, generator=g).bfloat16()
+    results = []
+    for fn in (
+        lambda *t: expert_swiglu_fp8(*t, act=swiglu_fp8_cached),
+        lambda x, *t: expert_swiglu_reference(fp8_roundtrip(x), *t, act=swiglu_fp8_cached, linear=fp8_linear),
+    ):
+        leaves = [t.clone().requires_grad_() for t in (x, wgu, wd)]
+        y = fn(leaves[0], counts, leaves[1], leaves[2])
+        results.append([y.detach(), *torch.autograd.grad(y, leaves, go)])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    assert results[0][2][1].abs().sum() == 0  # the empty expert's weight gradient
 
 
 # Layout invariance with FP8 on: 128-wide expert and hidden dims so that the experts and most dense linears

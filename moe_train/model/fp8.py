@@ -4,8 +4,8 @@ The recipe runs the dense linears — attention projections, dense MLPs, shared 
 the routed experts in FP8, and keeps the embedding, the output head, the gating and the attention core in
 higher precision. A linear whose dims do not tile by 128 stays bf16. `convert_to_fp8` swaps the forward of
 every eligible `nn.Linear` for the FP8 one (parameter names and dtypes unchanged, so checkpoints, masters and
-optimizer state see nothing), has the routed experts compute each expert's two products with the same FP8
-linear (the reference loop over experts) and keep their SwiGLU input as FP8 tiles for backward, and reports
+optimizer state see nothing), has the routed experts compute their two projections as grouped FP8 GEMMs
+(`ops.fp8.expert_swiglu_fp8`) and keep their SwiGLU input as FP8 tiles for backward, and reports
 the share of the recipe's GEMM multiply-adds that now run in FP8.
 """
 
@@ -54,7 +54,7 @@ def convert_to_fp8(model: nn.Module, cfg: ModelConfig) -> FP8Coverage:
             macs = cfg.num_experts_per_tok * 3 * h * inter
             eligible += macs
             if fp8_eligible(h, inter):  # gate_up: K = hidden, N = 2·inter; down: K = inter, N = hidden
-                m.experts.linear = fp8_linear
+                m.experts.impl = "fp8"
                 m.experts.act = swiglu_fp8_cached
                 fp8 += macs
     return FP8Coverage(fp8, eligible)

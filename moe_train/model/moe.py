@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.fused import swiglu_act
-from ..ops.grouped_gemm import Activation, Linear, Taps, expert_swiglu
+from ..ops.grouped_gemm import Activation, Taps, expert_swiglu
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
 from .mlp import SwiGLU
 from .phases import Compute, Program, run
@@ -108,8 +108,7 @@ class RoutedExperts(Recomputable, nn.Module):
         h, i = cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_local, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(self.num_local, h, i))
-        self.impl = "auto"  # auto | grouped | reference (tests force one)
-        self.linear: Linear | None = None  # per-expert product in the reference loop (model/fp8.py sets it)
+        self.impl = "auto"  # auto | grouped | reference (tests force one) | fp8 (model/fp8.py sets it)
         self.act: Activation = swiglu_act  # FP8 training's keeps FP8 inputs (model/fp8.py sets it)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
@@ -118,7 +117,7 @@ class RoutedExperts(Recomputable, nn.Module):
         # selective recomputation checkpoints the activation; FP8's recomputes it from its FP8 cache itself
         if self.recompute == "selective" and self.training and act is swiglu_act:
             act = functools.partial(maybe_checkpoint, True, act)
-        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, act, taps, self.linear)
+        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, act, taps)
 
 
 def balance_terms(routing: Routing, batch: int, seq: int, kind: str) -> torch.Tensor:

@@ -139,6 +139,22 @@ def packed_row_bytes(k: int) -> int:
     return k + 4 * (k // TILE)
 
 
+class _RoundTrip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return unpack_rows(pack_rows(x.reshape(-1, x.shape[-1])), x.dtype).view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return g
+
+
+def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """x as FP8 dispatch delivers it: its 1×128 tiles quantised and dequantised (idempotent: rows that came
+    through an FP8 exchange come back the same); the gradient passes straight through."""
+    return _RoundTrip.apply(x)
+
+
 def unpack_rows(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The rows `pack_rows` packed, dequantised to `dtype`: `dequantize_tiles(*quantize_tiles(x))`."""
     k = packed.shape[-1] * TILE // (TILE + 4)
@@ -178,6 +194,11 @@ class FP8Kernels:
     weight: Callable  # w [N, K] -> b of Fprop: w.T in 128×128 blocks
     weight_t: Callable  # w [N, K] -> b of Dgrad: w in 128×128 blocks
     mm: Callable
+    # the operands of rows [r0, r1) (r0, r1 multiples of 128): of an `act` one, of an `act_tokens_t` one (a
+    # of Wgrad) and of an `act_tokens` one (b of Wgrad); what a grouped linear hands each group's GEMM
+    rows: Callable
+    tokens_a: Callable
+    tokens_b: Callable
 
 
 def _blocks_t(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +215,15 @@ REFERENCE = FP8Kernels(
     weight=cast_blocks,
     weight_t=_blocks_t,
     mm=lambda a, b, dtype: fp8_mm(*a, *b, dtype),
+    rows=lambda a, r0, r1: (a[0][r0:r1], a[1][r0:r1]),
+    tokens_a=lambda t, r0, r1: (t[0][:, r0:r1], t[1][:, r0 // TILE : r1 // TILE]),
+    tokens_b=lambda t, r0, r1: (t[0][:, r0:r1], t[1][:, r0 // TILE : r1 // TILE]),
 )
+
+
+def _outer_major(s: torch.Tensor) -> torch.Tensor:
+    """Scales laid out with their first dim fastest, as cuBLAS reads an operand's tile scales."""
+    return s.t().contiguous().t()
 
 
 @functools.cache
@@ -217,6 +246,12 @@ def _torchao_kernels() -> FP8Kernels | None:
         weight=contiguous(k.triton_fp8_blockwise_weight_quant_transposed_rhs),
         weight_t=contiguous(k.triton_fp8_blockwise_weight_quant_rhs),
         mm=lambda a, b, dtype: torch._scaled_mm(a[0], b[0], a[1], b[1], out_dtype=dtype),
+        rows=lambda a, r0, r1: (a[0][r0:r1], _outer_major(a[1][r0:r1])),
+        tokens_a=lambda t, r0, r1: (
+            t[0][:, r0:r1].contiguous(),
+            _outer_major(t[1][:, r0 // TILE : r1 // TILE]),
+        ),
+        tokens_b=lambda t, r0, r1: (_outer_major(t[0][r0:r1]), t[1][r0 // TILE : r1 // TILE]),
     )
 
 
@@ -249,6 +284,68 @@ class _FP8Linear(torch.autograd.Function):
         dx = k.mm(k.act(dy), k.weight_t(w), ctx.x_dtype)  # Dgrad: K of this GEMM is N
         dw = k.mm(k.act_tokens_t(dy), (qx, sx), w.dtype)  # Wgrad: K is the tokens
         return dx, dw
+
+
+class _FP8GroupedLinear(torch.autograd.Function):
+    """y[rows of group e] = x[rows of group e] @ w[e].T for rows grouped by expert, each group padded to a
+    multiple of 128 (`bounds`: the groups' row ranges, on the host): `_FP8Linear`'s three GEMMs per group,
+    with every cast made once over all rows (the groups' 1×128 tiles are the same, and the token tiles of
+    Wgrad never straddle a group)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bounds):  # noqa: ANN001, ANN205 - x [M, K], w [E, N, K]
+        k = ctx.kernels = fp8_kernels(x)
+        a = k.act(x)
+        ctx.save_for_backward(*k.act_tokens(x), w)
+        ctx.bounds, ctx.x_dtype = bounds, x.dtype
+        y = x.new_empty(x.shape[0], w.shape[1])
+        for e, (r0, r1) in enumerate(bounds):
+            if r1 > r0:
+                y[r0:r1] = k.mm(k.rows(a, r0, r1), k.weight(w[e]), x.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        qx, sx, w = ctx.saved_tensors
+        k = ctx.kernels
+        dy = dy.contiguous()
+        a, a_t = k.act(dy), k.act_tokens_t(dy)
+        dx = dy.new_zeros(dy.shape[0], w.shape[2], dtype=ctx.x_dtype)
+        dw = torch.zeros_like(w)
+        for e, (r0, r1) in enumerate(ctx.bounds):
+            if r1 > r0:
+                dx[r0:r1] = k.mm(k.rows(a, r0, r1), k.weight_t(w[e]), ctx.x_dtype)
+                dw[e] = k.mm(k.tokens_a(a_t, r0, r1), k.tokens_b((qx, sx), r0, r1), w.dtype)
+        return dx, dw, None
+
+
+def expert_swiglu_fp8(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    act: Callable = swiglu_act,
+    taps: list | None = None,
+) -> torch.Tensor:
+    """`ops.grouped_gemm.expert_swiglu` with both projections in FP8 (`_FP8GroupedLinear`): the rows (sorted
+    by expert) are spread to groups padded to multiples of 128, so each expert's Wgrad tiles are its own,
+    as in the per-expert loop (`expert_swiglu_reference` with `fp8_linear`), which this equals on rows as
+    `fp8_roundtrip` delivers them. The rows are taken as FP8 dispatch delivers them (`fp8_roundtrip`), in
+    every layout, so that Wgrad's token tiles are cut from the same values with or without an exchange."""
+    x = fp8_roundtrip(x)
+    sizes = counts.tolist()
+    padded = [-(-c // TILE) * TILE for c in sizes]
+    ends = torch.tensor(padded).cumsum(0).tolist()
+    bounds = [(end - p, end) for end, p in zip(ends, padded, strict=True)]
+    shift = torch.tensor([r0 for r0, _ in bounds]) - (torch.tensor(sizes).cumsum(0) - torch.tensor(sizes))
+    dest = (torch.arange(x.shape[0]) + shift.repeat_interleave(torch.tensor(sizes))).to(x.device)
+    x_p = x.new_zeros(ends[-1] if ends else 0, x.shape[1]).index_copy(0, dest, x)
+    gu = _FP8GroupedLinear.apply(x_p, w_gate_up, bounds)
+    g, u = gu.chunk(2, dim=-1)
+    y = _FP8GroupedLinear.apply(act(g, u), w_down, bounds)
+    if taps is not None:
+        taps += [(gu, w_gate_up), (y, w_down)]
+    return y[dest]
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

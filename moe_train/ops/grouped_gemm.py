@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .fp8 import expert_swiglu_fp8
 from .fused import swiglu_act
 
 # (projection output, its weight) pairs a caller may ask for: a deferred weight-gradient pass starts from
@@ -69,7 +70,8 @@ def expert_swiglu_reference(
     linear: Linear = F.linear,
 ) -> torch.Tensor:
     """The same math as `expert_swiglu_grouped`, one matmul pair per expert (host reads `counts`); `linear`
-    computes each product (FP8 training passes its own)."""
+    computes each product (with `ops.fp8.fp8_linear`: the per-expert semantics `expert_swiglu_fp8` is held
+    to)."""
     outs = []
     found: Taps = []
     # unbind, not w[e] per expert: a select's backward writes a zero tensor of the whole weight stack, so E
@@ -102,12 +104,11 @@ def expert_swiglu(
     impl: str = "auto",
     act: Activation = swiglu_act,
     taps: Taps | None = None,
-    linear: Linear | None = None,
 ) -> torch.Tensor:
-    """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference; `linear`: the per-expert
-    product of the reference loop, which then runs on any device (FP8 training's emulated GEMM)."""
-    if linear is not None:
-        return expert_swiglu_reference(x, counts, w_gate_up, w_down, act, taps, linear)
+    """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference | fp8 (both projections as FP8
+    GEMMs by DeepSeek-V3's recipe, `ops.fp8.expert_swiglu_fp8`, on any device)."""
+    if impl == "fp8":
+        return expert_swiglu_fp8(x, counts, w_gate_up, w_down, act, taps)
     if impl == "grouped" or (
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
     ):
