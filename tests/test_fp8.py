@@ -219,6 +219,13 @@ def test_grouped_fp8_experts_equal_the_per_expert_loop():
     for got, want in zip(*results, strict=True):
         assert torch.equal(got, want)
     assert results[0][2][1].abs().sum() == 0  # the empty expert's weight gradient
+    # a rank whose experts get no rows (expert parallelism) still gives every weight a (zero) gradient
+    from moe_train.ops.grouped_gemm import expert_swiglu
+
+    leaves = [t.clone().requires_grad_() for t in (x[:0], wgu, wd)]
+    y = expert_swiglu(leaves[0], torch.zeros(5, dtype=torch.long), leaves[1], leaves[2], impl="fp8")
+    grads = torch.autograd.grad(y.sum(), leaves[1:])
+    assert y.shape == (0, 2 * TILE) and all(g is not None and not g.any() for g in grads)
 
 
 # Layout invariance with FP8 on: 128-wide expert and hidden dims so that the experts and most dense linears

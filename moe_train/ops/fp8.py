@@ -18,6 +18,7 @@ A GEMM whose K or N is not a multiple of 128 has no such tiling; callers keep it
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,11 +101,11 @@ def fp8_eligible(in_features: int, out_features: int) -> bool:
     return in_features % TILE == 0 and out_features % TILE == 0
 
 
-# The kernel path. Operands are real float8_e4m3fn tensors with fp32 scales. Every GEMM below is `a @ b.T`
-# with both operands row-major and K (the reduction) their last dim, which is the layout `torch._scaled_mm`
-# takes (b passed as `b.t()`, column-major). On CUDA the GEMM is `torch._scaled_mm` with block-wise scales
-# (cuBLAS on SM90: 1×128 × 128×128 for Fprop and Dgrad, 1×128 × 1×128 for Wgrad); elsewhere it is
-# `blockwise_mm`, the reference, which the kernel is checked against on the GPU (bench/fp8_gemm.py).
+# The kernel path. Operands are real float8_e4m3fn tensors with fp32 scales, made by a kernel set
+# (`FP8Kernels`): torchao's Triton casts where torchao is installed on an SM90 GPU, else the reference's
+# casts. The GEMM is `torch._scaled_mm` with block-wise scales on SM90 (cuBLAS: 1×128 × 128×128 for Fprop and
+# Dgrad, 1×128 × 1×128 for Wgrad) and `blockwise_mm`, the reference, elsewhere; bench/fp8_gemm.py checks the
+# kernel against the reference on the GPU.
 
 
 def _cast_tiles_plain(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,19 +328,21 @@ def expert_swiglu_fp8(
     act: Callable = swiglu_act,
     taps: list | None = None,
 ) -> torch.Tensor:
-    """`ops.grouped_gemm.expert_swiglu` with both projections in FP8 (`_FP8GroupedLinear`): the rows (sorted
-    by expert) are spread to groups padded to multiples of 128, so each expert's Wgrad tiles are its own,
-    as in the per-expert loop (`expert_swiglu_reference` with `fp8_linear`), which this equals on rows as
-    `fp8_roundtrip` delivers them. The rows are taken as FP8 dispatch delivers them (`fp8_roundtrip`), in
-    every layout, so that Wgrad's token tiles are cut from the same values with or without an exchange."""
-    x = fp8_roundtrip(x)
+    """`ops.grouped_gemm.expert_swiglu` with both projections in FP8 (`_FP8GroupedLinear`). The rows (sorted
+    by expert) are taken as FP8 dispatch delivers them (`fp8_roundtrip`) in every layout, so that Wgrad's
+    token tiles are cut from the same values with or without an exchange, and are spread to groups padded
+    to multiples of 128, so that each expert's token tiles are its own: this equals the per-expert loop
+    (`expert_swiglu_reference` with `fp8_linear`) on those rows."""
     sizes = counts.tolist()
-    padded = [-(-c // TILE) * TILE for c in sizes]
-    ends = torch.tensor(padded).cumsum(0).tolist()
-    bounds = [(end - p, end) for end, p in zip(ends, padded, strict=True)]
-    shift = torch.tensor([r0 for r0, _ in bounds]) - (torch.tensor(sizes).cumsum(0) - torch.tensor(sizes))
-    dest = (torch.arange(x.shape[0]) + shift.repeat_interleave(torch.tensor(sizes))).to(x.device)
-    x_p = x.new_zeros(ends[-1] if ends else 0, x.shape[1]).index_copy(0, dest, x)
+    x = fp8_roundtrip(x)
+    bounds, start, shifts = [], 0, []
+    for size, taken in zip(sizes, itertools.accumulate([0, *sizes]), strict=False):
+        bounds.append((start, start + -(-size // TILE) * TILE))
+        shifts.append(start - taken)  # how far this expert's rows move
+        start = bounds[-1][1]
+    dest = torch.arange(x.shape[0]) + torch.tensor(shifts).repeat_interleave(torch.tensor(sizes))
+    dest = dest.to(x.device)
+    x_p = x.new_zeros(start, x.shape[1]).index_copy(0, dest, x)
     gu = _FP8GroupedLinear.apply(x_p, w_gate_up, bounds)
     g, u = gu.chunk(2, dim=-1)
     y = _FP8GroupedLinear.apply(act(g, u), w_down, bounds)

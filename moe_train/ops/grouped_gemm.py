@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .fp8 import expert_swiglu_fp8
+from .fp8 import expert_swiglu_fp8, fp8_linear
 from .fused import swiglu_act
 
 # (projection output, its weight) pairs a caller may ask for: a deferred weight-gradient pass starts from
@@ -108,6 +108,10 @@ def expert_swiglu(
     """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference | fp8 (both projections as FP8
     GEMMs by DeepSeek-V3's recipe, `ops.fp8.expert_swiglu_fp8`, on any device)."""
     if impl == "fp8":
+        if (
+            x.shape[0] == 0
+        ):  # no rows here: the loop keeps every weight in the graph, as expert parallelism needs
+            return expert_swiglu_reference(x, counts, w_gate_up, w_down, act, taps, fp8_linear)
         return expert_swiglu_fp8(x, counts, w_gate_up, w_down, act, taps)
     if impl == "grouped" or (
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
