@@ -11,6 +11,8 @@
    semantics) and `expert_swiglu_fp8` (every cast once over all rows; what FP8 training runs).
    `--grouped` adds torch's `_scaled_grouped_mm` with row-wise scales, forward only, as a raw kernel rate;
    `--profile` prints torch.profiler's top ops for one step of `expert_swiglu_fp8`. `--parts` picks sections.
+4. `--parts shapes`: every distinct GEMM shape FP8 runs in a model (`--model`, train.py overrides), its FP8
+   and bf16 error against fp32 for y, dx and dw.
 
 Usage (GPU machine): python bench/fp8_gemm.py [--out FILE]    CPU smoke test: --device cpu --tiny
 """
@@ -71,17 +73,27 @@ def kernel_check(device: str, m: int, n: int, k: int) -> list[str]:
     return out
 
 
-def dense(device: str, m: int, k: int, n: int, iters: int) -> list[str]:
+def _operands(device: str, m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(1)
-    x0 = torch.randn(m, k, device=device, generator=g)
-    w0 = torch.randn(n, k, device=device, generator=g) / k**0.5
-    dy0 = torch.randn(m, n, device=device, generator=g)
+    x = torch.randn(m, k, device=device, generator=g)
+    return (
+        x,
+        torch.randn(n, k, device=device, generator=g) / k**0.5,
+        torch.randn(m, n, device=device, generator=g),
+    )
+
+
+def _fwd_bwd(fn, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    y = fn(x, w)
+    return (y, *torch.autograd.grad(y, (x, w), dy.to(y.dtype)))
+
+
+def dense(device: str, m: int, k: int, n: int, iters: int) -> list[str]:
+    x0, w0, dy0 = _operands(device, m, k, n)
 
     def run(fn, x, w):  # noqa: ANN001, ANN202
-        x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
-        y = fn(x, w)
-        dx, dw = torch.autograd.grad(y, (x, w), dy0.to(y.dtype))
-        return y, dx, dw
+        return _fwd_bwd(fn, x, w, dy0)
 
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = run(lambda x, w: x @ w.t(), x0, w0)  # fp32
@@ -114,6 +126,47 @@ def dense(device: str, m: int, k: int, n: int, iters: int) -> list[str]:
     if device == "cuda":
         rows += cast_breakdown(xb, wb, dy0.bfloat16(), iters)
     return rows
+
+
+def model_shapes(device: str, overrides: list[str], tokens: int) -> list[str]:
+    """Every distinct GEMM shape FP8 runs in a model (its eligible linears and its experts' two projections),
+    at `tokens` rows: the relative error of y, dx and dw against fp32, in FP8 and in bf16."""
+    import dataclasses
+
+    from moe_train.config import load_config, to_object
+    from moe_train.model import build_empty_model
+    from moe_train.ops.fp8 import fp8_eligible
+
+    cfg = to_object(load_config(overrides)).model
+    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 257)
+    model = build_empty_model(cfg, "meta", torch.bfloat16)
+    shapes = {
+        (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and not name.endswith("lm_head")
+        and fp8_eligible(m.in_features, m.out_features)
+    }
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    if fp8_eligible(h, inter):
+        shapes |= {(h, 2 * inter), (inter, h)}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = [
+        f"| GEMM K→N at {tokens} tokens ({' '.join(overrides)}) | FP8 y, dx, dw rel | bf16 y, dx, dw rel |",
+        "|---|---|---|",
+    ]
+    for k, n in sorted(shapes):
+        x, w, dy = _operands(device, tokens, k, n)
+        ref = _fwd_bwd(lambda a, b: a @ b.t(), x, w, dy)
+        errs = {
+            name: ", ".join(
+                f"{rel(a, b):.2e}"
+                for a, b in zip(_fwd_bwd(fn, x.bfloat16(), w.bfloat16(), dy), ref, strict=True)
+            )
+            for name, fn in (("fp8", fp8_linear), ("bf16", F.linear))
+        }
+        out.append(f"| {k}→{n} | {errs['fp8']} | {errs['bf16']} |")
+    return out
 
 
 def _with_reference_casts(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -295,7 +348,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--grouped", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one step of expert_swiglu_fp8")
-    ap.add_argument("--parts", default="check,dense,experts", help="comma-separated: check, dense, experts")
+    ap.add_argument(
+        "--parts", default="check,dense,experts", help="comma-separated: check, dense, experts, shapes"
+    )
+    ap.add_argument(
+        "--model", default="model=deepseek_v2_lite model.num_hidden_layers=6", help="for --parts shapes"
+    )
     ap.add_argument("--out")
     a = ap.parse_args()
     dev = a.device
@@ -312,6 +370,8 @@ def main() -> None:
         lines += dense(dev, *shapes["dense"])
     if "experts" in parts:
         lines += experts(dev, *shapes["experts"], a.grouped, a.profile)
+    if "shapes" in parts:
+        lines += model_shapes(dev, a.model.split(), 256 if a.tiny else 8192)
     emit(lines, a.out)
 
 

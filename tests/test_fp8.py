@@ -339,3 +339,23 @@ def test_fp8_with_recompute_gives_the_same_steps(tmp_path):
         t = Trainer(cfg, str(tmp_path / mode))
         runs[mode] = [(r["loss"], r["grad_norm"]) for r in (t.train_step(s) for s in range(2))]
     assert runs["selective"] == runs["none"] and runs["full"] == runs["none"], runs
+
+
+def test_the_accuracy_preset_runs_its_gemms_in_fp8():
+    """model=fp8_small (bench/fp8_accuracy.sh) is the FP8 issue's accuracy model: hidden 1024, every GEMM's
+    K at least 1024 and a multiple of 128, at least 100M active parameters, an FP8 share of at least 95%."""
+    import dataclasses
+
+    from moe_train.config import load_config, to_object
+    from moe_train.model import build_empty_model
+    from moe_train.model.accounting import count_params
+    from moe_train.model.fp8 import convert_to_fp8
+
+    cfg = dataclasses.replace(to_object(load_config(["model=fp8_small"])).model, vocab_size=257)
+    model = build_empty_model(cfg, "meta", torch.bfloat16)
+    ks = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert cfg.hidden_size == 1024 and all(
+        k >= 1024 and k % TILE == 0 for k in ks | {cfg.moe_intermediate_size}
+    )
+    assert count_params(cfg).active >= 100_000_000
+    assert convert_to_fp8(model, cfg).share >= 0.95
