@@ -4,7 +4,8 @@
    the plain-torch reference, for the three GEMMs of a linear (Fprop 1×128 × 128×128, Dgrad the same with
    the transposed weight, Wgrad 1×128 × 1×128 along the tokens), on shapes that are not square.
 2. A dense linear 16,384 × 7168 → 7168, forward + backward: bf16 `F.linear` against `fp8_linear` (the casts
-   included), and each one's relative error against fp32 for y, dx and dw.
+   included) with the reference's casts and with the kernel set it picks, and torchao's own blockwise linear
+   where installed; each one's relative error against fp32 for y, dx and dw; then each cast and GEMM alone.
 3. Routed experts of DeepSeek-V3 shape (hidden 7168, expert width 2048, 32 experts, SwiGLU; 65,536 rows,
    expert i getting rows ∝ 1/√(i+1), fixed seed), forward + backward: bf16 `torch._grouped_mm` (the bf16
    path) against FP8 with the recipe's scaling: the per-expert loop of `fp8_linear` (the reference
