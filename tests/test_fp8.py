@@ -359,3 +359,31 @@ def test_the_accuracy_preset_runs_its_gemms_in_fp8():
     )
     assert count_params(cfg).active >= 100_000_000
     assert convert_to_fp8(model, cfg).share >= 0.95
+
+
+def test_the_memory_estimate_counts_the_experts_fp8_tiles(tmp_path):
+    """Under fp8 the start-up estimate keeps, per routed row, the row, the SwiGLU input and the down
+    projection's input as FP8 tiles (1 byte a value, 4 per 128) instead of bf16's row and four SwiGLU tensors;
+    dense layers and experts that do not tile by 128 are counted as before; the trainer passes fp8 through."""
+    from moe_train.config import ModelConfig
+    from moe_train.model.memory import mlp_bytes
+    from moe_train.train.trainer import Trainer
+    from tiny_cfg import tiny_cfg
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=256, moe_intermediate_size=128)
+    k, h, i = cfg.num_experts_per_tok, 256, 128
+    moe_layer, dense_layer = cfg.first_k_dense_replace, 0
+    bf16_row = 2 * h + 4 * 2 * i  # the dispatched row, then gate, up, silu(gate) and their product
+    fp8_row = h + 3 * i + 4 * (h + 3 * i) // TILE
+    assert mlp_bytes(cfg, moe_layer, 2, "none") - mlp_bytes(cfg, moe_layer, 2, "none", fp8=True) == k * (
+        bf16_row - fp8_row
+    )
+    assert mlp_bytes(cfg, dense_layer, 2, "none", fp8=True) == mlp_bytes(cfg, dense_layer, 2, "none")
+    narrow = ModelConfig(vocab_size=97, hidden_size=256, moe_intermediate_size=64)
+    assert mlp_bytes(narrow, moe_layer, 2, "none", fp8=True) == mlp_bytes(narrow, moe_layer, 2, "none")
+    acts = {}
+    for dtype in ("bf16_master", "fp8"):
+        run = str(tmp_path / dtype)
+        t = Trainer(tiny_cfg(run, f"trainer.dtype={dtype}", "model.moe_intermediate_size=128", steps=1), run)
+        acts[dtype] = t.memory.activation_bytes
+    assert acts["fp8"] < acts["bf16_master"]

@@ -11,7 +11,8 @@ autocast copy (the routers' few fp32 parameters are counted like the rest); bf16
 (`optim.moments_dtype=bf16`) take 4 bytes off either. Activations count, per token
 and layer, the tensors autograd saves for backward (docs/parallelism.md, "Memory per rank"); they leave out
 the allocator's fragmentation, temporaries of the op being run, communication buffers and the T×T attention
-matrix (a fused/flash attention keeps none; CPU's math attention does).
+matrix (a fused/flash attention keeps none; CPU's math attention does). Under `trainer.dtype=fp8` the routed
+experts' saved tensors are FP8 tiles (1 byte a value plus a 4-byte scale per 128).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.cross_entropy import CHUNK_ELEMENTS
+from ..ops.fp8 import TILE, fp8_eligible
 from .transformer import is_moe_layer
 
 GIB = 1024**3
@@ -55,8 +57,15 @@ def _swiglu(h: int, inner: int, a: int, mode: str, input_saved: bool) -> int:
     return (0 if input_saved else a * h) + a * inner * (3 if mode == "selective" else 4)
 
 
-def mlp_bytes(c: ModelConfig, layer: int, a: int, mode: str) -> int:
-    """Bytes saved per token by one block's post-attention norm and its dense MLP or MoE."""
+def _fp8_tiles(n: int) -> int:
+    """Bytes of n values kept as FP8 tiles: one E4M3 byte each and an fp32 scale per 128."""
+    return n + FP32 * (n // TILE)
+
+
+def mlp_bytes(c: ModelConfig, layer: int, a: int, mode: str, fp8: bool = False) -> int:
+    """Bytes saved per token by one block's post-attention norm and its dense MLP or MoE. fp8
+    (`trainer.dtype=fp8`): routed experts that tile by 128 keep their row, their SwiGLU input and the down
+    projection's input as FP8 tiles (ops/fp8.py) and recompute silu(gate)·up."""
     h = c.hidden_size
     total = _norm(h, a, mode) + a * h  # post-attention norm and its output (the MLP's input)
     if not is_moe_layer(c, layer):
@@ -64,13 +73,16 @@ def mlp_bytes(c: ModelConfig, layer: int, a: int, mode: str) -> int:
     k, inner = c.num_experts_per_tok, c.moe_intermediate_size
     total += FP32 * (h + c.n_routed_experts)  # router: fp32 input copy and the scores
     # k routed rows per token: the dispatched row, the expert SwiGLU, the expert output (weighted in combine)
-    total += k * (_swiglu(h, inner, a, mode, input_saved=False) + a * h)
+    if fp8 and fp8_eligible(h, inner):
+        total += k * (_fp8_tiles(h) + 2 * _fp8_tiles(inner) + _fp8_tiles(inner) + a * h)
+    else:
+        total += k * (_swiglu(h, inner, a, mode, input_saved=False) + a * h)
     if c.n_shared_experts:
         total += _swiglu(h, inner * c.n_shared_experts, a, mode, input_saved=True)
     return total
 
 
-def layer_bytes(c: ModelConfig, layer: int, a: int, mode: str) -> int:
+def layer_bytes(c: ModelConfig, layer: int, a: int, mode: str, fp8: bool = False) -> int:
     """Per token, what one block keeps between its forward and its backward.
 
     full keeps only the block input; the recomputed block's own activations are live once, during its
@@ -78,7 +90,7 @@ def layer_bytes(c: ModelConfig, layer: int, a: int, mode: str) -> int:
     """
     if mode == "full":
         return a * c.hidden_size
-    return attention_bytes(c, a, mode) + mlp_bytes(c, layer, a, mode)
+    return attention_bytes(c, a, mode) + mlp_bytes(c, layer, a, mode, fp8)
 
 
 def head_bytes(c: ModelConfig, a: int, tokens: int, backward: bool = True) -> int:
@@ -102,6 +114,7 @@ def activation_bytes(
     in_flight: int,
     a: int,
     mode: str,
+    fp8: bool = False,
 ) -> int:
     """stages: (global layer ids incl. MTP blocks, holds the head) of each stage this rank runs.
 
@@ -109,13 +122,13 @@ def activation_bytes(
     activations under mode=full, for the block being recomputed).
     """
     per_stage = [
-        tokens * sum(layer_bytes(c, i, a, mode) for i in ids) + (head_bytes(c, a, tokens) if head else 0)
+        tokens * sum(layer_bytes(c, i, a, mode, fp8) for i in ids) + (head_bytes(c, a, tokens) if head else 0)
         for ids, head in stages
     ]
     total = in_flight * max(per_stage, default=0)
     layers = [i for ids, _ in stages for i in ids]
     if mode == "full" and layers:
-        total += tokens * max(layer_bytes(c, i, a, "none") for i in layers)
+        total += tokens * max(layer_bytes(c, i, a, "none", fp8) for i in layers)
     return total
 
 
@@ -204,11 +217,12 @@ def estimate_memory(
     mode: str,
     bf16: bool,
     sharding: StateSharding | None = None,
+    fp8: bool = False,
 ) -> MemoryEstimate:
     """The estimate for the rank holding `model` (its partial model); see the module docstring."""
     params = sum(p.numel() for p in model.parameters())
     a = 2 if bf16 else 4
-    acts = activation_bytes(c, stages, tokens, in_flight, a, mode)
+    acts = activation_bytes(c, stages, tokens, in_flight, a, mode, fp8)
     s = sharding or StateSharding()
     dense = params - s.expert_params
     state = s.bytes(dense, s.dense_shards, bf16) + s.bytes(s.expert_params, s.expert_shards, bf16)

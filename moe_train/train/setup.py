@@ -234,6 +234,7 @@ def estimate_stage_memory(
         cfg.trainer.recompute,
         amp == torch.bfloat16,
         engine.state_sharding(),
+        fp8=precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine) == "fp8",
     )
 
 
