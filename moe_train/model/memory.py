@@ -74,7 +74,7 @@ def mlp_bytes(c: ModelConfig, layer: int, a: int, mode: str, fp8: bool = False) 
     total += FP32 * (h + c.n_routed_experts)  # router: fp32 input copy and the scores
     # k routed rows per token: the dispatched row, the expert SwiGLU, the expert output (weighted in combine)
     if fp8 and fp8_eligible(h, inner):
-        total += k * (_fp8_tiles(h) + 2 * _fp8_tiles(inner) + _fp8_tiles(inner) + a * h)
+        total += k * (_fp8_tiles(h) + 3 * _fp8_tiles(inner) + a * h)  # row; gate, up; down's input; output
     else:
         total += k * (_swiglu(h, inner, a, mode, input_saved=False) + a * h)
     if c.n_shared_experts:

@@ -50,25 +50,37 @@ def _scales(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
 
 
-def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [..., K] → (E4M3 values as fp32 [..., K], scales [..., K/128]): one scale per 1×128 tile
-    along K. value · scale (per tile) approximates x."""
+def _tile_scaled(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] over its 1×128 tiles' scales (each tile's largest magnitude at 448), and the scales."""
     *lead, k = x.shape
     if k % TILE:
         raise ValueError(f"quantize_tiles: K={k} is not a multiple of {TILE}")
     tiles = x.float().reshape(*lead, k // TILE, TILE)
     scale = _scales(tiles.abs().amax(-1))
-    return round_e4m3(tiles / scale[..., None]).reshape(*lead, k), scale
+    return (tiles / scale[..., None]).reshape(*lead, k), scale
 
 
-def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights [N, K] → (E4M3 values as fp32 [N, K], scales [N/128, K/128]): one scale per 128×128 block."""
+def _block_scaled(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] divided by its 128×128 blocks' scales, and the scales [N/128, K/128]."""
     n, k = w.shape
     if n % TILE or k % TILE:
         raise ValueError(f"quantize_blocks: [{n}, {k}] is not a multiple of {TILE} in both dims")
     blocks = w.float().reshape(n // TILE, TILE, k // TILE, TILE)
     scale = _scales(blocks.abs().amax(dim=(1, 3)))
-    return round_e4m3(blocks / scale[:, None, :, None]).reshape(n, k), scale
+    return (blocks / scale[:, None, :, None]).reshape(n, k), scale
+
+
+def quantize_tiles(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [..., K] → (E4M3 values as fp32 [..., K], scales [..., K/128]): one scale per 1×128 tile
+    along K. value · scale (per tile) approximates x."""
+    v, scale = _tile_scaled(x)
+    return round_e4m3(v), scale
+
+
+def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [N, K] → (E4M3 values as fp32 [N, K], scales [N/128, K/128]): one scale per 128×128 block."""
+    v, scale = _block_scaled(w)
+    return round_e4m3(v), scale
 
 
 def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -108,20 +120,19 @@ def fp8_eligible(in_features: int, out_features: int) -> bool:
 # kernel against the reference on the GPU.
 
 
+def _to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """Scaled values as float8_e4m3fn: torch's conversion, which is `round_e4m3` (tests/test_fp8.py)."""
+    return v.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
 def _cast_tiles_plain(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    *lead, k = x.shape
-    tiles = x.float().reshape(*lead, k // TILE, TILE)
-    scale = _scales(tiles.abs().amax(-1))
-    q = (tiles / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.reshape(*lead, k), scale
+    v, scale = _tile_scaled(x)
+    return _to_e4m3(v), scale
 
 
 def _cast_blocks_plain(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n, k = w.shape
-    blocks = w.float().reshape(n // TILE, TILE, k // TILE, TILE)
-    scale = _scales(blocks.abs().amax(dim=(1, 3)))
-    q = (blocks / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q.reshape(n, k), scale
+    v, scale = _block_scaled(w)
+    return _to_e4m3(v), scale
 
 
 def _pack_rows_plain(x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +180,11 @@ def scaled_mm_available(x: torch.Tensor) -> bool:
     return x.is_cuda and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(x.device)[0] == 9
 
 
+def _outer_major(s: torch.Tensor) -> torch.Tensor:
+    """Scales laid out with their first dim fastest, as cuBLAS reads an operand's tile scales."""
+    return s.t().contiguous().t()
+
+
 def fp8_mm(
     qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -178,7 +194,7 @@ def fp8_mm(
         return blockwise_mm(qa.float(), sa, qb.float(), sb).to(out_dtype)
     # cuBLAS takes a row-major and b column-major; a's tile scales outer-dim-major (M fastest); b's scales
     # indexed like b ([K/128, N] or [K/128, N/128]): tiles with N fastest, blocks with K/128 fastest
-    scale_a = sa.t().contiguous().t()
+    scale_a = _outer_major(sa)
     scale_b = sb.t().contiguous() if sb.shape[0] == qb.shape[0] else sb.contiguous().t()
     return torch._scaled_mm(qa.contiguous(), qb.contiguous().t(), scale_a, scale_b, out_dtype=out_dtype)
 
@@ -207,6 +223,10 @@ def _blocks_t(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.t().contiguous(), s.t()
 
 
+def _token_columns(t: tuple[torch.Tensor, torch.Tensor], r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+    return t[0][:, r0:r1], t[1][:, r0 // TILE : r1 // TILE]
+
+
 # The reference's casts (compiled on CUDA) with `fp8_mm`: b operands are held row-major along their K.
 REFERENCE = FP8Kernels(
     "reference",
@@ -217,14 +237,9 @@ REFERENCE = FP8Kernels(
     weight_t=_blocks_t,
     mm=lambda a, b, dtype: fp8_mm(*a, *b, dtype),
     rows=lambda a, r0, r1: (a[0][r0:r1], a[1][r0:r1]),
-    tokens_a=lambda t, r0, r1: (t[0][:, r0:r1], t[1][:, r0 // TILE : r1 // TILE]),
-    tokens_b=lambda t, r0, r1: (t[0][:, r0:r1], t[1][:, r0 // TILE : r1 // TILE]),
+    tokens_a=_token_columns,  # both Wgrad operands are [*, tokens] here
+    tokens_b=_token_columns,
 )
-
-
-def _outer_major(s: torch.Tensor) -> torch.Tensor:
-    """Scales laid out with their first dim fastest, as cuBLAS reads an operand's tile scales."""
-    return s.t().contiguous().t()
 
 
 @functools.cache

@@ -10,9 +10,10 @@ import torch
 from ...ops.fp8 import TILE, packed_row_bytes
 
 
-def fp8_rows_fit(rows: torch.Tensor) -> bool:
-    """Whether rows of this width can travel as FP8 tiles (a width that 128 does not divide cannot)."""
-    return rows.shape[-1] % TILE == 0
+def sends_fp8(fp8_rows: bool, kind: str, rows: torch.Tensor) -> bool:
+    """Whether a hop of `kind` sends `rows` as FP8 tiles: dispatch hops of a dispatcher with `fp8_rows`, for
+    rows whose width 128 divides (combine stays in the rows' dtype)."""
+    return fp8_rows and kind == "dispatch" and rows.shape[-1] % TILE == 0
 
 
 def row_bytes(rows: torch.Tensor, fp8: bool = False) -> int:

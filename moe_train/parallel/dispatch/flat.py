@@ -25,7 +25,7 @@ import torch
 
 from ...model.phases import Compute, Issue, Prepare, Program, Wait
 from ..comm import A2AHop
-from .counters import CommCounters, fp8_rows_fit, row_bytes
+from .counters import CommCounters, row_bytes, sends_fp8
 from .rows import (
     Route,
     Slots,
@@ -70,7 +70,7 @@ class AllToAllDispatcher:
 
     def _hop(self, name: str, send: list[int], recv: list[int], rows: torch.Tensor) -> A2AHop:
         """A hop, added to the byte counters (`rows`: one of the rows it moves)."""
-        fp8 = self.fp8_rows and name == "dispatch" and fp8_rows_fit(rows)
+        fp8 = sends_fp8(self.fp8_rows, name, rows)
         if self.counters is not None:
             self.counters.add(name, send, row_bytes(rows, fp8), self.ep_rank, self.peer_nodes)
         return A2AHop(name, send, recv, self.group, self.event_log, fp8)

@@ -35,7 +35,7 @@ import torch
 
 from ...model.phases import Compute, Issue, Prepare, Program, Wait
 from ..comm import A2AHop
-from .counters import CommCounters, fp8_rows_fit, row_bytes
+from .counters import CommCounters, row_bytes, sends_fp8
 from .rows import (
     Route,
     Slots,
@@ -96,7 +96,7 @@ class HierarchicalDispatcher:
         (so both compare on one run) and per-stage keys (`<kind>_stage_inter*`, `<kind>_stage_intra*`)
         that show which link each stage used (`rows`: one of the rows it moves)."""
         inter = stage == "inter"
-        fp8 = self.fp8_rows and kind == "dispatch" and fp8_rows_fit(rows)
+        fp8 = sends_fp8(self.fp8_rows, kind, rows)
         if self.counters is not None:
             me, peer_nodes = (
                 (self.node_rank, self.inter_peer_nodes) if inter else (self.local_rank, self.intra_peer_nodes)
