@@ -16,6 +16,7 @@ Usage (GPU machine): python bench/doc_attention.py [--batch 2 --heads 16 --seq 4
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -102,6 +103,45 @@ class _CudnnRagged(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _EfficientRagged(torch.autograd.Function):
+    """The memory-efficient (CUTLASS) kernel with cumulative sequence lengths, as SDPA runs it for nested
+    tensors: one call for every document of a micro-batch, different q/k and v head dims allowed."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, top, scale):  # noqa: ANN001, ANN205 - q, k, v: [total, H, d]
+        q, k, v = (t.unsqueeze(0) for t in (q, k, v))  # the kernel's layout: [1, total, H, d]
+        o, lse, seed, offset, _, _ = torch.ops.aten._efficient_attention_forward(
+            q, k, v, None, cu, cu, top, top, 0.0, 1, True, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, o, lse, seed, offset, cu)
+        ctx.top, ctx.scale = top, scale
+        return o.squeeze(0)
+
+    @staticmethod
+    def backward(ctx, go):  # noqa: ANN001, ANN205
+        q, k, v, o, lse, seed, offset, cu = ctx.saved_tensors
+        dq, dk, dv, _ = torch.ops.aten._efficient_attention_backward(
+            go.unsqueeze(0).contiguous(),
+            q,
+            k,
+            v,
+            None,
+            o,
+            cu,
+            cu,
+            ctx.top,
+            ctx.top,
+            lse,
+            0.0,
+            seed,
+            offset,
+            1,
+            False,
+            scale=ctx.scale,
+        )
+        return dq.squeeze(0), dk.squeeze(0), dv.squeeze(0), None, None, None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=2)
@@ -112,7 +152,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--autotune", action="store_true", help="also FlexAttention compiled with max-autotune")
     ap.add_argument("--split-only", action="store_true", help="only cuDNN causal per document, beside cuDNN")
-    ap.add_argument("--ragged-only", action="store_true", help="only cuDNN's ragged attention, beside cuDNN")
+    ap.add_argument(
+        "--ragged-only", action="store_true", help="only the ragged (cumulative-length) kernels, beside cuDNN"
+    )
     a = ap.parse_args()
     dev = torch.device("cuda")
     B, H, T = a.batch, a.heads, a.seq
@@ -148,17 +190,23 @@ def main() -> None:
     print(f"| cuDNN SDPA causal | 1 | - | {base:.3f} | 1.00 | {tflops:.0f} | - |")
 
     def ragged_rows() -> None:
-        """cuDNN's ragged attention (the private op), checked against the document mask's kernel."""
-        for n_docs, rnd in ((1, False), (4, False), (4, True), (16, False), (16, True)):
+        """The ragged kernels (private ops), checked against the document mask's kernel."""
+        for (name, kernel), (n_docs, rnd) in itertools.product(
+            (
+                ("cuDNN ragged (private op)", _CudnnRagged),
+                ("mem-efficient ragged (private op)", _EfficientRagged),
+            ),
+            ((1, False), (4, False), (4, True), (16, False), (16, True)),
+        ):
             ids = doc_ids(B, T, n_docs, rnd, dev)
             rows = ids.cpu() + torch.arange(B)[:, None] * T
             lengths = torch.unique_consecutive(rows, return_counts=True)[1]
             cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(dev, torch.int32)
             top = int(lengths.max())
 
-            def ragged(cu=cu, top=top):
+            def ragged(cu=cu, top=top, kernel=kernel):
                 flat = [t.transpose(1, 2).reshape(B * T, H, -1) for t in (q, k, v)]
-                o = _CudnnRagged.apply(*flat, cu, top, scale)
+                o = kernel.apply(*flat, cu, top, scale)
                 return o.view(B, T, H, a.dv).transpose(1, 2)
 
             def reference(ids=ids, n_docs=n_docs):
@@ -170,7 +218,6 @@ def main() -> None:
                 out.backward(go)
                 return [out.detach()] + [t.grad.clone() for t in (q, k, v)]
 
-            name = "cuDNN ragged (private op)"
             try:  # the values and gradients of the document mask's kernel, else not timed
                 pairs_ = zip(grads(ragged), grads(reference), strict=True)
                 errs = [(x.float() - y.float()).abs().max().item() for x, y in pairs_]

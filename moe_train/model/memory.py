@@ -151,6 +151,8 @@ class MemoryEstimate:
     in_flight: int  # micro-batches whose activations are alive at the peak
     recompute: str
     eval_activation_bytes: int = 0  # evaluation: one micro-batch's forward, nothing kept for backward
+    # CUDA graphs of the training micro-batches keep their activations' memory between steps, evaluation too
+    graphs_hold_activations: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -158,7 +160,8 @@ class MemoryEstimate:
 
     @property
     def eval_total_bytes(self) -> int:
-        return self.state_bytes + self.eval_activation_bytes
+        held = self.activation_bytes if self.graphs_hold_activations else 0
+        return self.state_bytes + self.eval_activation_bytes + held
 
     def line(self, rank: int) -> str:
         return (
@@ -173,7 +176,12 @@ class MemoryEstimate:
         device memory (None: unknown, no check), with the keys that shrink it."""
         phases = (
             ("a training step", self.total_bytes, "trainer.recompute=selective|full, parallel.pp or ep"),
-            ("evaluation", self.eval_total_bytes, "parallel.pp or ep (it runs the training micro-batches)"),
+            (
+                "evaluation",
+                self.eval_total_bytes,
+                "parallel.pp or ep (it runs the training micro-batches)"
+                + (", or trainer.cuda_graph=false" if self.graphs_hold_activations else ""),
+            ),
         )
         return [
             f"warning: {what} needs ~{total / GIB:.1f} GiB by the memory estimate, more than the device's "
@@ -218,6 +226,7 @@ def estimate_memory(
     bf16: bool,
     sharding: StateSharding | None = None,
     fp8: bool = False,
+    graphs: bool = False,
 ) -> MemoryEstimate:
     """The estimate for the rank holding `model` (its partial model); see the module docstring."""
     params = sum(p.numel() for p in model.parameters())
@@ -227,4 +236,4 @@ def estimate_memory(
     dense = params - s.expert_params
     state = s.bytes(dense, s.dense_shards, bf16) + s.bytes(s.expert_params, s.expert_shards, bf16)
     evals = eval_activation_bytes(c, stages, tokens, a)
-    return MemoryEstimate(params, int(state), acts, in_flight, mode, evals)
+    return MemoryEstimate(params, int(state), acts, in_flight, mode, evals, graphs)

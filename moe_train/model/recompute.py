@@ -57,8 +57,10 @@ def maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
 
     Non-reentrant checkpointing handles non-tensor arguments, inputs without grad, and `autograd.grad`
     calls that ask only for some inputs (the pipeline's split B / W passes), and restores the forward's
-    autocast state when it recomputes.
+    autocast state when it recomputes. The model draws no random numbers, so the RNG state is not stashed:
+    stashing it copies the CUDA generator's state to the host at every call, which a CUDA graph cannot
+    capture.
     """
     if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)

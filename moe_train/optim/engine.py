@@ -91,6 +91,9 @@ class TorchEngine:
         self.optimizer = build_optimizer(model, cfg.optim, None if masters is None else dict(masters.named))
         self.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         self.grad_sync: OverlappedGradReduce | None = None
+        # zero gradients in place instead of freeing them: a captured backward (pipeline/graphed.py)
+        # accumulates into the buffers it was recorded with
+        self.keep_grads = False
         if overlap_grad_reduce and mesh.distributed:
             holder = masters.master_of if masters is not None else None
             sync = OverlappedGradReduce(model, mesh, cfg.parallel.microbatches, holder=holder)
@@ -125,7 +128,7 @@ class TorchEngine:
         return grad_norm
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.keep_grads)
 
     def drop_step(self) -> None:
         if self.grad_sync is not None:

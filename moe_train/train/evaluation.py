@@ -30,7 +30,7 @@ from ..parallel.mesh import Mesh
 from ..parallel.pipeline.executor import PipelineExecutor
 from .faults import EvaluationError, guarded, injected_eval_fault
 from .metrics import peak_memory
-from .totals import Totals, maxvio_record
+from .totals import Totals, maxvio_record, on_host
 
 
 def eval_batch_count(cfg: TrainConfig) -> int:
@@ -95,7 +95,7 @@ class Evaluator:
         val_loss = sum(self.weights[k] * v for k, v in per.items())
         record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_sequences": n_all}
         record |= {f"val_loss/{k}": v for k, v in per.items() if k}
-        return record | maxvio_record(loads, "maxvio_global") | peak_memory(device)
+        return record | maxvio_record(on_host(loads), "maxvio_global") | peak_memory(device)
 
     def _explain(self, step: int, e: BaseException) -> str:
         what = "host memory" if isinstance(e, MemoryError) else f"memory on {self.mesh.device}"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..balance import balance_loss_spec
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data import GlobalBatchSampler, build_dataset
 from ..data.mixture import MixtureDataset, MixtureSampler, load_mixture
 from ..data.sampler import rank_rows
@@ -39,6 +39,7 @@ from ..parallel.mesh import Mesh
 from ..parallel.overlap import OverlapEngine
 from ..parallel.pipeline.analysis import peak_activations
 from ..parallel.pipeline.executor import PipelineExecutor
+from ..parallel.pipeline.graphed import GraphedMicroBatch, one_stage_order
 from ..parallel.pipeline.schedules import schedule_for
 from ..parallel.pipeline.stages import build_ties, rank_model_and_stages
 
@@ -219,6 +220,48 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
     return Stages(model, executor, ties, owned, mem_stages, in_flight, pipelined, after_step)
 
 
+def graph_blocker(cfg: TrainConfig, mesh: Mesh, executor: PipelineExecutor) -> str | None:
+    """Why this run's micro-batches cannot replay from CUDA graphs (parallel/pipeline/graphed.py), or None."""
+    resolved = precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine)
+    if mesh.device.type != "cuda":
+        return "it needs a CUDA device"
+    if mesh.world > 1:
+        return f"it runs in one process, and this run has {mesh.world}"
+    if not one_stage_order(executor.schedule, executor.rank):
+        return "it needs one pipeline stage whose schedule runs each backward right after its forward"
+    if cfg.parallel.overlap:
+        return "parallel.overlap=true cuts every step at its all-to-alls"
+    if cfg.optim.engine != "torch":
+        return f"optim.engine={cfg.optim.engine} runs its own backward"
+    if resolved == "fp8":
+        return "trainer.dtype=fp8 reads each MoE layer's row counts on the host"
+    return None
+
+
+def use_graphs(executor: PipelineExecutor, engine: Any, capture: bool = True) -> None:
+    """Run each micro-batch from a CUDA graph (`capture=False`: the same static buffers without one, the
+    CPU twin the tests use); the engine then zeroes gradients in place, where the graphs accumulate."""
+    executor.graphed = GraphedMicroBatch(executor, capture)
+    engine.keep_grads = True
+
+
+def graphed_steps(cfg: TrainConfig, mesh: Mesh, executor: PipelineExecutor, engine: Any) -> bool:
+    """Apply `trainer.cuda_graph` (None: wherever `graph_blocker` finds nothing); whether graphs run."""
+    want = cfg.trainer.cuda_graph
+    if want is False:
+        return False
+    why = graph_blocker(cfg, mesh, executor)
+    if why is not None:
+        if want:
+            raise ConfigError(
+                f"trainer.cuda_graph=true is not possible here: {why}; use null (graphs where a step "
+                "qualifies) or false"
+            )
+        return False
+    use_graphs(executor, engine)
+    return True
+
+
 def estimate_stage_memory(
     cfg: TrainConfig, mesh: Mesh, stages: Stages, amp: torch.dtype | None, engine: Any
 ) -> MemoryEstimate:
@@ -235,6 +278,7 @@ def estimate_stage_memory(
         amp == torch.bfloat16,
         engine.state_sharding(),
         fp8=precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine) == "fp8",
+        graphs=stages.executor.graphed is not None,
     )
 
 
@@ -254,7 +298,7 @@ def moe_layer_ids(cfg: TrainConfig) -> list[int]:
 
 def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> None:
     """run_info.json: data, sizes, layout, precision, the memory estimate (`facts`: data, params, flops,
-    amp, memory)."""
+    amp, memory, cuda_graph)."""
     lay, params, amp = mesh.layout, facts["params"], facts["amp"]
     info = {
         "data": facts["data"],
@@ -268,6 +312,7 @@ def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> 
         "autocast": str(amp) if amp else "fp32",
         "dtype": precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine),  # `auto` resolved
         "recompute": cfg.trainer.recompute,
+        "cuda_graph": facts["cuda_graph"],
         "memory_estimate_rank0": facts["memory"].as_dict(),
     }
     with open(os.path.join(run_dir, "run_info.json"), "w", encoding="utf-8") as f:

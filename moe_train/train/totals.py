@@ -44,7 +44,8 @@ class Totals:
             if k in counts:
                 t[i] = counts[k].to(self.mesh.device)
         dist.all_reduce(t, group=self.mesh.group("world"))
-        return {k: t[i].cpu() for i, k in enumerate(layers)}
+        host = t.cpu()  # one copy: a copy per layer would wait on the device once per layer
+        return {k: host[i] for i, k in enumerate(layers)}
 
     def comm_bytes(self, counters: CommCounters) -> dict[str, float]:
         """Expert all-to-all bytes since the last call (nothing with ep = 1)."""
@@ -53,6 +54,15 @@ class Totals:
         got = counters.take()
         totals = self.values([float(got.get(k, 0)) for k in COMM_KEYS])
         return {f"a2a_{k}_bytes": v for k, v in zip(COMM_KEYS, totals, strict=True)}
+
+
+def on_host(counts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The loads of every layer on the host, in one copy (one wait on the device, not one per layer)."""
+    if not counts:
+        return {}
+    keys = sorted(counts)
+    host = torch.stack([counts[k] for k in keys]).cpu()
+    return dict(zip(keys, host, strict=True))
 
 
 def maxvio_record(counts: dict[int, torch.Tensor], key: str) -> dict[str, Any]:

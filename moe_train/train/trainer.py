@@ -49,13 +49,14 @@ from .setup import (
     build_data,
     build_stages,
     estimate_stage_memory,
+    graphed_steps,
     moe_layer_ids,
     peak_tflops,
     report_memory,
     seed_everything,
     write_run_info,
 )
-from .totals import Totals, maxvio_record
+from .totals import Totals, maxvio_record, on_host
 
 # after an optimizer step: (step, global loads per MoE layer) -> entries for the step's record
 AfterStep = Callable[[int, dict[int, torch.Tensor]], dict[str, Any]]
@@ -78,6 +79,7 @@ class Trainer:
         self.model, self.executor, self.ties = stages.model, stages.executor, stages.ties
         self.engine = build_engine(cfg, s.model, self.mesh, s.ties, s.owned, s.pipelined, run_dir)
         self.executor.backward_fn, self.executor.forward_context = self.engine.backward, self._autocast
+        self.cuda_graph = graphed_steps(cfg, self.mesh, self.executor, self.engine)
         self.totals = Totals(self.mesh, moe_layer_ids(cfg), cfg.model.n_routed_experts)
         self.has_balance = balance_loss_spec(cfg.balance).alpha > 0
         self.bias = BiasController(cfg.balance, t.max_steps)
@@ -95,6 +97,7 @@ class Trainer:
         self._resume()
         if self.mesh.is_logging_rank:
             facts = {"data": self.data.dataset.info, "params": self.params, "flops": self.flops.per_token}
+            facts |= {"cuda_graph": self.cuda_graph}
             write_run_info(run_dir, cfg, self.mesh, amp=self.amp, memory=self.memory, **facts)
 
     # ----------------------------------------------------------------------------------------- state
@@ -175,9 +178,10 @@ class Trainer:
                 self.engine.zero_grad()
                 for hook in self.after_step:
                     record.update(hook(step, loads))
-        record.update(maxvio_record(loads, "maxvio_batch"), skipped_steps=self.skipped_steps)
+        host = on_host(loads)
+        record.update(maxvio_record(host, "maxvio_batch"), skipped_steps=self.skipped_steps)
         if cfg.trainer.log_expert_load:
-            record["expert_load"] = {str(k): v.tolist() for k, v in sorted(loads.items())}
+            record["expert_load"] = {str(k): v.tolist() for k, v in sorted(host.items())}
         with guarded(mesh, f"communication counters of step {step + 1}"):
             record.update(self.totals.comm_bytes(self.counters))
         return record

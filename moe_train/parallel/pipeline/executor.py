@@ -20,6 +20,7 @@ step (a `.item()` per micro-batch would be a host sync in the middle of an FB pa
 Every training step runs here, pp = 1 included (a one-stage schedule): the loss is composed by one function
 (`model.loss.training_loss`) and backpropagated by one backward function (autograd, or an optimizer engine's
 own, e.g. DeepSpeed's), whatever the schedule. Evaluation runs the same stage forwards without a backward.
+A one-stage step may run each micro-batch from a CUDA graph of that same forward and backward (`graphed`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,9 @@ from ...model.loss import training_loss
 from ..overlap import OverlapEngine, StageTape, drain, pair, within
 from .schedules import Action, Kind, Schedule
 from .stages import StageView
+
+if TYPE_CHECKING:
+    from .graphed import GraphedMicroBatch
 
 # backpropagate `tensors` with incoming gradients `grads` (torch.autograd.backward's signature)
 Backward = Callable[[list[torch.Tensor], list[torch.Tensor]], None]
@@ -142,6 +146,8 @@ class PipelineExecutor:
         self.backward_fn = backward
         self.forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.documents: Segment = lambda tokens: None
+        # settable: runs each micro-batch of a one-stage step from a CUDA graph (pipeline/graphed.py)
+        self.graphed: GraphedMicroBatch | None = None
 
     # ------------------------------------------------------------------------------------------- p2p
     def _send(self, t: torch.Tensor, to: int, tag: int, pending: list) -> None:
@@ -159,6 +165,10 @@ class PipelineExecutor:
     def run(self, micro: list[torch.Tensor], weights: list[float], mtp_weight: float) -> StepOutput:
         """micro[m]: tokens [b, T+1] of micro-batch m; weights[m]: its share of the global batch."""
         run = _Run(micro, weights, mtp_weight, segment=self.documents)
+        if self.graphed is not None:  # the one-stage order: each micro-batch's forward, then its backward
+            for mb in range(len(micro)):
+                self.graphed(run, mb)
+            return run.out.finish()
         for action in self.schedule.ranks[self.rank]:
             if action.kind is Kind.FB and self.engine is not None:
                 self._pair(action, run)

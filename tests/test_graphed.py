@@ -1,0 +1,84 @@
+"""Micro-batches replayed from CUDA graphs (parallel/pipeline/graphed.py): the graphed path's protocol —
+static token and document buffers, device-scalar loss weights, gradients accumulated in place — runs on the
+CPU without a capture, and a step through it equals the eager step bit for bit."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moe_train.config import ConfigError
+from moe_train.model.memory import MemoryEstimate
+from moe_train.parallel.pipeline.graphed import GraphedMicroBatch
+from moe_train.train.setup import graph_blocker, use_graphs
+from moe_train.train.trainer import Trainer
+from tiny_cfg import tiny_cfg
+
+STEPS = 6
+BASE = (
+    "trainer.resume=none",
+    "parallel.microbatches=2",
+    "trainer.mtp_weight_switch_frac=0.5",  # the MTP weight changes between replays (a device scalar)
+    "data.synthetic_doc_tokens=12",  # every micro-batch holds documents: masks and restarted positions
+)
+
+
+def _run(run_dir, graphed: bool, *overrides: str) -> tuple[Trainer, list[dict]]:
+    t = Trainer(tiny_cfg(str(run_dir), *BASE, *overrides, steps=STEPS), str(run_dir))
+    if graphed:
+        use_graphs(t.executor, t.engine, capture=False)
+    return t, [t.train_step(s) for s in range(STEPS)]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16_master"])
+def test_graphed_micro_batches_equal_the_eager_step_bit_for_bit(tmp_path, dtype):
+    eager, want = _run(tmp_path / "eager", False, f"trainer.dtype={dtype}")
+    graphed, got = _run(tmp_path / "graphed", True, f"trainer.dtype={dtype}")
+    g = graphed.executor.graphed
+    assert isinstance(g, GraphedMicroBatch) and g.captured  # micro-batches after the warm-up replayed
+    keys = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "expert_load")
+    for a, b in zip(want, got, strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    ref = dict(eager.model.named_parameters())
+    for name, p in graphed.model.named_parameters():
+        assert torch.equal(p, ref[name]), name
+    buffers = dict(eager.model.named_buffers())  # the selection biases moved the same way
+    for name, b in graphed.model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+
+
+def test_graphed_micro_batches_of_both_kinds_with_plain_rows_and_documents(tmp_path):
+    """Rows without documents and rows with them are graphs of their own (different control flow)."""
+    eager, want = _run(tmp_path / "eager", False, "data.synthetic_doc_tokens=0")
+    graphed, got = _run(tmp_path / "graphed", True, "data.synthetic_doc_tokens=0")
+    assert [r["loss"] for r in want] == [r["loss"] for r in got]
+    assert {k[1] for k in graphed.executor.graphed.captured} == {"causal"}
+
+
+def test_a_gradient_buffer_freed_between_steps_is_what_keep_grads_prevents(tmp_path):
+    """The graphs accumulate into the gradient buffers they were recorded with, so the engine must zero them
+    in place: with graphs on, gradients exist (zeros) between steps instead of being freed."""
+    t, _ = _run(tmp_path / "g", True, "trainer.dtype=bf16_master")
+    masters = [m for _, m in t.engine.masters.named]
+    assert all(m.grad is not None and not m.grad.any() for m in masters)
+
+
+def test_cuda_graph_true_where_a_step_cannot_be_captured_is_a_config_error(tmp_path):
+    cfg = tiny_cfg(str(tmp_path), *BASE, "trainer.cuda_graph=true", steps=2)
+    with pytest.raises(ConfigError, match="cuda_graph=true is not possible here: it needs a CUDA device"):
+        Trainer(cfg, str(tmp_path))
+    t = Trainer(tiny_cfg(str(tmp_path / "auto"), *BASE, steps=2), str(tmp_path / "auto"))
+    assert not t.cuda_graph and t.executor.graphed is None  # null: graphs only where a step qualifies
+    assert graph_blocker(t.cfg, t.mesh, t.executor) == "it needs a CUDA device"
+
+
+def test_the_memory_estimate_counts_graph_held_activations_under_evaluation():
+    """A graph keeps its micro-batch's activation memory between replays, so evaluation comes on top."""
+    eager = MemoryEstimate(10, 100, 50, 1, "none", 20)
+    graphed = replace(eager, graphs_hold_activations=True)
+    assert (eager.eval_total_bytes, graphed.eval_total_bytes) == (120, 170)
+    assert eager.warnings(150) == []
+    (line,) = graphed.warnings(150)
+    assert line.startswith("warning: evaluation needs") and "trainer.cuda_graph=false" in line
