@@ -128,7 +128,9 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp)
+        # no cast cache under CUDA graphs: torch's rule for capture (a cached cast must not outlive it)
+        cache = not self.cuda_graph
+        return torch.autocast(device_type=self.device.type, dtype=self.amp, cache_enabled=cache)
 
     def mtp_weight(self, step: int) -> float:
         t = self.cfg.trainer
