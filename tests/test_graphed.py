@@ -69,7 +69,8 @@ def test_cuda_graph_true_where_a_step_cannot_be_captured_is_a_config_error(tmp_p
     cfg = tiny_cfg(str(tmp_path), *BASE, "trainer.cuda_graph=true", steps=2)
     with pytest.raises(ConfigError, match="cuda_graph=true is not possible here: it needs a CUDA device"):
         Trainer(cfg, str(tmp_path))
-    t = Trainer(tiny_cfg(str(tmp_path / "auto"), *BASE, steps=2), str(tmp_path / "auto"))
+    auto = tmp_path / "auto"
+    t = Trainer(tiny_cfg(str(auto), *BASE, "trainer.cuda_graph=null", steps=2), str(auto))
     assert not t.cuda_graph and t.executor.graphed is None  # null: graphs only where a step qualifies
     assert graph_blocker(t.cfg, t.mesh, t.executor) == "it needs a CUDA device"
 
