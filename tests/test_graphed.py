@@ -11,7 +11,9 @@ import torch
 
 from moe_train.config import ConfigError
 from moe_train.model.memory import MemoryEstimate
-from moe_train.parallel.pipeline.graphed import GraphedMicroBatch
+from moe_train.parallel.pipeline import one_f_one_b
+from moe_train.parallel.pipeline.graphed import GraphedMicroBatch, one_stage_order
+from moe_train.parallel.pipeline.schedules import interleaved_1f1b
 from moe_train.train.setup import graph_blocker, use_graphs
 from moe_train.train.trainer import Trainer
 from tiny_cfg import tiny_cfg
@@ -83,3 +85,10 @@ def test_the_memory_estimate_counts_graph_held_activations_under_evaluation():
     assert eager.warnings(150) == []
     (line,) = graphed.warnings(150)
     assert line.startswith("warning: evaluation needs") and "trainer.cuda_graph=false" in line
+
+
+def test_only_a_one_stage_forward_then_backward_order_is_graphed():
+    assert one_stage_order(one_f_one_b(1, 3), 0)
+    assert not one_stage_order(one_f_one_b(2, 3), 0)  # two stages: activations cross ranks
+    assert not one_stage_order(one_f_one_b(1, 3, overlap=True), 0)  # FB pairs interleave two micro-batches
+    assert not one_stage_order(interleaved_1f1b(1, 2, virtual_stages=2), 0)  # two chunks on one rank
