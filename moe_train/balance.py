@@ -61,7 +61,10 @@ class BiasController:
         counts: dict[int, torch.Tensor],
         step: int,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> float:
+        """keep: a device flag (1.0 or 0.0) the update is multiplied by, for a step whose skip is decided on
+        the device (the trainer's deferred reads); None: applied."""
         gamma = self.gamma(step)
         if gamma == 0.0:
             return gamma
@@ -73,5 +76,6 @@ class BiasController:
             if reduce is not None:
                 load = reduce(load)
             bias = moe.gate.e_score_correction_bias
-            bias += gamma * torch.sign(load.mean() - load).to(bias.device)
+            move = gamma * torch.sign(load.mean() - load).to(bias.device)
+            bias += move if keep is None else move * keep
         return gamma

@@ -40,7 +40,7 @@ def test_clipping_launches_as_many_ops_for_ten_or_a_hundred_parameters():
             norm = clip_gradients(model, mesh, max_norm=0.5)
         counts.append(c.ops)
         want = torch.cat([g.flatten() for g in grads]).norm()
-        torch.testing.assert_close(torch.tensor(norm), want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(norm, want, rtol=1e-5, atol=0)
         for p, g in zip(model.parameters(), grads, strict=True):  # every gradient scaled by 0.5 / norm
             torch.testing.assert_close(p.grad, g * (0.5 / (want + 1e-6)), rtol=1e-5, atol=1e-7)
     assert counts[0] == counts[1], counts

@@ -56,8 +56,15 @@ class OptimizerEngine(Protocol):
         stage's outputs, or the loss already weighted by the micro-batch's share of the batch)."""
         ...
 
-    def step(self, lr: float) -> float:
-        """Reduce over dp / expert-dp and tied copies, clip by the global norm, update; returns the norm."""
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether `step` takes a device flag for skipping (the trainer then reads nothing per step)."""
+        ...
+
+    def step(self, lr: float, skip: torch.Tensor | None = None) -> float | torch.Tensor:
+        """Reduce over dp / expert-dp and tied copies, clip by the global norm, update; returns the norm.
+        skip: where the engine `skips_on_device`, a device flag that turns the update into a no-op without
+        the host reading it (the norm then stays on the device too)."""
         ...
 
     def zero_grad(self) -> None: ...
@@ -114,7 +121,17 @@ class TorchEngine:
     def backward(self, tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         torch.autograd.backward(tensors, grads)
 
-    def step(self, lr: float) -> float:
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether `step` can take its skip decision as a device flag: torch's fused AdamW reads one
+        (`found_inf`, the flag AMP's grad scaler hands it) and leaves weights, moments and its step count
+        as they were where it is set."""
+        opt = self.optimizer
+        return type(opt) is torch.optim.AdamW and all(g.get("fused") for g in opt.param_groups)
+
+    def step(self, lr: float, skip: torch.Tensor | None = None) -> float | torch.Tensor:
+        """See `OptimizerEngine.step`; skip (`skips_on_device` only): a device flag, true to leave every
+        weight and state as it is, and the norm is then returned on the device, unread."""
         if self.grad_sync is not None:
             self.grad_sync.finish()
             reduce_ties(self.model, self.ties, self.params)
@@ -122,10 +139,18 @@ class TorchEngine:
             reduce_gradients(self.model, self.mesh, self.ties, self.params)
         grad_norm = clip_gradients(self.model, self.mesh, self.clip, self.owned, self.params)
         set_lr(self.optimizer, lr)
-        self.optimizer.step()
+        if skip is not None:
+            if not self.skips_on_device:
+                raise ValueError(f"{type(self.optimizer).__name__} cannot take a device skip flag")
+            self.optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+        try:
+            self.optimizer.step()
+        finally:
+            if skip is not None:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
         if self.masters is not None:
-            self.masters.copy_to_model()
-        return grad_norm
+            self.masters.copy_to_model()  # a skipped step leaves the masters, and so the copies, as they were
+        return grad_norm if skip is not None else float(grad_norm)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=not self.keep_grads)

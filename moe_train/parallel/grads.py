@@ -147,11 +147,12 @@ def clip_gradients(
     max_norm: float,
     owned: set[str] | None = None,
     params: Named | None = None,
-) -> float:
-    """Clip to max_norm (inf: measure only) by the layout-independent global norm; returns the norm."""
+) -> torch.Tensor:
+    """Clip to max_norm (inf: measure only) by the layout-independent global norm; returns the norm, on the
+    device (reading it is the caller's choice: it waits for the backward)."""
     norm = global_grad_norm(model, mesh, owned, params)
     if max_norm != float("inf"):
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for grads in _by_dtype([p for _, p in named_or_model(model, params)]).values():
             torch._foreach_mul_(grads, scale.to(grads[0].dtype))
-    return float(norm)
+    return norm

@@ -163,7 +163,7 @@ class Stages:
     in_flight: int  # micro-batches whose activations a stage keeps at once
     pipelined: bool  # several stages, or F&B pairs: losses and loads are summed over every rank
     # entries each optimizer step's record gets (the trainer's `after_step` hooks): the FP8 share under fp8
-    after_step: list[Callable[[int, Any], dict[str, Any]]] = field(default_factory=list)
+    after_step: list[Callable[[int, Any, Any], dict[str, Any]]] = field(default_factory=list)
 
 
 def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Data) -> Stages:
@@ -175,7 +175,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         cfg.model, schedule, mesh.pp_rank, balance, mesh.device, t.seed, experts, p.stage_layers
     )
     set_recompute(model, t.recompute)
-    after_step: list[Callable[[int, Any], dict[str, Any]]] = []
+    after_step: list[Callable[[int, Any, Any], dict[str, Any]]] = []
     resolved = precision(t.dtype, mesh.device, cfg.optim.engine)
     if resolved == "fp8":
         share = convert_to_fp8(model, cfg.model).share
@@ -185,7 +185,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
             else "emulated in fp32"
         )
         print(f"rank {mesh.rank}: FP8 ({how}) runs {share:.0%} of its GEMMs", flush=True)
-        after_step.append(lambda step, loads: {"fp8_gemm_share": share})
+        after_step.append(lambda step, loads, keep: {"fp8_gemm_share": share})
     if t.compile == "phases":
         compile_phases(model)
     model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses

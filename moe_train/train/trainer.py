@@ -16,6 +16,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,8 +59,19 @@ from .setup import (
 )
 from .totals import Totals, maxvio_record, on_host
 
-# after an optimizer step: (step, global loads per MoE layer) -> entries for the step's record
-AfterStep = Callable[[int, dict[int, torch.Tensor]], dict[str, Any]]
+# after an optimizer step: (step, global loads per MoE layer, the device flag a deferred skip multiplies
+# updates by, or None) -> entries for the step's record
+AfterStep = Callable[[int, dict[int, torch.Tensor], torch.Tensor | None], dict[str, Any]]
+
+
+@dataclass
+class _Unread:
+    """A step whose record still holds device tensors (`Trainer.settle`)."""
+
+    step: int
+    record: dict[str, Any]
+    loads: dict[int, torch.Tensor]
+    hooked: list[str]  # the record entries the after-step hooks gave: absent from a skipped step's record
 
 
 class Trainer:
@@ -80,11 +92,22 @@ class Trainer:
         self.engine = build_engine(cfg, s.model, self.mesh, s.ties, s.owned, s.pipelined, run_dir)
         self.executor.backward_fn, self.executor.forward_context = self.engine.backward, self._autocast
         self.cuda_graph = graphed_steps(cfg, self.mesh, self.executor, self.engine)
+        # Read a step's numbers back only when they are needed (logging, saving, evaluating, stopping) where
+        # the skip of a non-finite step can be taken on the device: one process (no totals to all-reduce),
+        # an engine that `skips_on_device`, and no per-source losses (a mixture reads its rows).
+        self.defers_reads = (
+            not self.mesh.distributed
+            and self.engine.skips_on_device
+            and cfg.data.name != "mixture"
+        )
+        self._unread: list[_Unread] = []
         self.totals = Totals(self.mesh, moe_layer_ids(cfg), cfg.model.n_routed_experts)
         self.has_balance = balance_loss_spec(cfg.balance).alpha > 0
         self.bias = BiasController(cfg.balance, t.max_steps)
         self.after_step: list[AfterStep] = [
-            lambda step, loads: {"bias_update_rate": self.bias.update(self.model.moe_layers(), loads, step)}
+            lambda step, loads, keep: {
+                "bias_update_rate": self.bias.update(self.model.moe_layers(), loads, step, keep=keep)
+            }
         ] + s.after_step
         self.params = count_params(cfg.model)
         self.flops = StepFlops(cfg, self.data)
@@ -143,7 +166,7 @@ class Trainer:
         self.model.train()
         micro = self.data.sampler.shard(step, mesh.dp_rank, mesh.layout.dp, cfg.parallel.microbatches)
         weights = [mb.shape[0] / cfg.data.batch_size for mb in micro]
-        res = self.executor.run(micro, weights, self.mtp_weight(step))
+        res = self.executor.run(micro, weights, self.mtp_weight(step), read=not self.defers_reads)
         sums: dict[str, float | None] = dict(
             zip(LOSS_KEYS, self.totals.values([res.sums[k] for k in LOSS_KEYS]), strict=True)
         ) | self.data.source_losses(step, mesh, res.rows, self.totals)
@@ -155,38 +178,87 @@ class Trainer:
         return sums, res.stats
 
     def train_step(self, step: int) -> dict[str, Any]:
+        """Step `step`'s update and its metrics record. With `defers_reads` the record leaves this method
+        holding device tensors, and the step's verdict (skip, non-finite stop) waits too: `settle` reads them
+        back and judges the step, as this method does at once otherwise."""
         cfg, mesh = self.cfg, self.mesh
         self.engine.begin_step()
         with guarded(mesh, f"forward/backward of step {step + 1}"):
             sums, stats = self.forward_backward(step)
         lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
-        skip = not math.isfinite(sums["loss"])  # the same verdict on every rank: totals were all-reduced
-        self.skip_streak = nonfinite_verdict(sums, step + 1, self.skip_streak, cfg.trainer)
         record = {"kind": "train", "step": step + 1, **sums, "lr": lr, "bias_update_rate": 0.0}
         record["mtp_weight"] = self.mtp_weight(step) if sums["mtp_loss"] is not None else None
+        if self.defers_reads:
+            return self._update_unread(step, lr, record, stats)
+        skip = not math.isfinite(sums["loss"])  # the same verdict on every rank: totals were all-reduced
+        self.skip_streak = nonfinite_verdict(sums, step + 1, self.skip_streak, cfg.trainer)
         with guarded(mesh, f"gradient reduction / optimizer update of step {step + 1}"):
             loads = self.totals.loads(stats.counts_by_layer())
             if skip:
                 # A lone bad batch costs one step, not the run: the gradients are dropped before any rank
                 # reduces them, so no NaN reaches weights, moments or biases.
                 self.engine.drop_step()
-                self.skipped_steps += 1
-                record["grad_norm"] = float("nan")
-                if mesh.is_logging_rank:
-                    msg = f"non-finite loss {sums['loss']} at step {step + 1}: step skipped"
-                    print(f"warning: {msg} ({self.skipped_steps} so far)", file=sys.stderr, flush=True)
+                self._count_skip(record)
             else:
                 record["grad_norm"] = self.engine.step(lr)  # reduced, clipped by the global norm, applied
                 self.engine.zero_grad()
                 for hook in self.after_step:
-                    record.update(hook(step, loads))
-        host = on_host(loads)
-        record.update(maxvio_record(host, "maxvio_batch"), skipped_steps=self.skipped_steps)
-        if cfg.trainer.log_expert_load:
-            record["expert_load"] = {str(k): v.tolist() for k, v in sorted(host.items())}
+                    record.update(hook(step, loads, None))
+        self._load_entries(record, on_host(loads))
         with guarded(mesh, f"communication counters of step {step + 1}"):
             record.update(self.totals.comm_bytes(self.counters))
         return record
+
+    def _update_unread(self, step: int, lr: float, record: dict[str, Any], stats: MoEStats) -> dict[str, Any]:
+        """The update of a step whose loss has not been read: the skip is a device flag the optimizer and
+        the bias update take (`OptimizerEngine.skips_on_device`), so the host never waits for the GPU here
+        and can issue the next step while this one runs."""
+        with guarded(self.mesh, f"optimizer update of step {step + 1}"):
+            loads = self.totals.loads(stats.counts_by_layer())
+            finite = torch.isfinite(record["loss"])
+            record["grad_norm"] = self.engine.step(lr, skip=~finite)
+            self.engine.zero_grad()
+            keep, hooked = finite.to(torch.float32), []
+            for hook in self.after_step:
+                entries = hook(step, loads, keep)
+                record.update(entries)
+                hooked += entries
+        self._unread.append(_Unread(step, record, loads, hooked))
+        return record
+
+    def settle(self) -> None:
+        """Read back the steps `train_step` left unread, in one transfer, and judge each in order as a step
+        that reads at once is judged: skip counts, warnings, the non-finite stop (NonFiniteLossError), the
+        load entries of its record."""
+        unread, self._unread = self._unread, []
+        if not unread:
+            return
+        keys = [[k for k, v in u.record.items() if torch.is_tensor(v)] for u in unread]
+        tensors = [
+            u.record[k].detach().double().reshape(1) for u, ks in zip(unread, keys, strict=True) for k in ks
+        ]
+        values = iter(torch.cat(tensors).tolist() if tensors else [])
+        for u, ks in zip(unread, keys, strict=True):
+            u.record.update({k: next(values) for k in ks})
+            self.skip_streak = nonfinite_verdict(u.record, u.step + 1, self.skip_streak, self.cfg.trainer)
+            if not math.isfinite(u.record["loss"]):  # the device skipped it: the record says so
+                for k in u.hooked:
+                    u.record.pop(k)
+                u.record["bias_update_rate"] = 0.0
+                self._count_skip(u.record)
+            self._load_entries(u.record, on_host(u.loads))
+
+    def _count_skip(self, record: dict[str, Any]) -> None:
+        self.skipped_steps += 1
+        record["grad_norm"] = float("nan")
+        if self.mesh.is_logging_rank:
+            msg = f"non-finite loss {record['loss']} at step {record['step']}: step skipped"
+            print(f"warning: {msg} ({self.skipped_steps} so far)", file=sys.stderr, flush=True)
+
+    def _load_entries(self, record: dict[str, Any], host: dict[int, torch.Tensor]) -> None:
+        record.update(maxvio_record(host, "maxvio_batch"), skipped_steps=self.skipped_steps)
+        if self.cfg.trainer.log_expert_load:
+            record["expert_load"] = {str(k): v.tolist() for k, v in sorted(host.items())}
 
     def evaluate(self) -> dict[str, Any]:
         """This step's eval record: the validation set through the training forward (train/evaluation.py)."""
@@ -225,13 +297,17 @@ class Trainer:
                         prof.step()
                     progress.advance()
                     stopping = stop.agreed(self.mesh) and self.step < t.max_steps
-                    if saves.due(self.step) or stopping:
+                    saving = saves.due(self.step) or stopping
+                    logging = self.step % t.log_every == 0 or self.step in (1, t.max_steps)
+                    if saving or logging or evaluates(self.step):
+                        self.settle()  # the steps' verdicts before anything of them is written
+                    if saving:
                         # committed now when anything that may fail follows at this step; a preempted job
                         # is requeued and must find it committed
                         with meter.paused(self.device):
                             self.save(commit=stopping or evaluates(self.step))
                         saves.saved()
-                    if self.step % t.log_every == 0 or self.step in (1, t.max_steps):
+                    if logging:
                         last = record | meter.take(self.device)
                         hub.log(last)
                     if stopping:
@@ -240,6 +316,7 @@ class Trainer:
                     if evaluates(self.step):
                         with meter.paused(self.device):
                             last_eval = self._evaluate_logged(hub)
+            self.settle()
             with guarded(self.mesh, "committing the last asynchronous checkpoint"):
                 self.checkpoints.finish()
             summary = run_summary(self.step, self.run_dir, self.skipped_steps, last, last_eval)

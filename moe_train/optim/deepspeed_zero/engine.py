@@ -159,9 +159,14 @@ class DeepSpeedZero:
         else:
             torch.autograd.backward(tensors, grads)
 
-    def step(self, lr: float) -> float:
+    #: DeepSpeed's optimizer decides on the host whether a step is applied
+    skips_on_device = False
+
+    def step(self, lr: float, skip: torch.Tensor | None = None) -> float:
         """Sum tied copies over pipeline ranks, then DeepSpeed reduces (over dp, experts over expert-dp),
-        clips by the global norm and updates; returns the norm."""
+        clips by the global norm and updates; returns the norm. `skip` is not taken (`skips_on_device`)."""
+        if skip is not None:
+            raise ValueError("DeepSpeed's engine takes no device skip flag")
         reduce_ties(self.model, self.ties)
         for g in self.optimizer.param_groups:
             g["lr"] = lr

@@ -75,11 +75,14 @@ class StepOutput:
     def add(self, key: str, weight: float, value: torch.Tensor) -> None:
         self.pending.append((key, weight, value.detach()))
 
-    def finish(self) -> StepOutput:
+    def finish(self, read: bool = True) -> StepOutput:
+        """Sum the pending terms into `sums`: floats read back in one transfer, or (read=False) float64
+        tensors left on the device, the same arithmetic without waiting for the step."""
         if self.pending:
-            values = torch.stack([v.float() for _, _, v in self.pending]).tolist()
+            stacked = torch.stack([v.float() for _, _, v in self.pending])
+            values = stacked.tolist() if read else stacked.double().unbind()
             for (key, w, _), v in zip(self.pending, values, strict=True):
-                self.sums[key] += w * v
+                self.sums[key] = self.sums[key] + w * v
             self.pending = []
         return self
 
@@ -162,13 +165,16 @@ class PipelineExecutor:
         return buf
 
     # --------------------------------------------------------------------------------------- running
-    def run(self, micro: list[torch.Tensor], weights: list[float], mtp_weight: float) -> StepOutput:
-        """micro[m]: tokens [b, T+1] of micro-batch m; weights[m]: its share of the global batch."""
+    def run(
+        self, micro: list[torch.Tensor], weights: list[float], mtp_weight: float, read: bool = True
+    ) -> StepOutput:
+        """micro[m]: tokens [b, T+1] of micro-batch m; weights[m]: its share of the global batch; read=False:
+        the loss sums stay on the device (`StepOutput.finish`)."""
         run = _Run(micro, weights, mtp_weight, segment=self.documents)
         if self.graphed is not None:  # the one-stage order: each micro-batch's forward, then its backward
             for mb in range(len(micro)):
                 self.graphed(run, mb)
-            return run.out.finish()
+            return run.out.finish(read)
         for action in self.schedule.ranks[self.rank]:
             if action.kind is Kind.FB and self.engine is not None:
                 self._pair(action, run)
@@ -177,7 +183,7 @@ class PipelineExecutor:
                 self._run_part(part, run)
         for s in run.sends:
             s.wait()
-        return run.out.finish()
+        return run.out.finish(read)
 
     @torch.no_grad()
     def forward_only(self, micro: list[torch.Tensor], weights: list[float]) -> StepOutput:

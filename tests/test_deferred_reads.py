@@ -1,0 +1,105 @@
+"""Steps that read nothing back (`Trainer.defers_reads`): the skip of a non-finite step is a device flag the
+fused AdamW and the bias update take, and the records are read and judged later (`Trainer.settle`), in one
+transfer. The tests hold that path to the one that reads every step, bit for bit, skips and stops
+included; CPU runs it with torch's fused AdamW, the optimizer CUDA gets by default."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moe_train.train.faults import NonFiniteLossError
+from moe_train.train.trainer import Trainer
+from tiny_cfg import tiny_cfg
+
+STEPS, BAD = 5, 2  # step index 2 (step 3 in the log) gets a non-finite loss
+
+
+def _trainer(run_dir, deferred: bool, *overrides: str) -> Trainer:
+    cfg = tiny_cfg(str(run_dir), "trainer.resume=none", "parallel.microbatches=2", *overrides, steps=STEPS)
+    t = Trainer(cfg, str(run_dir))
+    groups = [{**g, "fused": True, "foreach": None} for g in t.engine.optimizer.param_groups]
+    t.engine.optimizer = torch.optim.AdamW(groups, fused=True)
+    assert t.engine.skips_on_device
+    t.defers_reads = deferred
+    fb = t.forward_backward
+
+    def poisoned(step: int):  # noqa: ANN202 - one bad batch: its loss is non-finite, its gradients not
+        sums, stats = fb(step)
+        if step == BAD:
+            sums["loss"] = sums["loss"] * float("nan")
+        return sums, stats
+
+    t.forward_backward = poisoned
+    return t
+
+
+def _steps(t: Trainer) -> list[dict]:
+    records = [t.train_step(s) for s in range(STEPS)]
+    t.settle()
+    return records
+
+
+def _same(a: object, b: object) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16_master"])
+def test_deferred_reads_equal_reading_every_step_bit_for_bit_with_a_skipped_step(tmp_path, dtype):
+    runs = {}
+    for deferred in (False, True):
+        t = _trainer(
+            tmp_path / str(deferred), deferred, f"trainer.dtype={dtype}", "trainer.skip_nonfinite=true"
+        )
+        runs[deferred] = (t, _steps(t))
+    (eager, want), (lazy, got) = runs[False], runs[True]
+    assert want[BAD]["skipped_steps"] == 1 and math.isnan(want[BAD]["grad_norm"])
+    for a, b in zip(want, got, strict=True):
+        assert a.keys() == b.keys()
+        assert all(_same(a[k], b[k]) for k in a), {k: (a[k], b[k]) for k in a if not _same(a[k], b[k])}
+    assert lazy.skipped_steps == eager.skipped_steps == 1
+    for (name, p), q in zip(eager.model.state_dict().items(), lazy.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name  # weights and selection biases: the skipped step changed neither
+
+
+def test_a_deferred_non_finite_step_stops_the_run_when_it_is_read(tmp_path):
+    t = _trainer(tmp_path, True)  # trainer.skip_nonfinite=false
+    for s in range(STEPS):
+        t.train_step(s)  # nothing is judged yet
+    with pytest.raises(NonFiniteLossError, match=f"non-finite loss nan at step {BAD + 1} "):
+        t.settle()
+
+
+class _Reads(TorchDispatchMode):
+    """Counts what reads a tensor's value on the host: item/float/bool (`_local_scalar_dense`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_deferred_update_reads_nothing_back(tmp_path, monkeypatch):
+    """Between a step's backward and the next step nothing waits for the device: no scalar read, no
+    tolist or host copy (the forward's own reads on the CPU's reference expert loop are not counted)."""
+    t = _trainer(tmp_path, True, "trainer.skip_nonfinite=true")
+    sums, stats = t.forward_backward(0)
+    record = {"kind": "train", "step": 1, **sums, "lr": 1e-3, "bias_update_rate": 0.0}
+    host = []
+    for name in ("tolist", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda x, *a, _o=original, _n=name, **k: (host.append(_n), _o(x, *a, **k))[1]
+        )
+    with _Reads() as r:
+        t._update_unread(0, 1e-3, record, stats)
+    assert (r.reads, host) == (0, [])
+    monkeypatch.undo()
+    t.settle()
+    assert isinstance(record["loss"], float) and isinstance(record["grad_norm"], float)
