@@ -96,9 +96,7 @@ class Trainer:
         # the skip of a non-finite step can be taken on the device: one process (no totals to all-reduce),
         # an engine that `skips_on_device`, and no per-source losses (a mixture reads its rows).
         self.defers_reads = (
-            not self.mesh.distributed
-            and self.engine.skips_on_device
-            and cfg.data.name != "mixture"
+            not self.mesh.distributed and self.engine.skips_on_device and cfg.data.name != "mixture"
         )
         self._unread: list[_Unread] = []
         self.totals = Totals(self.mesh, moe_layer_ids(cfg), cfg.model.n_routed_experts)
