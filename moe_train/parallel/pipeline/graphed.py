@@ -7,10 +7,10 @@ the one-stage step provides it:
 - Fixed addresses. The tokens are copied into one static buffer. The loss weights that change between steps
   (the micro-batch's share of the batch, the MTP weight) are device scalars filled before each replay.
   Gradients accumulate into buffers that live across steps: the engine zeroes them in place
-  (`OptimizerEngine.keep_grads`). Parameters, fp32 masters and the selection biases are updated in place.
+  (`TorchEngine.keep_grads`). Parameters, fp32 masters and the selection biases are updated in place.
 - No host synchronisation inside. The one-process MoE path reads no count on the host (the grouped GEMM
-  takes device offsets). The loss terms and router counts come out of the graph as tensors; the step reads
-  them back once, after its last micro-batch (`StepOutput.finish`).
+  takes device offsets). The loss terms and router counts come out of the graph as tensors, copied before
+  the next replay overwrites them; the trainer reads them when it needs them (`Trainer.settle`).
 - The same work on every call. The graph is captured after `warmup` eager micro-batches, which run lazy
   initialisation, torch.compile's first calls and autotuning. It serves micro-batches of the shape it was
   captured with; a micro-batch of another shape runs eagerly.
