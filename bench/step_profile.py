@@ -46,12 +46,13 @@ def union_ms(intervals: list[tuple[float, float]]) -> float:
 
 
 def run_steps(t: Trainer, first: int, n: int) -> float:
-    """Seconds for steps first..first+n-1, the device drained before and after."""
+    """Seconds for steps first..first+n-1, the device drained before and after, their records read back."""
     sync = torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for s in range(first, first + n):
         t.train_step(s)
+    t.settle()  # the window's records read back, as a log record at its end would
     sync()
     return time.perf_counter() - t0
 
