@@ -6,7 +6,9 @@ update. Every step runs through the pipeline executor (one stage when pp = 1); t
 clips and updates; hooks after the update (the selection-bias controller) see the step's global loads.
 A step's checkpoint is written before its logging and evaluation, and committed (asynchronous saves too)
 before an evaluation or the summary runs, so neither can cost the step; a resume at an evaluation step
-evaluates it first (it may have failed, or a preemption skipped it).
+evaluates it first (it may have failed, or a preemption skipped it). On one process with fused AdamW a step
+reads nothing back (`defers_reads`): its records are read and judged before the next log, save or
+evaluation (`settle`), so the host can issue steps ahead of the GPU.
 """
 
 from __future__ import annotations
