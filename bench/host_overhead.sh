@@ -18,7 +18,7 @@ late = [x['tokens_per_s'] for x in r if x['step'] > 20]
 print('$1', 'loss', [round(x['loss'], 5) for x in r][-3:], 'tokens/s median', round(statistics.median(late)) if late else '-')"; }
 run() { tag=$1; tree=$2; shift 2
   (cd $tree && PYTHONPATH=$tree:/tmp/site timeout 300 python train.py model=small trainer.max_steps=$LAST \
-    trainer.log_every=10 trainer.eval_every=100000 trainer.ckpt_every_minutes=0 logger.console=false \
+    trainer.log_every=10 trainer.eval_every=100000 logger.console=false \
     trainer.progress=false hydra.run.dir=$R/$tag "$@" > $R/$tag.log 2>&1) && report $tag || { echo "$tag FAILED"; tail -5 $R/$tag.log; }
   rm -rf $R/$tag/checkpoints; }
 for round in $(seq 1 "${ROUNDS:-1}"); do
