@@ -5,6 +5,7 @@ included; CPU runs it with torch's fused AdamW, the optimizer CUDA gets by defau
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -107,3 +108,28 @@ def test_a_one_process_step_reads_nothing_back(tmp_path, monkeypatch):
     monkeypatch.undo()
     t.settle()
     assert isinstance(record["loss"], float) and isinstance(record["grad_norm"], float)
+
+
+def test_a_run_with_deferred_reads_logs_saves_and_evaluates_what_the_reading_run_does(tmp_path):
+    """`Trainer.run`: records settled only at log, save and evaluation steps (log_every=3 leaves steps
+    unread across those points) give the same metrics.jsonl, summary and checkpoint as reading every step."""
+    every = (
+        "trainer.log_every=3",
+        "trainer.eval_every=4",
+        "trainer.ckpt_every=5",
+        "trainer.skip_nonfinite=true",
+    )
+    logs, weights = {}, {}
+    for deferred in (False, True):
+        run = tmp_path / str(deferred)
+        t = _trainer(run, deferred, *every)
+        t.run()
+        timing = ("tokens_per_s", "mfu", "peak_mem_gib", "run_dir")
+        with open(run / "metrics.jsonl") as f:
+            logs[deferred] = [{k: v for k, v in json.loads(line).items() if k not in timing} for line in f]
+        weights[deferred] = {k: v.clone() for k, v in t.model.state_dict().items()}
+    assert [r["step"] for r in logs[True] if r["kind"] == "train"] == [1, 3, 5]
+    assert logs[True][-1]["skipped_steps"] == 1  # the poisoned step, judged at a later settle
+    for a, b in zip(logs[False], logs[True], strict=True):
+        assert a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a), (a, b)
+    assert all(torch.equal(weights[False][k], weights[True][k]) for k in weights[False])
