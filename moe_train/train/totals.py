@@ -4,7 +4,7 @@ the selection biases) are the same everywhere."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -13,6 +13,8 @@ import torch.distributed as dist
 from ..balance import maxvio
 from ..parallel.dispatch import CommCounters
 from ..parallel.mesh import Mesh
+
+K = TypeVar("K")
 
 COMM_KEYS = tuple(
     f"{d}{s}" for d in ("dispatch", "combine") for s in ("", "_remote", "_intra_node", "_inter_node")
@@ -56,8 +58,9 @@ class Totals:
         return {f"a2a_{k}_bytes": v for k, v in zip(COMM_KEYS, totals, strict=True)}
 
 
-def on_host(counts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """The loads of every layer on the host, in one copy (one wait on the device, not one per layer)."""
+def on_host(counts: dict[K, torch.Tensor]) -> dict[K, torch.Tensor]:
+    """Loads (one vector per key: a layer, or a (step, layer) pair) on the host, in one copy: one wait on the
+    device, not one per vector."""
     if not counts:
         return {}
     keys = sorted(counts)

@@ -227,9 +227,9 @@ class Trainer:
         return record
 
     def settle(self) -> None:
-        """Read back the steps `train_step` left unread, in one transfer, and judge each in order as a step
-        that reads at once is judged: skip counts, warnings, the non-finite stop (NonFiniteLossError), the
-        load entries of its record."""
+        """Read back the steps `train_step` left unread — their scalars in one transfer, their loads in
+        another — and judge each in order as a step that reads at once is judged: skip counts, warnings, the
+        non-finite stop (NonFiniteLossError), the load entries of its record."""
         unread, self._unread = self._unread, []
         if not unread:
             return
@@ -238,7 +238,8 @@ class Trainer:
             u.record[k].detach().double().reshape(1) for u, ks in zip(unread, keys, strict=True) for k in ks
         ]
         values = iter(torch.cat(tensors).tolist() if tensors else [])
-        for u, ks in zip(unread, keys, strict=True):
+        loads = on_host({(i, k): v for i, u in enumerate(unread) for k, v in u.loads.items()})
+        for i, (u, ks) in enumerate(zip(unread, keys, strict=True)):
             u.record.update({k: next(values) for k in ks})
             self.skip_streak = nonfinite_verdict(u.record, u.step + 1, self.skip_streak, self.cfg.trainer)
             if not math.isfinite(u.record["loss"]):  # the device skipped it: the record says so
@@ -246,7 +247,7 @@ class Trainer:
                     u.record.pop(k)
                 u.record["bias_update_rate"] = 0.0
                 self._count_skip(u.record)
-            self._load_entries(u.record, on_host(u.loads))
+            self._load_entries(u.record, {k: loads[(i, k)] for k in u.loads})
 
     def _count_skip(self, record: dict[str, Any]) -> None:
         self.skipped_steps += 1
