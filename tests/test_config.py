@@ -236,6 +236,18 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
     ("gpus_per_node", ["parallel.gpus_per_node=0"], 2, "parallel.gpus_per_node=0 is not allowed"),
     ("schedule", ["parallel.schedule=gpipe"], 2, "parallel.schedule='gpipe'"),
     ("dispatcher", ["parallel.dispatcher=magic"], 2, "parallel.dispatcher='magic'"),
+    (
+        "bound without bounded",
+        ["parallel.dispatch_bound=2"],
+        2,
+        "parallel.dispatch_bound=2.0 is not allowed: null unless parallel.dispatcher=bounded",
+    ),
+    (
+        "bound zero",
+        ["parallel.dispatcher=bounded", "parallel.dispatch_bound=0"],
+        2,
+        "parallel.dispatch_bound=0.0 is not allowed: a number > 0",
+    ),
     ("microbatches", ["data.batch_size=4", "parallel.microbatches=3"], 2, "data.batch_size=4"),
     (
         "zero stage 3",

@@ -19,7 +19,8 @@ from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
 from moe_train.ops.fp8 import packed_row_bytes
 from moe_train.ops.gather import Bags, bag_sum, gather_rows
-from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters
+from moe_train.parallel.dispatch import AllToAllDispatcher, BoundedDispatcher, CommCounters
+from moe_train.parallel.dispatch.bounded import rows_bound
 from moe_train.parallel.mesh import Layout, MeshError, build_mesh
 
 CFG = ModelConfig(
@@ -43,11 +44,19 @@ def _moe_pair(cfg, rank, ep, seed=7):
     return ref, sharded
 
 
-def _case(sizes: list[int], masked_rank: int | None, seed: int, fp8: bool = False) -> dict:
+def _case(
+    sizes: list[int],
+    masked_rank: int | None,
+    seed: int,
+    fp8: bool = False,
+    bound: float | None | str = "flat",
+) -> dict:
     """Tokens per rank = sizes; `masked_rank`'s experts get no tokens. Asserts equality with the reference.
 
     fp8: FP8 experts in both, and FP8 dispatch rows: the experts' own 1×128 tiles of their input are those
-    the dispatch sent, so the one-process FP8 MoE is matched as closely as without FP8."""
+    the dispatch sent, so the one-process FP8 MoE is matched as closely as without FP8.
+    bound: "flat" for the flat dispatcher, else the bounded one with this `dispatch_bound` (its results
+    must equal the flat one's bit for bit; a bound too small for the routing raises the overflow flag)."""
     mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
     rank, ep = mesh.rank, mesh.layout.ep
     cfg = dataclasses.replace(CFG, hidden_size=128, moe_intermediate_size=128) if fp8 else CFG
@@ -59,7 +68,12 @@ def _case(sizes: list[int], masked_rank: int | None, seed: int, fp8: bool = Fals
     if fp8:
         ref.experts.impl = moe.experts.impl = "fp8"
     counters = CommCounters()
-    moe.dispatcher = AllToAllDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters, fp8_rows=fp8)
+    if bound == "flat":
+        moe.dispatcher = AllToAllDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters, fp8_rows=fp8)
+    else:
+        moe.dispatcher = BoundedDispatcher(
+            mesh.group("ep"), ep, mesh.ep_rank, counters, None, None, fp8, bound
+        )
 
     g = torch.Generator().manual_seed(seed)
     total = sum(sizes)
@@ -75,6 +89,9 @@ def _case(sizes: list[int], masked_rank: int | None, seed: int, fp8: bool = Fals
     x = x_all[:, lo:hi].clone().requires_grad_(True)
     y = moe(x)
     (y * up_all[:, lo:hi]).sum().backward()
+    if bound != "flat":
+        over = counters.take_overflows()
+        assert over is not None and int(over) == 0, "no overflow expected at this bound"
 
     torch.testing.assert_close(y, y_ref[:, lo:hi].detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad[:, lo:hi], rtol=1e-5, atol=1e-5)
@@ -100,6 +117,10 @@ def _case(sizes: list[int], masked_rank: int | None, seed: int, fp8: bool = Fals
     pairs = sum(len(set((row // per).tolist())) for row in idx)
     got = counters.take()
     row = packed_row_bytes(cfg.hidden_size) if fp8 else cfg.hidden_size * 4
+    if bound != "flat":  # fixed blocks: the wire carries every block position, padding included
+        block = rows_bound(sizes[rank], cfg.num_experts_per_tok, ep, bound)
+        assert got["dispatch"] == ep * block * row and got["combine"] == ep * block * cfg.hidden_size * 4
+        return {"pairs": pairs, "rows_in": sizes[rank]}
     assert got.get("dispatch", 0) == pairs * row, (got, pairs)
     if fp8:  # the recipe's halving: FP8 values plus a 4-byte scale per 128 against bf16's 2 bytes a value
         assert got["dispatch"] <= 0.55 * pairs * cfg.hidden_size * 2
@@ -113,6 +134,23 @@ def _case(sizes: list[int], masked_rank: int | None, seed: int, fp8: bool = Fals
     return {"pairs": pairs, "rows_in": sizes[rank]}
 
 
+def _overflow_case(seed: int) -> None:
+    """A bound far below the load raises the overflow flag on the ranks that overflow (and only there)."""
+    mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
+    ep = mesh.layout.ep
+    _, moe = _moe_pair(CFG, mesh.ep_rank, ep)
+    per = CFG.n_routed_experts // ep
+    # every token picks rank 0's experts first: rank 0 receives far more than the balanced load
+    moe.gate.e_score_correction_bias[:per] = 10.0
+    counters = CommCounters()
+    moe.dispatcher = BoundedDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters, None, None, False, 0.25)
+    x = torch.randn(1, 24, CFG.hidden_size, generator=torch.Generator().manual_seed(seed))
+    moe(x).sum().backward()
+    flags = torch.tensor([int(counters.take_overflows())])
+    dist.all_reduce(flags)
+    assert int(flags) > 0
+
+
 def _dispatch_suite() -> list[dict]:
     world = int(os.environ["WORLD_SIZE"])
     out = [_case([24] * world, None, 0)]
@@ -121,6 +159,13 @@ def _dispatch_suite() -> list[dict]:
     uneven = [5 + 7 * r for r in range(world)]
     out.append(_case(uneven, 0, 3))
     out.append(_case([24] * world, None, 4, fp8=True))
+    # the bounded dispatcher (equal tokens per rank, as the trainer's micro-batches): worst-case buffers,
+    # a bound the load fits, an empty rank's experts, FP8 rows
+    out.append(_case([24] * world, None, 0, bound=None))
+    out.append(_case([24] * world, None, 0, bound=2.0))
+    out.append(_case([24] * world, world - 1, 1, bound=None))
+    out.append(_case([24] * world, None, 4, fp8=True, bound=None))
+    _overflow_case(5)
     return out
 
 
@@ -200,6 +245,55 @@ def test_bag_sum_and_gather_rows_match_indexing_with_autograd():
         bag_sum(src, bags, src_bag, w, None)
 
 
+def test_padding_entries_add_nothing_and_get_no_gradient():
+    """Bags with `pad` entries (the bounded dispatcher's fixed-length bags): a weighted bag_sum and a
+    gather_rows backward equal the same bags with the padding left out, even though the padding row holds
+    NaN; the padding entries' weights get zero gradient. Expert SwiGLU over a buffer with padding rows past
+    the counts gives the counted rows' result and zero rows after them."""
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    src[5] = float("nan")  # the padding row: never read
+    index = torch.tensor([0, 5, 2, 1, 5, 5, 3, 4])  # 4 bags of 2: bag 2 is all padding
+    offsets = torch.arange(0, 9, 2)
+    padded = Bags(index, offsets, torch.arange(8) // 2, pad=5)
+    keep = index != 5
+    plain = Bags(index[keep], F.pad(keep.view(4, 2).sum(1).cumsum(0), (1, 0)), (torch.arange(8) // 2)[keep])
+    w = torch.rand(8, dtype=torch.float64, generator=g, requires_grad=True)
+    src_bag = torch.tensor([0, 1, 1, 3, 3, 2])
+    src_w = torch.zeros(6, dtype=torch.float64).index_copy_(0, index[keep], w.detach()[keep])
+    x = src.clone().requires_grad_(True)
+    out = bag_sum(x, padded, src_bag, w, src_w)
+    (out * torch.arange(16.0, dtype=torch.float64).view(4, 4)).sum().backward()
+    w2 = w.detach()[keep].clone().requires_grad_(True)
+    x2 = src.clone().requires_grad_(True)
+    ref = bag_sum(x2, plain, src_bag, w2, src_w)
+    (ref * torch.arange(16.0, dtype=torch.float64).view(4, 4)).sum().backward()
+    torch.testing.assert_close(out, ref)
+    assert not out.isnan().any() and float(out[2].detach().abs().sum()) == 0.0
+    torch.testing.assert_close(w.grad[keep], w2.grad)
+    assert float(w.grad[~keep].abs().sum()) == 0.0
+    # gather_rows: positions 0..5 copy rows, position 5 is padding: only real entries carry gradient back
+    rows = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    copied = gather_rows(
+        rows,
+        torch.tensor([0, 1, 1, 2, 3, 0]),
+        Bags(torch.tensor([0, 5, 1, 2, 5, 5, 3, 5]), offsets, torch.arange(8) // 2, pad=5),
+    )
+    up = torch.randn(6, 3, dtype=torch.float64, generator=g)
+    (copied * up).sum().backward()
+    want = torch.stack([up[0], up[1] + up[2], torch.zeros(3, dtype=torch.float64), up[3]])  # not up[5]
+    torch.testing.assert_close(rows.grad, want)
+
+    from moe_train.ops.grouped_gemm import expert_swiglu
+
+    x = torch.randn(7, 8, generator=g)
+    counts = torch.tensor([2, 0, 3])
+    wgu, wd = torch.randn(3, 10, 8, generator=g), torch.randn(3, 8, 5, generator=g)
+    y = expert_swiglu(x, counts, wgu, wd, "reference")
+    torch.testing.assert_close(y[:5], expert_swiglu(x[:5], counts, wgu, wd, "reference"))
+    assert y.shape == (7, 8) and float(y[5:].abs().sum()) == 0.0
+
+
 def triton_interpreter_checks() -> None:
     """The CUDA kernels behind bag_sum against indexing references, on CPU tensors (TRITON_INTERPRET=1)."""
     from moe_train.ops import gather_triton as gt
@@ -235,3 +329,21 @@ def test_triton_bag_kernels_match_references_in_the_interpreter():
     code = "import test_expert_parallel as t; t.triton_interpreter_checks()"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_bounded_buffers_enter_the_memory_estimate():
+    """The estimate keeps a bounded dispatcher's slot buffer (C + 1 rows per MoE layer) in place of k rows
+    per token, and adds its send and receive blocks; a bound shrinks both, never below the balanced load."""
+    from moe_train.model.memory import mlp_bytes
+    from moe_train.parallel.dispatch.bounded import bounded_memory
+
+    k, tokens, ep = CFG.num_experts_per_tok, 64, 2
+    worst_rows, worst_blocks = bounded_memory(tokens, CFG.hidden_size, k, CFG.n_routed_experts, ep, None, 4)
+    per_rank = CFG.n_routed_experts // ep
+    assert worst_rows == (ep * tokens * min(k, per_rank) + 1) / tokens  # every row of every peer, all slots
+    assert worst_blocks == 2 * ep * tokens * (CFG.hidden_size * 4 + 2 * k * 4)
+    rows, blocks = bounded_memory(tokens, CFG.hidden_size, k, CFG.n_routed_experts, ep, 1.5, 4)
+    assert k <= rows < worst_rows and blocks <= worst_blocks
+    layer = 1  # a MoE layer of CFG
+    assert mlp_bytes(CFG, layer, 4, "none", routed=k) == mlp_bytes(CFG, layer, 4, "none")
+    assert mlp_bytes(CFG, layer, 4, "none", routed=rows) > mlp_bytes(CFG, layer, 4, "none")

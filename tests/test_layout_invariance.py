@@ -153,11 +153,22 @@ def test_ep2_on_2_processes_and_its_checkpoint_in_one_process(reference, tmp_pat
     assert resumed[0]["grad_norm"] == pytest.approx(ep2[3]["grad_norm"], rel=1e-4)
 
 
+BOUNDED = ("parallel.dispatcher=bounded",)
+
+
 @pytest.mark.slow
 def test_ep4_and_dp4_ep2_on_4_processes(reference, tmp_path):
-    results = run_world(4, _worker, str(tmp_path), [("parallel.ep=4",), ("parallel.ep=2",)])
-    _compare(reference, results[0][0], "ep=4")
-    _compare(reference, results[0][1], "dp=4,ep=2")
+    """ep=4 and dp=4·ep=2 with the flat dispatcher, and with the bounded one: worst-case buffers at ep=4, and
+    at ep=2 a bound far below the load, so steps and evaluations overflow and run again exactly."""
+    small = ("parallel.ep=2", *BOUNDED, "parallel.dispatch_bound=0.3")
+    layouts = [("parallel.ep=4",), ("parallel.ep=2",), ("parallel.ep=4", *BOUNDED), small]
+    results = run_world(4, _worker, str(tmp_path), layouts)
+    for result, layout in zip(results[0], layouts, strict=True):
+        _compare(reference, result, " ".join(layout))
+    redone = [r.get("dispatch_redone_steps") for r in results[0][3]["records"] if r["kind"] == "train"]
+    assert redone == [1, 2, 3], redone  # every step overflowed the small bound and was redone
+    worst = [r.get("dispatch_redone_steps") for r in results[0][2]["records"] if r["kind"] == "train"]
+    assert worst == [0, 0, 0], worst  # worst-case buffers never overflow
 
 
 PIPELINES_2 = [
@@ -202,6 +213,7 @@ def test_pp2_ep2_and_pp4_on_4_processes(reference, tmp_path):
         ("parallel.pp=2", "parallel.ep=2", "parallel.schedule=interleaved1f1b", "parallel.microbatches=4"),
         ("parallel.pp=4", "parallel.microbatches=4"),
         ("parallel.pp=4", "parallel.schedule=dualpipe", "parallel.microbatches=8"),
+        ("parallel.pp=2", "parallel.ep=2", "parallel.microbatches=2", *BOUNDED),
     ]
     results = run_world(4, _worker, str(tmp_path), layouts)
     for result, layout in zip(results[0], layouts, strict=True):

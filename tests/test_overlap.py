@@ -210,7 +210,7 @@ def _trainer_pair(base: str, overrides: tuple[str, ...]) -> dict:
         sums, _ = t.forward_backward(0)
         reduce_gradients(t.model, t.mesh, t.ties)
         grads = full_gradients(t.model, t.mesh)  # collective: every rank calls it
-        out[overlap] = {"sums": sums, "grads": grads if t.mesh.rank == 0 else {}}
+        out[overlap] = {"sums": sums, "grads": grads if t.mesh.rank == 0 else {}, "redone": t.redone_steps}
         t.mesh.barrier()
     return out
 
@@ -224,6 +224,14 @@ def _slow_suite(base: str) -> dict:
             "parallel.ep=2",
             "parallel.schedule=dualpipev",
             "parallel.microbatches=4",
+        ),
+        # fixed-size blocks, no host sync; its small bound overflows, and the step runs again exactly
+        "bounded": ("parallel.ep=2", "parallel.dispatcher=bounded", "parallel.microbatches=2"),
+        "bounded_small": (
+            "parallel.ep=2",
+            "parallel.dispatcher=bounded",
+            "parallel.dispatch_bound=0.3",
+            "parallel.microbatches=2",
         ),
         # a dispatcher of two hops each way (2 simulated nodes × 2 ranks): overlapped without engine code
         "hier": (
@@ -278,12 +286,13 @@ def test_block_finish_is_written_once(ep2_world, monkeypatch):
 @pytest.mark.slow
 def test_overlap_equals_plain_4_processes(tmp_path):
     """4 processes: dp=4·ep=2 (pp=1, micro-batch i's forward paired with i−1's backward), pp=2×ep=2
-    (DualPipeV) and the hierarchical dispatcher at ep=4 on 2 simulated nodes through the Trainer; through
-    the executor DualPipeV at pp=1 (FB pairs and B/W split through the sub-step cuts), DualPipe, overlapped
-    1F1B and interleaved 1F1B (F&B pairs of different chunks) at pp=2×ep=2: overlap on and off give the
-    same losses and gradients (rel ≤ 1e-5)."""
+    (DualPipeV), the bounded dispatcher (worst-case buffers, and a bound that overflows so that the step
+    runs again exactly) and the hierarchical dispatcher at ep=4 on 2 simulated nodes through the Trainer;
+    through the executor DualPipeV at pp=1 (FB pairs and B/W split through the sub-step cuts), DualPipe,
+    overlapped 1F1B and interleaved 1F1B (F&B pairs of different chunks) at pp=2×ep=2: overlap on and off
+    give the same losses and gradients (rel ≤ 1e-5)."""
     results = run_world(4, _slow_suite, str(tmp_path))
-    for key in ("ep2", "pp2ep2", "hier"):
+    for key in ("ep2", "pp2ep2", "bounded", "bounded_small", "hier"):
         off, on = results[0][key][False], results[0][key][True]
         for k, v in off["sums"].items():
             assert (on["sums"][k] is None) == (v is None), (key, k)
@@ -291,6 +300,14 @@ def test_overlap_equals_plain_4_processes(tmp_path):
                 assert on["sums"][k] == pytest.approx(v, rel=1e-5), (key, k)
         for n, g in off["grads"].items():
             torch.testing.assert_close(on["grads"][n], g, rtol=1e-5, atol=1e-7, msg=f"{key}: {n}")
+    flat = results[0]["ep2"][False]
+    for key, redone in (("bounded", 0), ("bounded_small", 1)):  # the flat dispatcher's step, redone or not
+        for overlap in (False, True):
+            got = results[0][key][overlap]
+            assert got["redone"] == redone, (key, overlap, got["redone"])
+            for k, v in flat["sums"].items():
+                if v is not None:
+                    assert got["sums"][k] == pytest.approx(v, rel=1e-5), (key, k)
     for rank, res in enumerate(results):
         for key in (("dualpipev", 4), ("dualpipe", 4), ("1f1b", 3), ("interleaved1f1b", 4)):
             _compare(*res[key], f"rank {rank} {key}")

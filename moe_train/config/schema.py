@@ -193,6 +193,9 @@ class ParallelConfig:
     ep: int = 1
     schedule: str = "1f1b"  # a key of parallel/pipeline/schedules.py's SCHEDULES
     dispatcher: str = "alltoall"  # a key of parallel/dispatch's DISPATCHERS
+    # bounded dispatcher only: buffers of this many times the balanced load; null = the worst case (no
+    # overflow possible). A step that overflows runs again on the exact path (parallel/dispatch/bounded.py)
+    dispatch_bound: float | None = None
     gpus_per_node: int | None = None  # None: LOCAL_WORLD_SIZE
     overlap: bool = False
     # with overlap: SMs the matmuls leave to NCCL while an exchange is in flight (docs/performance.md)

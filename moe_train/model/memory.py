@@ -62,27 +62,35 @@ def _fp8_tiles(n: int) -> int:
     return n + FP32 * (n // TILE)
 
 
-def mlp_bytes(c: ModelConfig, layer: int, a: int, mode: str, fp8: bool = False) -> int:
+def mlp_bytes(
+    c: ModelConfig, layer: int, a: int, mode: str, fp8: bool = False, routed: float | None = None
+) -> int:
     """Bytes saved per token by one block's post-attention norm and its dense MLP or MoE. fp8
     (`trainer.dtype=fp8`): routed experts that tile by 128 keep their row, their SwiGLU input and the down
-    projection's input as FP8 tiles (ops/fp8.py) and recompute silu(gate)·up."""
+    projection's input as FP8 tiles (ops/fp8.py) and recompute silu(gate)·up. routed: expert rows a MoE
+    layer keeps per token of this rank (None: its k slots; a dispatcher with fixed-size buffers keeps its
+    buffer's rows, parallel/dispatch/bounded.py)."""
     h = c.hidden_size
     total = _norm(h, a, mode) + a * h  # post-attention norm and its output (the MLP's input)
     if not is_moe_layer(c, layer):
         return total + _swiglu(h, c.intermediate_size, a, mode, input_saved=True)
-    k, inner = c.num_experts_per_tok, c.moe_intermediate_size
+    k, inner = (c.num_experts_per_tok if routed is None else routed), c.moe_intermediate_size
     total += FP32 * (h + c.n_routed_experts)  # router: fp32 input copy and the scores
     # k routed rows per token: the dispatched row, the expert SwiGLU, the expert output (weighted in combine)
     if fp8 and fp8_eligible(h, inner):
-        total += k * (_fp8_tiles(h) + 3 * _fp8_tiles(inner) + a * h)  # row; gate, up; down's input; output
+        total += int(
+            k * (_fp8_tiles(h) + 3 * _fp8_tiles(inner) + a * h)
+        )  # row; gate, up; down's input; output
     else:
-        total += k * (_swiglu(h, inner, a, mode, input_saved=False) + a * h)
+        total += int(k * (_swiglu(h, inner, a, mode, input_saved=False) + a * h))
     if c.n_shared_experts:
         total += _swiglu(h, inner * c.n_shared_experts, a, mode, input_saved=True)
     return total
 
 
-def layer_bytes(c: ModelConfig, layer: int, a: int, mode: str, fp8: bool = False) -> int:
+def layer_bytes(
+    c: ModelConfig, layer: int, a: int, mode: str, fp8: bool = False, routed: float | None = None
+) -> int:
     """Per token, what one block keeps between its forward and its backward.
 
     full keeps only the block input; the recomputed block's own activations are live once, during its
@@ -90,7 +98,7 @@ def layer_bytes(c: ModelConfig, layer: int, a: int, mode: str, fp8: bool = False
     """
     if mode == "full":
         return a * c.hidden_size
-    return attention_bytes(c, a, mode) + mlp_bytes(c, layer, a, mode, fp8)
+    return attention_bytes(c, a, mode) + mlp_bytes(c, layer, a, mode, fp8, routed)
 
 
 def head_bytes(c: ModelConfig, a: int, tokens: int, backward: bool = True) -> int:
@@ -115,6 +123,7 @@ def activation_bytes(
     a: int,
     mode: str,
     fp8: bool = False,
+    routed: float | None = None,
 ) -> int:
     """stages: (global layer ids incl. MTP blocks, holds the head) of each stage this rank runs.
 
@@ -122,24 +131,29 @@ def activation_bytes(
     activations under mode=full, for the block being recomputed).
     """
     per_stage = [
-        tokens * sum(layer_bytes(c, i, a, mode, fp8) for i in ids) + (head_bytes(c, a, tokens) if head else 0)
+        tokens * sum(layer_bytes(c, i, a, mode, fp8, routed) for i in ids)
+        + (head_bytes(c, a, tokens) if head else 0)
         for ids, head in stages
     ]
     total = in_flight * max(per_stage, default=0)
     layers = [i for ids, _ in stages for i in ids]
     if mode == "full" and layers:
-        total += tokens * max(layer_bytes(c, i, a, "none", fp8) for i in layers)
+        total += tokens * max(layer_bytes(c, i, a, "none", fp8, routed) for i in layers)
     return total
 
 
 def eval_activation_bytes(
-    c: ModelConfig, stages: Sequence[tuple[Sequence[int], bool]], tokens: int, a: int
+    c: ModelConfig,
+    stages: Sequence[tuple[Sequence[int], bool]],
+    tokens: int,
+    a: int,
+    routed: float | None = None,
 ) -> int:
     """A forward without backward (evaluation) keeps nothing between blocks: one micro-batch of `tokens`
     tokens through the largest block (what it would save for backward bounds its live temporaries) and one
     chunk of the head's logits."""
     layers = [i for ids, _ in stages for i in ids]
-    block = max((layer_bytes(c, i, a, "none") for i in layers), default=0)
+    block = max((layer_bytes(c, i, a, "none", routed=routed) for i in layers), default=0)
     return tokens * block + (head_bytes(c, a, tokens, backward=False) if any(h for _, h in stages) else 0)
 
 
@@ -227,13 +241,17 @@ def estimate_memory(
     sharding: StateSharding | None = None,
     fp8: bool = False,
     graphs: bool = False,
+    dispatch: tuple[float, int] | None = None,
 ) -> MemoryEstimate:
-    """The estimate for the rank holding `model` (its partial model); see the module docstring."""
+    """The estimate for the rank holding `model` (its partial model); see the module docstring.
+    dispatch: a dispatcher with fixed-size buffers (parallel/dispatch/bounded.py): the expert rows one MoE
+    layer keeps per token, and the bytes of its send and receive blocks, live while one layer runs."""
     params = sum(p.numel() for p in model.parameters())
     a = 2 if bf16 else 4
-    acts = activation_bytes(c, stages, tokens, in_flight, a, mode, fp8)
+    routed, buffers = dispatch if dispatch is not None else (None, 0)
+    acts = activation_bytes(c, stages, tokens, in_flight, a, mode, fp8, routed) + buffers
     s = sharding or StateSharding()
     dense = params - s.expert_params
     state = s.bytes(dense, s.dense_shards, bf16) + s.bytes(s.expert_params, s.expert_shards, bf16)
-    evals = eval_activation_bytes(c, stages, tokens, a)
+    evals = eval_activation_bytes(c, stages, tokens, a, routed) + buffers
     return MemoryEstimate(params, int(state), acts, in_flight, mode, evals, graphs)

@@ -28,11 +28,15 @@ class Bags:
 
     index: (L,) int64 source row of each position; offsets: (B + 1,) int64, offsets[0] = 0, offsets[B] = L;
     owner: (L,) int64 bag of each position (the reference path and some plans need it).
+    pad: a source row index that marks a position as padding: it adds nothing, its weight gets no gradient,
+    and the row itself is never read (it may hold anything). Fixed-shape plans need it: bags of a fixed
+    length whose number of real positions only the device knows (parallel/dispatch/bounded.py).
     """
 
     index: torch.Tensor
     offsets: torch.Tensor
     owner: torch.Tensor
+    pad: int | None = None
 
     @property
     def n_bags(self) -> int:
@@ -52,8 +56,9 @@ TRITON_SUM_BYTES = 64 << 20
 TRITON_SCATTER_BYTES = 512 << 20
 
 
-def _triton_ok(t: torch.Tensor, nbytes: int, threshold: int) -> bool:
-    if not t.is_cuda or nbytes < threshold:
+def _triton_ok(t: torch.Tensor, nbytes: int, threshold: int, bags: Bags | None = None) -> bool:
+    """Whether the Triton kernels take this call (they know no padding positions)."""
+    if not t.is_cuda or nbytes < threshold or (bags is not None and bags.pad is not None):
         return False
     from . import gather_triton
 
@@ -70,13 +75,19 @@ def _bag_sum(src: torch.Tensor, bags: Bags, weight: torch.Tensor | None) -> torc
     hidden = src.shape[1]
     if bags.index.shape[0] == 0 or src.shape[0] == 0:
         return src.new_zeros(bags.n_bags, hidden)
-    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES):
+    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES, bags):
         from .gather_triton import bag_sum
 
         return bag_sum(src, bags.index, bags.offsets, weight)
     w = None if weight is None else weight.to(src.dtype)
     return F.embedding_bag(
-        bags.index, src, bags.offsets, mode="sum", per_sample_weights=w, include_last_offset=True
+        bags.index,
+        src,
+        bags.offsets,
+        mode="sum",
+        per_sample_weights=w,
+        include_last_offset=True,
+        padding_idx=bags.pad,  # excluded from the sums: the row is never read
     )
 
 
@@ -98,11 +109,14 @@ def _bag_dots(g: torch.Tensor, src: torch.Tensor, bags: Bags) -> torch.Tensor:
     position i."""
     if bags.index.shape[0] == 0 or src.shape[0] == 0:
         return torch.zeros(bags.index.shape[0], dtype=_acc(src).dtype, device=src.device)
-    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES):
+    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES, bags):
         from .gather_triton import bag_dots
 
         return bag_dots(g, src, bags.index, bags.offsets)
-    return (_acc(g.index_select(0, bags.owner)) * _acc(src.index_select(0, bags.index))).sum(1)
+    d = (_acc(g.index_select(0, bags.owner)) * _acc(src.index_select(0, bags.index))).sum(1)
+    if bags.pad is None:
+        return d
+    return torch.where(bags.index == bags.pad, 0.0, d)  # `where`: the padding row may hold NaN
 
 
 class _GatherRows(torch.autograd.Function):
@@ -112,7 +126,7 @@ class _GatherRows(torch.autograd.Function):
         ctx.rows = x.shape[0]
         if x.shape[0] == 0:  # nothing to copy (only an empty output can point into an empty source)
             return x.new_zeros(index.shape[0], *x.shape[1:])
-        if _triton_ok(x, _nbytes(index.shape[0], x), TRITON_SCATTER_BYTES):  # each source row read once
+        if _triton_ok(x, _nbytes(index.shape[0], x), TRITON_SCATTER_BYTES, back):  # each row read once
             from .gather_triton import bag_scatter
 
             flat = x.flatten(1) if x.dim() > 1 else x.unsqueeze(1)

@@ -106,15 +106,23 @@ def expert_swiglu(
     taps: Taps | None = None,
 ) -> torch.Tensor:
     """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference | fp8 (both projections as FP8
-    GEMMs by DeepSeek-V3's recipe, `ops.fp8.expert_swiglu_fp8`, on any device)."""
-    if impl == "fp8":
-        if (
-            x.shape[0] == 0
-        ):  # no rows here: the loop keeps every weight in the graph, as expert parallelism needs
-            return expert_swiglu_reference(x, counts, w_gate_up, w_down, act, taps, fp8_linear)
-        return expert_swiglu_fp8(x, counts, w_gate_up, w_down, act, taps)
+    GEMMs by DeepSeek-V3's recipe, `ops.fp8.expert_swiglu_fp8`, on any device).
+
+    x may end in padding rows past the counts' sum (a fixed-size buffer, parallel/dispatch/bounded.py): the
+    grouped GEMM never computes them, and the paths that read the counts on the host give them zero rows.
+    """
     if impl == "grouped" or (
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
     ):
         return expert_swiglu_grouped(x, counts, w_gate_up, w_down, act, taps)
-    return expert_swiglu_reference(x, counts, w_gate_up, w_down, act, taps)
+    used = int(counts.sum())  # these paths read the counts on the host anyway
+    rows, tail = x[:used] if used < x.shape[0] else x, x.shape[0] - used
+    if impl != "fp8":
+        y = expert_swiglu_reference(rows, counts, w_gate_up, w_down, act, taps)
+    elif (
+        rows.shape[0] == 0
+    ):  # no rows here: the loop keeps every weight in the graph, as expert parallelism needs
+        y = expert_swiglu_reference(rows, counts, w_gate_up, w_down, act, taps, fp8_linear)
+    else:
+        y = expert_swiglu_fp8(rows, counts, w_gate_up, w_down, act, taps)
+    return torch.cat([y, y.new_zeros(tail, y.shape[1])]) if tail else y

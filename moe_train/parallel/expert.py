@@ -2,11 +2,14 @@
 
 The model itself is plain single-device math; this module only (1) tells `build_model` which experts a rank
 holds and (2) swaps each MoE layer's local dispatcher for an all-to-all one over the mesh's ep group: flat
-(`parallel.dispatcher=alltoall`) or two-stage node-aware (`hierarchical`), from the registry in
-parallel/dispatch/.
+(`parallel.dispatcher=alltoall`), flat with fixed-size buffers (`bounded`) or two-stage node-aware
+(`hierarchical`), from the registry in parallel/dispatch/.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -31,15 +34,17 @@ def apply_expert_parallel(
     event_log: list[str] | None = None,
     dispatcher: str = "alltoall",
     fp8_rows: bool = False,
+    bound: float | None = None,
 ) -> None:
     """Give every MoE layer a dispatcher of kind `dispatcher` (see `parallel.dispatch.DISPATCHERS`) over the
-    mesh's ep group; the layout checks of that kind run first. fp8_rows: dispatch rows travel in FP8."""
+    mesh's ep group; the layout checks of that kind run first. fp8_rows: dispatch rows travel in FP8;
+    bound: `parallel.dispatch_bound`."""
     if mesh.layout.ep == 1:
         return
     for m in model.modules():
         if isinstance(m, MoE):
             check_dispatcher(dispatcher, mesh.layout, m.n_experts, m.gate.n_group)
-            m.dispatcher = build_dispatcher(dispatcher, mesh, counters, event_log, fp8_rows)
+            m.dispatcher = build_dispatcher(dispatcher, mesh, counters, event_log, fp8_rows, bound)
 
 
 def expert_param_names(model: nn.Module) -> set[str]:
@@ -48,3 +53,17 @@ def expert_param_names(model: nn.Module) -> set[str]:
         if isinstance(m, RoutedExperts):
             out.update(f"{mod_name}.{n}" for n, _ in m.named_parameters(recurse=False))
     return out
+
+
+@contextlib.contextmanager
+def exact_dispatch(model: nn.Module) -> Iterator[None]:
+    """Inside, the bounded dispatchers of `model` take their exact, host-synced path: how a step or an
+    evaluation whose fixed-size buffers overflowed runs again (parallel/dispatch/bounded.py)."""
+    bounded = [m.dispatcher for m in model.modules() if isinstance(m, MoE) and hasattr(m.dispatcher, "exact")]
+    for d in bounded:
+        d.exact = True
+    try:
+        yield
+    finally:
+        for d in bounded:
+            d.exact = False

@@ -26,6 +26,8 @@ from ..config import TrainConfig
 from ..data.mixture import mixture_sources
 from ..data.sampler import rank_rows, val_batches
 from ..model import MoEStats
+from ..parallel.dispatch import CommCounters
+from ..parallel.expert import exact_dispatch
 from ..parallel.mesh import Mesh
 from ..parallel.pipeline.executor import PipelineExecutor
 from .faults import EvaluationError, guarded, injected_eval_fault
@@ -47,10 +49,13 @@ class Evaluator:
         totals: Totals,
         val_stream: np.ndarray | Mapping[str, np.ndarray],
         checkpoints_root: str,
+        overflows: CommCounters | None = None,
     ) -> None:
         """val_stream: the corpus's validation tokens, or a mixture's, one stream per source name;
-        checkpoints_root: where a failure looks up the committed checkpoint it names."""
+        checkpoints_root: where a failure looks up the committed checkpoint it names; overflows: the
+        counters of bounded dispatchers (an evaluation that overflowed their buffers runs again exactly)."""
         self.cfg, self.mesh, self.executor, self.totals = cfg, mesh, executor, totals
+        self.overflows = overflows
         d, n = cfg.data, eval_batch_count(cfg)
         streams = val_stream if isinstance(val_stream, Mapping) else {"": val_stream}
         # every source gets the whole eval set, so each source's val loss is as precise as a lone corpus's
@@ -67,7 +72,11 @@ class Evaluator:
         with guarded(self.mesh, f"evaluation at step {step}"):
             try:
                 injected_eval_fault(step)
-                return self._run(model, step)
+                record = self._run(model, step)
+                if self.overflows is not None and self.totals.overflowed(self.overflows):
+                    with exact_dispatch(model):
+                        record = self._run(model, step)
+                return record
             except (torch.OutOfMemoryError, MemoryError) as e:
                 raise EvaluationError(step, self._explain(step, e)) from e
 

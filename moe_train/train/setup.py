@@ -33,7 +33,8 @@ from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
 from ..ops.fp8 import scaled_mm_available
 from ..optim.master import param_dtype, precision
-from ..parallel.dispatch import CommCounters
+from ..parallel.dispatch import BOUNDED, CommCounters
+from ..parallel.dispatch.bounded import bounded_memory
 from ..parallel.expert import apply_expert_parallel, expert_slice
 from ..parallel.mesh import Mesh
 from ..parallel.overlap import OverlapEngine
@@ -189,7 +190,9 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
     if t.compile == "phases":
         compile_phases(model)
     model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses
-    apply_expert_parallel(model, mesh, counters, dispatcher=p.dispatcher, fp8_rows=resolved == "fp8")
+    apply_expert_parallel(
+        model, mesh, counters, dispatcher=p.dispatcher, fp8_rows=resolved == "fp8", bound=p.dispatch_bound
+    )
     if cfg.model.init_from:
         from ..hf import load_hf_weights
 
@@ -268,17 +271,24 @@ def estimate_stage_memory(
     """This rank's memory estimate: its stages' weights, the engine's optimizer-state layout, the
     activations of the micro-batches its schedule keeps in flight, and evaluation's one micro-batch."""
     rows = cfg.data.batch_size // (mesh.layout.dp * cfg.parallel.microbatches)
+    tokens, m, p = rows * cfg.data.seq_len, cfg.model, cfg.parallel
+    dispatch = None
+    if p.dispatcher in BOUNDED and mesh.layout.ep > 1:  # fixed-size buffers, whatever the routing
+        a = 2 if amp == torch.bfloat16 else 4
+        k, e = m.num_experts_per_tok, m.n_routed_experts
+        dispatch = bounded_memory(tokens, m.hidden_size, k, e, mesh.layout.ep, p.dispatch_bound, a)
     return estimate_memory(
         stages.model,
-        cfg.model,
+        m,
         stages.mem_stages,
-        rows * cfg.data.seq_len,
+        tokens,
         stages.in_flight,
         cfg.trainer.recompute,
         amp == torch.bfloat16,
         engine.state_sharding(),
         fp8=precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine) == "fp8",
         graphs=stages.executor.graphed is not None,
+        dispatch=dispatch,
     )
 
 

@@ -49,6 +49,12 @@ class Totals:
         host = t.cpu()  # one copy: a copy per layer would wait on the device once per layer
         return {k: host[i] for i, k in enumerate(layers)}
 
+    def overflowed(self, counters: CommCounters) -> bool:
+        """Whether a bounded dispatcher's buffers overflowed on any rank since the last call; every rank
+        calls it while one is in use (a rank without MoE layers adds nothing)."""
+        over = counters.take_overflows()
+        return self.values([0.0 if over is None else float(over)])[0] > 0
+
     def comm_bytes(self, counters: CommCounters) -> dict[str, float]:
         """Expert all-to-all bytes since the last call (nothing with ep = 1)."""
         if self.mesh.layout.ep == 1:

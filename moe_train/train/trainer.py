@@ -31,7 +31,8 @@ from ..model import MoEStats, count_params
 from ..model.memory import MemoryEstimate
 from ..optim import lr_at
 from ..optim.engine import build_engine
-from ..parallel.dispatch import CommCounters
+from ..parallel.dispatch import BOUNDED, CommCounters
+from ..parallel.expert import exact_dispatch
 from ..parallel.mesh import Mesh, build_mesh
 from ..parallel.pipeline.executor import LOSS_KEYS
 from .evaluation import Evaluator
@@ -116,7 +117,11 @@ class Trainer:
         report_memory(self.memory, self.mesh)
         self.step, self.skipped_steps, self.skip_streak, self.wandb_id = 0, 0, 0, None
         c = self.checkpoints
-        self.evaluator = Evaluator(cfg, self.mesh, s.executor, self.totals, self.data.val, c.root)
+        # bounded dispatch: a step whose buffers overflowed runs again on the exact path (dispatch/bounded.py)
+        self.bounded = p.dispatcher in BOUNDED and self.mesh.layout.ep > 1
+        self.redone_steps = 0
+        overflows = self.counters if self.bounded else None
+        self.evaluator = Evaluator(cfg, self.mesh, s.executor, self.totals, self.data.val, c.root, overflows)
         self._resume()
         if self.mesh.is_logging_rank:
             facts = {"data": self.data.dataset.info, "params": self.params, "flops": self.flops.per_token}
@@ -132,6 +137,7 @@ class Trainer:
             tr = self.checkpoints.load(path, self.model, self.engine.optimizer, self.engine.sharded_state)
         self.step, self.wandb_id = int(tr["step"]), tr.get("wandb_id")
         self.skipped_steps = int(tr.get("skipped_steps", 0))
+        self.redone_steps = int(tr.get("dispatch_redone_steps", 0))
         if self.mesh.is_logging_rank:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -139,6 +145,7 @@ class Trainer:
         """This step's checkpoint (checkpoint.Checkpointer.save); `commit`: an asynchronous one too, before
         returning (its path; None while one is in flight)."""
         state = {"step": self.step, "wandb_id": self.wandb_id, "skipped_steps": self.skipped_steps}
+        state["dispatch_redone_steps"] = self.redone_steps
         yaml, e = OmegaConf.to_yaml(OmegaConf.structured(self.cfg)), self.engine
         check_finite_weights(self.model, self.mesh, self.step)
         with guarded(self.mesh, f"checkpoint of step {self.step}"), e.checkpoint_weights():
@@ -167,6 +174,20 @@ class Trainer:
         micro = self.data.sampler.shard(step, mesh.dp_rank, mesh.layout.dp, cfg.parallel.microbatches)
         weights = [mb.shape[0] / cfg.data.batch_size for mb in micro]
         res = self.executor.run(micro, weights, self.mtp_weight(step), read=not self.defers_reads)
+        if self.bounded and self.totals.overflowed(self.counters):
+            self.redone_steps += 1
+            if self.mesh.is_logging_rank:
+                print(
+                    f"warning: step {step + 1} overflowed the bounded dispatch buffers and ran again on the "
+                    f"exact path ({self.redone_steps} so far; raise parallel.dispatch_bound or set it to "
+                    "null for the worst case)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.engine.drop_step()
+            self.engine.begin_step()
+            with exact_dispatch(self.model):
+                res = self.executor.run(micro, weights, self.mtp_weight(step), read=not self.defers_reads)
         sums: dict[str, float | None] = dict(
             zip(LOSS_KEYS, self.totals.values([res.sums[k] for k in LOSS_KEYS]), strict=True)
         ) | self.data.source_losses(step, mesh, res.rows, self.totals)
@@ -188,6 +209,8 @@ class Trainer:
         lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
         record = {"kind": "train", "step": step + 1, **sums, "lr": lr, "bias_update_rate": 0.0}
         record["mtp_weight"] = self.mtp_weight(step) if sums["mtp_loss"] is not None else None
+        if self.bounded:
+            record["dispatch_redone_steps"] = self.redone_steps
         if self.defers_reads:
             return self._update_unread(step, lr, record, stats)
         skip = not math.isfinite(sums["loss"])  # the same verdict on every rank: totals were all-reduced

@@ -16,22 +16,49 @@ import torch.distributed as dist
 
 from ...model.dispatch import Dispatcher
 from ..mesh import Layout, Mesh, check_expert_groups
+from .bounded import BoundedDispatcher
 from .counters import CommCounters
 from .flat import AllToAllDispatcher
 from .hierarchical import HierarchicalDispatcher
 
 
-def _flat(
-    mesh: Mesh, counters: CommCounters | None, event_log: list[str] | None, fp8_rows: bool
-) -> Dispatcher:
+def _ep_peer_nodes(mesh: Mesh) -> list[int]:
     group_ranks = next(g for g in mesh.layout.ep_groups() if mesh.rank in g)
-    peer_nodes = [mesh.layout.node_of(r) for r in group_ranks]
+    return [mesh.layout.node_of(r) for r in group_ranks]
+
+
+def _flat(
+    mesh: Mesh,
+    counters: CommCounters | None,
+    event_log: list[str] | None,
+    fp8_rows: bool,
+    bound: float | None,
+) -> Dispatcher:
     ep, ep_rank = mesh.layout.ep, mesh.ep_rank
-    return AllToAllDispatcher(mesh.group("ep"), ep, ep_rank, counters, peer_nodes, event_log, fp8_rows)
+    return AllToAllDispatcher(
+        mesh.group("ep"), ep, ep_rank, counters, _ep_peer_nodes(mesh), event_log, fp8_rows
+    )
+
+
+def _bounded(
+    mesh: Mesh,
+    counters: CommCounters | None,
+    event_log: list[str] | None,
+    fp8_rows: bool,
+    bound: float | None,
+) -> Dispatcher:
+    ep, ep_rank = mesh.layout.ep, mesh.ep_rank
+    return BoundedDispatcher(
+        mesh.group("ep"), ep, ep_rank, counters, _ep_peer_nodes(mesh), event_log, fp8_rows, bound
+    )
 
 
 def _hierarchical(
-    mesh: Mesh, counters: CommCounters | None, event_log: list[str] | None, fp8_rows: bool
+    mesh: Mesh,
+    counters: CommCounters | None,
+    event_log: list[str] | None,
+    fp8_rows: bool,
+    bound: float | None,
 ) -> Dispatcher:
     nodes, local = mesh.layout.ep_node_shape()
     inter, intra = mesh.group("inter_node"), mesh.group("intra_node")
@@ -55,14 +82,17 @@ def _check_hierarchical(layout: Layout, n_experts: int, n_group: int) -> None:
     check_expert_groups(layout, n_experts, n_group)
 
 
-# (mesh, byte counters, event log, dispatch rows as FP8) -> a dispatcher
-DispatcherFactory = Callable[[Mesh, CommCounters | None, list[str] | None, bool], Dispatcher]
+# (mesh, counters, event log, dispatch rows as FP8, `parallel.dispatch_bound`) -> a dispatcher
+DispatcherFactory = Callable[[Mesh, CommCounters | None, list[str] | None, bool, float | None], Dispatcher]
 
 # name -> (factory, layout check(layout, n_experts, n_group) or None)
 DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], None] | None]] = {
     "alltoall": (_flat, None),
+    "bounded": (_bounded, None),
     "hierarchical": (_hierarchical, _check_hierarchical),
 }
+# the dispatchers with fixed-size buffers, the only ones `parallel.dispatch_bound` applies to
+BOUNDED = ("bounded",)
 
 
 def check_dispatcher(name: str, layout: Layout, n_experts: int, n_group: int) -> None:
@@ -80,15 +110,18 @@ def build_dispatcher(
     counters: CommCounters | None = None,
     event_log: list[str] | None = None,
     fp8_rows: bool = False,
+    bound: float | None = None,
 ) -> Any:
     """One dispatcher of kind `name` over this rank's ep group; `fp8_rows`: its dispatch rows travel as FP8
-    tiles (`trainer.dtype=fp8`, parallel/comm.py)."""
-    return DISPATCHERS[name][0](mesh, counters, event_log, fp8_rows)
+    tiles (`trainer.dtype=fp8`, parallel/comm.py); `bound`: a bounded dispatcher's buffers (bounded.py)."""
+    return DISPATCHERS[name][0](mesh, counters, event_log, fp8_rows, bound)
 
 
 __all__ = [
     "DISPATCHERS",
+    "BOUNDED",
     "AllToAllDispatcher",
+    "BoundedDispatcher",
     "CommCounters",
     "HierarchicalDispatcher",
     "build_dispatcher",

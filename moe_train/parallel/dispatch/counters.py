@@ -23,13 +23,24 @@ def row_bytes(rows: torch.Tensor, fp8: bool = False) -> int:
 
 @dataclass
 class CommCounters:
-    """Bytes moved by dispatchers, from the real split sizes; the trainer reads and resets them each step.
+    """What the dispatchers of a rank report each step; the trainer reads and resets it.
 
-    Keys: 'dispatch' / 'combine' (all rows, self included), '*_remote' (rows to another rank),
-    '*_inter_node' / '*_intra_node' (rows to another rank on another / the same node).
+    bytes: moved, from the split sizes. Keys: 'dispatch' / 'combine' (all rows, self included), '*_remote'
+    (rows to another rank), '*_inter_node' / '*_intra_node' (rows to another rank on another / the same node).
+    overflows: on the device, the layer calls whose fixed-size buffers could not hold their rows
+    (bounded.py); None while no bounded dispatcher ran.
     """
 
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    overflows: torch.Tensor | None = None
+
+    def note_overflow(self, flag: torch.Tensor) -> None:
+        """Count a device flag without reading it."""
+        self.overflows = flag.long() if self.overflows is None else self.overflows + flag
+
+    def take_overflows(self) -> torch.Tensor | None:
+        out, self.overflows = self.overflows, None
+        return out
 
     def add(self, kind: str, splits: list[int], row_bytes: int, me: int, peer_nodes: list[int]) -> None:
         """splits[i] rows of row_bytes go to group peer i; peer_nodes[i] is that peer's node."""
