@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from host_reads import HostReads, host_copies
 from moe_train.model.moe import RoutedExperts
 from moe_train.train.faults import NonFiniteLossError
 from moe_train.train.trainer import Trainer
@@ -75,19 +75,7 @@ def test_a_deferred_non_finite_step_stops_the_run_when_it_is_read(tmp_path):
         t.settle()
 
 
-class _Reads(TorchDispatchMode):
-    """Counts what reads a tensor's value on the host: item/float/bool (`_local_scalar_dense`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.reads += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
-def test_a_one_process_step_reads_nothing_back(tmp_path, monkeypatch):
+def test_a_one_process_step_reads_nothing_back(tmp_path):
     """The whole step — forward, loss, backward, clipping, update, bias update — issues no host read when
     its routed experts run as grouped GEMMs (CUDA's path, here on the CPU: `torch._grouped_mm` with bf16
     weights): no scalar read, no tolist or host copy. This is what lets the host run ahead of the GPU and
@@ -96,16 +84,9 @@ def test_a_one_process_step_reads_nothing_back(tmp_path, monkeypatch):
     for m in t.model.modules():
         if isinstance(m, RoutedExperts):
             m.impl = "grouped"
-    host = []
-    for name in ("tolist", "cpu", "numpy", "item"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(
-            torch.Tensor, name, lambda x, *a, _o=original, _n=name, **k: (host.append(_n), _o(x, *a, **k))[1]
-        )
-    with _Reads() as r:
+    with host_copies() as host, HostReads() as r:
         record = t.train_step(0)
-    assert (r.reads, host) == (0, [])
-    monkeypatch.undo()
+    assert (r.reads, host) == ([], [])
     t.settle()
     assert isinstance(record["loss"], float) and isinstance(record["grad_norm"], float)
 

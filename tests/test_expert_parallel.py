@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distributed import run_world
+from host_reads import HostReads, host_copies
 from moe_train.config import ModelConfig
 from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
@@ -151,6 +152,24 @@ def _overflow_case(seed: int) -> None:
     assert int(flags) > 0
 
 
+def _host_reads_case() -> dict[str, list[str]]:
+    """The host reads of a MoE layer's forward and backward (grouped experts in bf16, CUDA's path) with
+    each dispatcher: the flat one reads its split sizes, the bounded one nothing."""
+    mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
+    ep = mesh.layout.ep
+    out = {}
+    for kind in ("flat", "bounded"):
+        _, moe = _moe_pair(CFG, mesh.ep_rank, ep)
+        moe.to(torch.bfloat16).experts.impl = "grouped"
+        args = (mesh.group("ep"), ep, mesh.ep_rank, CommCounters())
+        moe.dispatcher = AllToAllDispatcher(*args) if kind == "flat" else BoundedDispatcher(*args)
+        x = torch.randn(2, 12, CFG.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+        with host_copies() as host, HostReads() as r:
+            moe(x).float().sum().backward()
+        out[kind] = r.reads + host
+    return out
+
+
 def _dispatch_suite() -> list[dict]:
     world = int(os.environ["WORLD_SIZE"])
     out = [_case([24] * world, None, 0)]
@@ -166,6 +185,7 @@ def _dispatch_suite() -> list[dict]:
     out.append(_case([24] * world, world - 1, 1, bound=None))
     out.append(_case([24] * world, None, 4, fp8=True, bound=None))
     _overflow_case(5)
+    out.append(_host_reads_case())
     return out
 
 
@@ -173,11 +193,15 @@ def _dispatch_suite() -> list[dict]:
 def test_dispatch_combine_matches_single_process(world):
     """Outputs, input and weight gradients equal the one-process MoE (each token comes back to its place);
     dispatched bytes equal unique (token, rank) pairs; empty experts, empty ranks and uneven splits work;
-    FP8 dispatch halves the dispatched bytes and matches the one-process FP8 MoE."""
+    FP8 dispatch halves the dispatched bytes and matches the one-process FP8 MoE. The bounded dispatcher
+    matches too, sends whole blocks, raises its overflow flag when a bound is too small, and its MoE layer
+    reads nothing on the host."""
     results = run_world(world, _dispatch_suite)
     assert len(results) == world
     # 24 tokens × top-3: a token whose slots share a rank ships one row there, so pairs < 72 per rank
     assert all(r[0]["pairs"] < 24 * 3 for r in results)
+    for r in results:  # a MoE layer with the bounded dispatcher reads nothing on the host; the flat one does
+        assert r[-1]["bounded"] == [] and r[-1]["flat"], r[-1]
 
 
 def test_layout_errors_name_the_keys():

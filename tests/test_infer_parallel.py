@@ -159,3 +159,41 @@ def test_each_rank_reads_only_its_experts_from_hf_and_sharded_checkpoints(tmp_pa
         # the MTP depth is not built for generation: its tensors stay unread (HF: layer 3 of 3 + 1)
         assert not any(".mtp." in k for k in got["sharded"]["read"])
         assert not any(k.startswith(f"model.layers.{BASE['num_hidden_layers']}.") for k in got["hf"]["read"])
+
+
+def test_expert_slices_find_their_slots_on_the_device():
+    """The expert-parallel decode dispatcher finds its local slots without a host read (grouped experts in
+    bf16, CUDA's path, so a rank's decode step can be captured in a CUDA graph), and the slices' partial
+    rows add up to the whole MoE's."""
+    from host_reads import HostReads, host_copies
+    from moe_train.config import ModelConfig
+    from moe_train.model.init import init_weights
+    from moe_train.model.moe import MoEOptions
+    from moe_train.parallel.tensor import ExpertSliceDispatcher
+
+    cfg = ModelConfig(
+        vocab_size=97,
+        hidden_size=32,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=0,
+    )
+    x = torch.randn(2, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole = MoE(cfg, 1)
+    init_weights(whole, 3, 0.3)
+    with torch.no_grad():
+        want = whole(x)
+        got = torch.zeros_like(want)
+        for first in (0, 4):  # two slices of 4 experts, summed as the block's finish would all-reduce them
+            part = MoE(cfg, 1, MoEOptions(expert_slice=(first, 4)))
+            init_weights(part, 3, 0.3)
+            part.dispatcher = ExpertSliceDispatcher(first, 4)
+            got += part(x)
+            part.to(torch.bfloat16).experts.impl = "grouped"
+            with host_copies() as host, HostReads() as r:
+                part(x.to(torch.bfloat16))
+            assert (r.reads, host) == ([], []), (first, r.reads, host)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -31,10 +31,6 @@ def sync_free_reason(model: InferenceModel) -> str | None:
     """Why the static decode step would still read tensors on the host; None when it does not."""
     if model.device.type != "cuda":
         return f"the model is on {model.device.type}, and CUDA graphs need a CUDA device"
-    for s in model.layers:
-        reason = getattr(getattr(s.layer.mlp, "dispatcher", None), "host_sync_reason", None)
-        if reason is not None:  # a dispatcher that reads its plan on the host (parallel/tensor.py)
-            return reason
     probe = torch.empty(0, dtype=model.dtype, device=model.device)
     grouped = grouped_mm_available(probe) and probe.dtype == torch.bfloat16
     if any(isinstance(s.layer.mlp, MoE) for s in model.layers) and not grouped:

@@ -41,9 +41,8 @@ class Dispatcher(Protocol):
     combine_start(plan, y) -> handle; combine_wait(plan, handle) -> (N, H), each token's gate-weighted sum
     of its experts' rows. Every phase is a program (yields ops, returns the value).
 
-    Two optional attributes, read by inference through `getattr`: `host_sync_reason` (a string: why a
-    decode step with this dispatcher reads tensors on the host and cannot be captured in a CUDA graph) and
-    `serves_expert_slice` (True: it serves a model that holds only some experts, e.g. parallel/tensor.py's).
+    An optional attribute, read by inference through `getattr`: `serves_expert_slice` (True: it serves a
+    model that holds only some experts, e.g. parallel/tensor.py's).
     """
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program: ...

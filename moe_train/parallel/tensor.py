@@ -25,9 +25,9 @@ also cut by expert: an ep rank holds n_experts/ep whole experts (each still cut 
 only the token slots routed to them. Attention and dense MLPs are cut over the tp group alone (ep ranks repeat
 them); the shared experts are cut over every rank, so that their partial rows and the routed ones are summed
 by the same all-reduce over the world. The tokens are the same on every rank, so no token moves: the
-all-to-all of training is replaced by the one all-reduce. Which slots are local is read on the host (one sync
-a MoE layer), so this step runs eagerly, not in a CUDA graph, until the sync-free dispatcher of the dispatch
-issue replaces it.
+all-to-all of training is replaced by the one all-reduce. Which slots are local is found on the device, in a
+buffer of fixed size (`ExpertSliceDispatcher`), so nothing is read on the host and the decode step of every
+rank can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -48,39 +48,58 @@ from ..model.mlp import SwiGLU
 from ..model.moe import MoE
 from ..model.phases import Program, done
 from ..model.transformer import DecoderLayer, Transformer
+from ..ops.gather import Bags, bag_sum
 
 
 @dataclass
 class SlicePlan:
-    slot: torch.Tensor  # (M,) flat (token, k) index of each slot routed to a local expert, by local expert
-    token_of: torch.Tensor  # (M,) its token
+    slot: torch.Tensor  # (cap,) flat (token, k) index of each buffer row: local slots by expert, then others
+    tokens: Bags  # bag t = token t's k slots: their buffer rows, `pad` (= cap) for slots of other ranks
     counts: torch.Tensor  # (num_local,) slots per local expert
-    tokens: int  # tokens in the layer's input
-    weight: torch.Tensor | None = None  # (M,) their gate weights, once dispatched
+    in_use: torch.Tensor  # (cap + 1,) bool: the buffer row holds a local slot
+    k: int
+    weight: torch.Tensor | None = None  # (tokens · k,) gate weights in token order, once dispatched
+    row_weight: torch.Tensor | None = None  # (cap + 1,) the buffer rows' weights (0 for padding)
 
 
 class ExpertSliceDispatcher:
     """Experts [first, first + num_local) on this rank, the tokens on every rank: each rank runs the slots
     routed to its experts; its gate-weighted rows are a partial sum, which the block's finish completes over
-    every rank (see the module docstring)."""
+    every rank (see the module docstring).
 
-    host_sync_reason = "expert-parallel decode reads which token slots are local on the host"
+    Nothing is read on the host, so a decode step with it can be captured in a CUDA graph: the local slots
+    are sorted to the front of a buffer of the worst case (`tokens · min(k, num_local)` rows, plus one
+    padding row), counted per expert on the device, and the grouped GEMM computes only the counted rows; each
+    token's sum leaves the others out (`Bags.pad`)."""
+
     serves_expert_slice = True  # InferenceModel accepts a model holding only some experts behind it
 
     def __init__(self, first: int, num_local: int) -> None:
         self.first, self.num_local = first, num_local
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
-        k = topk_idx.shape[1]
+        n, k = topk_idx.shape
+        dev, e = topk_idx.device, self.num_local
         local = topk_idx.reshape(-1) - self.first
-        slot = torch.nonzero((local >= 0) & (local < self.num_local)).squeeze(1)  # the host sync
-        slot = slot[torch.argsort(local[slot], stable=True)]
-        counts = torch.bincount(local[slot], minlength=self.num_local)
-        return done(SlicePlan(slot, slot // k, counts, topk_idx.shape[0]))
+        key = torch.where((local >= 0) & (local < e), local, e)
+        order = torch.argsort(key, stable=True)
+        cap = n * min(k, e)
+        counts = torch.zeros(e + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))[
+            :e
+        ]
+        at = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=dev))
+        entry = torch.where(key < e, at, cap)  # a local slot sits in the first counts.sum() rows
+        tokens = Bags(
+            entry, torch.arange(n + 1, device=dev) * k, torch.arange(n * k, device=dev) // k, pad=cap
+        )
+        slot = torch.cat([order[:cap], order.new_zeros(1)])
+        in_use = torch.arange(cap + 1, device=dev) < counts.sum()
+        return done(SlicePlan(slot, tokens, counts, in_use, k))
 
     def dispatch_start(self, plan: SlicePlan, x: torch.Tensor, topk_weight: torch.Tensor) -> Program:
-        plan.weight = topk_weight.reshape(-1)[plan.slot]
-        return done(x[plan.token_of])
+        plan.weight = topk_weight.reshape(-1)
+        plan.row_weight = torch.where(plan.in_use, plan.weight[plan.slot], 0.0)
+        return done(x[plan.slot // plan.k])
 
     def dispatch_wait(self, plan: SlicePlan, handle: torch.Tensor) -> Program:
         return done((handle, plan.counts))
@@ -89,10 +108,8 @@ class ExpertSliceDispatcher:
         return done(y)
 
     def combine_wait(self, plan: SlicePlan, handle: torch.Tensor) -> Program:
-        """Σ gate·row per token over the local slots (fp32): this rank's part of the routed rows."""
-        out = torch.zeros(plan.tokens, handle.shape[1], dtype=torch.float32, device=handle.device)
-        out.index_add_(0, plan.token_of, handle.float() * plan.weight.float()[:, None])
-        return done(out.to(handle.dtype))
+        """Σ gate·row per token over the local slots (fp32 inside): this rank's part of the routed rows."""
+        return done(bag_sum(handle, plan.tokens, plan.slot // plan.k, plan.weight, plan.row_weight))
 
 
 def _reduce_output(group: Any) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
