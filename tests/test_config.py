@@ -243,6 +243,24 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
         "parallel.dispatch_bound=2.0 is not allowed: null unless parallel.dispatcher=bounded",
     ),
     (
+        "transport",
+        ["parallel.dispatch_transport=ibgda"],
+        2,
+        "parallel.dispatch_transport='ibgda' is not allowed: one of alltoall, nvshmem",
+    ),
+    (
+        "transport without bounded",
+        ["parallel.dispatch_transport=nvshmem"],
+        2,
+        "parallel.dispatch_transport='nvshmem' is not allowed: alltoall unless parallel.dispatcher=bounded",
+    ),
+    (
+        "nvshmem on cpu",
+        ["parallel.dispatcher=bounded", "parallel.dispatch_transport=nvshmem"],
+        2,
+        "parallel.dispatch_transport=nvshmem is not allowed here: symmetric memory needs CUDA",
+    ),
+    (
         "bound zero",
         ["parallel.dispatcher=bounded", "parallel.dispatch_bound=0"],
         2,

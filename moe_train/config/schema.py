@@ -196,6 +196,9 @@ class ParallelConfig:
     # bounded dispatcher only: buffers of this many times the balanced load; null = the worst case (no
     # overflow possible). A step that overflows runs again on the exact path (parallel/dispatch/bounded.py)
     dispatch_bound: float | None = None
+    # bounded dispatcher only: how its blocks move — alltoall (equal splits, gloo and NCCL) or nvshmem
+    # (symmetric memory, CUDA with NVSHMEM: parallel/dispatch/symm.py)
+    dispatch_transport: str = "alltoall"
     gpus_per_node: int | None = None  # None: LOCAL_WORLD_SIZE
     overlap: bool = False
     # with overlap: SMs the matmuls leave to NCCL while an exchange is in flight (docs/performance.md)

@@ -47,6 +47,9 @@ class Hop(Protocol):
     def forward_exchange(self, k: int, x: torch.Tensor) -> Any:
         """The forward exchange of the k-th tensor outside autograd (the overlap engine's)."""
 
+    def backward_exchange(self, grad: torch.Tensor) -> Any:
+        """The reverse exchange of a received tensor's gradient outside autograd."""
+
     def wait(self, handle: Any) -> tuple[torch.Tensor, ...]: ...
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from ..model.moe import MoE, RoutedExperts
-from .dispatch import CommCounters, build_dispatcher, check_dispatcher
+from .dispatch import CommCounters, build_dispatcher, build_transport, check_dispatcher
 from .mesh import Mesh
 
 
@@ -35,16 +35,19 @@ def apply_expert_parallel(
     dispatcher: str = "alltoall",
     fp8_rows: bool = False,
     bound: float | None = None,
+    transport: str = "alltoall",
 ) -> None:
     """Give every MoE layer a dispatcher of kind `dispatcher` (see `parallel.dispatch.DISPATCHERS`) over the
     mesh's ep group; the layout checks of that kind run first. fp8_rows: dispatch rows travel in FP8;
-    bound: `parallel.dispatch_bound`."""
+    bound, transport: `parallel.dispatch_bound` and `parallel.dispatch_transport` (one transport, and its
+    buffers, for all the layers)."""
+    shared = build_transport(transport, mesh)
     if mesh.layout.ep == 1:
         return
     for m in model.modules():
         if isinstance(m, MoE):
             check_dispatcher(dispatcher, mesh.layout, m.n_experts, m.gate.n_group)
-            m.dispatcher = build_dispatcher(dispatcher, mesh, counters, event_log, fp8_rows, bound)
+            m.dispatcher = build_dispatcher(dispatcher, mesh, counters, event_log, fp8_rows, bound, shared)
 
 
 def expert_param_names(model: nn.Module) -> set[str]:

@@ -63,7 +63,7 @@ from torch import nn
 from ..model.phases import Compute, Issue, Prepare, Wait
 from ..model.phases import Program as Ops
 from ..model.stats import MoEStats
-from .comm import Exchange, exchange_start, exchange_wait
+from .comm import Exchange, exchange_wait
 from .substep import Ref, SubStep
 
 Program = Generator[None, None, Any]
@@ -315,9 +315,7 @@ class OverlapEngine:
                     torch.zeros_like(o) if g is None else g for o, g in zip(rec.outs, grads, strict=True)
                 ]
                 hop = rec.hop
-                in_flight[index] = [
-                    exchange_start(g, hop.send_splits, hop.recv_splits, hop.group) for g in grads
-                ]
+                in_flight[index] = [hop.backward_exchange(g) for g in grads]
                 self._issued(side, rec.name, rec.layer)
                 flush_w()
                 state["computed"] = False

@@ -191,7 +191,13 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         compile_phases(model)
     model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses
     apply_expert_parallel(
-        model, mesh, counters, dispatcher=p.dispatcher, fp8_rows=resolved == "fp8", bound=p.dispatch_bound
+        model,
+        mesh,
+        counters,
+        dispatcher=p.dispatcher,
+        fp8_rows=resolved == "fp8",
+        bound=p.dispatch_bound,
+        transport=p.dispatch_transport,
     )
     if cfg.model.init_from:
         from ..hf import load_hf_weights

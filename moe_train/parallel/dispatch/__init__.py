@@ -14,12 +14,14 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ...config import ConfigError
 from ...model.dispatch import Dispatcher
 from ..mesh import Layout, Mesh, check_expert_groups
 from .bounded import BoundedDispatcher
 from .counters import CommCounters
 from .flat import AllToAllDispatcher
 from .hierarchical import HierarchicalDispatcher
+from .symm import SymmTransport, nvshmem_missing
 
 
 def _ep_peer_nodes(mesh: Mesh) -> list[int]:
@@ -33,6 +35,7 @@ def _flat(
     event_log: list[str] | None,
     fp8_rows: bool,
     bound: float | None,
+    transport: SymmTransport | None,
 ) -> Dispatcher:
     ep, ep_rank = mesh.layout.ep, mesh.ep_rank
     return AllToAllDispatcher(
@@ -59,6 +62,7 @@ def _hierarchical(
     event_log: list[str] | None,
     fp8_rows: bool,
     bound: float | None,
+    transport: SymmTransport | None,
 ) -> Dispatcher:
     nodes, local = mesh.layout.ep_node_shape()
     inter, intra = mesh.group("inter_node"), mesh.group("intra_node")
@@ -82,8 +86,11 @@ def _check_hierarchical(layout: Layout, n_experts: int, n_group: int) -> None:
     check_expert_groups(layout, n_experts, n_group)
 
 
-# (mesh, counters, event log, dispatch rows as FP8, `parallel.dispatch_bound`) -> a dispatcher
-DispatcherFactory = Callable[[Mesh, CommCounters | None, list[str] | None, bool, float | None], Dispatcher]
+# (mesh, counters, event log, dispatch rows as FP8, `parallel.dispatch_bound`, the symmetric-memory transport
+# of `parallel.dispatch_transport=nvshmem` or None) -> a dispatcher
+DispatcherFactory = Callable[
+    [Mesh, CommCounters | None, list[str] | None, bool, float | None, SymmTransport | None], Dispatcher
+]
 
 # name -> (factory, layout check(layout, n_experts, n_group) or None)
 DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], None] | None]] = {
@@ -91,8 +98,22 @@ DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], Non
     "bounded": (_bounded, None),
     "hierarchical": (_hierarchical, _check_hierarchical),
 }
-# the dispatchers with fixed-size buffers, the only ones `parallel.dispatch_bound` applies to
+# the dispatchers with fixed-size buffers, the only ones `parallel.dispatch_bound` and
+# `parallel.dispatch_transport` apply to
 BOUNDED = ("bounded",)
+TRANSPORTS = ("alltoall", "nvshmem")
+
+
+def build_transport(name: str, mesh: Mesh) -> SymmTransport | None:
+    """The bounded dispatchers' transport of `parallel.dispatch_transport` on this rank, shared by its
+    layers: None for the all-to-all with equal splits; symmetric memory for nvshmem (ConfigError naming the
+    key where it cannot run)."""
+    if name == "alltoall":
+        return None
+    missing = nvshmem_missing(mesh.device)
+    if missing is not None:
+        raise ConfigError(f"parallel.dispatch_transport=nvshmem is not allowed here: {missing}")
+    return SymmTransport(mesh.group("ep"), mesh.device) if mesh.layout.ep > 1 else None
 
 
 def check_dispatcher(name: str, layout: Layout, n_experts: int, n_group: int) -> None:
@@ -111,19 +132,22 @@ def build_dispatcher(
     event_log: list[str] | None = None,
     fp8_rows: bool = False,
     bound: float | None = None,
+    transport: SymmTransport | None = None,
 ) -> Any:
     """One dispatcher of kind `name` over this rank's ep group; `fp8_rows`: its dispatch rows travel as FP8
     tiles (`trainer.dtype=fp8`, parallel/comm.py); `bound`: a bounded dispatcher's buffers (bounded.py)."""
-    return DISPATCHERS[name][0](mesh, counters, event_log, fp8_rows, bound)
+    return DISPATCHERS[name][0](mesh, counters, event_log, fp8_rows, bound, transport)
 
 
 __all__ = [
     "DISPATCHERS",
     "BOUNDED",
+    "TRANSPORTS",
     "AllToAllDispatcher",
     "BoundedDispatcher",
     "CommCounters",
     "HierarchicalDispatcher",
     "build_dispatcher",
+    "build_transport",
     "check_dispatcher",
 ]

@@ -46,6 +46,7 @@ from ..comm import A2AHop
 from .counters import CommCounters, row_bytes, sends_fp8
 from .flat import AllToAllDispatcher, FlatPlan
 from .rows import Route, Slots, expand_to_slots, meta_experts, rows_with_meta, slot_meta, slot_weighted_sums
+from .symm import SymmHop, SymmTransport
 
 
 def rows_bound(tokens: int, k: int, peers: int, bound: float | None) -> int:
@@ -184,8 +185,10 @@ class BoundedDispatcher:
         event_log: list[str] | None = None,
         fp8_rows: bool = False,
         bound: float | None = None,
+        transport: SymmTransport | None = None,
     ) -> None:
         self.group, self.ep, self.ep_rank, self.bound = group, ep, ep_rank, bound
+        self.transport = transport  # symmetric memory (symm.py); None: the all-to-all with equal splits
         self.fp8_rows = fp8_rows
         self.counters = CommCounters() if counters is None else counters  # overflow flags must land somewhere
         self.peer_nodes = peer_nodes or [0] * ep
@@ -199,6 +202,8 @@ class BoundedDispatcher:
         fp8 = sends_fp8(self.fp8_rows, name, rows)
         splits = [block] * self.ep
         self.counters.add(name, splits, row_bytes(rows, fp8), self.ep_rank, self.peer_nodes)
+        if self.transport is not None:
+            return SymmHop(name, splits, splits, self.group, self.event_log, fp8, self.transport)
         return A2AHop(name, splits, splits, self.group, self.event_log, fp8)
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:

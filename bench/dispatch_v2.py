@@ -1,0 +1,215 @@
+"""The sync-free (bounded) dispatcher's one-GPU checks, on a one-rank process group.
+
+    python bench/dispatch_v2.py                 # CUDA: NCCL group of one rank; nvshmem where available
+    python bench/dispatch_v2.py --smoke         # CPU check of the script (gloo, small shape)
+
+One MoE layer at the DeepSeek-V2-Lite proxy's shape (64 experts top-6, hidden 2048, expert width 1408,
+8192 tokens: 2 sequences of 4096; bf16, grouped experts) with each dispatcher: `local` (one device, the
+reference), `flat` (host-read split sizes), `bounded` over the all-to-all with equal splits and `bounded`
+through symmetric memory (NVSHMEM's `all_to_all_vdev`). For each:
+(1) outputs and input, expert and router gradients against `local` (max relative error);
+(2) a profiled forward+backward: host syncs (`cudaStreamSynchronize`, `cudaDeviceSynchronize`,
+    `_local_scalar_dense`, `item`, host copies) and launches (kernels and memcpys) per MoE layer; the
+    NVSHMEM kernel names seen in the trace;
+(3) capture of the layer's forward in a CUDA graph, replayed on new inputs, against eager;
+(4) row movement: the layer with its experts replaced by the identity (route, dispatch, combine, forward
+    and backward) minus the router alone, against copying the N·k rows once (read plus write) — the issue's
+    goal is at most 1.25× that copy for both directions' movement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import median_ms  # noqa: E402
+from moe_train.config import ModelConfig  # noqa: E402
+from moe_train.model.dispatch import LocalDispatcher  # noqa: E402
+from moe_train.model.init import init_weights  # noqa: E402
+from moe_train.model.moe import MoE, MoEOptions  # noqa: E402
+from moe_train.parallel.dispatch import AllToAllDispatcher, BoundedDispatcher, CommCounters  # noqa: E402
+from moe_train.parallel.dispatch.symm import SymmTransport, nvshmem_missing  # noqa: E402
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::item")
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaMemcpyAsync")
+
+
+def _cfg(smoke: bool) -> ModelConfig:
+    if smoke:
+        return ModelConfig(
+            vocab_size=97, hidden_size=64, moe_intermediate_size=32, n_routed_experts=8,
+            num_experts_per_tok=3, n_group=1, topk_group=1, n_shared_experts=0,
+        )  # fmt: skip
+    return ModelConfig(
+        vocab_size=102400, hidden_size=2048, moe_intermediate_size=1408, n_routed_experts=64,
+        num_experts_per_tok=6, n_group=1, topk_group=1, n_shared_experts=0,
+    )  # fmt: skip
+
+
+def _layer(cfg: ModelConfig, dispatcher: object, device: str, dtype: torch.dtype) -> MoE:
+    moe = MoE(cfg, 1, MoEOptions(expert_slice=(0, cfg.n_routed_experts)))
+    init_weights(moe, 0, 0.02)
+    moe = moe.to(device=device, dtype=dtype)
+    if device == "cuda":
+        moe.experts.impl = "grouped"
+    moe.dispatcher = dispatcher
+    return moe
+
+
+def _run(moe: MoE, x: torch.Tensor, up: torch.Tensor) -> list[torch.Tensor]:
+    moe.zero_grad(set_to_none=True)
+    xi = x.detach().requires_grad_(True)
+    y = moe(xi)
+    (y.float() * up).sum().backward()
+    grads = [p.grad for p in (moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight)]
+    return [y.detach(), xi.grad, *grads]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _profile(moe: MoE, x: torch.Tensor, up: torch.Tensor, device: str) -> dict[str, object]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    _run(moe, x, up)
+    with profile(activities=acts) as prof:
+        _run(moe, x, up)
+    names = [e.name for e in prof.events()]
+    syncs = {n: names.count(n) for n in SYNC_EVENTS if names.count(n)}
+    launches = sum(names.count(n) for n in LAUNCH_EVENTS)
+    kernels = sorted({e.name for e in prof.events() if any(w in e.name.lower() for w in ("nvshmem", "a2a"))})
+    return {"syncs": syncs, "launches": launches, "symm_kernels": kernels[:4]}
+
+
+def _capture(moe: MoE, x: torch.Tensor) -> float | str:
+    """Max relative error of the layer's forward replayed from a CUDA graph on a new input, against eager."""
+    if x.device.type != "cuda":
+        return "n/a (CPU)"
+    static = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            moe(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.no_grad(), torch.cuda.graph(graph):
+            out = moe(static)
+    except Exception as e:  # noqa: BLE001 - report why capture failed, keep measuring
+        return f"capture failed: {type(e).__name__}: {str(e)[:120]}"
+    fresh = torch.randn_like(x)
+    static.copy_(fresh)
+    graph.replay()
+    with torch.no_grad():
+        want = moe(fresh)
+    return _rel(out, want)
+
+
+class _Identity(torch.nn.Module):
+    """Experts that return their rows: the layer then moves rows and nothing else (router aside)."""
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: object = None) -> torch.Tensor:
+        return x * 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--tokens", type=int, default=8192)
+    args = ap.parse_args()
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tokens = 64 if args.smoke else args.tokens
+    backend = "gloo" if device == "cpu" else "nccl"
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    store = tempfile.mktemp()
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    group = dist.new_group([0])
+    cfg = _cfg(args.smoke)
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(1, tokens, cfg.hidden_size, device=device, dtype=dtype, generator=g)
+    up = torch.randn(1, tokens, cfg.hidden_size, device=device, generator=g)
+
+    dispatchers: dict[str, object] = {
+        "local": LocalDispatcher(),
+        "flat": AllToAllDispatcher(group, 1, 0, CommCounters()),
+        "bounded": BoundedDispatcher(group, 1, 0, CommCounters()),
+    }
+    missing = nvshmem_missing(torch.device(device))
+    if missing is None:
+        try:
+            transport = SymmTransport(group, torch.device(device))
+            symm = BoundedDispatcher(group, 1, 0, CommCounters(), transport=transport)
+            dispatchers["bounded+nvshmem"] = symm
+        except Exception as e:  # noqa: BLE001
+            print(f"nvshmem transport unavailable: {type(e).__name__}: {e}")
+    else:
+        print(f"nvshmem transport skipped: {missing}")
+
+    ref = _run(_layer(cfg, dispatchers["local"], device, dtype), x, up)
+    rows = []
+    for name, d in dispatchers.items():
+        moe = _layer(cfg, d, device, dtype)
+        try:
+            got = _run(moe, x, up)
+            err = max(_rel(a, b) for a, b in zip(got, ref, strict=True))
+            prof = _profile(moe, x, up, device)
+            cap = _capture(moe, x)
+        except Exception as e:  # noqa: BLE001 - one broken path must not hide the others' numbers
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            continue
+        rows.append((name, err, prof, cap))
+    print("| dispatcher | rel err vs local | host syncs (fwd+bwd) | launches | symm kernels | graph replay |")
+    print("|---|---|---|---|---|---|")
+    for name, err, prof, cap in rows:
+        cap_s = cap if isinstance(cap, str) else f"{cap:.1e}"
+        syncs, launches, kernels = prof["syncs"] or 0, prof["launches"], prof["symm_kernels"]
+        print(f"| {name} | {err:.1e} | {syncs} | {launches} | {kernels} | {cap_s} |")
+
+    # (4) row movement: identity experts, forward+backward, minus the router alone; against one copy
+    k = cfg.num_experts_per_tok
+    src = torch.randn(tokens * k, cfg.hidden_size, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    iters, group_n = (3, 1) if args.smoke else (10, 5)
+    copy_ms = median_ms(lambda: dst.copy_(src), iters, group_n, device)
+    moe = _layer(cfg, LocalDispatcher(), device, dtype)
+    xr = x.detach().requires_grad_(True)
+
+    def router() -> None:
+        moe.gate(xr.view(-1, cfg.hidden_size)).topk_weight.float().sum().backward()
+
+    router_ms = median_ms(router, iters, group_n, device)
+    gb = 2 * src.numel() * src.element_size() / 1e9
+    print(f"copy of N·k rows (read+write {gb:.2f} GB): {copy_ms:.3f} ms; router fwd+bwd {router_ms:.3f} ms")
+    print("| dispatcher | route+dispatch+combine fwd+bwd ms | movement ms (minus router) | / copy |")
+    print("|---|---|---|---|")
+    for name, d in dispatchers.items():
+        layer = _layer(cfg, d, device, dtype)
+        layer.experts = _Identity()
+
+        def step(layer: MoE = layer) -> None:
+            layer(xr).float().sum().backward()
+
+        try:
+            ms = median_ms(step, iters, group_n, device)
+        except Exception as e:  # noqa: BLE001
+            print(f"| {name} | FAILED {type(e).__name__} | | |")
+            continue
+        print(f"| {name} | {ms:.3f} | {ms - router_ms:.3f} | {(ms - router_ms) / copy_ms:.2f}× |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
