@@ -341,6 +341,15 @@ def triton_interpreter_checks() -> None:
         x = torch.randn(bags.n_bags, hidden, generator=g)
         src_bag = torch.empty_like(bags.index).index_copy_(0, bags.index, bags.owner)
         torch.testing.assert_close(gt.bag_scatter(x, bags.index, bags.offsets, n), x[src_bag])
+        # padding positions (`Bags.pad`): they add nothing and their dots are 0, though the row is NaN
+        pad = int(bags.index[0])
+        nan = src.clone()
+        nan[pad] = float("nan")
+        real = (bags.index != pad).float().unsqueeze(1)
+        want = torch.zeros(bags.n_bags, hidden).index_add(0, bags.owner, gathered * w.unsqueeze(1) * real)
+        torch.testing.assert_close(gt.bag_sum(nan, bags.index, bags.offsets, w, pad), want)
+        want = (grad[bags.owner] * gathered * real).sum(1)
+        torch.testing.assert_close(gt.bag_dots(grad, nan, bags.index, bags.offsets, pad), want)
 
 
 def test_triton_bag_kernels_match_references_in_the_interpreter():

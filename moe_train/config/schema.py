@@ -161,7 +161,7 @@ class TrainerConfig:
     compile: str = "none"  # none | phases: torch.compile each block's phase callables (model/compile.py)
     # each micro-batch's forward and backward replayed from a CUDA graph (parallel/pipeline/graphed.py);
     # None: wherever the step qualifies (one CUDA process, one stage); true: an error where it does not
-    cuda_graph: bool | None = False
+    cuda_graph: bool | None = None
     # Peak dense bf16 TFLOP/s of one device for MFU; None: known GPUs (H100/H200: 989) or no MFU.
     peak_tflops: float | None = None
     # A non-finite loss skips the step (no update, counted in `skipped_steps`) instead of stopping the run.

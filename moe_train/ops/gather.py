@@ -56,9 +56,8 @@ TRITON_SUM_BYTES = 64 << 20
 TRITON_SCATTER_BYTES = 512 << 20
 
 
-def _triton_ok(t: torch.Tensor, nbytes: int, threshold: int, bags: Bags | None = None) -> bool:
-    """Whether the Triton kernels take this call (they know no padding positions)."""
-    if not t.is_cuda or nbytes < threshold or (bags is not None and bags.pad is not None):
+def _triton_ok(t: torch.Tensor, nbytes: int, threshold: int) -> bool:
+    if not t.is_cuda or nbytes < threshold:
         return False
     from . import gather_triton
 
@@ -75,10 +74,10 @@ def _bag_sum(src: torch.Tensor, bags: Bags, weight: torch.Tensor | None) -> torc
     hidden = src.shape[1]
     if bags.index.shape[0] == 0 or src.shape[0] == 0:
         return src.new_zeros(bags.n_bags, hidden)
-    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES, bags):
+    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES):
         from .gather_triton import bag_sum
 
-        return bag_sum(src, bags.index, bags.offsets, weight)
+        return bag_sum(src, bags.index, bags.offsets, weight, bags.pad)
     w = None if weight is None else weight.to(src.dtype)
     return F.embedding_bag(
         bags.index,
@@ -109,10 +108,10 @@ def _bag_dots(g: torch.Tensor, src: torch.Tensor, bags: Bags) -> torch.Tensor:
     position i."""
     if bags.index.shape[0] == 0 or src.shape[0] == 0:
         return torch.zeros(bags.index.shape[0], dtype=_acc(src).dtype, device=src.device)
-    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES, bags):
+    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES):
         from .gather_triton import bag_dots
 
-        return bag_dots(g, src, bags.index, bags.offsets)
+        return bag_dots(g, src, bags.index, bags.offsets, bags.pad)
     d = (_acc(g.index_select(0, bags.owner)) * _acc(src.index_select(0, bags.index))).sum(1)
     if bags.pad is None:
         return d
@@ -126,7 +125,7 @@ class _GatherRows(torch.autograd.Function):
         ctx.rows = x.shape[0]
         if x.shape[0] == 0:  # nothing to copy (only an empty output can point into an empty source)
             return x.new_zeros(index.shape[0], *x.shape[1:])
-        if _triton_ok(x, _nbytes(index.shape[0], x), TRITON_SCATTER_BYTES, back):  # each row read once
+        if _triton_ok(x, _nbytes(index.shape[0], x), TRITON_SCATTER_BYTES):  # each source row read once
             from .gather_triton import bag_scatter
 
             flat = x.flatten(1) if x.dim() > 1 else x.unsqueeze(1)

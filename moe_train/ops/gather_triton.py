@@ -39,6 +39,7 @@ def _kernels():
         H,
         src_stride,
         out_stride,
+        PAD,
         HAS_W: tl.constexpr,
         HAS_OFF: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -55,7 +56,8 @@ def _kernels():
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(start, end):
             row = tl.load(idx_ptr + i)
-            v = tl.load(src_ptr + row * src_stride + cols, mask=cmask, other=0.0).to(tl.float32)
+            keep = cmask & (cols * 0 + row != PAD)  # a padding position adds nothing; its row is never read
+            v = tl.load(src_ptr + row * src_stride + cols, mask=keep, other=0.0).to(tl.float32)
             if HAS_W:
                 v = v * tl.load(w_ptr + i).to(tl.float32)
             acc += v
@@ -63,7 +65,7 @@ def _kernels():
 
     @triton.jit
     def bag_dots_kernel(
-        g_ptr, src_ptr, idx_ptr, off_ptr, out_ptr, H, g_stride, src_stride, BLOCK: tl.constexpr
+        g_ptr, src_ptr, idx_ptr, off_ptr, out_ptr, H, g_stride, src_stride, PAD, BLOCK: tl.constexpr
     ):
         bag = tl.program_id(0).to(tl.int64)
         start = tl.load(off_ptr + bag)
@@ -75,7 +77,8 @@ def _kernels():
                 cols = h + tl.arange(0, BLOCK)
                 m = cols < H
                 a = tl.load(g_ptr + bag * g_stride + cols, mask=m, other=0.0).to(tl.float32)
-                b = tl.load(src_ptr + row * src_stride + cols, mask=m, other=0.0).to(tl.float32)
+                b = tl.load(src_ptr + row * src_stride + cols, mask=m & (cols * 0 + row != PAD), other=0.0)
+                b = b.to(tl.float32)
                 acc += a * b
             tl.store(out_ptr + i, tl.sum(acc, axis=0))
 
@@ -111,9 +114,14 @@ def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def bag_sum(
-    src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor | None, weight: torch.Tensor | None
+    src: torch.Tensor,
+    index: torch.Tensor,
+    offsets: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    pad: int | None = None,
 ) -> torch.Tensor:
-    """out[b] = Σ_{i in bag b} weight[i]·src[index[i]]; offsets None: bag b is position b (scaled gather)."""
+    """out[b] = Σ_{i in bag b} weight[i]·src[index[i]]; offsets None: bag b is position b (scaled gather);
+    positions naming row `pad` add nothing (`gather.Bags.pad`)."""
     import triton
 
     src = _rows(src, "bag_sum src")
@@ -134,6 +142,7 @@ def bag_sum(
         hidden,
         src.stride(0),
         out.stride(0),
+        -1 if pad is None else pad,
         HAS_W=weight is not None,
         HAS_OFF=offsets is not None,
         BLOCK=block,
@@ -142,8 +151,10 @@ def bag_sum(
     return out
 
 
-def bag_dots(g: torch.Tensor, src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """d[i] = <g[b], src[index[i]]> (fp32) for every position i of every bag b."""
+def bag_dots(
+    g: torch.Tensor, src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, pad: int | None = None
+) -> torch.Tensor:
+    """d[i] = <g[b], src[index[i]]> (fp32) for every position i of every bag b; 0 where index[i] = pad."""
     g, src = _rows(g, "bag_dots g"), _rows(src, "bag_dots src")
     out = torch.empty(index.shape[0], dtype=torch.float32, device=src.device)
     n_bags = offsets.shape[0] - 1
@@ -160,6 +171,7 @@ def bag_dots(g: torch.Tensor, src: torch.Tensor, index: torch.Tensor, offsets: t
         src.shape[1],
         g.stride(0),
         src.stride(0),
+        -1 if pad is None else pad,
         BLOCK=block,
         num_warps=warps,
     )

@@ -254,12 +254,29 @@ def use_graphs(executor: PipelineExecutor, engine: Any, capture: bool = True) ->
     engine.keep_grads = True
 
 
-def graphed_steps(cfg: TrainConfig, mesh: Mesh, executor: PipelineExecutor, engine: Any) -> bool:
-    """Apply `trainer.cuda_graph` (None: wherever `graph_blocker` finds nothing); whether graphs run."""
+def graphed_steps(
+    cfg: TrainConfig,
+    mesh: Mesh,
+    executor: PipelineExecutor,
+    engine: Any,
+    with_graphs: Callable[[], MemoryEstimate] | None = None,
+) -> bool:
+    """Apply `trainer.cuda_graph` (None: wherever `graph_blocker` finds nothing and, on a CUDA device, the
+    memory estimate with graphs — `with_graphs()` — fits it: graphs keep a micro-batch's activations
+    allocated through evaluation); whether graphs run."""
     want = cfg.trainer.cuda_graph
     if want is False:
         return False
     why = graph_blocker(cfg, mesh, executor)
+    if why is None and want is None and with_graphs is not None and mesh.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(mesh.device).total_memory
+        if with_graphs().warnings(capacity):
+            print(
+                f"rank {mesh.rank}: trainer.cuda_graph=null: micro-batches run eagerly, since with graphs "
+                "the memory estimate exceeds the device (trainer.cuda_graph=true forces them)",
+                flush=True,
+            )
+            return False
     if why is not None:
         if want:
             raise ConfigError(
@@ -272,10 +289,16 @@ def graphed_steps(cfg: TrainConfig, mesh: Mesh, executor: PipelineExecutor, engi
 
 
 def estimate_stage_memory(
-    cfg: TrainConfig, mesh: Mesh, stages: Stages, amp: torch.dtype | None, engine: Any
+    cfg: TrainConfig,
+    mesh: Mesh,
+    stages: Stages,
+    amp: torch.dtype | None,
+    engine: Any,
+    graphs: bool | None = None,
 ) -> MemoryEstimate:
     """This rank's memory estimate: its stages' weights, the engine's optimizer-state layout, the
-    activations of the micro-batches its schedule keeps in flight, and evaluation's one micro-batch."""
+    activations of the micro-batches its schedule keeps in flight, and evaluation's one micro-batch.
+    graphs: whether micro-batches replay from CUDA graphs (None: whether the executor's do)."""
     rows = cfg.data.batch_size // (mesh.layout.dp * cfg.parallel.microbatches)
     tokens, m, p = rows * cfg.data.seq_len, cfg.model, cfg.parallel
     dispatch = None
@@ -293,7 +316,7 @@ def estimate_stage_memory(
         amp == torch.bfloat16,
         engine.state_sharding(),
         fp8=precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine) == "fp8",
-        graphs=stages.executor.graphed is not None,
+        graphs=stages.executor.graphed is not None if graphs is None else graphs,
         dispatch=dispatch,
     )
 

@@ -94,7 +94,11 @@ class Trainer:
         self.model, self.executor, self.ties = stages.model, stages.executor, stages.ties
         self.engine = build_engine(cfg, s.model, self.mesh, s.ties, s.owned, s.pipelined, run_dir)
         self.executor.backward_fn, self.executor.forward_context = self.engine.backward, self._autocast
-        self.cuda_graph = graphed_steps(cfg, self.mesh, self.executor, self.engine)
+
+        def with_graphs() -> MemoryEstimate:
+            return estimate_stage_memory(cfg, self.mesh, stages, self.amp, self.engine, graphs=True)
+
+        self.cuda_graph = graphed_steps(cfg, self.mesh, self.executor, self.engine, with_graphs)
         # Read a step's numbers back only when they are needed (logging, saving, evaluating, stopping) where
         # the skip of a non-finite step can be taken on the device: one process (no totals to all-reduce),
         # an engine that `skips_on_device`, and no per-source losses (a mixture reads its rows).
