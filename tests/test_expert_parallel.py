@@ -20,7 +20,7 @@ from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
 from moe_train.ops.fp8 import packed_row_bytes
 from moe_train.ops.gather import Bags, bag_sum, gather_rows
-from moe_train.parallel.dispatch import AllToAllDispatcher, BoundedDispatcher, CommCounters
+from moe_train.parallel.dispatch import AllToAllDispatcher, BoundedDispatcher, CommCounters, build_dispatcher
 from moe_train.parallel.dispatch.bounded import rows_bound
 from moe_train.parallel.mesh import Layout, MeshError, build_mesh
 
@@ -161,8 +161,8 @@ def _host_reads_case() -> dict[str, list[str]]:
     for kind in ("flat", "bounded"):
         _, moe = _moe_pair(CFG, mesh.ep_rank, ep)
         moe.to(torch.bfloat16).experts.impl = "grouped"
-        args = (mesh.group("ep"), ep, mesh.ep_rank, CommCounters())
-        moe.dispatcher = AllToAllDispatcher(*args) if kind == "flat" else BoundedDispatcher(*args)
+        # through the registry, as the trainer builds them
+        moe.dispatcher = build_dispatcher("alltoall" if kind == "flat" else kind, mesh, CommCounters())
         x = torch.randn(2, 12, CFG.hidden_size, dtype=torch.bfloat16, requires_grad=True)
         with host_copies() as host, HostReads() as r:
             moe(x).float().sum().backward()
@@ -371,11 +371,11 @@ def test_bounded_buffers_enter_the_memory_estimate():
     from moe_train.parallel.dispatch.bounded import bounded_memory
 
     k, tokens, ep = CFG.num_experts_per_tok, 64, 2
-    worst_rows, worst_blocks = bounded_memory(tokens, CFG.hidden_size, k, CFG.n_routed_experts, ep, None, 4)
     per_rank = CFG.n_routed_experts // ep
+    worst_rows, worst_blocks = bounded_memory(tokens, CFG.hidden_size, k, per_rank, ep, None, 4)
     assert worst_rows == (ep * tokens * min(k, per_rank) + 1) / tokens  # every row of every peer, all slots
     assert worst_blocks == 2 * ep * tokens * (CFG.hidden_size * 4 + 2 * k * 4)
-    rows, blocks = bounded_memory(tokens, CFG.hidden_size, k, CFG.n_routed_experts, ep, 1.5, 4)
+    rows, blocks = bounded_memory(tokens, CFG.hidden_size, k, per_rank, ep, 1.5, 4)
     assert k <= rows < worst_rows and blocks <= worst_blocks
     layer = 1  # a MoE layer of CFG
     assert mlp_bytes(CFG, layer, 4, "none", routed=k) == mlp_bytes(CFG, layer, 4, "none")

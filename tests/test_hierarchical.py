@@ -150,6 +150,38 @@ def _case(cfg: ModelConfig, gpus_per_node: int, sizes: list[int], mask: tuple[in
     }
 
 
+def _bounded_intra(cfg: ModelConfig, gpus_per_node: int, seed: int) -> dict:
+    """The intra-node stage in fixed-size blocks (`hierarchical_bounded`) against the host-synced one: equal
+    outputs and gradients with worst-case blocks and no overflow; a bound far below the load raises the
+    overflow flag (the trainer then reruns the step exactly)."""
+    world = int(os.environ["WORLD_SIZE"])
+    mesh = build_mesh(ep=world, gpus_per_node=gpus_per_node)
+    x_all = torch.randn(1, 24 * world, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    x = x_all[:, 24 * mesh.rank : 24 * (mesh.rank + 1)]
+    out, flags = [], []
+    for name, bound in (
+        ("hierarchical", None),
+        ("hierarchical_bounded", None),
+        ("hierarchical_bounded", 0.2),
+    ):
+        moe, counters = _moe(cfg, mesh, seed), CommCounters()
+        moe.dispatcher = build_dispatcher(name, mesh, counters, bound=bound)
+        xi = x.clone().requires_grad_(True)
+        y = moe(xi)
+        (y * y).sum().backward()
+        out.append((y.detach(), xi.grad, {n: p.grad for n, p in moe.named_parameters()}))
+        over = counters.take_overflows()
+        flag = torch.tensor([0 if over is None else int(over)])
+        dist.all_reduce(flag)
+        flags.append(int(flag))
+    (y0, g0, p0), (y1, g1, p1) = out[0], out[1]
+    _assert_rel(y1, y0, "bounded output")
+    _assert_rel(g1, g0, "bounded input grad")
+    for name, g in p0.items():
+        _assert_rel(p1[name], g, f"bounded {name}")
+    return {"flags": flags}
+
+
 def _dispatch_cases(cfg: ModelConfig, gpus_per_node: int) -> list[dict]:
     world = int(os.environ["WORLD_SIZE"])
     per_node = cfg.n_routed_experts // (world // min(gpus_per_node, world))
@@ -180,6 +212,7 @@ def _training(base: str, runs: dict[str, tuple[str, ...]]) -> dict[str, dict]:
 
 def _suite4(base: str) -> dict:
     out = {f"{n}x{g}": _dispatch_cases(CFG, g) for n, g in ((2, 2), (4, 1))}
+    out["bounded_intra"] = _bounded_intra(CFG, 2, 6)
     hier = ("parallel.ep=4", "parallel.dispatcher=hierarchical")
     out["train"] = _training(
         base,
@@ -188,6 +221,13 @@ def _suite4(base: str) -> dict:
             "flat_4x1": ("parallel.ep=4", "parallel.gpus_per_node=1"),
             "2x2": (*hier, "parallel.gpus_per_node=2"),
             "4x1": (*hier, "parallel.gpus_per_node=1"),
+            # the intra-node stage in fixed-size blocks, with a bound that overflows: redone exactly
+            "2x2+bounded": (
+                "parallel.ep=4",
+                "parallel.dispatcher=hierarchical_bounded",
+                "parallel.gpus_per_node=2",
+                "parallel.dispatch_bound=0.3",
+            ),
         },
     )
     return out
@@ -215,7 +255,7 @@ def _check_suite(results: list[dict], hidden: int, topk_group: int) -> None:
 
     rank0 = results[0]
     for topo, cases in rank0.items():
-        if topo == "train":
+        if topo in ("train", "bounded_intra"):
             continue
         for i, case in enumerate(cases):
             # every rank issued the data exchanges in the same order, forward and backward
@@ -229,7 +269,7 @@ def _check_suite(results: list[dict], hidden: int, topk_group: int) -> None:
     train = rank0["train"]
     for name in train:
         if not name.startswith("flat"):
-            flat = train[f"flat_{name}"]  # the flat run on the same simulated topology
+            flat = train[f"flat_{name.split('+')[0]}"]  # the flat run on the same simulated topology
             _compare(flat, train[name], f"hierarchical {name}")
             for a, b in zip(flat["records"], train[name]["records"], strict=True):
                 if a.get("kind") == "train":
@@ -240,11 +280,17 @@ def _check_suite(results: list[dict], hidden: int, topk_group: int) -> None:
 @pytest.mark.slow
 def test_hierarchical_matches_flat_on_4_processes(tmp_path):
     """2 nodes × 2 and 4 × 1: outputs and gradients equal flat (rel ≤ 1e-5), each stage on its link, same
-    training losses and gradients as the flat run."""
+    training losses and gradients as the flat run; the same with the intra-node stage in fixed-size blocks
+    (`hierarchical_bounded`), overflow and exact rerun included."""
     results = run_world(4, _suite4, str(tmp_path))
     _check_suite(results, CFG.hidden_size, CFG.topk_group)
     r = results[0]["2x2"][0]
     assert r["hier_inter"] < r["flat_inter"]  # two ranks per node: one copy per node, not per rank
+    # the bounded intra-node stage: never overflows with worst-case blocks; a small bound does, and the
+    # training steps it overflowed were redone (their losses equal the flat run's, checked above)
+    assert results[0]["bounded_intra"]["flags"][1] == 0 and results[0]["bounded_intra"]["flags"][2] > 0
+    redone = [r.get("dispatch_redone_steps") for r in results[0]["train"]["2x2+bounded"]["records"]]
+    assert max(x for x in redone if x is not None) > 0, redone
 
 
 @pytest.mark.slow

@@ -275,8 +275,12 @@ def validate(cfg: TrainConfig) -> None:
     if p.gpus_per_node is not None and p.gpus_per_node < 1:
         _fail("parallel.gpus_per_node", p.gpus_per_node, "a positive number, or null for LOCAL_WORLD_SIZE")
     if p.dispatch_bound is not None:
-        if p.dispatcher != "bounded":
-            _fail("parallel.dispatch_bound", p.dispatch_bound, "null unless parallel.dispatcher=bounded")
+        if p.dispatcher not in ("bounded", "hierarchical_bounded"):
+            _fail(
+                "parallel.dispatch_bound",
+                p.dispatch_bound,
+                "null unless parallel.dispatcher=bounded or hierarchical_bounded",
+            )
         if not p.dispatch_bound > 0:
             _fail(
                 "parallel.dispatch_bound", p.dispatch_bound, "a number > 0 (times the balanced load), or null"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ..config import ConfigError, TrainConfig
-from .dispatch import BOUNDED, TRANSPORTS, check_dispatcher
+from .dispatch import TRANSPORTS, check_dispatcher
 from .mesh import Layout, MeshError
 from .pipeline.actions import Kind, Schedule
 from .pipeline.schedules import schedule_for
@@ -57,7 +57,7 @@ def check_layout(cfg: TrainConfig, world_size: int) -> Schedule:
         raise ConfigError(str(e)) from None
     if p.dispatch_transport not in TRANSPORTS:
         _fail("parallel.dispatch_transport", p.dispatch_transport, f"one of {', '.join(TRANSPORTS)}")
-    if p.dispatch_transport != "alltoall" and p.dispatcher not in BOUNDED:
+    if p.dispatch_transport != "alltoall" and p.dispatcher != "bounded":
         _fail(
             "parallel.dispatch_transport", p.dispatch_transport, "alltoall unless parallel.dispatcher=bounded"
         )

@@ -304,8 +304,10 @@ def estimate_stage_memory(
     dispatch = None
     if p.dispatcher in BOUNDED and mesh.layout.ep > 1:  # fixed-size buffers, whatever the routing
         a = 2 if amp == torch.bfloat16 else 4
-        k, e = m.num_experts_per_tok, m.n_routed_experts
-        dispatch = bounded_memory(tokens, m.hidden_size, k, e, mesh.layout.ep, p.dispatch_bound, a)
+        k, per_rank, ep = m.num_experts_per_tok, m.n_routed_experts // mesh.layout.ep, mesh.layout.ep
+        nodes, local = mesh.layout.ep_node_shape() if p.dispatcher != "bounded" else (1, ep)
+        arriving = nodes * tokens  # the intra-node stage forwards what stage 1 brought from every node
+        dispatch = bounded_memory(tokens, m.hidden_size, k, per_rank, local, p.dispatch_bound, a, arriving)
     return estimate_memory(
         stages.model,
         m,

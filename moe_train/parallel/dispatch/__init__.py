@@ -49,11 +49,11 @@ def _bounded(
     event_log: list[str] | None,
     fp8_rows: bool,
     bound: float | None,
+    transport: SymmTransport | None,
 ) -> Dispatcher:
-    ep, ep_rank = mesh.layout.ep, mesh.ep_rank
-    return BoundedDispatcher(
-        mesh.group("ep"), ep, ep_rank, counters, _ep_peer_nodes(mesh), event_log, fp8_rows, bound
-    )
+    ep, ep_rank, peers = mesh.layout.ep, mesh.ep_rank, _ep_peer_nodes(mesh)
+    group = mesh.group("ep")
+    return BoundedDispatcher(group, ep, ep_rank, counters, peers, event_log, fp8_rows, bound, transport)
 
 
 def _hierarchical(
@@ -63,6 +63,7 @@ def _hierarchical(
     fp8_rows: bool,
     bound: float | None,
     transport: SymmTransport | None,
+    bounded_intra: bool = False,
 ) -> Dispatcher:
     nodes, local = mesh.layout.ep_node_shape()
     inter, intra = mesh.group("inter_node"), mesh.group("intra_node")
@@ -78,7 +79,21 @@ def _hierarchical(
         [mesh.layout.node_of(r) for r in dist.get_process_group_ranks(intra)],
         event_log,
         fp8_rows,
+        bounded_intra,
+        bound,
     )
+
+
+def _hierarchical_bounded(
+    mesh: Mesh,
+    counters: CommCounters | None,
+    event_log: list[str] | None,
+    fp8_rows: bool,
+    bound: float | None,
+    transport: SymmTransport | None,
+) -> Dispatcher:
+    """Stage 1 (between nodes) as `hierarchical`; stage 2 (inside the node) in fixed-size blocks."""
+    return _hierarchical(mesh, counters, event_log, fp8_rows, bound, transport, bounded_intra=True)
 
 
 def _check_hierarchical(layout: Layout, n_experts: int, n_group: int) -> None:
@@ -97,10 +112,11 @@ DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], Non
     "alltoall": (_flat, None),
     "bounded": (_bounded, None),
     "hierarchical": (_hierarchical, _check_hierarchical),
+    "hierarchical_bounded": (_hierarchical_bounded, _check_hierarchical),
 }
-# the dispatchers with fixed-size buffers, the only ones `parallel.dispatch_bound` and
-# `parallel.dispatch_transport` apply to
-BOUNDED = ("bounded",)
+# the dispatchers with fixed-size buffers (whole, or the intra-node stage), the only ones
+# `parallel.dispatch_bound` applies to; `parallel.dispatch_transport=nvshmem` serves `bounded`
+BOUNDED = ("bounded", "hierarchical_bounded")
 TRANSPORTS = ("alltoall", "nvshmem")
 
 

@@ -65,21 +65,29 @@ def slots_bound(received: int, k: int, per_rank: int, tokens: int, bound: float 
 
 
 def bounded_memory(
-    tokens: int, hidden: int, k: int, n_experts: int, ep: int, bound: float | None, act_bytes: int
+    tokens: int,
+    hidden: int,
+    k: int,
+    per_rank: int,
+    peers: int,
+    bound: float | None,
+    act_bytes: int,
+    arriving: int | None = None,
 ) -> tuple[float, int]:
-    """For the memory estimate, a MoE layer over `tokens` tokens of this rank: the expert rows it keeps per
-    token (the slot buffer, `C + 1` rows, where a token's k slots would be kept without fixed sizes), and the
-    bytes of its send and receive blocks with their slot metadata (fp32 ids and weights), each way."""
-    per_rank = n_experts // ep
-    block = rows_bound(tokens, k, ep, bound)
-    cap = slots_bound(ep * block, k, per_rank, tokens, bound)
-    blocks = 2 * ep * block * (hidden * act_bytes + 2 * k * 4)  # sent and received, rows and metadata
+    """For the memory estimate, a MoE layer over `tokens` tokens of this rank whose bounded exchange has
+    `peers` ranks and at most `arriving` rows to send (this rank's tokens; nodes × them for the hierarchical
+    dispatcher's intra-node stage): the expert rows it keeps per token (the slot buffer, `C + 1` rows, where
+    a token's k slots would be kept without fixed sizes), and the bytes of its send and receive blocks with
+    their slot metadata (fp32 ids and weights), each way."""
+    block = rows_bound(tokens if arriving is None else arriving, k, peers, bound)
+    cap = slots_bound(peers * block, k, per_rank, tokens, bound)
+    blocks = 2 * peers * block * (hidden * act_bytes + 2 * k * 4)  # sent and received, rows and metadata
     return (cap + 1) / max(1, tokens), blocks
 
 
 def bounded_route(owner: torch.Tensor, peers: int, block: int) -> tuple[Route, torch.Tensor, torch.Tensor]:
-    """Send positions for `owner` (n, k), the peer of each slot: peer p's rows fill positions p·block … in
-    token order and padding fills the rest; no host read.
+    """Send positions for `owner` (n, k), the peer of each slot (−1: held by no peer, not sent): peer p's
+    rows fill positions p·block … in row order and padding fills the rest; no host read.
 
     Returns the route (`pair_row` = the source row of each of the peers·block positions, padding copying
     the last row; `rows` = each source row's positions in peer order, the last row's bag ending with the
@@ -94,7 +102,8 @@ def bounded_route(owner: torch.Tensor, peers: int, block: int) -> tuple[Route, t
         route = Route(0, torch.zeros(size, dtype=torch.long, device=dev), empty, bags, splits, splits)
         none = torch.zeros((), dtype=torch.bool, device=dev)
         return route, torch.zeros(size, dtype=torch.bool, device=dev), none
-    uses = torch.zeros(peers, n, dtype=torch.bool, device=dev).scatter_(0, owner.t(), True)
+    owner = torch.where(owner >= 0, owner, peers)  # unheld slots mark a spare row, dropped
+    uses = torch.zeros(peers + 1, n, dtype=torch.bool, device=dev).scatter_(0, owner.t(), True)[:peers]
     place = uses.long().cumsum(1) - 1  # each row's place in its peer's block
     kept = uses & (place < block)
     overflow = (uses.sum(1) > block).any()
@@ -171,6 +180,24 @@ class BoundedPlan:
     slots: Slots | None = None
 
 
+def sum_over_blocks(back: torch.Tensor, r: Route) -> torch.Tensor:
+    """Rows returned in a bounded route's blocks -> one row per source row, the sum over its peers in peer
+    order (padding positions hold exact zeros)."""
+    if r.n_rows == 0:
+        return back[:0] * 1
+    return bag_sum(back, r.rows, r.pair_row)
+
+
+def pack_blocks(
+    x: torch.Tensor, meta: torch.Tensor, r: Route, real: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows and slot metadata of a bounded route's blocks; padding rows name expert −1."""
+    rows, meta = rows_with_meta(x, meta, r)
+    k = meta.shape[1] // 2
+    experts = torch.where(real.unsqueeze(1), meta[:, :k].detach(), -1.0)
+    return rows, torch.cat([experts, meta[:, k:]], dim=1)
+
+
 class BoundedDispatcher:
     """Flat expert dispatch with fixed-size blocks (module docstring); `exact` switches it to the flat
     dispatcher's host-synced plan (the trainer's path for a step whose bounded buffers overflowed)."""
@@ -224,12 +251,10 @@ class BoundedDispatcher:
         """Each peer's block of rows and their slot metadata leave in one hop; padding names no expert."""
         if isinstance(plan, FlatPlan):
             return (yield from self.fallback.dispatch_start(plan, x, topk_weight))
-        r, k = plan.route, plan.topk_idx.shape[1]
+        r = plan.route
 
         def pack(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            rows, meta = rows_with_meta(x, slot_meta(plan.topk_idx, w), r)
-            experts = torch.where(plan.real.unsqueeze(1), meta[:, :k].detach(), -1.0)
-            return rows, torch.cat([experts, meta[:, k:]], dim=1)
+            return pack_blocks(x, slot_meta(plan.topk_idx, w), r, plan.real)
 
         send, meta = yield Compute("pack", pack, (x, topk_weight), join=True)
         block = r.send_splits[0]
@@ -262,11 +287,4 @@ class BoundedDispatcher:
         if isinstance(plan, FlatPlan):
             return (yield from self.fallback.combine_wait(plan, handle))
         (back,) = yield Wait(handle)
-        r = plan.route
-
-        def total(back: torch.Tensor) -> torch.Tensor:
-            if r.n_rows == 0:
-                return back[:0] * 1
-            return bag_sum(back, r.rows, r.pair_row)
-
-        return (yield Compute("sum", total, (back,), join=True))
+        return (yield Compute("sum", lambda b: sum_over_blocks(b, plan.route), (back,), join=True))

@@ -24,6 +24,9 @@ link at most `topk_group` times each way whatever its top-k.
 Each row's slot metadata travels in the same hop as the row. As phases (model/dispatch.py): plan = the
 stage-1 count exchange; dispatch = stage-1 hop, then (once it arrived) the stage-2 count exchange and hop;
 combine = stage-2 hop back, the node's sum, stage-1 hop back.
+
+`hierarchical_bounded` (`bounded_intra`) runs stage 2 in fixed-size blocks instead (bounded.py): no count
+exchange and no host read inside the node, overflow flagged for the trainer's exact rerun.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ import torch
 
 from ...model.phases import Compute, Issue, Prepare, Program, Wait
 from ..comm import A2AHop
+from .bounded import bounded_route, bounded_slots, pack_blocks, rows_bound, slots_bound, sum_over_blocks
 from .counters import CommCounters, row_bytes, sends_fp8
 from .rows import (
     Route,
     Slots,
+    expand_to_slots,
     meta_experts,
     route_finish,
     route_start,
@@ -55,6 +60,7 @@ class HierPlan:
     inter: Route  # stage 1: tokens → the same local rank on each destination node
     topk_idx: torch.Tensor
     per_rank: int  # experts per rank
+    bounded: bool = False  # stage 2 in fixed-size blocks (`HierarchicalDispatcher.bounded_intra`)
     intra: Route | None = None  # stage 2: stage-1 rows → the expert owners on this node (once received)
     slots: Slots | None = None  # stage-2 rows expanded to this rank's expert slots
 
@@ -79,8 +85,15 @@ class HierarchicalDispatcher:
         intra_peer_nodes: list[int] | None = None,
         event_log: list[str] | None = None,
         fp8_rows: bool = False,
+        bounded_intra: bool = False,
+        bound: float | None = None,
     ) -> None:
         self.inter_group, self.intra_group = inter_group, intra_group
+        # bounded_intra: stage 2 in fixed-size blocks with no count exchange (bounded.py), `bound` sizing
+        # them; `exact` (the trainer's overflow path) switches it back to the host-synced stage 2
+        self.bounded_intra, self.bound, self.exact = bounded_intra, bound, False
+        if bounded_intra and counters is None:
+            counters = CommCounters()  # overflow flags must land somewhere
         self.fp8_rows = fp8_rows  # dispatch rows travel as FP8 tiles, in both stages (parallel/comm.py)
         self.nodes, self.local = nodes, local
         self.node_rank, self.local_rank = node_rank, local_rank
@@ -117,7 +130,7 @@ class HierarchicalDispatcher:
             )
 
         inter = yield Prepare("counts_inter", start, route_finish)
-        return HierPlan(inter, topk_idx, per_rank)
+        return HierPlan(inter, topk_idx, per_rank, bounded=self.bounded_intra and not self.exact)
 
     def dispatch_start(self, plan: HierPlan, x: torch.Tensor, topk_weight: torch.Tensor) -> Program:
         """Stage 1: one row per (token, destination node), with its slot metadata, to the same local rank
@@ -141,6 +154,9 @@ class HierarchicalDispatcher:
         here = experts // per_node == self.node_rank
         node_expert = torch.where(here, experts - self.node_rank * per_node, -1)
         owner = torch.where(here, node_expert // per_rank, -1)
+        first = (self.node_rank * self.local + self.local_rank) * per_rank
+        if plan.bounded:
+            return (yield from self._bounded_stage2(plan, rows, meta, owner, first))
 
         def start(stream: Any) -> Any:
             return route_start(owner, self.local, self.intra_group, node_expert, per_rank, True, stream)
@@ -150,11 +166,34 @@ class HierarchicalDispatcher:
         send, meta = yield Compute("forward", lambda x, m: rows_with_meta(x, m, r), (rows, meta))
         handle = yield Issue(self._hop("dispatch", "intra", r.send_splits, r.recv_splits, send), (send, meta))
         rows, meta = yield Wait(handle)
-        first = (self.node_rank * self.local + self.local_rank) * per_rank
 
         def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             plan.slots, expert_rows = unpack_for_experts(rows, meta, first, per_rank, r)
             return expert_rows, plan.slots.local_counts
+
+        return (yield Compute("unpack", unpack, (rows, meta), join=True))
+
+    def _bounded_stage2(
+        self, plan: HierPlan, rows: torch.Tensor, meta: torch.Tensor, owner: torch.Tensor, first: int
+    ) -> Program:
+        """Stage 2 in fixed-size blocks (bounded.py): `B` rows to each rank of the node, padding naming expert
+        −1, no count exchange; the slots of this rank's experts sorted into a buffer of `C` rows. `B` counts
+        every row that could arrive in stage 1 (nodes × this rank's tokens: equal on every rank)."""
+        n, k = plan.topk_idx.shape
+        block = rows_bound(self.nodes * n, k, self.local, self.bound)
+        r, real, overflow = bounded_route(owner, self.local, block)
+        assert self.counters is not None
+        self.counters.note_overflow(overflow)
+        plan.intra = r
+        send, meta = yield Compute("forward", lambda x, m: pack_blocks(x, m, r, real), (rows, meta))
+        handle = yield Issue(self._hop("dispatch", "intra", r.send_splits, r.recv_splits, send), (send, meta))
+        rows, meta = yield Wait(handle)
+        cap = slots_bound(rows.shape[0], k, plan.per_rank, n, self.bound)
+
+        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            plan.slots, full = bounded_slots(meta, first, plan.per_rank, cap)
+            self.counters.note_overflow(full)
+            return expand_to_slots(rows, plan.slots), plan.slots.local_counts
 
         return (yield Compute("unpack", unpack, (rows, meta), join=True))
 
@@ -169,7 +208,8 @@ class HierarchicalDispatcher:
         happens before the slow link), one row per (token, node) back to its source, and each token's sum
         over its nodes."""
         (back,) = yield Wait(handle)
-        node_sum = yield Compute("reduce", lambda b: sum_over_route(b, plan.intra), (back,), join=True)
+        reduce = sum_over_blocks if plan.bounded else sum_over_route
+        node_sum = yield Compute("reduce", lambda b: reduce(b, plan.intra), (back,), join=True)
         r = plan.inter
         handle = yield Issue(
             self._hop("combine", "inter", r.recv_splits, r.send_splits, node_sum), (node_sum,)
