@@ -272,7 +272,7 @@ def _check_suite(results: list[dict], hidden: int, topk_group: int) -> None:
             flat = train[f"flat_{name.split('+')[0]}"]  # the flat run on the same simulated topology
             _compare(flat, train[name], f"hierarchical {name}")
             for a, b in zip(flat["records"], train[name]["records"], strict=True):
-                if a.get("kind") == "train":
+                if a.get("kind") == "train" and "+" not in name:  # a redone step moves its bytes twice
                     assert 0 < b["a2a_dispatch_inter_node_bytes"] <= a["a2a_dispatch_inter_node_bytes"]
                     assert b["a2a_combine_inter_node_bytes"] == b["a2a_dispatch_inter_node_bytes"]
 
