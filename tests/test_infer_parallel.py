@@ -4,6 +4,7 @@ without a query latent, for tp=2, ep=2 and tp=2 × ep=2; and the command line ov
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -165,22 +166,14 @@ def test_expert_slices_find_their_slots_on_the_device():
     """The expert-parallel decode dispatcher finds its local slots without a host read (grouped experts in
     bf16, CUDA's path, so a rank's decode step can be captured in a CUDA graph), and the slices' partial
     rows add up to the whole MoE's."""
+    from test_expert_parallel import CFG as EP_CFG
+
     from host_reads import HostReads, host_copies
-    from moe_train.config import ModelConfig
     from moe_train.model.init import init_weights
     from moe_train.model.moe import MoEOptions
     from moe_train.parallel.tensor import ExpertSliceDispatcher
 
-    cfg = ModelConfig(
-        vocab_size=97,
-        hidden_size=32,
-        moe_intermediate_size=16,
-        n_routed_experts=8,
-        num_experts_per_tok=3,
-        n_group=1,
-        topk_group=1,
-        n_shared_experts=0,
-    )
+    cfg = dataclasses.replace(EP_CFG, n_shared_experts=0)  # the slices' partial rows alone
     x = torch.randn(2, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     whole = MoE(cfg, 1)
     init_weights(whole, 3, 0.3)

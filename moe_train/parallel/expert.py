@@ -3,7 +3,8 @@
 The model itself is plain single-device math; this module only (1) tells `build_model` which experts a rank
 holds and (2) swaps each MoE layer's local dispatcher for an all-to-all one over the mesh's ep group: flat
 (`parallel.dispatcher=alltoall`), flat with fixed-size buffers (`bounded`) or two-stage node-aware
-(`hierarchical`), from the registry in parallel/dispatch/.
+(`hierarchical`, and `hierarchical_bounded` with its intra-node stage in fixed-size blocks), from the
+registry in parallel/dispatch/.
 """
 
 from __future__ import annotations

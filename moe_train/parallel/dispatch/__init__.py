@@ -10,6 +10,7 @@ that builds one for a MoE layer on this rank's mesh; a factory may refuse a layo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -24,47 +25,37 @@ from .hierarchical import HierarchicalDispatcher
 from .symm import SymmTransport, nvshmem_missing
 
 
+@dataclass(frozen=True)
+class DispatchOptions:
+    """What every factory gets beside the mesh: byte and overflow counters, the exchange-order log (tests),
+    FP8 dispatch rows, `parallel.dispatch_bound` and the symmetric-memory transport (None: the all-to-all)."""
+
+    counters: CommCounters | None = None
+    event_log: list[str] | None = None
+    fp8_rows: bool = False
+    bound: float | None = None
+    transport: SymmTransport | None = None
+
+
 def _ep_peer_nodes(mesh: Mesh) -> list[int]:
     group_ranks = next(g for g in mesh.layout.ep_groups() if mesh.rank in g)
     return [mesh.layout.node_of(r) for r in group_ranks]
 
 
-def _flat(
-    mesh: Mesh,
-    counters: CommCounters | None,
-    event_log: list[str] | None,
-    fp8_rows: bool,
-    bound: float | None,
-    transport: SymmTransport | None,
-) -> Dispatcher:
-    ep, ep_rank = mesh.layout.ep, mesh.ep_rank
-    return AllToAllDispatcher(
-        mesh.group("ep"), ep, ep_rank, counters, _ep_peer_nodes(mesh), event_log, fp8_rows
+def _flat(mesh: Mesh, o: DispatchOptions) -> Dispatcher:
+    ep, ep_rank, peers = mesh.layout.ep, mesh.ep_rank, _ep_peer_nodes(mesh)
+    return AllToAllDispatcher(mesh.group("ep"), ep, ep_rank, o.counters, peers, o.event_log, o.fp8_rows)
+
+
+def _bounded(mesh: Mesh, o: DispatchOptions) -> Dispatcher:
+    ep, ep_rank, peers = mesh.layout.ep, mesh.ep_rank, _ep_peer_nodes(mesh)
+    group = mesh.group("ep")
+    return BoundedDispatcher(
+        group, ep, ep_rank, o.counters, peers, o.event_log, o.fp8_rows, o.bound, o.transport
     )
 
 
-def _bounded(
-    mesh: Mesh,
-    counters: CommCounters | None,
-    event_log: list[str] | None,
-    fp8_rows: bool,
-    bound: float | None,
-    transport: SymmTransport | None,
-) -> Dispatcher:
-    ep, ep_rank, peers = mesh.layout.ep, mesh.ep_rank, _ep_peer_nodes(mesh)
-    group = mesh.group("ep")
-    return BoundedDispatcher(group, ep, ep_rank, counters, peers, event_log, fp8_rows, bound, transport)
-
-
-def _hierarchical(
-    mesh: Mesh,
-    counters: CommCounters | None,
-    event_log: list[str] | None,
-    fp8_rows: bool,
-    bound: float | None,
-    transport: SymmTransport | None,
-    bounded_intra: bool = False,
-) -> Dispatcher:
+def _hierarchical(mesh: Mesh, o: DispatchOptions, bounded_intra: bool = False) -> Dispatcher:
     nodes, local = mesh.layout.ep_node_shape()
     inter, intra = mesh.group("inter_node"), mesh.group("intra_node")
     return HierarchicalDispatcher(
@@ -74,26 +65,19 @@ def _hierarchical(
         local,
         mesh.ep_node_rank,
         mesh.local_ep_rank,
-        counters,
+        o.counters,
         [mesh.layout.node_of(r) for r in dist.get_process_group_ranks(inter)],
         [mesh.layout.node_of(r) for r in dist.get_process_group_ranks(intra)],
-        event_log,
-        fp8_rows,
+        o.event_log,
+        o.fp8_rows,
         bounded_intra,
-        bound,
+        o.bound,
     )
 
 
-def _hierarchical_bounded(
-    mesh: Mesh,
-    counters: CommCounters | None,
-    event_log: list[str] | None,
-    fp8_rows: bool,
-    bound: float | None,
-    transport: SymmTransport | None,
-) -> Dispatcher:
+def _hierarchical_bounded(mesh: Mesh, o: DispatchOptions) -> Dispatcher:
     """Stage 1 (between nodes) as `hierarchical`; stage 2 (inside the node) in fixed-size blocks."""
-    return _hierarchical(mesh, counters, event_log, fp8_rows, bound, transport, bounded_intra=True)
+    return _hierarchical(mesh, o, bounded_intra=True)
 
 
 def _check_hierarchical(layout: Layout, n_experts: int, n_group: int) -> None:
@@ -101,11 +85,8 @@ def _check_hierarchical(layout: Layout, n_experts: int, n_group: int) -> None:
     check_expert_groups(layout, n_experts, n_group)
 
 
-# (mesh, counters, event log, dispatch rows as FP8, `parallel.dispatch_bound`, the symmetric-memory transport
-# of `parallel.dispatch_transport=nvshmem` or None) -> a dispatcher
-DispatcherFactory = Callable[
-    [Mesh, CommCounters | None, list[str] | None, bool, float | None, SymmTransport | None], Dispatcher
-]
+# (mesh, options) -> a dispatcher
+DispatcherFactory = Callable[[Mesh, DispatchOptions], Dispatcher]
 
 # name -> (factory, layout check(layout, n_experts, n_group) or None)
 DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], None] | None]] = {
@@ -152,7 +133,7 @@ def build_dispatcher(
 ) -> Any:
     """One dispatcher of kind `name` over this rank's ep group; `fp8_rows`: its dispatch rows travel as FP8
     tiles (`trainer.dtype=fp8`, parallel/comm.py); `bound`: a bounded dispatcher's buffers (bounded.py)."""
-    return DISPATCHERS[name][0](mesh, counters, event_log, fp8_rows, bound, transport)
+    return DISPATCHERS[name][0](mesh, DispatchOptions(counters, event_log, fp8_rows, bound, transport))
 
 
 __all__ = [
@@ -162,6 +143,7 @@ __all__ = [
     "AllToAllDispatcher",
     "BoundedDispatcher",
     "CommCounters",
+    "DispatchOptions",
     "HierarchicalDispatcher",
     "build_dispatcher",
     "build_transport",

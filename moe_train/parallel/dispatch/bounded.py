@@ -198,9 +198,9 @@ def pack_blocks(
     return rows, torch.cat([experts, meta[:, k:]], dim=1)
 
 
-class BoundedDispatcher:
+class BoundedDispatcher(AllToAllDispatcher):
     """Flat expert dispatch with fixed-size blocks (module docstring); `exact` switches it to the flat
-    dispatcher's host-synced plan (the trainer's path for a step whose bounded buffers overflowed)."""
+    dispatcher's host-synced phases (the trainer's path for a step whose bounded buffers overflowed)."""
 
     def __init__(
         self,
@@ -214,16 +214,13 @@ class BoundedDispatcher:
         bound: float | None = None,
         transport: SymmTransport | None = None,
     ) -> None:
-        self.group, self.ep, self.ep_rank, self.bound = group, ep, ep_rank, bound
+        counters = CommCounters() if counters is None else counters  # overflow flags must land somewhere
+        super().__init__(group, ep, ep_rank, counters, peer_nodes, event_log, fp8_rows)
+        self.counters: CommCounters = counters
+        self.bound, self.exact = bound, False
         self.transport = transport  # symmetric memory (symm.py); None: the all-to-all with equal splits
-        self.fp8_rows = fp8_rows
-        self.counters = CommCounters() if counters is None else counters  # overflow flags must land somewhere
-        self.peer_nodes = peer_nodes or [0] * ep
-        self.event_log = event_log
-        self.exact = False
-        self.fallback = AllToAllDispatcher(group, ep, ep_rank, self.counters, peer_nodes, event_log, fp8_rows)
 
-    def _hop(self, name: str, block: int, rows: torch.Tensor) -> A2AHop:
+    def _block_hop(self, name: str, block: int, rows: torch.Tensor) -> A2AHop:
         """An equal-splits hop of `block` rows per peer, added to the byte counters (what the wire carries,
         padding included)."""
         fp8 = sends_fp8(self.fp8_rows, name, rows)
@@ -236,7 +233,7 @@ class BoundedDispatcher:
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
         """Where each (token, peer) row sits in the send blocks: device work only."""
         if self.exact:
-            return (yield from self.fallback.plan(topk_idx, n_experts))
+            return (yield from super().plan(topk_idx, n_experts))
         per_rank = n_experts // self.ep
         block = rows_bound(topk_idx.shape[0], topk_idx.shape[1], self.ep, self.bound)
 
@@ -250,20 +247,19 @@ class BoundedDispatcher:
     def dispatch_start(self, plan: Any, x: torch.Tensor, topk_weight: torch.Tensor) -> Program:
         """Each peer's block of rows and their slot metadata leave in one hop; padding names no expert."""
         if isinstance(plan, FlatPlan):
-            return (yield from self.fallback.dispatch_start(plan, x, topk_weight))
+            return (yield from super().dispatch_start(plan, x, topk_weight))
         r = plan.route
 
         def pack(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return pack_blocks(x, slot_meta(plan.topk_idx, w), r, plan.real)
 
         send, meta = yield Compute("pack", pack, (x, topk_weight), join=True)
-        block = r.send_splits[0]
-        return (yield Issue(self._hop("dispatch", block, send), (send, meta)))
+        return (yield Issue(self._block_hop("dispatch", r.send_splits[0], send), (send, meta)))
 
     def dispatch_wait(self, plan: Any, handle: Any) -> Program:
         """Received blocks -> the slots of this rank's experts, sorted by expert in a fixed-size buffer."""
         if isinstance(plan, FlatPlan):
-            return (yield from self.fallback.dispatch_wait(plan, handle))
+            return (yield from super().dispatch_wait(plan, handle))
         rows, meta = yield Wait(handle)
         per, k = plan.per_rank, plan.topk_idx.shape[1]
         cap = slots_bound(rows.shape[0], k, per, plan.route.n_rows, self.bound)
@@ -278,13 +274,13 @@ class BoundedDispatcher:
     def combine_start(self, plan: Any, y: torch.Tensor) -> Program:
         """Each received row's gate-weighted sum over its slots goes back to its block position."""
         if isinstance(plan, FlatPlan):
-            return (yield from self.fallback.combine_start(plan, y))
+            return (yield from super().combine_start(plan, y))
         partial = yield Compute("weigh", lambda y: slot_weighted_sums(y, plan.slots), (y,), join=True)
-        return (yield Issue(self._hop("combine", plan.route.send_splits[0], partial), (partial,)))
+        return (yield Issue(self._block_hop("combine", plan.route.send_splits[0], partial), (partial,)))
 
     def combine_wait(self, plan: Any, handle: Any) -> Program:
         """Each token's sum of its peers' partial results (padding positions hold exact zeros)."""
         if isinstance(plan, FlatPlan):
-            return (yield from self.fallback.combine_wait(plan, handle))
+            return (yield from super().combine_wait(plan, handle))
         (back,) = yield Wait(handle)
         return (yield Compute("sum", lambda b: sum_over_blocks(b, plan.route), (back,), join=True))
