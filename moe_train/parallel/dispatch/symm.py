@@ -61,11 +61,14 @@ class SymmTransport:
     def __post_init__(self) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        if symm_mem.get_backend(self.device) is None:
+        # the device's default backend is CUDA's own, whose buffers NVSHMEM's kernels cannot use; the choice
+        # holds from the first symmetric allocation on
+        if symm_mem.get_backend(self.device) != "NVSHMEM":
             symm_mem.set_backend("NVSHMEM")
         self.size = dist.get_world_size(self.group)
         self.name = self.group.group_name
-        # torch 2.11 takes one (3, peers) tensor [in splits; out splits; out offsets], later ones two
+        # torch 2.11 (the GPU image) takes the input splits and the output splits with offsets apart; earlier
+        # releases took one (3, peers) tensor [in splits; out splits; out offsets]
         schema = torch.ops.symm_mem.all_to_all_vdev.default._schema
         self.packed_splits = len(schema.arguments) == 4
 
