@@ -85,10 +85,12 @@ def test_cuda_graph_true_where_a_step_cannot_be_captured_is_a_config_error(tmp_p
 
 
 def test_the_memory_estimate_counts_graph_held_activations_under_evaluation():
-    """A graph keeps its micro-batch's activation memory between replays, so evaluation comes on top."""
+    """A graph keeps its micro-batch's activation memory between replays, so evaluation comes on top: the
+    one part of the estimate graphs change, and what `trainer.cuda_graph=null` checks before using them."""
     eager = MemoryEstimate(10, 100, 50, 1, "none", 20)
     graphed = replace(eager, graphs_hold_activations=True)
     assert (eager.eval_total_bytes, graphed.eval_total_bytes) == (120, 170)
+    assert eager.total_bytes == graphed.total_bytes  # a training step needs the same either way
     assert eager.warnings(150) == []
     (line,) = graphed.warnings(150)
     assert line.startswith("warning: evaluation needs") and "trainer.cuda_graph=false" in line

@@ -261,19 +261,20 @@ def graphed_steps(
     engine: Any,
     with_graphs: Callable[[], MemoryEstimate] | None = None,
 ) -> bool:
-    """Apply `trainer.cuda_graph` (None: wherever `graph_blocker` finds nothing and, on a CUDA device, the
-    memory estimate with graphs — `with_graphs()` — fits it: graphs keep a micro-batch's activations
-    allocated through evaluation); whether graphs run."""
+    """Apply `trainer.cuda_graph` (None: wherever `graph_blocker` finds nothing and, on a CUDA device,
+    evaluation still fits by the memory estimate with graphs, `with_graphs()`: graphs keep a micro-batch's
+    activations allocated through evaluation, and change nothing else of the estimate); whether graphs
+    run."""
     want = cfg.trainer.cuda_graph
     if want is False:
         return False
     why = graph_blocker(cfg, mesh, executor)
     if why is None and want is None and with_graphs is not None and mesh.device.type == "cuda":
         capacity = torch.cuda.get_device_properties(mesh.device).total_memory
-        if with_graphs().warnings(capacity):
+        if with_graphs().eval_total_bytes > capacity:
             print(
                 f"rank {mesh.rank}: trainer.cuda_graph=null: micro-batches run eagerly, since with graphs "
-                "the memory estimate exceeds the device (trainer.cuda_graph=true forces them)",
+                "evaluation's memory estimate exceeds the device (trainer.cuda_graph=true forces them)",
                 flush=True,
             )
             return False
