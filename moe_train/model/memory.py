@@ -78,9 +78,8 @@ def mlp_bytes(
     total += FP32 * (h + c.n_routed_experts)  # router: fp32 input copy and the scores
     # k routed rows per token: the dispatched row, the expert SwiGLU, the expert output (weighted in combine)
     if fp8 and fp8_eligible(h, inner):
-        total += int(
-            k * (_fp8_tiles(h) + 3 * _fp8_tiles(inner) + a * h)
-        )  # row; gate, up; down's input; output
+        # row; gate, up; down's input; output
+        total += int(k * (_fp8_tiles(h) + 3 * _fp8_tiles(inner) + a * h))
     else:
         total += int(k * (_swiglu(h, inner, a, mode, input_saved=False) + a * h))
     if c.n_shared_experts:

@@ -119,9 +119,7 @@ def expert_swiglu(
     rows, tail = x[:used] if used < x.shape[0] else x, x.shape[0] - used
     if impl != "fp8":
         y = expert_swiglu_reference(rows, counts, w_gate_up, w_down, act, taps)
-    elif (
-        rows.shape[0] == 0
-    ):  # no rows here: the loop keeps every weight in the graph, as expert parallelism needs
+    elif rows.shape[0] == 0:  # the loop keeps every weight in the graph, as expert parallelism needs
         y = expert_swiglu_reference(rows, counts, w_gate_up, w_down, act, taps, fp8_linear)
     else:
         y = expert_swiglu_fp8(rows, counts, w_gate_up, w_down, act, taps)

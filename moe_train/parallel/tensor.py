@@ -48,18 +48,14 @@ from ..model.mlp import SwiGLU
 from ..model.moe import MoE
 from ..model.phases import Program, done
 from ..model.transformer import DecoderLayer, Transformer
-from ..ops.gather import Bags, bag_sum
+from .dispatch.bounded import bounded_slots
+from .dispatch.rows import Slots, expand_to_slots, slot_meta, slot_weighted_sums
 
 
 @dataclass
 class SlicePlan:
-    slot: torch.Tensor  # (cap,) flat (token, k) index of each buffer row: local slots by expert, then others
-    tokens: Bags  # bag t = token t's k slots: their buffer rows, `pad` (= cap) for slots of other ranks
-    counts: torch.Tensor  # (num_local,) slots per local expert
-    in_use: torch.Tensor  # (cap + 1,) bool: the buffer row holds a local slot
-    k: int
-    weight: torch.Tensor | None = None  # (tokens · k,) gate weights in token order, once dispatched
-    row_weight: torch.Tensor | None = None  # (cap + 1,) the buffer rows' weights (0 for padding)
+    topk_idx: torch.Tensor  # (tokens, k) the routed experts
+    slots: Slots | None = None  # the slots of this rank's experts, in a fixed-size buffer, once dispatched
 
 
 class ExpertSliceDispatcher:
@@ -68,48 +64,38 @@ class ExpertSliceDispatcher:
     every rank (see the module docstring).
 
     Nothing is read on the host, so a decode step with it can be captured in a CUDA graph: the local slots
-    are sorted to the front of a buffer of the worst case (`tokens · min(k, num_local)` rows, plus one
-    padding row), counted per expert on the device, and the grouped GEMM computes only the counted rows; each
-    token's sum leaves the others out (`Bags.pad`)."""
+    are sorted as the bounded dispatcher's receiver sorts them (`dispatch.bounded.bounded_slots`), into a
+    buffer of the worst case (`tokens · min(k, num_local)` rows, plus one padding row) with rows per expert
+    counted on the device; the grouped GEMM computes only the counted rows, and each token's sum leaves the
+    other ranks' slots out."""
 
     serves_expert_slice = True  # InferenceModel accepts a model holding only some experts behind it
 
     def __init__(self, first: int, num_local: int) -> None:
+        if first % num_local:
+            raise ValueError(f"expert slice starting at {first} is not a whole slice of {num_local} experts")
         self.first, self.num_local = first, num_local
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
-        n, k = topk_idx.shape
-        dev, e = topk_idx.device, self.num_local
-        local = topk_idx.reshape(-1) - self.first
-        key = torch.where((local >= 0) & (local < e), local, e)
-        order = torch.argsort(key, stable=True)
-        cap = n * min(k, e)
-        counts = torch.zeros(e + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))[
-            :e
-        ]
-        at = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=dev))
-        entry = torch.where(key < e, at, cap)  # a local slot sits in the first counts.sum() rows
-        tokens = Bags(
-            entry, torch.arange(n + 1, device=dev) * k, torch.arange(n * k, device=dev) // k, pad=cap
-        )
-        slot = torch.cat([order[:cap], order.new_zeros(1)])
-        in_use = torch.arange(cap + 1, device=dev) < counts.sum()
-        return done(SlicePlan(slot, tokens, counts, in_use, k))
+        return done(SlicePlan(topk_idx))
 
     def dispatch_start(self, plan: SlicePlan, x: torch.Tensor, topk_weight: torch.Tensor) -> Program:
-        plan.weight = topk_weight.reshape(-1)
-        plan.row_weight = torch.where(plan.in_use, plan.weight[plan.slot], 0.0)
-        return done(x[plan.slot // plan.k])
+        n, k = plan.topk_idx.shape
+        meta = slot_meta(plan.topk_idx, topk_weight.float())  # fp32: expert ids exact
+        plan.slots, _ = bounded_slots(meta, self.first, self.num_local, n * min(k, self.num_local))
+        return done(expand_to_slots(x, plan.slots))  # the worst case: it never overflows
 
     def dispatch_wait(self, plan: SlicePlan, handle: torch.Tensor) -> Program:
-        return done((handle, plan.counts))
+        assert plan.slots is not None
+        return done((handle, plan.slots.local_counts))
 
     def combine_start(self, plan: SlicePlan, y: torch.Tensor) -> Program:
         return done(y)
 
     def combine_wait(self, plan: SlicePlan, handle: torch.Tensor) -> Program:
         """Σ gate·row per token over the local slots (fp32 inside): this rank's part of the routed rows."""
-        return done(bag_sum(handle, plan.tokens, plan.slot // plan.k, plan.weight, plan.row_weight))
+        assert plan.slots is not None
+        return done(slot_weighted_sums(handle, plan.slots))
 
 
 def _reduce_output(group: Any) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
