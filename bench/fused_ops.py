@@ -12,7 +12,8 @@ Candidates per op (the single-GPU speed issue: prefer a maintained library, deci
 Error: max |output − fp32 reference| and max |input gradient − fp32 reference|, the reference computed in
 fp32 from the same bf16 inputs; "err ×" is that error over the `plain` op's (the acceptance: ≤ 1.5).
 
-Usage (GPU machine, Liger-Kernel's wheel in .whl/): python bench/fused_ops.py [--ops rmsnorm,swiglu,rope,ce]
+Usage (GPU machine, Liger-Kernel's wheel in .whl/):
+  python bench/fused_ops.py [--ops rmsnorm,rmsnorm32,swiglu,rope,ce]   (rmsnorm32: an fp32 gain)
 CPU smoke test: python bench/fused_ops.py --device cpu --tiny --variants ours,plain
 """
 
@@ -60,7 +61,7 @@ def candidates(op: str, shapes: dict, device: str) -> tuple[list[torch.Tensor], 
         return (torch.randn(*shape, device=device, generator=g) * scale).bfloat16().requires_grad_()
 
     T, h = shapes["tokens"], shapes["hidden"]
-    if op == "rmsnorm":
+    if op in ("rmsnorm", "rmsnorm32"):  # rmsnorm32: an fp32 gain on bf16 input, as under fp32 masters
         eps = 1e-6
 
         def ours(x, w):  # the model's RMSNorm.compute, its weight and eps given
@@ -73,10 +74,9 @@ def candidates(op: str, shapes: dict, device: str) -> tuple[list[torch.Tensor], 
             "torch": lambda x, w: F.rms_norm(x, (h,), w, eps),
             "liger": lambda x, w: _liger("rms").apply(x, w, eps, 0.0, "llama", False),
         }
-        return [
-            leaf(T, h),
-            (1 + 0.1 * torch.randn(h, device=device, generator=g)).bfloat16().requires_grad_(),
-        ], fns
+        gain = 1 + 0.1 * torch.randn(h, device=device, generator=g)
+        gain = gain if op == "rmsnorm32" else gain.bfloat16()
+        return [leaf(T, h), gain.requires_grad_()], fns
     if op == "swiglu":
         rows, inter = T * shapes["topk"], shapes["moe_inter"]
         return [leaf(rows, inter), leaf(rows, inter)], {
@@ -116,7 +116,7 @@ def candidates(op: str, shapes: dict, device: str) -> tuple[list[torch.Tensor], 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--ops", default="rmsnorm,swiglu,rope,ce")
+    ap.add_argument("--ops", default="rmsnorm,rmsnorm32,swiglu,rope,ce")
     ap.add_argument("--variants", default="ours,plain,compiled,torch,liger")
     ap.add_argument("--tiny", action="store_true", help="small shapes, for a CPU smoke test")
     a = ap.parse_args()

@@ -85,8 +85,10 @@ def test_bf16_master_trains_with_bf16_params_and_fp32_accumulation(tmp_path):
     t = _trainer(tmp_path / "bf16m", "trainer.dtype=bf16_master", MICRO)
     params = dict(t.model.named_parameters())
     routers = {n for n in params if n.endswith("mlp.gate.weight")}
+    gains = {n for n in params if n.endswith("norm.weight")}  # each RMSNorm's: *_layernorm, norm, enorm…
     assert routers and all(params[n].dtype == torch.float32 for n in routers)
-    assert all(p.dtype == torch.bfloat16 for n, p in params.items() if n not in routers)
+    assert len(gains) > 2 * len(routers) and all(params[n].dtype == torch.float32 for n in gains)
+    assert all(p.dtype == torch.bfloat16 for n, p in params.items() if n not in routers | gains)
     buffers = dict(t.model.named_buffers())
     assert all(b.dtype == torch.float32 for n, b in buffers.items() if "e_score_correction_bias" in n)
     opt_params = [p for g in t.engine.optimizer.param_groups for p in g["params"]]

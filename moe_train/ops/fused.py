@@ -3,7 +3,8 @@ CPU path and the semantics the GPU path is held to (bench/fused_ops.py measured 
 recorded in docs/architecture.md, "Fused ops").
 
 - `rms_norm`: torch's own fused RMSNorm (`F.rms_norm`, fp32 math inside) where input and weight share a
-  dtype on CUDA; the fp32 composite otherwise.
+  dtype on CUDA; otherwise (fp32 gains on bf16 activations, the fp32-master default) the plain expression,
+  compiled like the next two.
 - `swiglu_act`, `rotate_pairs`: `torch.compile` of the plain expression on CUDA while autograd records (the
   training step), so the fp32 intermediates and the strided halves live in registers instead of memory. Under
   no_grad (evaluation, decode, and the CUDA graphs decode captures) the plain form runs: nothing compiles
@@ -32,9 +33,12 @@ def rms_norm_plain(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm_plain`'s result: torch's fused kernel on CUDA where x and the gain share a dtype; where they
+    don't (an fp32 gain on bf16 activations, as under fp32 masters) torch's kernel refuses, and its fallback
+    runs unfused, so the plain expression is compiled instead."""
     if x.is_cuda and x.dtype == weight.dtype:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return rms_norm_plain(x, weight, eps)
+    return _rms_norm_mixed(x, weight, eps)
 
 
 def swiglu_plain(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -64,4 +68,5 @@ def compiled_on_cuda(plain: Callable[..., Any], training_only: bool = True) -> C
 
 
 swiglu_act = compiled_on_cuda(swiglu_plain)
+_rms_norm_mixed = compiled_on_cuda(rms_norm_plain)
 rotate_pairs = compiled_on_cuda(rotate_pairs_plain)

@@ -27,13 +27,17 @@ import torch
 from torch import nn
 
 from ..model.moe import Router
+from ..model.norm import RMSNorm
 
 
 def kept_fp32(model: nn.Module) -> set[str]:
-    """Parameters that stay fp32 whatever the training dtype: the routers' (their math runs in fp32)."""
+    """Parameters that stay fp32 whatever the training dtype: the routers' (their math runs in fp32) and the
+    RMSNorm gains. A gain near 1 stored in bf16 moves in steps of 2^-7, coarser than most of its updates,
+    so the model would see a quantised copy of its fp32 master; the gains are few (a hidden-sized vector
+    per norm) and the norm's math is fp32 anyway."""
     out = set()
     for mod_name, m in model.named_modules():
-        if isinstance(m, Router):
+        if isinstance(m, (Router, RMSNorm)):
             out.update(f"{mod_name}.{n}" for n, _ in m.named_parameters(recurse=False))
     return out
 
@@ -58,8 +62,9 @@ def param_dtype(resolved: str) -> torch.dtype | None:
 
 class MasterWeights:
     """fp32 masters (and their gradients) for every trainable parameter of `model`, which is cast to `dtype`
-    (router weights excepted). `dtype=torch.float32` keeps the parameters fp32 but runs the same machinery:
-    separate masters, hooks, copy-back (the tests hold that to the plain fp32 path bit for bit)."""
+    (router weights and norm gains excepted: `kept_fp32`). `dtype=torch.float32` keeps the parameters fp32
+    but runs the same machinery: separate masters, hooks, copy-back (the tests hold that to the plain fp32
+    path bit for bit)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
         self.dtype = dtype
