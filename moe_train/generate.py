@@ -25,9 +25,8 @@ import torch.distributed as dist
 
 from .infer import SamplingConfig, generate, load_for_inference
 from .infer.engine import GenerationResult, GraphFallbackWarning
-from .infer.load import model_config
 from .infer.offload import OFFLOAD_DEVICES, OffloadConfig
-from .parallel.tensor import decode_expert_slice, join_decode_group, parallelize_for_decode
+from .parallel.tensor import join_decode_group, load_for_decode
 
 
 class TextStream:
@@ -115,14 +114,14 @@ def main(
         offload = OffloadConfig(args.offload, args.nvme_path, args.prefetch_layers)
     elif args.nvme_path:
         raise SystemExit("--nvme-path is for --offload nvme")
-    experts = None
-    if args.ep > 1:  # this rank's experts alone are read
-        experts = decode_expert_slice(model_config(args.checkpoint).n_routed_experts, args.ep)
-    loaded = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer, offload, experts)
+    if ranks > 1:  # cut first: each rank reads only the parts of the tensors it keeps
+        loaded = load_for_decode(args.checkpoint, args.ep, args.device, args.dtype, args.tokenizer)
+    else:
+        loaded = load_for_inference(args.checkpoint, args.device, args.dtype, args.tokenizer, offload)
     tok = loaded.tokenizer
     if tok is None:
         raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer tokenizer.json")
-    model = parallelize_for_decode(loaded.model, args.ep) if ranks > 1 else loaded.model
+    model = loaded.model
     where = f", weights offloaded to {args.offload}" if args.offload else ""
     where += f", over {ranks} ranks (tp={args.tp}, ep={args.ep})" if ranks > 1 else ""
     err.write(f"loaded {loaded.source} (MTP layers are not used for generation{where})\n")

@@ -4,7 +4,6 @@ without a query latent, for tp=2, ep=2 and tp=2 × ep=2; and the command line ov
 
 from __future__ import annotations
 
-import dataclasses
 import io
 
 import pytest
@@ -98,40 +97,77 @@ def test_the_command_line_splits_over_torchrun_ranks_and_rank_0_prints(tmp_path)
         generate_main([str(tmp_path), "--prompt", "a", "--tp", "2"])
 
 
-def _sharded_load(sources: dict[str, str]) -> dict:
-    """ep=2: load each source with this rank's experts only, recording the tensors read; generate."""
+def _split_load(sources: dict[str, str]) -> dict:
+    """tp=2 (ep=1) and ep=2 (tp=1) over the two ranks: load each source cut first (`load_for_decode`),
+    recording what is read — whole tensors by key, parts as element counts — and generate."""
     import torch.distributed.checkpoint as dcp
 
     from moe_train.hf import io as hf_io
-    from moe_train.infer import load_for_inference
-    from moe_train.parallel.tensor import decode_expert_slice
+    from moe_train.infer import load as infer_load
+    from moe_train.parallel.tensor import load_for_decode
 
     dist.init_process_group("gloo")
-    read: list[str] = []
-    real_iter, real_load = hf_io.iter_tensors, dcp.load
+    whole: dict[str, int] = {}  # key -> elements, of keys read whole
+    parts: dict[str | int, int] = {}  # key -> elements read of it in parts
+    real_iter, real_readers = hf_io.iter_tensors, hf_io.iter_readers
+    real_read_data, real_copy = dcp.FileSystemReader.read_data, infer_load.copy_slice
+
+    def counted(key, read):
+        def part(box):
+            t = read(box)
+            parts[key] = parts.get(key, 0) + t.numel()
+            return t
+
+        return part
 
     def iter_tensors(files, keys):
-        keys = list(keys)
-        read.extend(keys)
-        return real_iter(files, keys)
+        for k, t in real_iter(files, keys):
+            whole[k] = t.numel()
+            yield k, t
 
-    def load(state_dict, **kw):
-        read.extend(state_dict)
-        return real_load(state_dict, **kw)
+    def iter_readers(files, keys):
+        return ((k, counted(k, read)) for k, read in real_readers(files, keys))
 
-    hf_io.iter_tensors, dcp.load = iter_tensors, load
+    def read_data(self, plan, planner):
+        for item in plan.items:  # what the planner asks for: torch's reader fetches each item whole
+            key, n = item.storage_index.fqn, int(torch.Size(item.lengths).numel())
+            if key in planner.slices:
+                parts[key] = parts.get(key, 0) + n
+            else:
+                whole[key] = whole.get(key, 0) + n
+        return real_read_data(self, plan, planner)
+
+    def copy_slice(dest, read, shape, sl, box=None):
+        return real_copy(dest, counted(dest.data_ptr(), read), shape, sl, box)  # named once loaded
+
+    hf_io.iter_tensors, hf_io.iter_readers = iter_tensors, iter_readers
+    dcp.FileSystemReader.read_data, infer_load.copy_slice = read_data, copy_slice
     out = {}
-    for name, path in sources.items():
-        read.clear()
-        experts = decode_expert_slice(BASE["n_routed_experts"], 2)
-        loaded = load_for_inference(path, expert_slice=experts)
-        model = parallelize_for_decode(loaded.model, ep=2)
-        out[name] = {"tokens": generate(model, PROMPTS, 6).tokens, "read": list(read), "experts": experts}
+    for ep in (1, 2):
+        for name, path in sources.items():
+            whole.clear()
+            parts.clear()
+            loaded = load_for_decode(path, ep=ep)
+            model = loaded.model
+            names = {p.data_ptr(): n for n, p in model.named_parameters()}
+            per, rank = model.lm_head.weight.shape[0], dist.get_rank()
+            pad = per - (min(model.cfg.vocab_size, (rank + 1) * per) - rank * per) if ep == 1 else 0
+            held = sum(t.numel() for t in model.state_dict().values()) - pad * model.cfg.hidden_size
+            out[ep, name] = {
+                "tokens": generate(model, PROMPTS, 6).tokens,
+                "whole": dict(whole),
+                "parts": {names.get(k, k): v for k, v in parts.items()},
+                "held": held,
+                "params": sum(p.numel() for p in model.parameters()),
+            }
     return out
 
 
 @pytest.mark.slow  # two processes, three checkpoint formats written
-def test_each_rank_reads_only_its_experts_from_hf_and_sharded_checkpoints(tmp_path):
+def test_each_rank_reads_only_its_part_of_hf_and_our_checkpoints(tmp_path):
+    """tp=2 and ep=2, from an HF directory, a sharded and a whole-model checkpoint: each rank reads only its
+    experts' tensors and only its slices of the tensors it cuts (the parts it holds, no more), never the MTP
+    depth, and generates the one-process tokens."""
     from moe_train.checkpoint import sharded
     from moe_train.checkpoint.sharded import model_entries
     from moe_train.hf.cli import export_checkpoint
@@ -144,49 +180,31 @@ def test_each_rank_reads_only_its_experts_from_hf_and_sharded_checkpoints(tmp_pa
     sharded.save(
         str(tmp_path / "dcp"), 5, model_entries(model), {"step": 5, "has_optim": False}, {}, yaml, {}, None
     )
-    sources = {"hf": str(tmp_path / "hf"), "sharded": str(tmp_path / "dcp" / "step_00000005")}
+    sources = {
+        "hf": str(tmp_path / "hf"),
+        "sharded": str(tmp_path / "dcp" / "step_00000005"),
+        "whole": str(whole),
+    }
     want = generate(model, PROMPTS, 6).tokens
-    ranks = run_world(2, _sharded_load, sources)
-    n = BASE["n_routed_experts"]
+    ranks = run_world(2, _split_load, sources)
+    n, layers = BASE["n_routed_experts"], BASE["num_hidden_layers"]
+    one = sum(p.numel() for p in model.parameters())
     for r, got in enumerate(ranks):
-        for name in sources:
-            first, count = got[name]["experts"]
-            assert (first, count) == (r * n // 2, n // 2)
-            assert got[name]["tokens"] == want, (name, r)
-            experts_read = {
-                int(k.split(".experts.")[1].split(".")[0]) for k in got[name]["read"] if ".experts." in k
-            }
-            assert experts_read == set(range(first, first + count)), (name, r, experts_read)
-        # the MTP depth is not built for generation: its tensors stay unread (HF: layer 3 of 3 + 1)
-        assert not any(".mtp." in k for k in got["sharded"]["read"])
-        assert not any(k.startswith(f"model.layers.{BASE['num_hidden_layers']}.") for k in got["hf"]["read"])
-
-
-def test_expert_slices_find_their_slots_on_the_device():
-    """The expert-parallel decode dispatcher finds its local slots without a host read (grouped experts in
-    bf16, CUDA's path, so a rank's decode step can be captured in a CUDA graph), and the slices' partial
-    rows add up to the whole MoE's."""
-    from test_expert_parallel import CFG as EP_CFG
-
-    from host_reads import HostReads, host_copies
-    from moe_train.model.init import init_weights
-    from moe_train.model.moe import MoEOptions
-    from moe_train.parallel.tensor import ExpertSliceDispatcher
-
-    cfg = dataclasses.replace(EP_CFG, n_shared_experts=0)  # the slices' partial rows alone
-    x = torch.randn(2, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    whole = MoE(cfg, 1)
-    init_weights(whole, 3, 0.3)
-    with torch.no_grad():
-        want = whole(x)
-        got = torch.zeros_like(want)
-        for first in (0, 4):  # two slices of 4 experts, summed as the block's finish would all-reduce them
-            part = MoE(cfg, 1, MoEOptions(expert_slice=(first, 4)))
-            init_weights(part, 3, 0.3)
-            part.dispatcher = ExpertSliceDispatcher(first, 4)
-            got += part(x)
-            part.to(torch.bfloat16).experts.impl = "grouped"
-            with host_copies() as host, HostReads() as r:
-                part(x.to(torch.bfloat16))
-            assert (r.reads, host) == ([], []), (first, r.reads, host)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for (ep, name), g in got.items():
+            assert g["tokens"] == want, (ep, name, r)
+            assert g["params"] < one, (ep, name, r)  # a split model
+            # tp=2 cuts attention, the MLPs, every expert and the head; ep=2 only the shared experts (cut over
+            # every rank so that one all-reduce sums them with the routed rows)
+            cut = {"shared_experts"} if ep == 2 else {"o_proj", "kv_b_proj", "shared_experts", "head"}
+            assert {c for c in cut if any(c in k for k in g["parts"])} == cut, (ep, name, r)
+            assert ep == 1 or all("shared_experts" in k for k in g["parts"]), (ep, name, r)
+            if name == "whole":  # a memory-mapped model.pt: parts are views, the rest is not counted
+                continue
+            read = {k.replace("model.", "", 1) for k in [*g["whole"], *g["parts"]]}
+            experts = {int(k.split(".experts.")[1].split(".")[0]) for k in read if ".experts." in k}
+            mine = range(r * n // 2, (r + 1) * n // 2) if ep == 2 else range(n)
+            assert experts == set(mine), (ep, name, r, experts)
+            assert not any(".mtp." in k or k.startswith(f"layers.{layers}.") for k in read), (ep, name, r)
+            # exactly what the rank holds is read: no tensor it cuts is read whole, no element twice
+            assert sum(g["whole"].values()) + sum(g["parts"].values()) == g["held"], (ep, name, r)
+            assert not set(g["parts"]) & set(g["whole"]), (ep, name, r)

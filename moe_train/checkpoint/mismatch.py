@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .slices import TensorSlice, held_shape
+
 
 def check_model_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
     """A whole-model state dict `found` against the one-process model's `expected`."""
@@ -21,15 +23,21 @@ def check_model_state(expected: dict[str, torch.Tensor], found: dict[str, torch.
 
 
 def check_keys(
-    wanted: dict[str, torch.Tensor], stored: dict[str, tuple[int, ...]], source: str, whole_model: bool
+    wanted: dict[str, torch.Tensor],
+    stored: dict[str, tuple[int, ...]],
+    source: str,
+    whole_model: bool,
+    slices: dict[str, TensorSlice] | None = None,
 ) -> None:
     """The keys a rank asks for against a sharded checkpoint's stored shapes; `whole_model`: the rank holds
-    the whole model, so stored model keys it does not ask for are unexpected."""
+    the whole model, so stored model keys it does not ask for are unexpected; `slices`: keys whose tensor
+    holds only that slice of the stored one."""
+    slices = slices or {}
     missing = sorted(k for k in wanted if k not in stored)
     shapes = sorted(
         f"{k}: checkpoint {stored[k]} vs model {tuple(v.shape)}"
         for k, v in wanted.items()
-        if k in stored and stored[k] != tuple(v.shape)
+        if k in stored and held_shape(stored[k], slices.get(k)) != tuple(v.shape)
     )
     unexpected: list[str] = []
     if whole_model:

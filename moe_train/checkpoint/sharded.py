@@ -42,6 +42,7 @@ from ..model.moe import RoutedExperts
 from .directory import CheckpointError, checkpoint_name, publish, read_meta, write_common, write_meta
 from .integrity import CHECKSUM, read_back
 from .mismatch import check_keys
+from .slices import TensorSlice
 
 FORMAT = "moe_train/dcp-v1"
 #: per-element optimizer state keys (split per expert like their parameter); other keys are scalars
@@ -80,6 +81,25 @@ def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in model.state_dict(keep_vars=True).items():
         for k, v in split_entries(name, t.detach(), splits).items():
             out[f"model.{k}"] = v
+    return out
+
+
+def entry_slices(model: nn.Module, held: dict[str, TensorSlice]) -> dict[str, TensorSlice]:
+    """`held` (parameter name -> what the cut parameter holds of its whole tensor) by `model_entries` key:
+    an expert parameter's slice applies to each of its per-expert keys, one dim lower."""
+    splits = expert_splits(model)
+    out: dict[str, TensorSlice] = {}
+    for name, sl in held.items():
+        if name not in splits:
+            out[f"model.{name}"] = sl
+            continue
+        if 0 in sl.index or 0 in sl.pad:
+            raise ValueError(
+                f"{name}: cut along the expert dim; build the model with only its experts instead"
+            )
+        prefix, leaf, first = splits[name]
+        for i in range(model.get_parameter(name).shape[0]):
+            out[f"model.{prefix}.{first + i}.{leaf}"] = sl.shifted(-1)
     return out
 
 

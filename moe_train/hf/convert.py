@@ -17,12 +17,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.slices import TensorSlice
 from ..config import ModelConfig
 from ..model import Transformer, build_empty_model, init_weights
 from ..model.moe import RoutedExperts
 from . import io
 from .config import hf_config_to_model_config, math_mismatches, model_config_to_hf_config, shape_mismatches
-from .keys import COPY, DOWN, EMPTY, GATE, UP, Entry, hub_entries, mtp_depth, to_hub, write_ours
+from .keys import (
+    COPY,
+    DOWN,
+    EMPTY,
+    GATE,
+    UP,
+    Entry,
+    hub_entries,
+    mtp_depth,
+    to_hub,
+    write_ours,
+    write_ours_slice,
+)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -114,15 +127,29 @@ def _more(items: list[Any]) -> str:
 
 
 @torch.no_grad()
-def _stream_into(model: nn.Module, files: dict[str, str], entries: list[Entry], path: str) -> None:
-    """Copy the planned tensors into the model, one tensor in memory at a time; then check the MTP copies."""
+def _stream_into(
+    model: nn.Module,
+    files: dict[str, str],
+    entries: list[Entry],
+    path: str,
+    slices: dict[str, TensorSlice] | None = None,
+) -> None:
+    """Copy the planned tensors into the model, one tensor in memory at a time; then check the MTP copies.
+    slices: parameters that hold only that part of their whole tensor, of which only that part is read."""
     held = model.state_dict(keep_vars=True)
+    slices = slices or {}
     by_hub = {e.hub: e for e in entries}
     loads = [e.hub for e in entries if e.kind not in (COPY, EMPTY)]
-    for key, t in io.iter_tensors(files, loads):
+
+    def local(e: Entry) -> int | None:
+        return _local_expert(model, e) if e.kind in (GATE, UP, DOWN) else None
+
+    for key, t in io.iter_tensors(files, [k for k in loads if by_hub[k].ours not in slices]):
         e = by_hub[key]
-        local = _local_expert(model, e) if e.kind in (GATE, UP, DOWN) else None
-        write_ours(e, held[e.ours], t, local)
+        write_ours(e, held[e.ours], t, local(e))
+    for key, read in io.iter_readers(files, [k for k in loads if by_hub[k].ours in slices]):
+        e = by_hub[key]
+        write_ours_slice(e, held[e.ours], read, slices[e.ours], local(e))
     copies = [e.hub for e in entries if e.kind == COPY]
     differ = [
         key
@@ -173,6 +200,14 @@ def from_pretrained(
             stacklevel=2,
         )
     return model
+
+
+def load_hf_slices(model: Transformer, path: str, slices: dict[str, TensorSlice]) -> None:
+    """The weights of HF checkpoint `path` into a model built for generation from its config (no MTP depths,
+    perhaps only some experts) and then cut (`slices`: what each cut parameter holds of its whole tensor,
+    `parallel.tensor.cut_for_decode`): only those parts of the files are read."""
+    files, entries, _ = _plan(model, read_hf_config(path), path, mtp=False)
+    _stream_into(model, files, entries, path, slices)
 
 
 def load_hf_weights(model: Transformer, path: str) -> None:

@@ -1,7 +1,8 @@
 """safetensors files of a Hugging Face checkpoint directory: find, peek, stream, and write in shards.
 
-Reading never materialises more than one tensor: headers give names and shapes, `safe_open` memory-maps the
-file and `get_tensor` copies out one tensor at a time.  Writing holds one shard's tensors at a time.
+Reading never materialises more than one tensor: headers give names and shapes, `safe_open` memory-maps
+the file and `get_tensor` copies out one tensor at a time (`iter_readers`: parts of one).  Writing holds
+one shard's tensors at a time.
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def iter_tensors(files: dict[str, str], keys: Iterable[str]) -> Iterator[tuple[s
         with safe_open(file, framework="pt", device="cpu") as f:
             for k in names:
                 yield k, f.get_tensor(k)
+
+
+def iter_readers(
+    files: dict[str, str], keys: Iterable[str]
+) -> Iterator[tuple[str, Callable[[tuple[slice, ...]], torch.Tensor]]]:
+    """(name, read) for `keys`, file by file: `read(box)` copies out only that box (a slice per dim) of the
+    tensor, which safetensors reads from the memory-mapped file without touching the rest."""
+    for file, names in _by_file(files, keys).items():
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for k in names:
+                yield k, f.get_slice(k).__getitem__
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:

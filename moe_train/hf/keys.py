@@ -11,10 +11,12 @@ and shares the embedding and head.  One more difference is in ``eh_proj``: the h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint.slices import Box, TensorSlice, copy_slice
 from ..config import ModelConfig
 from ..model.transformer import is_moe_layer
 
@@ -159,3 +161,25 @@ def write_ours(entry: Entry, dst: torch.Tensor, src: torch.Tensor, local_expert:
         dst[:, h:].copy_(src[:, :h])
     else:
         raise ValueError(f"{entry.hub} ({entry.kind}) is not loaded into a parameter")
+
+
+def write_ours_slice(
+    entry: Entry,
+    dst: torch.Tensor,
+    read: Callable[[Box], torch.Tensor],
+    held: TensorSlice,
+    local_expert: int | None = None,
+) -> None:
+    """`write_ours` for a `dst` that holds only `held` of moe_train's whole tensor: only the boxes of the hub
+    tensor that fall in it are read (`read(box)`)."""
+    e = entry.expert if local_expert is None else local_expert
+    if entry.kind == SAME:
+        copy_slice(dst, read, entry.shape, held)
+    elif entry.kind in (GATE, UP):
+        inter = entry.shape[0]
+        rows = (0 if entry.kind == GATE else inter, inter)
+        copy_slice(dst[e], read, (2 * inter, entry.shape[1]), held.shifted(-1), box={0: rows})
+    elif entry.kind == DOWN:
+        copy_slice(dst[e], read, entry.shape, held.shifted(-1))
+    else:
+        raise ValueError(f"{entry.hub} ({entry.kind}) cannot be read in slices")

@@ -19,13 +19,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ..checkpoint import load_model_state, resolve_checkpoint
-from ..checkpoint.mismatch import check_keys
-from ..checkpoint.sharded import is_sharded, model_entries, stored_shapes
+from ..checkpoint.mismatch import check_keys, check_model_state
+from ..checkpoint.sharded import entry_slices, is_sharded, model_entries, stored_shapes
+from ..checkpoint.slices import SlicedLoadPlanner, TensorSlice, copy_slice, held_shape
 from ..config import ModelConfig
 from ..data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from ..hf import from_pretrained
 from ..hf.cli import read_model_config
-from ..hf.convert import as_dtype, read_hf_config
+from ..hf.convert import as_dtype, load_hf_slices, read_hf_config
 from ..model import build_empty_model
 from ..model.moe import RoutedExperts
 from ..model.transformer import Transformer
@@ -56,13 +57,20 @@ def _checkpoint_tokenizer(ckpt: str) -> str | None:
     return data.get("tokenizer")
 
 
-def _load_ours(model: nn.Module, ckpt: str) -> None:
+def _load_ours(model: nn.Module, ckpt: str, slices: dict[str, TensorSlice] | None = None) -> None:
     """A checkpoint of ours into `model`, reading only the tensors it holds from a sharded checkpoint (the
-    per-expert keys make an expert slice a set of keys); a whole-model file is memory-mapped and sliced."""
+    per-expert keys make an expert slice a set of keys); a whole-model file is memory-mapped and sliced.
+    slices: parameters that hold only that part of their whole tensor (`cut_for_decode`), of which only that
+    part is read."""
+    slices = slices or {}
     if is_sharded(ckpt):
-        wanted = model_entries(model)
-        check_keys(wanted, stored_shapes(ckpt), ckpt, whole_model=False)  # the MTP keys stay unread
-        dcp.load(wanted, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+        wanted, by_key = model_entries(model), entry_slices(model, slices)
+        check_keys(
+            wanted, stored_shapes(ckpt), ckpt, whole_model=False, slices=by_key
+        )  # MTP keys stay unread
+        dcp.load(
+            wanted, checkpoint_id=ckpt, planner=SlicedLoadPlanner(by_key), no_dist=not dist.is_initialized()
+        )
         return
     state = load_model_state(ckpt)
     for m_name, m in model.named_modules():
@@ -70,8 +78,34 @@ def _load_ours(model: nn.Module, ckpt: str) -> None:
             for p in ("gate_up_proj", "down_proj"):
                 key = f"{m_name}.{p}"
                 state[key] = state[key][m.first_expert : m.first_expert + m.num_local]
-    held = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in held}, strict=True)
+    held = model.state_dict(keep_vars=True)
+    whole = {k: v for k, v in state.items() if k in held and k not in slices}
+    check_model_state(
+        {k: v for k, v in held.items() if k not in slices},
+        {k: v for k, v in state.items() if k in whole},
+        ckpt,
+    )
+    model.load_state_dict(whole, strict=False)
+    for name, sl in slices.items():  # views of the memory-mapped file: only the slice's pages are read
+        if held_shape(tuple(state[name].shape), sl) != tuple(held[name].shape):
+            raise ValueError(f"checkpoint {ckpt}: {name} {tuple(state[name].shape)} does not fit the model")
+        copy_slice(held[name].detach(), state[name].__getitem__, tuple(state[name].shape), sl)
+
+
+def read_weights(model: nn.Module, source: str, slices: dict[str, TensorSlice] | None = None) -> None:
+    """The weights of `source` (an HF directory, or a checkpoint of ours as `resolve_checkpoint` finds it)
+    into `model`, built for generation from its config; `slices`: parameters holding only that part of their
+    whole tensor (`parallel.tensor.cut_for_decode`), of which only that part is read."""
+    if is_hf_dir(source):
+        load_hf_slices(model, source, slices or {})
+    else:
+        _load_ours(model, source, slices)
+
+
+def generation_config(source: str) -> ModelConfig:
+    """The model config to build for generation from `source`: without MTP depths (generation does not use
+    them, so their tensors are never read)."""
+    return replace(model_config(source), num_nextn_predict_layers=0, init_from=None)
 
 
 def load_for_inference(
@@ -88,6 +122,7 @@ def load_for_inference(
     offload: "cpu" | "nvme" | an OffloadConfig: weights stay off the GPU and stream to `device` per layer.
     expert_slice: (first, count): build and read only those routed experts (expert-parallel decode; an HF
     directory's and a sharded checkpoint's other experts are not read, a whole-model file is memory-mapped).
+    `parallel.tensor.load_for_decode` loads a model split over processes.
     """
     dtype = as_dtype(dtype) or torch.float32
     if isinstance(offload, str):
@@ -97,18 +132,23 @@ def load_for_inference(
     where = "cpu" if offload is not None else device
     if is_hf_dir(path):
         model = from_pretrained(path, device=where, dtype=dtype, expert_slice=expert_slice, mtp=False)
-        own = os.path.join(path, "tokenizer.json")
-        tok_path = tokenizer or (own if os.path.isfile(own) else None)
-        tok = load_tokenizer(tok_path) if tok_path else None
         source = path
     else:
-        ckpt = resolve_checkpoint(path)
-        cfg = replace(read_model_config(ckpt), num_nextn_predict_layers=0, init_from=None)
-        model = build_empty_model(cfg, where, dtype, expert_slice)
-        _load_ours(model, ckpt)
-        tok = load_tokenizer(tokenizer or _checkpoint_tokenizer(ckpt))
-        source = ckpt
+        source = resolve_checkpoint(path)
+        model = build_empty_model(generation_config(source), where, dtype, expert_slice)
+        _load_ours(model, source)
     model.eval()
+    tok = tokenizer_of(source, tokenizer)
     if offload is None:
         return Loaded(model, tok, source)
     return Loaded(offload_model(model, offload, device), tok, source)
+
+
+def tokenizer_of(source: str, override: str | None) -> ByteTokenizer | HFTokenizer | None:
+    """`override`, else an HF directory's own tokenizer.json (None without one), else the tokenizer the run
+    that wrote checkpoint `source` named (bytes when it named none)."""
+    if not is_hf_dir(source):
+        return load_tokenizer(override or _checkpoint_tokenizer(source))
+    own = os.path.join(source, "tokenizer.json")
+    found = override or (own if os.path.isfile(own) else None)
+    return load_tokenizer(found) if found else None

@@ -43,23 +43,36 @@ def build_empty_model(
     expert_slice: tuple[int, int] | None = None,
 ) -> Transformer:
     """Allocate the model on `device` in `dtype` without initialising it (weights are about to be loaded);
-    expert_slice=(first, count): only those routed experts.
+    expert_slice=(first, count): only those routed experts. `build_meta_model` then `allocate_model`."""
+    return allocate_model(build_meta_model(cfg, dtype, expert_slice), device)
 
-    Built on the meta device first so no initialisation work or second copy happens; routers stay fp32
-    (their scores decide top-k, see docs/architecture.md); the rotary tables are computed for real.
-    """
+
+def build_meta_model(
+    cfg: ModelConfig, dtype: torch.dtype, expert_slice: tuple[int, int] | None = None
+) -> Transformer:
+    """The model on the meta device in `dtype` (shapes only: no memory, no initialisation work), routers
+    fp32 (their scores decide top-k, see docs/architecture.md). A loader may reshape it here (cut it for
+    tensor-parallel decode) before any memory is allocated."""
     model = build_model(cfg, device="meta", expert_slice=expert_slice)
     model.to(dtype)
     for m in model.modules():
         if isinstance(m, Router):
             m.float()
+    return model
+
+
+def allocate_model(model: Transformer, device: str | torch.device) -> Transformer:
+    """Memory on `device` for a meta model's parameters and buffers, uninitialised; the rotary tables are
+    computed for real."""
     model.to_empty(device=torch.device(device))
     model.rotary.reset()
     return model
 
 
 __all__ = [
+    "allocate_model",
     "build_empty_model",
+    "build_meta_model",
     "BalanceLoss",
     "MoE",
     "MoEStats",

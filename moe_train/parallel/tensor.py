@@ -41,7 +41,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import resolve_checkpoint
+from ..checkpoint.slices import TensorSlice
+from ..hf.convert import as_dtype
 from ..infer.forward import InferenceModel, as_inference_model
+from ..infer.load import Loaded, generation_config, is_hf_dir, read_weights, tokenizer_of
+from ..model import allocate_model, build_meta_model
 from ..model.attention import MLA
 from ..model.dispatch import LocalDispatcher
 from ..model.mlp import SwiGLU
@@ -106,9 +111,23 @@ def _reduce_output(group: Any) -> Callable[[nn.Module, Any, torch.Tensor], torch
     return hook
 
 
-def _keep(param: nn.Parameter, dim: int, index: torch.Tensor) -> None:
-    """Replace param's data by its entries at `index` along `dim` (a copy: the whole tensor is freed)."""
-    param.data = param.data.index_select(dim, index.to(param.device)).contiguous()
+class _Cuts:
+    """Cuts parameters in place and records, per parameter, what it then holds of its whole tensor (what a
+    loader reads into a model cut before its weights are loaded)."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, TensorSlice] = {}
+
+    def keep(self, param: nn.Parameter, dim: int, index: torch.Tensor) -> None:
+        """Replace param's data by its entries at `index` along `dim` (a copy: the whole tensor is freed)."""
+        param.data = param.data.index_select(dim, index.to(param.device)).contiguous()
+        self.held[id(param)] = self.held.get(id(param), TensorSlice()).cut(dim, index)
+
+    def pad_rows(self, param: nn.Parameter, count: int) -> None:
+        """Append `count` zero rows to param."""
+        w = param.data
+        param.data = torch.cat([w, w.new_zeros(count, *w.shape[1:])])
+        self.held[id(param)] = self.held.get(id(param), TensorSlice()).padded(0, count)
 
 
 def _blocks(n_blocks: int, size: int, rank: int, block: int) -> torch.Tensor:
@@ -119,25 +138,25 @@ def _blocks(n_blocks: int, size: int, rank: int, block: int) -> torch.Tensor:
     return torch.arange(rank * per * block, (rank + 1) * per * block)
 
 
-def _split_swiglu(mlp: SwiGLU, group: Any, size: int, rank: int, reduce: bool = True) -> None:
+def _split_swiglu(mlp: SwiGLU, cuts: _Cuts, group: Any, size: int, rank: int, reduce: bool = True) -> None:
     """Keep this rank's slice of the intermediate dimension; `reduce`: all-reduce down_proj's output over
     `group` (None: the world), else the caller sums the partial rows itself."""
     inner = _blocks(mlp.gate_proj.out_features, size, rank, 1)
     for proj in (mlp.gate_proj, mlp.up_proj):
-        _keep(proj.weight, 0, inner)
+        cuts.keep(proj.weight, 0, inner)
         proj.out_features = len(inner)
-    _keep(mlp.down_proj.weight, 1, inner)
+    cuts.keep(mlp.down_proj.weight, 1, inner)
     mlp.down_proj.in_features = len(inner)
     if reduce:
         mlp.down_proj.register_forward_hook(_reduce_output(group))
 
 
-def _split_attention(attn: MLA, group: Any, size: int, rank: int) -> None:
+def _split_attention(attn: MLA, cuts: _Cuts, group: Any, size: int, rank: int) -> None:
     n = attn.n_heads
     q = attn.q_b_proj if attn.q_lora_rank else attn.q_proj
-    _keep(q.weight, 0, _blocks(n, size, rank, attn.qk_head_dim))
-    _keep(attn.kv_b_proj.weight, 0, _blocks(n, size, rank, attn.nope + attn.v_head_dim))
-    _keep(attn.o_proj.weight, 1, _blocks(n, size, rank, attn.v_head_dim))
+    cuts.keep(q.weight, 0, _blocks(n, size, rank, attn.qk_head_dim))
+    cuts.keep(attn.kv_b_proj.weight, 0, _blocks(n, size, rank, attn.nope + attn.v_head_dim))
+    cuts.keep(attn.o_proj.weight, 1, _blocks(n, size, rank, attn.v_head_dim))
     attn.n_heads = n // size
     q.out_features = q.weight.shape[0]
     attn.kv_b_proj.out_features = attn.kv_b_proj.weight.shape[0]
@@ -145,12 +164,12 @@ def _split_attention(attn: MLA, group: Any, size: int, rank: int) -> None:
     attn.o_proj.register_forward_hook(_reduce_output(group))
 
 
-def _split_head(head: nn.Linear, group: Any, size: int, rank: int) -> None:
+def _split_head(head: nn.Linear, cuts: _Cuts, group: Any, size: int, rank: int) -> None:
     vocab = head.out_features
     per = -(-vocab // size)
     rows = torch.arange(rank * per, min(vocab, (rank + 1) * per))
-    w = head.weight.data.index_select(0, rows.to(head.weight.device))
-    head.weight.data = torch.cat([w, w.new_zeros(per - len(rows), w.shape[1])])  # equal parts to gather
+    cuts.keep(head.weight, 0, rows)
+    cuts.pad_rows(head.weight, per - len(rows))  # equal parts to gather
     head.out_features = per
 
     def gather(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
@@ -161,7 +180,7 @@ def _split_head(head: nn.Linear, group: Any, size: int, rank: int) -> None:
     head.register_forward_hook(gather)
 
 
-def _split_moe(moe: MoE, tp: Any, ep: tuple[int, int]) -> None:
+def _split_moe(moe: MoE, cuts: _Cuts, tp: Any, ep: tuple[int, int]) -> None:
     """Routed experts: this ep rank's experts (ep = (rank, size)), each cut over the tp group; shared experts
     cut over every rank. Both leave partial rows, which `_reduce_finish` sums."""
     experts = moe.experts
@@ -170,8 +189,8 @@ def _split_moe(moe: MoE, tp: Any, ep: tuple[int, int]) -> None:
         first, count = decode_expert_slice(moe.n_experts, ep_size, ep_rank)
         if experts.num_local == moe.n_experts:
             local = torch.arange(first, first + count)
-            _keep(experts.gate_up_proj, 0, local)
-            _keep(experts.down_proj, 0, local)
+            cuts.keep(experts.gate_up_proj, 0, local)
+            cuts.keep(experts.down_proj, 0, local)
             experts.first_expert, experts.num_local = first, count
         elif (experts.first_expert, experts.num_local) != (first, count):
             raise ValueError(
@@ -182,14 +201,16 @@ def _split_moe(moe: MoE, tp: Any, ep: tuple[int, int]) -> None:
     if size > 1:
         inter = experts.down_proj.shape[2]
         inner = _blocks(inter, size, rank, 1)
-        _keep(experts.gate_up_proj, 1, torch.cat([inner, inter + inner]))  # its gate rows, then its up rows
-        _keep(experts.down_proj, 2, inner)
+        cuts.keep(
+            experts.gate_up_proj, 1, torch.cat([inner, inter + inner])
+        )  # its gate rows, then its up rows
+        cuts.keep(experts.down_proj, 2, inner)
     if ep_size > 1:
         moe.dispatcher = ExpertSliceDispatcher(experts.first_expert, experts.num_local)
     else:
         moe.dispatcher = LocalDispatcher()  # every expert here, each a slice: partial rows
     if moe.shared_experts is not None:
-        _split_swiglu(moe.shared_experts, None, dist.get_world_size(), dist.get_rank(), reduce=False)
+        _split_swiglu(moe.shared_experts, cuts, None, dist.get_world_size(), dist.get_rank(), reduce=False)
 
 
 def _reduce_finish(layer: DecoderLayer) -> None:
@@ -237,15 +258,17 @@ def _tp_group(tp: int, ep: int) -> Any:
     return mine
 
 
-def parallelize_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> InferenceModel:
-    """Cut `model` for inference over every rank of the default process group: experts over `ep` ranks,
-    everything else (and each expert) over tp = world / ep; in place. Returns the InferenceModel over it.
-    A model loaded with only this rank's experts (`decode_expert_slice`) is taken as it is."""
+def cut_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> dict[str, TensorSlice]:
+    """Cut `model` in place over every rank of the default process group: experts over `ep` ranks, everything
+    else (and each expert) over tp = world / ep; returns, by parameter name, what each cut parameter now holds
+    of its whole tensor (the experts of a model built with only this rank's `decode_expert_slice` count as
+    whole). Works on a meta-device model: a loader cuts first, then reads only those slices."""
     world = dist.get_world_size()
     if ep < 1 or world % ep:
         raise ValueError(f"ep={ep} must divide the number of processes ({world})")
+    cuts = _Cuts()
     if world == 1:
-        return as_inference_model(model)
+        return {}
     tp = world // ep
     group = _tp_group(tp, ep)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -254,13 +277,42 @@ def parallelize_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> 
     for m in modules:
         if isinstance(m, MLA):
             if size > 1:
-                _split_attention(m, group, size, rank)
+                _split_attention(m, cuts, group, size, rank)
         elif isinstance(m, MoE):
-            _split_moe(m, group, (dist.get_rank() // tp, ep))
+            _split_moe(m, cuts, group, (dist.get_rank() // tp, ep))
         elif isinstance(m, DecoderLayer) and isinstance(m.mlp, MoE):
             _reduce_finish(m)
         elif isinstance(m, SwiGLU) and id(m) not in shared and size > 1:  # a dense layer's MLP
-            _split_swiglu(m, group, size, rank)
+            _split_swiglu(m, cuts, group, size, rank)
     if size > 1:
-        _split_head(model.lm_head, group, size, rank)
+        _split_head(model.lm_head, cuts, group, size, rank)
+    return {n: cuts.held[id(p)] for n, p in model.named_parameters() if id(p) in cuts.held}
+
+
+def load_for_decode(
+    path: str,
+    ep: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    tokenizer: str | None = None,
+) -> Loaded:
+    """`load_for_inference` split over every rank of the default process group (`cut_for_decode`): the model
+    is built on the meta device and cut first, then only the parts each rank keeps are allocated and read
+    (safetensors slices, DCP read items narrowed to them, views of a memory-mapped model.pt), so no rank
+    reads or holds the whole model. `model` is the InferenceModel to decode with."""
+    source = path if is_hf_dir(path) else resolve_checkpoint(path)
+    cfg = generation_config(source)
+    experts = decode_expert_slice(cfg.n_routed_experts, ep) if ep > 1 else None
+    model = build_meta_model(cfg, as_dtype(dtype) or torch.float32, experts)
+    slices = cut_for_decode(model, ep)
+    read_weights(allocate_model(model, device), source, slices)
+    return Loaded(as_inference_model(model.eval()), tokenizer_of(source, tokenizer), source)
+
+
+def parallelize_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> InferenceModel:
+    """Cut a loaded `model` for inference over every rank of the default process group (`cut_for_decode`),
+    in place; returns the InferenceModel over it. A model loaded with only this rank's experts
+    (`decode_expert_slice`) is taken as it is. `load_for_decode` cuts before loading instead, and reads
+    only what each rank keeps."""
+    cut_for_decode(model, ep)
     return as_inference_model(model)
