@@ -22,6 +22,7 @@ Smoke test on a CPU: python bench/decode.py --tiny --device cpu
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import os
@@ -41,7 +42,7 @@ from moe_train.infer import GenerationResult, generate, mha_cache_elements, mla_
 from moe_train.infer.forward import InferenceModel  # noqa: E402
 from moe_train.infer.offload import OffloadConfig, nvme_unavailable_reason, offload_model  # noqa: E402
 from moe_train.model import build_model, count_params  # noqa: E402
-from moe_train.model.moe import Router  # noqa: E402
+from moe_train.model.moe import RoutedExperts, Router  # noqa: E402
 from moe_train.model.transformer import Transformer  # noqa: E402
 
 GIB = 2**30
@@ -146,12 +147,36 @@ def cache_dtype_name(itemsize: int) -> str:
     return {2: "bf16", 4: "fp32"}.get(itemsize, f"{itemsize} B")
 
 
+def h2d_gbps(device: str) -> float:
+    """Pinned host-to-device copy rate, GB/s, of 1 GiB (the link the offload streams over)."""
+    if device != "cuda":
+        return float("nan")
+    host = torch.empty(GIB // 2, dtype=torch.bfloat16).pin_memory()
+    dev = torch.empty_like(host, device=device)
+    dev.copy_(host, non_blocking=True)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(5):
+        dev.copy_(host, non_blocking=True)
+    sync(device)
+    return 5 * GIB / (time.perf_counter() - t) / 1e9
+
+
 def offload_section(model: Transformer, args: argparse.Namespace, failures: list[str]) -> list[str]:
+    """ZeRO-Inference under a GPU memory cap, for each --offload-experts mode: `chosen` (only the routed
+    experts the router chose cross the link) and `layer` (DeepSpeed streams whole layers). Bytes per
+    decode step: the non-expert weights (streamed every step) plus, for `chosen`, the experts fetched per
+    decode step (counted), for `layer` all experts; their rate is a share of the pinned H2D rate measured
+    in the same process."""
+    link = h2d_gbps(args.device)
     rows = [
-        f"| weights | model GiB | GPU budget GiB | peak allocated GiB | batch (prompt {args.offload_prompt}, "
-        f"new {args.offload_new}) | prefill tokens/s "
-        "| decode tokens/s | ms / step | tokens = GPU-resident |",
-        "|" + " --- |" * 9,
+        f"pinned host-to-device copy: {link:.1f} GB/s (1 GiB, 5 copies)",
+        "",
+        "| experts fetched | model GiB | GPU budget GiB | peak allocated GiB "
+        f"| batch (prompt {args.offload_prompt}, new {args.offload_new}) | prefill tokens/s "
+        "| decode tokens/s | ms / step | experts / decode step | GB / step | share of H2D "
+        "| tokens = resident |",
+        "|" + " --- |" * 12,
     ]
     vocab = model.cfg.vocab_size
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -169,27 +194,65 @@ def offload_section(model: Transformer, args: argparse.Namespace, failures: list
             )
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(budget / total)
-        torch.cuda.reset_peak_memory_stats()
         print(f"offload: GPU capped at {args.budget_gib} GiB of {total / GIB:.0f}", flush=True)
+    for i, mode in enumerate(modes := args.offload_experts.split(",")):
+        source = model if i == len(modes) - 1 else copy.deepcopy(model)  # offload converts it in place
+        rows += _offload_rows(source, mode, cases, reference, args, failures, link)
+        del source
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _offload_rows(
+    model: Transformer,
+    mode: str,
+    cases: dict[int, list[list[int]]],
+    reference: dict[int, list[list[int]]],
+    args: argparse.Namespace,
+    failures: list[str],
+    link: float,
+) -> list[str]:
+    """One offload mode's rows (its own function: the offloaded model is freed when it returns)."""
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts_of = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    expert_bytes = sum(p.numel() * p.element_size() for m in experts_of for p in m.parameters())
+    n_experts = sum(m.num_local for m in experts_of)
+    budget = args.budget_gib * GIB
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pinned = args.device == "cuda"
-    im = offload_model(model, OffloadConfig("cpu", pin_memory=pinned), args.device)
-    print(f"offload: ZeRO-3 conversion took {time.perf_counter() - t0:.1f}s", flush=True)
+    cfg = OffloadConfig("cpu", pin_memory=args.device == "cuda", experts=mode)
+    im = offload_model(model, cfg, args.device)
+    print(f"offload ({mode}): conversion took {time.perf_counter() - t0:.1f}s", flush=True)
+    stage = getattr(im, "expert_stage", None)
+    rows = []
     for b, ps in cases.items():
         # the first run records DeepSpeed's module trace; prefetching starts with the second
         r = best_of(2, lambda: generate(im, ps, args.offload_new))  # noqa: B023
         same = r.tokens == reference[b]
         if not same:
-            failures.append(f"offload batch {b}: tokens differ from the GPU-resident model's")
+            failures.append(f"offload ({mode}) batch {b}: tokens differ from the GPU-resident model's")
         peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
         if args.device == "cuda" and peak > budget:
-            failures.append(f"offload: peak {peak / GIB:.2f} GiB above the {args.budget_gib} GiB budget")
+            failures.append(
+                f"offload ({mode}): peak {peak / GIB:.2f} GiB above the {args.budget_gib} GiB cap"
+            )
         steps = max(len(t) for t in r.tokens) - 1
+        ms = 1e3 * r.decode_seconds / max(steps, 1)
+        experts = float(n_experts)
+        if stage is not None:  # experts fetched by the decode steps alone: a run minus its prefill
+            stage.fetched = 0
+            generate(im, ps, 1)
+            prefill, stage.fetched = stage.fetched, 0
+            generate(im, ps, args.offload_new)
+            experts = (stage.fetched - prefill) / max(steps, 1)
+        step_gb = (model_bytes - expert_bytes + experts * expert_bytes / max(n_experts, 1)) / 1e9
         rows.append(
-            f"| CPU{' (pinned)' if pinned else ''}, ZeRO-3 offload_param | {model_bytes / GIB:.1f} "
-            f"| {args.budget_gib:g} "
-            f"| {peak / GIB:.2f} | {b} | {r.prefill_tokens_per_s:,.0f} | {r.decode_tokens_per_s:,.1f} "
-            f"| {1e3 * r.decode_seconds / max(steps, 1):.0f} | {'yes' if same else 'NO'} |"
+            f"| {mode} | {model_bytes / GIB:.1f} | {args.budget_gib:g} | {peak / GIB:.2f} | {b} "
+            f"| {r.prefill_tokens_per_s:,.0f} | {r.decode_tokens_per_s:,.1f} | {ms:.0f} | {experts:.1f} "
+            f"| {step_gb:.2f} | {step_gb / (ms / 1e3) / link:.0%} | {'yes' if same else 'NO'} |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -206,6 +269,9 @@ def main() -> None:
     ap.add_argument("--offload-new", type=int, default=8, help="new tokens per sequence with offload")
     ap.add_argument("--budget-gib", type=float, default=6.0, help="GPU memory cap for the offload section")
     ap.add_argument("--no-offload", action="store_true")
+    ap.add_argument(
+        "--offload-experts", default="chosen,layer", help="offload modes to run (OffloadConfig.experts)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (CPU smoke test)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the table goes")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .infer import SamplingConfig, generate, load_for_inference
 from .infer.engine import GenerationResult, GraphFallbackWarning
-from .infer.offload import OFFLOAD_DEVICES, OffloadConfig
+from .infer.offload import EXPERT_FETCH, OFFLOAD_DEVICES, OffloadConfig
 from .parallel.tensor import join_decode_group, load_for_decode
 
 
@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--nvme-path", default=None, help="directory on the NVMe drive (--offload nvme)")
     p.add_argument("--prefetch-layers", type=int, default=1, help="layers fetched ahead (--offload)")
+    p.add_argument(
+        "--offload-experts",
+        choices=EXPERT_FETCH,
+        default="auto",
+        help="--offload: copy only the routed experts chosen (chosen; auto for cpu) or whole layers (layer)",
+    )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (tp × ep processes, by torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (tp × ep processes, by torchrun)")
     return p.parse_args(argv)
@@ -111,9 +117,16 @@ def main(
             out, err = io.StringIO(), io.StringIO()
     offload = None
     if args.offload:
-        offload = OffloadConfig(args.offload, args.nvme_path, args.prefetch_layers)
+        try:
+            offload = OffloadConfig(
+                args.offload, args.nvme_path, args.prefetch_layers, experts=args.offload_experts
+            )
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     elif args.nvme_path:
         raise SystemExit("--nvme-path is for --offload nvme")
+    elif args.offload_experts != "auto":
+        raise SystemExit("--offload-experts is for --offload")
     if ranks > 1:  # cut first: each rank reads only the parts of the tensors it keeps
         loaded = load_for_decode(args.checkpoint, args.ep, args.device, args.dtype, args.tokenizer)
     else:

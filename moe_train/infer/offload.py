@@ -18,6 +18,15 @@ parameter at a time passes through the GPU on its way to its CPU (or NVMe) home,
 needs to fit.  Buffers (the rotary tables, the routers' selection biases) are small and move to the GPU.
 Decoding with offloaded weights runs the same kernels as without, so it produces the same tokens; it cannot
 be captured in a CUDA graph (the hooks run host code every layer).
+
+Routed experts are most of a MoE model's bytes, and a step at small batch uses few of them (batch 1: k of
+n_experts per layer), so by default (`experts="chosen"`, offload to cpu) they do not go through DeepSpeed:
+each MoE layer's experts are replaced by `ChosenExperts`, which keeps the fused expert tensors in pinned CPU
+memory and, once the router has chosen, copies only the chosen experts (runs of consecutive ones as one
+copy) into a device buffer all layers share (`ExpertStage`), then runs the same grouped GEMM over them. At
+large batch nearly every expert is chosen and the copies stream the layer's experts at the link's rate.
+DeepSpeed's ZeRO-Inference has no expert-aware fetch; NVMe offload keeps whole layers (`experts="layer"`),
+since holding the experts in CPU memory is what NVMe offload exists to avoid.
 """
 
 from __future__ import annotations
@@ -27,11 +36,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from ..model.moe import MoE, RoutedExperts
 from ..model.transformer import Transformer
+from ..ops.grouped_gemm import Taps, expert_swiglu
 from .forward import InferenceModel
 
 OFFLOAD_DEVICES = ("cpu", "nvme")
+EXPERT_FETCH = ("auto", "chosen", "layer")
 #: DeepSpeed's NVMe swapper moves tensors of at least this many bytes (swap_tensor/utils.py MIN_AIO_BYTES)
 _MIN_AIO_BYTES = 1024**2
 
@@ -48,14 +61,97 @@ class OffloadConfig:
     nvme_path: str | None = None
     prefetch_layers: int = 1
     pin_memory: bool = True
+    experts: str = "auto"  # chosen | layer | auto (chosen for cpu, layer for nvme): see the module docstring
 
     def __post_init__(self) -> None:
         if self.device not in OFFLOAD_DEVICES:
             raise ValueError(f"offload={self.device!r}: allowed values are {', '.join(OFFLOAD_DEVICES)}")
+        if self.experts not in EXPERT_FETCH:
+            raise ValueError(
+                f"offload experts={self.experts!r}: allowed values are {', '.join(EXPERT_FETCH)}"
+            )
+        if self.device == "nvme" and self.experts == "chosen":
+            raise ValueError(
+                "offload=nvme with experts=chosen: fetching the chosen experts keeps the routed experts in "
+                "CPU memory; use offload=cpu for it, or experts=layer"
+            )
         if self.device == "nvme" and not self.nvme_path:
             raise ValueError("offload=nvme needs nvme_path: a directory on the NVMe drive for the weights")
         if self.prefetch_layers < 0:
             raise ValueError(f"prefetch_layers={self.prefetch_layers} must be >= 0")
+
+    @property
+    def chosen_experts(self) -> bool:
+        return self.experts == "chosen" or (self.experts == "auto" and self.device == "cpu")
+
+
+class ExpertStage:
+    """The device buffers that the routed experts a layer chose are copied into, shared by every layer
+    (layers run one after another on one stream), grown to the most experts any layer has chosen.
+    `fetched` counts the experts copied, for the bench and the tests."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.gate_up: torch.Tensor | None = None
+        self.down: torch.Tensor | None = None
+        self.fetched = 0
+
+    def buffers(self, n: int, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Room for `n` experts shaped like rows of the host tensors `gate_up` and `down`."""
+        if self.gate_up is None or self.down is None or self.gate_up.shape[0] < n:
+            self.gate_up = self.down = None  # free the smaller pair first
+            self.gate_up = torch.empty(n, *gate_up.shape[1:], dtype=gate_up.dtype, device=self.device)
+            self.down = torch.empty(n, *down.shape[1:], dtype=down.dtype, device=self.device)
+        return self.gate_up[:n], self.down[:n]
+
+
+class ChosenExperts(nn.Module):
+    """A MoE layer's routed experts with their weights in (pinned) CPU memory: each call copies only the
+    experts with rows (`counts` > 0) to the shared `ExpertStage` and runs the grouped GEMM over them. Rows
+    arrive sorted by expert, so dropping the experts without rows keeps their order. Reads the chosen
+    experts on the host (offload is never captured in a CUDA graph)."""
+
+    def __init__(self, experts: RoutedExperts, stage: ExpertStage, pin: bool) -> None:
+        super().__init__()
+        self.first_expert, self.num_local, self.impl = experts.first_expert, experts.num_local, experts.impl
+        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        # a tuple, so neither a parameter nor a buffer: DeepSpeed and `.to(device)` leave them where they are
+        self.host = (gate_up.pin_memory(), down.pin_memory()) if pin else (gate_up, down)
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
+        chosen = counts.nonzero().flatten()
+        ids = chosen.tolist()
+        host_gate_up, host_down = self.host
+        gate_up, down = self.stage.buffers(len(ids), host_gate_up, host_down)
+        at = 0
+        for start, length in _runs(ids):
+            for dst, src in ((gate_up, host_gate_up), (down, host_down)):
+                dst[at : at + length].copy_(src[start : start + length], non_blocking=True)
+            at += length
+        self.stage.fetched += len(ids)
+        return expert_swiglu(x, counts[chosen], gate_up, down, self.impl, taps=taps)
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """(start, length) of the runs of consecutive values in sorted `ids`."""
+    out: list[tuple[int, int]] = []
+    for i in ids:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
+def fetch_chosen_experts(model: InferenceModel, device: torch.device, pin: bool) -> ExpertStage:
+    """Replace every MoE layer's routed experts by `ChosenExperts` over one shared stage on `device`."""
+    stage = ExpertStage(device)
+    for step in model.layers:
+        mlp = step.layer.mlp
+        if isinstance(mlp, MoE) and isinstance(mlp.experts, RoutedExperts):
+            mlp.experts = ChosenExperts(mlp.experts, stage, pin)
+    return stage
 
 
 def nvme_unavailable_reason() -> str | None:
@@ -165,6 +261,8 @@ def offload_model(
         problem = nvme_dtype_problem(im)
         if problem is not None:
             raise ValueError(problem)
+    if cfg.chosen_experts:  # before DeepSpeed sees the parameters: the experts stay out of ZeRO
+        im.expert_stage = fetch_chosen_experts(im, device, cfg.pin_memory and device.type == "cuda")
     for step in im.layers:
         set_z3_leaf_module(step, True)
     for module in model.modules():  # buffers only: rotary tables, router biases
