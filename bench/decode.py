@@ -93,6 +93,13 @@ def decode_section(model: Transformer, args: argparse.Namespace, failures: list[
     ]
     notes: set[str] = set()
     vocab = model.cfg.vocab_size
+    read_gbps, active = hbm_read_gbps(args.device), active_bytes(model)
+    bound_ms = 1e3 * active / (read_gbps * 1e9) if read_gbps == read_gbps else 0.0
+    rows[:0] = [
+        f"batch-1 weight-read bound: {active / 1e9:.3f} GB active per token / {read_gbps:,.0f} GB/s HBM read "
+        f"(a sum over 2 GiB) = {bound_ms:.3f} ms a step",
+        "",
+    ]
     generate(model, prompts(1, 16, vocab, 0), 4)  # warm-up: cuBLAS handles, allocator
     for batch in args.batch_list:
         ps = prompts(batch, args.prompt, vocab, seed=batch)
@@ -100,22 +107,53 @@ def decode_section(model: Transformer, args: argparse.Namespace, failures: list[
         for graph in (False, True):
             r = best_of(args.repeats, lambda: generate(model, ps, args.new, cuda_graph=graph))  # noqa: B023
             runs[graph] = r
-        same = runs[True].tokens == runs[False].tokens
+        eager = runs[False]
+        same = runs[True].tokens == eager.tokens
         if not same:
             failures.append(f"batch {batch}: CUDA-graph tokens differ from eager tokens ({differ(runs)})")
         if args.device == "cuda" and runs[True].decode_path != "cuda graph":
             failures.append(f"batch {batch}: graph not captured: {runs[True].graph_fallback}")
         for r in runs.values():
             steps = max(len(t) for t in r.tokens) - 1
+            ms = 1e3 * r.decode_seconds / max(steps, 1)
+            bound = f" ({bound_ms / ms:.0%} of the weight-read bound)" if batch == 1 and bound_ms else ""
             rows.append(
                 f"| {batch} | {args.prompt} | {args.new} | {r.decode_path} | {r.prefill_tokens_per_s:,.0f} "
-                f"| {r.decode_tokens_per_s:,.0f} | {1e3 * r.decode_seconds / max(steps, 1):.2f} "
+                f"| {r.decode_tokens_per_s:,.0f} | {ms:.2f}{bound} "
                 f"| {r.capture_seconds:.2f} | {'yes' if same else 'NO'} |"
             )
             if r.graph_fallback:
                 notes.add(f"cuda_graph=True fell back to eager decoding: {r.graph_fallback}")
-        print("\n".join(rows[-2:]), flush=True)
+        print("\n".join(rows[-len(runs) :]), flush=True)
     return rows + ([""] if notes else []) + sorted(notes)
+
+
+def hbm_read_gbps(device: str) -> float:
+    """HBM read rate, GB/s: a sum over 2 GiB of bf16 reads each byte once and writes nothing."""
+    if device != "cuda":
+        return float("nan")
+    x = torch.ones(GIB, dtype=torch.bfloat16, device=device)
+    x.sum()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        x.sum()
+    sync(device)
+    return 10 * 2 * GIB / (time.perf_counter() - t) / 1e9
+
+
+def active_bytes(model: Transformer) -> int:
+    """Weight bytes one token reads at batch 1: everything but the routed experts and the embedding, k
+    routed experts per MoE layer, and one embedding row."""
+    cfg, total, routed = model.cfg, 0, 0
+    for name, p in model.named_parameters():
+        if ".experts." in name and "shared" not in name:
+            routed += p.numel() * p.element_size()
+        elif name != "embed_tokens.weight":
+            total += p.numel() * p.element_size()
+    emb = model.embed_tokens.weight
+    per_token_routed = routed * cfg.num_experts_per_tok // cfg.n_routed_experts
+    return total + per_token_routed + emb.shape[1] * emb.element_size()
 
 
 def cache_section(model: Transformer, args: argparse.Namespace) -> list[str]:
