@@ -7,7 +7,7 @@ bytes/param unless the optimizer engine shards or offloads some of it (`StateSha
 for bf16 copies of the weights when bf16 autocast is on (autocast casts each weight once per region and the
 casts are saved for backward). With fp32 master weights (`trainer.dtype=bf16_master`) the parameters are
 bf16 (2 bytes) beside a 4-byte fp32 master, 4-byte fp32 gradients and the moments: 18 bytes/param, with no
-autocast copy (the routers' few fp32 parameters are counted like the rest); bf16 moments
+autocast copy (the few fp32 parameters, routers and norm gains, are counted like the rest); bf16 moments
 (`optim.moments_dtype=bf16`) take 4 bytes off either. Activations count, per token
 and layer, the tensors autograd saves for backward (docs/parallelism.md, "Memory per rank"); they leave out
 the allocator's fragmentation, temporaries of the op being run, communication buffers and the T×T attention
