@@ -123,8 +123,8 @@ class SlicedLoadPlanner(DefaultLoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         assert self.metadata is not None
         full = self.state_dict
-        whole = {k: v for k, v in full.items() if k not in self.slices}
-        plan = create_default_local_load_plan(whole, self.metadata, not self.allow_partial_load)
+        unsliced = {k: v for k, v in full.items() if k not in self.slices}
+        plan = create_default_local_load_plan(unsliced, self.metadata, not self.allow_partial_load)
         items = list(plan.items)
         for key, sl in self.slices.items():
             md = self.metadata.state_dict_metadata[key]
@@ -144,8 +144,7 @@ class SlicedLoadPlanner(DefaultLoadPlanner):
             items += create_read_items_for_chunk_list(key, md, chunks)
             for d, n in sl.pad.items():
                 dest.narrow(d, dest.shape[d] - n, n).zero_()
-        self.plan = LoadPlan(items, plan.storage_data, plan.planner_data)
-        return self.plan
+        return LoadPlan(items, plan.storage_data, plan.planner_data)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         if index.fqn in self.slices:

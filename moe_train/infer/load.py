@@ -65,9 +65,8 @@ def _load_ours(model: nn.Module, ckpt: str, slices: dict[str, TensorSlice] | Non
     slices = slices or {}
     if is_sharded(ckpt):
         wanted, by_key = model_entries(model), entry_slices(model, slices)
-        check_keys(
-            wanted, stored_shapes(ckpt), ckpt, whole_model=False, slices=by_key
-        )  # MTP keys stay unread
+        # the MTP keys stay unread
+        check_keys(wanted, stored_shapes(ckpt), ckpt, whole_model=False, slices=by_key)
         dcp.load(
             wanted, checkpoint_id=ckpt, planner=SlicedLoadPlanner(by_key), no_dist=not dist.is_initialized()
         )

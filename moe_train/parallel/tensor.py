@@ -201,9 +201,8 @@ def _split_moe(moe: MoE, cuts: _Cuts, tp: Any, ep: tuple[int, int]) -> None:
     if size > 1:
         inter = experts.down_proj.shape[2]
         inner = _blocks(inter, size, rank, 1)
-        cuts.keep(
-            experts.gate_up_proj, 1, torch.cat([inner, inter + inner])
-        )  # its gate rows, then its up rows
+        # its gate rows, then its up rows
+        cuts.keep(experts.gate_up_proj, 1, torch.cat([inner, inter + inner]))
         cuts.keep(experts.down_proj, 2, inner)
     if ep_size > 1:
         moe.dispatcher = ExpertSliceDispatcher(experts.first_expert, experts.num_local)
@@ -266,9 +265,9 @@ def cut_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> dict[str
     world = dist.get_world_size()
     if ep < 1 or world % ep:
         raise ValueError(f"ep={ep} must divide the number of processes ({world})")
-    cuts = _Cuts()
     if world == 1:
         return {}
+    cuts = _Cuts()
     tp = world // ep
     group = _tp_group(tp, ep)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
