@@ -28,6 +28,10 @@ by the same all-reduce over the world. The tokens are the same on every rank, so
 all-to-all of training is replaced by the one all-reduce. Which slots are local is found on the device, in a
 buffer of fixed size (`ExpertSliceDispatcher`), so nothing is read on the host and the decode step of every
 rank can be captured in a CUDA graph.
+
+Loading (`load_for_decode`) cuts first: the model is built on the meta device with only this rank's experts,
+cut by the same code (`cut_for_decode`, which records what each cut parameter keeps of its whole tensor),
+allocated, and then only those parts are read from the checkpoint (checkpoint/slices.py).
 """
 
 from __future__ import annotations
