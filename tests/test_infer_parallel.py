@@ -4,6 +4,7 @@ without a query latent, for tp=2, ep=2 and tp=2 × ep=2; and the command line ov
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -73,9 +74,16 @@ def test_tp2_and_ep2_generation_equals_one_process():
     _check(ref, ranks, 2)
 
 
+def _outputs_and_split_load(sources: dict[str, str]) -> tuple[dict, dict]:
+    return _outputs([2]), _split_load(sources, [2])
+
+
 @pytest.mark.slow  # 4 processes
-def test_tp2_by_ep2_generation_equals_one_process():
-    _check(_outputs([None]), run_world(4, _outputs, [2]), 2)
+def test_tp2_by_ep2_generation_equals_one_process_and_reads_only_its_parts(tmp_path):
+    model, sources = _checkpoints(tmp_path)
+    ranks = run_world(4, _outputs_and_split_load, sources)
+    _check(_outputs([None]), [r[0] for r in ranks], 2)
+    _check_split_load(model, [r[1] for r in ranks])
 
 
 def _cli(run_dir: str) -> dict:
@@ -97,16 +105,17 @@ def test_the_command_line_splits_over_torchrun_ranks_and_rank_0_prints(tmp_path)
         generate_main([str(tmp_path), "--prompt", "a", "--tp", "2"])
 
 
-def _split_load(sources: dict[str, str]) -> dict:
-    """tp=2 (ep=1) and ep=2 (tp=1) over the two ranks: load each source cut first (`load_for_decode`),
-    recording what is read — whole tensors by key, parts as element counts — and generate."""
+def _split_load(sources: dict[str, str], layouts: list[int]) -> dict:
+    """For each ep in `layouts` (tp = world / ep): load each source cut first (`load_for_decode`), recording
+    what is read (whole tensors by key, parts as element counts); generate, and a prefill's logits."""
     import torch.distributed.checkpoint as dcp
 
     from moe_train.hf import io as hf_io
     from moe_train.infer import load as infer_load
     from moe_train.parallel.tensor import load_for_decode
 
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     whole: dict[str, int] = {}  # key -> elements, of keys read whole
     parts: dict[str | int, int] = {}  # key -> elements read of it in parts
     real_iter, real_readers = hf_io.iter_tensors, hf_io.iter_readers
@@ -143,31 +152,30 @@ def _split_load(sources: dict[str, str]) -> dict:
     hf_io.iter_tensors, hf_io.iter_readers = iter_tensors, iter_readers
     dcp.FileSystemReader.read_data, infer_load.copy_slice = read_data, copy_slice
     out = {}
-    for ep in (1, 2):
+    x = ids((2, 7), seed=1)
+    for ep in layouts:
         for name, path in sources.items():
             whole.clear()
             parts.clear()
-            loaded = load_for_decode(path, ep=ep)
-            model = loaded.model
+            model = load_for_decode(path, ep=ep).model
             names = {p.data_ptr(): n for n, p in model.named_parameters()}
-            per, rank = model.lm_head.weight.shape[0], dist.get_rank()
-            pad = per - (min(model.cfg.vocab_size, (rank + 1) * per) - rank * per) if ep == 1 else 0
-            held = sum(t.numel() for t in model.state_dict().values()) - pad * model.cfg.hidden_size
+            tp = dist.get_world_size() // ep
+            rank, per, vocab = dist.get_rank() % tp, model.lm_head.weight.shape[0], model.cfg.vocab_size
+            pad = per - (min(vocab, (rank + 1) * per) - rank * per) if tp > 1 else 0
             out[ep, name] = {
                 "tokens": generate(model, PROMPTS, 6).tokens,
+                "logits": model(x, torch.arange(7).expand(2, 7), new_cache(model, 2, 8), absorb=False),
                 "whole": dict(whole),
                 "parts": {names.get(k, k): v for k, v in parts.items()},
-                "held": held,
+                "held": sum(t.numel() for t in model.state_dict().values()) - pad * model.cfg.hidden_size,
                 "params": sum(p.numel() for p in model.parameters()),
             }
     return out
 
 
-@pytest.mark.slow  # two processes, three checkpoint formats written
-def test_each_rank_reads_only_its_part_of_hf_and_our_checkpoints(tmp_path):
-    """tp=2 and ep=2, from an HF directory, a sharded and a whole-model checkpoint: each rank reads only its
-    experts' tensors and only its slices of the tensors it cuts (the parts it holds, no more), never the MTP
-    depth, and generates the one-process tokens."""
+def _checkpoints(tmp_path) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The tiny model and the three sources it is written to: an HF directory, a sharded and a whole-model
+    training checkpoint."""
     from moe_train.checkpoint import sharded
     from moe_train.checkpoint.sharded import model_entries
     from moe_train.hf.cli import export_checkpoint
@@ -180,31 +188,75 @@ def test_each_rank_reads_only_its_part_of_hf_and_our_checkpoints(tmp_path):
     sharded.save(
         str(tmp_path / "dcp"), 5, model_entries(model), {"step": 5, "has_optim": False}, {}, yaml, {}, None
     )
-    sources = {
+    return model, {
         "hf": str(tmp_path / "hf"),
         "sharded": str(tmp_path / "dcp" / "step_00000005"),
         "whole": str(whole),
     }
+
+
+def _check_split_load(model: torch.nn.Module, ranks: list[dict]) -> None:
+    """Each rank generates the one-process tokens and logits (fp32, rel ≤ 1e-5), reads only its experts, never
+    the MTP depth, and exactly as many elements as it holds (no tensor it cuts read whole, none twice)."""
+    world, n, layers = len(ranks), BASE["n_routed_experts"], BASE["num_hidden_layers"]
     want = generate(model, PROMPTS, 6).tokens
-    ranks = run_world(2, _split_load, sources)
-    n, layers = BASE["n_routed_experts"], BASE["num_hidden_layers"]
+    ref = InferenceModel(model)
+    x = ids((2, 7), seed=1)
+    logits = ref(x, torch.arange(7).expand(2, 7), new_cache(ref, 2, 8), absorb=False)
     one = sum(p.numel() for p in model.parameters())
     for r, got in enumerate(ranks):
         for (ep, name), g in got.items():
+            tp = world // ep
             assert g["tokens"] == want, (ep, name, r)
+            assert rel_err(g["logits"], logits) <= 1e-5, (ep, name, r)
             assert g["params"] < one, (ep, name, r)  # a split model
-            # tp=2 cuts attention, the MLPs, every expert and the head; ep=2 only the shared experts (cut over
-            # every rank so that one all-reduce sums them with the routed rows)
-            cut = {"shared_experts"} if ep == 2 else {"o_proj", "kv_b_proj", "shared_experts", "head"}
-            assert {c for c in cut if any(c in k for k in g["parts"])} == cut, (ep, name, r)
-            assert ep == 1 or all("shared_experts" in k for k in g["parts"]), (ep, name, r)
+            # tp cuts attention, the MLPs, every expert and the head; ep alone only the shared experts (cut
+            # over every rank so that one all-reduce sums them with the routed rows)
+            cut = {"o_proj", "kv_b_proj", "shared_experts", "head"} if tp > 1 else {"shared_experts"}
+            assert {c for c in cut if any(c in str(k) for k in g["parts"])} == cut, (ep, name, r)
+            assert tp > 1 or all("shared_experts" in str(k) for k in g["parts"]), (ep, name, r)
             if name == "whole":  # a memory-mapped model.pt: parts are views, the rest is not counted
                 continue
             read = {k.replace("model.", "", 1) for k in [*g["whole"], *g["parts"]]}
             experts = {int(k.split(".experts.")[1].split(".")[0]) for k in read if ".experts." in k}
-            mine = range(r * n // 2, (r + 1) * n // 2) if ep == 2 else range(n)
-            assert experts == set(mine), (ep, name, r, experts)
+            e = r // tp
+            assert experts == set(range(e * n // ep, (e + 1) * n // ep)), (ep, name, r, experts)
             assert not any(".mtp." in k or k.startswith(f"layers.{layers}.") for k in read), (ep, name, r)
-            # exactly what the rank holds is read: no tensor it cuts is read whole, no element twice
             assert sum(g["whole"].values()) + sum(g["parts"].values()) == g["held"], (ep, name, r)
             assert not set(g["parts"]) & set(g["whole"]), (ep, name, r)
+
+
+@pytest.mark.slow  # two processes, three checkpoint formats written
+def test_tp2_and_ep2_read_only_their_parts_of_hf_and_training_checkpoints(tmp_path):
+    model, sources = _checkpoints(tmp_path)
+    _check_split_load(model, run_world(2, _split_load, sources, [1, 2]))  # tp=2, then ep=2
+
+
+def test_expert_slices_find_their_slots_on_the_device():
+    """The expert-parallel decode dispatcher finds its local slots without a host read (grouped experts in
+    bf16, CUDA's path, so a rank's decode step can be captured in a CUDA graph), and the slices' partial
+    rows add up to the whole MoE's."""
+    from test_expert_parallel import CFG as EP_CFG
+
+    from host_reads import HostReads, host_copies
+    from moe_train.model.init import init_weights
+    from moe_train.model.moe import MoEOptions
+    from moe_train.parallel.tensor import ExpertSliceDispatcher
+
+    cfg = dataclasses.replace(EP_CFG, n_shared_experts=0)  # the slices' partial rows alone
+    x = torch.randn(2, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole = MoE(cfg, 1)
+    init_weights(whole, 3, 0.3)
+    with torch.no_grad():
+        want = whole(x)
+        got = torch.zeros_like(want)
+        for first in (0, 4):  # two slices of 4 experts, summed as the block's finish would all-reduce them
+            part = MoE(cfg, 1, MoEOptions(expert_slice=(first, 4)))
+            init_weights(part, 3, 0.3)
+            part.dispatcher = ExpertSliceDispatcher(first, 4)
+            got += part(x)
+            part.to(torch.bfloat16).experts.impl = "grouped"
+            with host_copies() as host, HostReads() as r:
+                part(x.to(torch.bfloat16))
+            assert (r.reads, host) == ([], []), (first, r.reads, host)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
