@@ -73,3 +73,17 @@ def test_safetensors_and_dcp_read_the_slice(tmp_path):
             state, checkpoint_id=str(tmp_path / "dcp"), planner=SlicedLoadPlanner({"w": sl}), no_dist=True
         )
         assert torch.equal(state["w"], want) and torch.equal(state["b"], torch.ones(3)), sl
+
+
+def test_one_process_loads_for_decode_as_for_inference(tmp_path):
+    """Without a process group `load_for_decode` is a world of one: nothing cut, the same tokens."""
+    from test_infer import byte_model_checkpoint
+
+    from moe_train.infer import generate, load_for_inference
+    from moe_train.parallel.tensor import load_for_decode
+
+    byte_model_checkpoint(str(tmp_path))
+    split, plain = load_for_decode(str(tmp_path)), load_for_inference(str(tmp_path))
+    assert split.source == plain.source and type(split.tokenizer) is type(plain.tokenizer)
+    prompt = [list(b"hello")]
+    assert generate(split.model, prompt, 5).tokens == generate(plain.model, prompt, 5).tokens

@@ -265,8 +265,9 @@ def cut_for_decode(model: Transformer | InferenceModel, ep: int = 1) -> dict[str
     """Cut `model` in place over every rank of the default process group: experts over `ep` ranks, everything
     else (and each expert) over tp = world / ep; returns, by parameter name, what each cut parameter now holds
     of its whole tensor (the experts of a model built with only this rank's `decode_expert_slice` count as
-    whole). Works on a meta-device model: a loader cuts first, then reads only those slices."""
-    world = dist.get_world_size()
+    whole). Works on a meta-device model: a loader cuts first, then reads only those slices. A process without
+    a process group is a world of one: nothing is cut."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if ep < 1 or world % ep:
         raise ValueError(f"ep={ep} must divide the number of processes ({world})")
     if world == 1:
