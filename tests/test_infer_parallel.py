@@ -108,8 +108,7 @@ def test_the_command_line_splits_over_torchrun_ranks_and_rank_0_prints(tmp_path)
 def _split_load(sources: dict[str, str], layouts: list[int]) -> dict:
     """For each ep in `layouts` (tp = world / ep): load each source cut first (`load_for_decode`), recording
     what is read (whole tensors by key, parts as element counts); generate, and a prefill's logits."""
-    import torch.distributed.checkpoint as dcp
-
+    from moe_train.checkpoint.slices import SlicedFileSystemReader
     from moe_train.hf import io as hf_io
     from moe_train.infer import load as infer_load
     from moe_train.parallel.tensor import load_for_decode
@@ -119,7 +118,7 @@ def _split_load(sources: dict[str, str], layouts: list[int]) -> dict:
     whole: dict[str, int] = {}  # key -> elements, of keys read whole
     parts: dict[str | int, int] = {}  # key -> elements read of it in parts
     real_iter, real_readers = hf_io.iter_tensors, hf_io.iter_readers
-    real_read_data, real_copy = dcp.FileSystemReader.read_data, infer_load.copy_slice
+    real_read_data, real_copy = SlicedFileSystemReader.read_data, infer_load.copy_slice
 
     def counted(key, read):
         def part(box):
@@ -138,7 +137,7 @@ def _split_load(sources: dict[str, str], layouts: list[int]) -> dict:
         return ((k, counted(k, read)) for k, read in real_readers(files, keys))
 
     def read_data(self, plan, planner):
-        for item in plan.items:  # what the planner asks for: torch's reader fetches each item whole
+        for item in plan.items:  # what the planner asks for; a part is read as its byte ranges alone
             key, n = item.storage_index.fqn, int(torch.Size(item.lengths).numel())
             if key in planner.slices:
                 parts[key] = parts.get(key, 0) + n
@@ -150,7 +149,7 @@ def _split_load(sources: dict[str, str], layouts: list[int]) -> dict:
         return real_copy(dest, counted(dest.data_ptr(), read), shape, sl, box)  # named once loaded
 
     hf_io.iter_tensors, hf_io.iter_readers = iter_tensors, iter_readers
-    dcp.FileSystemReader.read_data, infer_load.copy_slice = read_data, copy_slice
+    SlicedFileSystemReader.read_data, infer_load.copy_slice = read_data, copy_slice
     out = {}
     x = ids((2, 7), seed=1)
     for ep in layouts:

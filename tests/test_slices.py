@@ -8,7 +8,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from moe_train.checkpoint.slices import SlicedLoadPlanner, TensorSlice, blocks, copy_slice, held_shape
+from moe_train.checkpoint.slices import (
+    SlicedFileSystemReader,
+    SlicedLoadPlanner,
+    TensorSlice,
+    blocks,
+    copy_slice,
+    held_shape,
+)
 from moe_train.hf import io as hf_io
 
 WHOLE = torch.arange(6 * 10 * 4, dtype=torch.float32).reshape(6, 10, 4)
@@ -87,3 +94,29 @@ def test_one_process_loads_for_decode_as_for_inference(tmp_path):
     assert split.source == plain.source and type(split.tokenizer) is type(plain.tokenizer)
     prompt = [list(b"hello")]
     assert generate(split.model, prompt, 5).tokens == generate(plain.model, prompt, 5).tokens
+
+
+def test_dcp_reads_only_the_slices_bytes(tmp_path):
+    """The sliced reader fetches the bytes of the boxes it is asked for — runs of rows, a row's columns — and
+    nothing else of the stored tensor (torch's reader loads each item whole); the values equal the cut."""
+    big = torch.arange(64 * 48, dtype=torch.bfloat16).reshape(64, 48)
+    dcp.save({"w": big, "b": torch.ones(3)}, checkpoint_id=str(tmp_path), no_dist=True)
+    for sl in (
+        TensorSlice({0: torch.tensor([*range(8, 16), *range(40, 48)])}),  # two runs of rows
+        TensorSlice({1: torch.arange(24, 48)}),  # a column block: one run per row
+        TensorSlice({0: torch.arange(0, 32)}, {0: 1}),  # the head's padded shard
+    ):
+        want = _cut(big, sl)
+        state = {"w": torch.full_like(want, float("nan")), "b": torch.zeros(3)}
+        reader = SlicedFileSystemReader(str(tmp_path))
+        dcp.load(state, storage_reader=reader, planner=SlicedLoadPlanner({"w": sl}), no_dist=True)
+        assert torch.equal(state["w"], want) and torch.equal(state["b"], torch.ones(3)), sl
+        padding = sum(n * want[0].numel() for n in sl.pad.values())
+        assert reader.bytes_read == (want.numel() - padding) * big.element_size() < big.nbytes, sl
+    # a tensor saved with other strides (a transposed view keeps its storage) goes through torch's reader
+    dcp.save({"w": big.t()}, checkpoint_id=str(tmp_path / "t"), no_dist=True)
+    sl = TensorSlice({0: torch.arange(4, 12)})
+    state = {"w": torch.zeros(8, 64, dtype=big.dtype)}
+    reader = SlicedFileSystemReader(str(tmp_path / "t"))
+    dcp.load(state, storage_reader=reader, planner=SlicedLoadPlanner({"w": sl}), no_dist=True)
+    assert torch.equal(state["w"], big.t()[4:12]) and reader.bytes_read == 0

@@ -4,21 +4,31 @@ A model cut for tensor-parallel decode (parallel/tensor.py) keeps, of many param
 dims a subset of the whole tensor's indices, in runs of consecutive ones (a head block, the gate rows then
 the up rows of an expert), and for the LM head some zero rows after them. Loaders cut the model first, on
 the meta device, and then read just those runs: a safetensors slice, a view of a memory-mapped `model.pt`,
-DCP read items narrowed to them (`SlicedLoadPlanner`). So a rank never materialises a whole tensor that it
-keeps only part of, and the model is never gathered anywhere.
+DCP read items narrowed to them (`SlicedLoadPlanner`), whose bytes alone `SlicedFileSystemReader` reads
+from the files. So a rank never reads or materialises a whole tensor that it keeps only part of, and the
+model is never gathered anywhere.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
+import math
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO, Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, create_default_local_load_plan
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.futures import Future
 
 Box = tuple[slice, ...]  # one slice per dim, each a run of consecutive indices
 
@@ -110,10 +120,9 @@ def held_shape(whole: tuple[int, ...], sl: TensorSlice | None) -> tuple[int, ...
 
 class SlicedLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, except that the keys in `slices` are read only in the parts their local
-    tensor holds: one read item per block (`blocks`) instead of the whole stored tensor.
-
-    torch's file reader still fetches each stored item it reads from whole and narrows it, one item at a
-    time; the saved layout decides that (an item is one expert's tensor, or one dense weight)."""
+    tensor holds: one read item per block (`blocks`) instead of the whole stored tensor. torch's own file
+    reader would still load each item it touches whole and narrow it in memory; `SlicedFileSystemReader`
+    reads the blocks' bytes alone."""
 
     def __init__(self, slices: dict[str, TensorSlice]) -> None:
         super().__init__()
@@ -151,3 +160,141 @@ class SlicedLoadPlanner(DefaultLoadPlanner):
             assert index.index is not None
             return self._views[(index.fqn, index.index)]
         return super().lookup_tensor(index)
+
+
+class _TensorPickle(pickle.Unpickler):
+    """Reads a `torch.save`d tensor's pickle without building it: (storage key, offset, size, stride)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: (storage[2], offset, tuple(size), tuple(stride))
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch":
+            return name  # a storage type: the dtype comes from the checkpoint's metadata
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a saved tensor")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return pid
+
+
+class _ItemView(io.RawIOBase):
+    """Bytes [start, start + length) of an open file as a seekable file of their own (what zipfile needs)."""
+
+    def __init__(self, file: IO[bytes], start: int, length: int) -> None:
+        super().__init__()
+        self.file, self.start, self.length, self.pos = file, start, length, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, min(self.length, base + offset))
+        return self.pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        n = self.length - self.pos if size is None or size < 0 else min(size, self.length - self.pos)
+        self.file.seek(self.start + self.pos)
+        out = self.file.read(n)
+        self.pos += len(out)
+        return out
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _stored_tensor(item: IO[bytes], numel: int, itemsize: int) -> int | None:
+    """Where a contiguous tensor of `numel` elements starts inside one DCP item (a `torch.save` zip, stored
+    uncompressed), or None when the item is anything else: the caller then reads it whole."""
+    try:
+        zf = zipfile.ZipFile(item)
+        pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+        key, offset, size, stride = _TensorPickle(zf.open(pkl)).load()
+        info = zf.getinfo(f"{pkl[: -len('data.pkl')]}data/{key}")
+    except (zipfile.BadZipFile, StopIteration, KeyError, pickle.UnpicklingError, TypeError, ValueError):
+        return None
+    contiguous = tuple(math.prod(size[d + 1 :]) for d in range(len(size)))
+    if (
+        info.compress_type != zipfile.ZIP_STORED
+        or offset != 0
+        or math.prod(size) != numel
+        or info.file_size != numel * itemsize
+        or (stride != contiguous and numel > 1)
+    ):
+        return None
+    item.seek(info.header_offset)
+    name_len, extra_len = struct.unpack("<2H", item.read(30)[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _runs_of(size: tuple[int, ...], starts: list[int], lengths: list[int]) -> tuple[list[int], int]:
+    """Element offsets of the contiguous runs that make up a box of a contiguous tensor, and their length."""
+    k = len(size)  # the box is whole in every dim from k on: one run spans those dims
+    while k > 0 and starts[k - 1] == 0 and lengths[k - 1] == size[k - 1]:
+        k -= 1
+    if k == 0:
+        return [0], math.prod(size)
+    inner = math.prod(size[k:])
+    run = lengths[k - 1] * inner
+    strides = [math.prod(size[d + 1 :]) for d in range(k)]
+    offsets = [
+        sum(i * st for i, st in zip(idx, strides[: k - 1], strict=True)) + starts[k - 1] * strides[k - 1]
+        for idx in itertools.product(
+            *(range(a, a + n) for a, n in zip(starts[: k - 1], lengths[: k - 1], strict=True))
+        )
+    ]
+    return offsets, run
+
+
+class SlicedFileSystemReader(FileSystemReader):
+    """DCP's file reader, except that the read items of the keys a `SlicedLoadPlanner` narrows are read as
+    byte ranges of the stored tensor (runs of whole rows, or a row's columns), not as the whole item:
+    torch's reader loads every item it touches whole and narrows it in memory. Items it cannot place (a
+    transform, a non-contiguous save) go through torch's reader. `bytes_read` counts what it read itself."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.bytes_read = 0
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        sliced = getattr(planner, "slices", {})
+        metadata = getattr(planner, "metadata", None)
+        mine, rest = [], []
+        for req in plan.items:
+            ours = req.type == LoadItemType.TENSOR and req.storage_index.fqn in sliced
+            ours = ours and not self.storage_data[req.storage_index].transform_descriptors
+            (mine if ours and metadata is not None else rest).append(req)
+        fallback = [req for req in mine if not self._read_box(req, planner)]
+        return super().read_data(LoadPlan(rest + fallback, plan.storage_data, plan.planner_data), planner)
+
+    def _read_box(self, req: ReadItem, planner: LoadPlanner) -> bool:
+        md = planner.metadata.state_dict_metadata[req.storage_index.fqn]
+        assert isinstance(md, TensorStorageMetadata) and req.storage_index.index is not None
+        chunk = md.chunks[req.storage_index.index]
+        dtype, size = md.properties.dtype, tuple(chunk.sizes)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        info = self.storage_data[req.storage_index]
+        with self.fs.create_stream(self.fs.concat_path(self.path, info.relative_path), "rb") as stream:
+            start = _stored_tensor(_ItemView(stream, info.offset, info.length), math.prod(size), itemsize)
+            if start is None:
+                return False
+            offsets, run = _runs_of(size, list(req.storage_offsets), list(req.lengths))
+            data = bytearray(len(offsets) * run * itemsize)
+            for i, off in enumerate(offsets):
+                stream.seek(info.offset + start + off * itemsize)
+                data[i * run * itemsize : (i + 1) * run * itemsize] = stream.read(run * itemsize)
+        self.bytes_read += len(data)
+        block = torch.frombuffer(data, dtype=dtype).view(tuple(req.lengths))
+        target = planner.resolve_tensor(req).detach()
+        target.copy_(block)
+        planner.commit_tensor(req, target)
+        return True

@@ -21,7 +21,13 @@ from torch import nn
 from ..checkpoint import load_model_state, resolve_checkpoint
 from ..checkpoint.mismatch import check_keys, check_model_state
 from ..checkpoint.sharded import entry_slices, is_sharded, model_entries, stored_shapes
-from ..checkpoint.slices import SlicedLoadPlanner, TensorSlice, copy_slice, held_shape
+from ..checkpoint.slices import (
+    SlicedFileSystemReader,
+    SlicedLoadPlanner,
+    TensorSlice,
+    copy_slice,
+    held_shape,
+)
 from ..config import ModelConfig
 from ..data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from ..hf import from_pretrained
@@ -68,7 +74,10 @@ def _load_ours(model: nn.Module, ckpt: str, slices: dict[str, TensorSlice] | Non
         # the MTP keys stay unread
         check_keys(wanted, stored_shapes(ckpt), ckpt, whole_model=False, slices=by_key)
         dcp.load(
-            wanted, checkpoint_id=ckpt, planner=SlicedLoadPlanner(by_key), no_dist=not dist.is_initialized()
+            wanted,
+            storage_reader=SlicedFileSystemReader(ckpt),
+            planner=SlicedLoadPlanner(by_key),
+            no_dist=not dist.is_initialized(),
         )
         return
     state = load_model_state(ckpt)
