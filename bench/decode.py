@@ -128,6 +128,47 @@ def decode_section(model: Transformer, args: argparse.Namespace, failures: list[
     return rows + ([""] if notes else []) + sorted(notes)
 
 
+def profile_section(model: Transformer, args: argparse.Namespace) -> list[str]:
+    """Where a batch-1 decode step's time goes: the static step (what a graph replays) run eagerly under the
+    profiler, its kernels by device time, their number and mean duration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moe_train.infer import new_cache
+    from moe_train.infer.decode import DecodeStep
+
+    im = InferenceModel(model)
+    cache = new_cache(im, 1, args.prompt + 8)
+    ids = torch.tensor(prompts(1, args.prompt, model.cfg.vocab_size, seed=7), device=args.device)
+    im(ids, torch.arange(args.prompt, device=args.device)[None], cache, absorb=False)
+    cache.lengths.fill_(args.prompt)
+    step, lengths = DecodeStep(im, cache, True, args.device == "cuda"), cache.lengths.clone()
+    token = torch.zeros(1, 1, dtype=torch.long, device=args.device)
+    for _ in range(3):  # warm-up
+        cache.lengths.copy_(lengths)
+        step(token)
+    n = 5
+    cuda = args.device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            cache.lengths.copy_(lengths)
+            step(token)
+        sync(args.device)
+    ev = [e for e in prof.key_averages() if (e.device_time_total if cuda else e.self_cpu_time_total) > 0]
+    ev = [e for e in ev if cuda or not e.cpu_children]
+    t = [(e.device_time_total if cuda else e.self_cpu_time_total) / n / 1e3 for e in ev]
+    count = sum(e.count for e in ev) / n
+    rows = [
+        f"batch-1 decode step under the profiler: {sum(t):.3f} ms busy in {count:.0f} "
+        f"{'kernels' if cuda else 'CPU ops'}, {1e3 * sum(t) / max(count, 1):.1f} us each on average",
+        "",
+        "| ms / step | calls / step | kernel |",
+        "| --- | --- | --- |",
+    ]
+    for ms, e in sorted(zip(t, ev, strict=True), key=lambda p: -p[0])[: args.profile_top]:
+        rows.append(f"| {ms:.3f} | {e.count / n:.0f} | {e.key[:100]} |")
+    return rows
+
+
 def hbm_read_gbps(device: str) -> float:
     """HBM read rate, GB/s: a sum over 2 GiB of bf16 reads each byte once and writes nothing."""
     if device != "cuda":
@@ -308,6 +349,9 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=6.0, help="GPU memory cap for the offload section")
     ap.add_argument("--no-offload", action="store_true")
     ap.add_argument(
+        "--profile-top", type=int, default=15, help="kernels listed for the decode step (0: none)"
+    )
+    ap.add_argument(
         "--offload-experts", default="chosen,layer", help="offload modes to run (OffloadConfig.experts)"
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -335,6 +379,9 @@ def main() -> None:
     print(f"model built in {time.perf_counter() - t0:.1f}s", flush=True)
     decode_rows = decode_section(model, args, failures)
     parts = [header, "", *decode_rows, "", *cache_section(model, args)]
+    if args.profile_top:
+        parts += ["", *profile_section(model, args)]
+        print("\n".join(parts[-args.profile_top - 4 :]), flush=True)
     with open(os.path.join(args.out, "decode.md"), "w", encoding="utf-8") as f:  # kept if offload fails
         f.write("\n".join(parts) + "\n")
     if not args.no_offload:
