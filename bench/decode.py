@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import emit  # noqa: E402
+from bench.common import emit, median_ms  # noqa: E402
 from bench.train_throughput import proxy_config  # noqa: E402
 from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.infer import GenerationResult, generate, mha_cache_elements, mla_cache_elements  # noqa: E402
@@ -174,13 +174,7 @@ def hbm_read_gbps(device: str) -> float:
     if device != "cuda":
         return float("nan")
     x = torch.ones(GIB, dtype=torch.bfloat16, device=device)
-    x.sum()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(10):
-        x.sum()
-    sync(device)
-    return 10 * 2 * GIB / (time.perf_counter() - t) / 1e9
+    return 2 * GIB / median_ms(x.sum, 5, 4, device) / 1e6
 
 
 def active_bytes(model: Transformer) -> int:
@@ -232,13 +226,7 @@ def h2d_gbps(device: str) -> float:
         return float("nan")
     host = torch.empty(GIB // 2, dtype=torch.bfloat16).pin_memory()
     dev = torch.empty_like(host, device=device)
-    dev.copy_(host, non_blocking=True)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(5):
-        dev.copy_(host, non_blocking=True)
-    sync(device)
-    return 5 * GIB / (time.perf_counter() - t) / 1e9
+    return GIB / median_ms(lambda: dev.copy_(host, non_blocking=True), 3, 2, device) / 1e6
 
 
 def offload_section(model: Transformer, args: argparse.Namespace, failures: list[str]) -> list[str]:
@@ -249,7 +237,7 @@ def offload_section(model: Transformer, args: argparse.Namespace, failures: list
     in the same process."""
     link = h2d_gbps(args.device)
     rows = [
-        f"pinned host-to-device copy: {link:.1f} GB/s (1 GiB, 5 copies)",
+        f"pinned host-to-device copy: {link:.1f} GB/s (1 GiB copies, median of 3 pairs)",
         "",
         "| experts fetched | model GiB | GPU budget GiB | peak allocated GiB "
         f"| batch (prompt {args.offload_prompt}, new {args.offload_new}) | prefill tokens/s "

@@ -57,8 +57,9 @@ class TensorSlice:
         )
 
 
-def _runs(src: torch.Tensor, dst: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(src start, dst start, length) of the maximal runs where src and dst both step by one."""
+def index_runs(src: torch.Tensor, dst: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of the maximal runs where the index lists src and dst both step by one
+    (each run is one copy between two tensors)."""
     if not len(src):
         return []
     breaks = ((src[1:] - src[:-1] != 1) | (dst[1:] - dst[:-1] != 1)).nonzero().flatten() + 1
@@ -85,7 +86,7 @@ def blocks(
             pos = torch.arange(len(idx))
             inside = (idx >= off) & (idx < off + length)
             src, dst = idx[inside] - off, pos[inside]
-        per_dim.append(_runs(src, dst))
+        per_dim.append(index_runs(src, dst))
     return [
         (
             tuple(slice(s, s + n) for s, _, n in combo),
@@ -268,30 +269,41 @@ class SlicedFileSystemReader(FileSystemReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         sliced = getattr(planner, "slices", {})
         metadata = getattr(planner, "metadata", None)
-        mine, rest = [], []
+        mine: dict[str, list[ReadItem]] = {}  # by file: each is opened once, as torch's reader does
+        rest = []
         for req in plan.items:
+            info = self.storage_data[req.storage_index]
             ours = req.type == LoadItemType.TENSOR and req.storage_index.fqn in sliced
-            ours = ours and not self.storage_data[req.storage_index].transform_descriptors
-            (mine if ours and metadata is not None else rest).append(req)
-        fallback = [req for req in mine if not self._read_box(req, planner)]
-        return super().read_data(LoadPlan(rest + fallback, plan.storage_data, plan.planner_data), planner)
+            if ours and metadata is not None and not info.transform_descriptors:
+                mine.setdefault(info.relative_path, []).append(req)
+            else:
+                rest.append(req)
+        for path, reqs in mine.items():
+            with self.fs.create_stream(self.fs.concat_path(self.path, path), "rb") as stream:
+                starts: dict[MetadataIndex, int | None] = {}  # an item's tensor start, found once per item
+                rest += [req for req in reqs if not self._read_box(stream, req, planner, starts)]
+        return super().read_data(LoadPlan(rest, plan.storage_data, plan.planner_data), planner)
 
-    def _read_box(self, req: ReadItem, planner: LoadPlanner) -> bool:
+    def _read_box(
+        self, stream: IO[bytes], req: ReadItem, planner: LoadPlanner, starts: dict[MetadataIndex, int | None]
+    ) -> bool:
+        """Read one request's box from the open file; False when its item is not a plain stored tensor."""
         md = planner.metadata.state_dict_metadata[req.storage_index.fqn]
         assert isinstance(md, TensorStorageMetadata) and req.storage_index.index is not None
-        chunk = md.chunks[req.storage_index.index]
-        dtype, size = md.properties.dtype, tuple(chunk.sizes)
+        dtype, size = md.properties.dtype, tuple(md.chunks[req.storage_index.index].sizes)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         info = self.storage_data[req.storage_index]
-        with self.fs.create_stream(self.fs.concat_path(self.path, info.relative_path), "rb") as stream:
-            start = _stored_tensor(_ItemView(stream, info.offset, info.length), math.prod(size), itemsize)
-            if start is None:
-                return False
-            offsets, run = _runs_of(size, list(req.storage_offsets), list(req.lengths))
-            data = bytearray(len(offsets) * run * itemsize)
-            for i, off in enumerate(offsets):
-                stream.seek(info.offset + start + off * itemsize)
-                data[i * run * itemsize : (i + 1) * run * itemsize] = stream.read(run * itemsize)
+        if req.storage_index not in starts:
+            view = _ItemView(stream, info.offset, info.length)
+            starts[req.storage_index] = _stored_tensor(view, math.prod(size), itemsize)
+        start = starts[req.storage_index]
+        if start is None:
+            return False
+        offsets, run = _runs_of(size, list(req.storage_offsets), list(req.lengths))
+        data = bytearray(len(offsets) * run * itemsize)
+        for i, off in enumerate(offsets):
+            stream.seek(info.offset + start + off * itemsize)
+            data[i * run * itemsize : (i + 1) * run * itemsize] = stream.read(run * itemsize)
         self.bytes_read += len(data)
         block = torch.frombuffer(data, dtype=dtype).view(tuple(req.lengths))
         target = planner.resolve_tensor(req).detach()

@@ -202,10 +202,12 @@ def from_pretrained(
     return model
 
 
-def load_hf_slices(model: Transformer, path: str, slices: dict[str, TensorSlice]) -> None:
+def load_hf_for_generation(
+    model: Transformer, path: str, slices: dict[str, TensorSlice] | None = None
+) -> None:
     """The weights of HF checkpoint `path` into a model built for generation from its config (no MTP depths,
-    perhaps only some experts) and then cut (`slices`: what each cut parameter holds of its whole tensor,
-    `parallel.tensor.cut_for_decode`): only those parts of the files are read."""
+    whose tensors stay unread; perhaps only some experts), perhaps cut (`slices`: what each cut parameter
+    holds of its whole tensor, `parallel.tensor.cut_for_decode`), of which only those parts are read."""
     files, entries, _ = _plan(model, read_hf_config(path), path, mtp=False)
     _stream_into(model, files, entries, path, slices)
 

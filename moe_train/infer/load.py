@@ -30,9 +30,8 @@ from ..checkpoint.slices import (
 )
 from ..config import ModelConfig
 from ..data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from ..hf import from_pretrained
 from ..hf.cli import read_model_config
-from ..hf.convert import as_dtype, load_hf_slices, read_hf_config
+from ..hf.convert import as_dtype, load_hf_for_generation, read_hf_config
 from ..model import build_empty_model
 from ..model.moe import RoutedExperts
 from ..model.transformer import Transformer
@@ -105,7 +104,7 @@ def read_weights(model: nn.Module, source: str, slices: dict[str, TensorSlice] |
     into `model`, built for generation from its config; `slices`: parameters holding only that part of their
     whole tensor (`parallel.tensor.cut_for_decode`), of which only that part is read."""
     if is_hf_dir(source):
-        load_hf_slices(model, source, slices or {})
+        load_hf_for_generation(model, source, slices)
     else:
         _load_ours(model, source, slices)
 
@@ -138,13 +137,9 @@ def load_for_inference(
     if offload is not None:
         check_available(offload)
     where = "cpu" if offload is not None else device
-    if is_hf_dir(path):
-        model = from_pretrained(path, device=where, dtype=dtype, expert_slice=expert_slice, mtp=False)
-        source = path
-    else:
-        source = resolve_checkpoint(path)
-        model = build_empty_model(generation_config(source), where, dtype, expert_slice)
-        _load_ours(model, source)
+    source = path if is_hf_dir(path) else resolve_checkpoint(path)
+    model = build_empty_model(generation_config(source), where, dtype, expert_slice)
+    read_weights(model, source)
     model.eval()
     tok = tokenizer_of(source, tokenizer)
     if offload is None:

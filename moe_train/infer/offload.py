@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint.slices import index_runs
 from ..model.moe import MoE, RoutedExperts
 from ..model.transformer import Transformer
 from ..ops.grouped_gemm import Taps, expert_swiglu
@@ -121,27 +122,14 @@ class ChosenExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
         chosen = counts.nonzero().flatten()
-        ids = chosen.tolist()
+        ids = chosen.cpu()
         host_gate_up, host_down = self.host
         gate_up, down = self.stage.buffers(len(ids), host_gate_up, host_down)
-        at = 0
-        for start, length in _runs(ids):
+        for start, at, length in index_runs(ids, torch.arange(len(ids))):
             for dst, src in ((gate_up, host_gate_up), (down, host_down)):
                 dst[at : at + length].copy_(src[start : start + length], non_blocking=True)
-            at += length
         self.stage.fetched += len(ids)
         return expert_swiglu(x, counts[chosen], gate_up, down, self.impl, taps=taps)
-
-
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
-    """(start, length) of the runs of consecutive values in sorted `ids`."""
-    out: list[tuple[int, int]] = []
-    for i in ids:
-        if out and out[-1][0] + out[-1][1] == i:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((i, 1))
-    return out
 
 
 def fetch_chosen_experts(model: InferenceModel, device: torch.device, pin: bool) -> ExpertStage:
