@@ -90,6 +90,8 @@ def test_config_errors_name_the_key():
     msg = bad("+deepspeed.extra.train_batch_size=64")
     assert "deepspeed.extra.train_batch_size" in msg and "data.batch_size" in msg
     assert "trainer.skip_nonfinite" in bad("deepspeed.zero_stage=2", "trainer.skip_nonfinite=true")
+    msg = bad("+deepspeed.extra.data_types.grad_accum_dtype=bf16")
+    assert "deepspeed.extra.data_types" in msg and "trainer.dtype" in msg
     # allowed: stage 2 without pipelining, a passthrough key DeepSpeed knows
     ok = make_cfg("/tmp/unused", "optim.engine=deepspeed", "deepspeed.zero_stage=2")
     validate(ok)
@@ -117,6 +119,11 @@ def test_generated_json_and_passthrough():
     assert ds["steps_per_print"] == 7
     assert ds["gradient_clipping"] == 0.5 and ds["gradient_allreduce_op"] == "sum"
     assert ds["optimizer"]["params"]["betas"] == [cfg.optim.beta1, cfg.optim.beta2]
+    assert ds["bf16"]["enabled"] is False and "data_types" not in ds and "communication_data_type" not in ds
+    # bf16 parameters, ZeRO's fp32 masters, gradients accumulated and reduced in fp32
+    bf16 = build_ds_config(cfg.deepspeed, cfg.optim, 8, 2, 2, torch.device("cpu"), bf16_master=True)
+    assert bf16["bf16"]["enabled"] is True and bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert bf16["communication_data_type"] == "fp32"
 
 
 # ----------------------------------------------------------------------------------- one process
@@ -133,6 +140,58 @@ def _one_process(base: str) -> dict:
     out["resumed_at"], out["ds_resumed"] = resumed(f"{base}/r1", f"{base}/ds1", "optim.engine=deepspeed")
     out["cross_at"], out["cross"] = resumed(f"{base}/r2", f"{base}/torch", "optim.engine=deepspeed")
     out["ds2"], _ = trajectory(f"{base}/ds2", "optim.engine=deepspeed", "deepspeed.zero_stage=2", steps=6)
+    out["bf16"] = {stage: _bf16_master(base, stage) for stage in (1, 2)}
+    out["bf16_torch"], _ = trajectory(f"{base}/bf_torch", *BF16_MASTER, steps=2)
+    return out
+
+
+BF16_MASTER = ("trainer.dtype=bf16_master", "parallel.microbatches=2")
+
+
+def _bf16_master(base: str, stage: int) -> dict:
+    """trainer.dtype=bf16_master under ZeRO stage `stage`: what DeepSpeed holds, how it accumulates, and
+    what its checkpoints hold."""
+    from moe_train.optim.master import kept_fp32
+
+    run, ds = f"{base}/bf_zero{stage}", ("optim.engine=deepspeed", f"deepspeed.zero_stage={stage}")
+    t = Trainer(make_cfg(run, "trainer.resume=none", *ds, *BF16_MASTER, steps=4), run)
+    params = dict(t.model.named_parameters())
+    out: dict = {"fp32_names": {n for n, p in params.items() if p.dtype == torch.float32}}
+    out["kept"] = kept_fp32(t.model)
+    out["other_dtypes"] = {p.dtype for n, p in params.items() if n not in out["kept"]}
+    sizes = t.engine.state_bytes()
+    out["master_bytes"], out["n_params"] = sizes["master_dense"] + sizes["master_expert"], t.memory.params
+    out["estimate"] = t.memory.state_bytes
+    # each micro-batch's gradient as autograd hands it over, to sum both ways
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in params}
+    hooks = [p.register_hook(lambda g, n=n: seen[n].append(g.detach().clone())) for n, p in params.items()]
+    records = [t.train_step(0)]
+    for h in hooks:
+        h.remove()
+    out["micro"] = {len(g) for g in seen.values()}
+    out["norm_fp32_sum"] = sum(float(sum(x.float() for x in g).pow(2).sum()) for g in seen.values()) ** 0.5
+    out["norm_low_sum"] = sum(float(sum(g[1:], g[0]).float().pow(2).sum()) for g in seen.values()) ** 0.5
+    t.step = 1
+    records.append(t.train_step(1))
+    t.step = 2
+    t.save()
+    with t.engine.checkpoint_weights():
+        saved = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    out["saved_dtypes"] = {w.dtype for w in saved.values()}
+    out["saved_beyond_bf16"] = any(not torch.equal(w, w.bfloat16().float()) for w in saved.values())
+    out["params_from_masters"] = all(torch.equal(p, saved[n].to(p.dtype)) for n, p in params.items())
+    for s in (2, 3):
+        records.append(t.train_step(s))
+        t.step = s + 1
+    out["traj"] = [(r["loss"], r["grad_norm"]) for r in records]
+    out["resumed_at"], out["resumed"] = resumed(f"{base}/bf_r{stage}", run, *ds, *BF16_MASTER, steps=4)
+    # the torch engine's masters take DeepSpeed's fp32 masters as they were saved
+    xrun = f"{base}/bf_x{stage}"
+    cross = Trainer(make_cfg(xrun, f"trainer.resume={run}", *BF16_MASTER, steps=4), xrun)
+    masters = dict(cross.engine.masters.named)
+    out["cross_masters_equal"] = masters.keys() == saved.keys() and all(
+        torch.equal(masters[n], w) for n, w in saved.items()
+    )
     return out
 
 
@@ -146,6 +205,31 @@ def test_one_process_follows_torch_and_resumes(tmp_path):
     assert res["resumed_at"] == 3 and res["cross_at"] == 3
     assert res["ds_resumed"] == res["ds1"][3:], "resuming in the same layout and engine is exact"
     assert_follows(res["torch"][3:], res["cross"], "torch checkpoint resumed by DeepSpeed")
+    for stage, r in res["bf16"].items():
+        what = f"bf16_master, zero-{stage}"
+        # bf16 parameters but the routers and norm gains, kept fp32 as under the torch engine
+        assert r["kept"] and r["fp32_names"] == r["kept"] and r["other_dtypes"] == {torch.bfloat16}, what
+        # ZeRO's fp32 masters (one process: the whole model); estimate: bf16 + grad + master + moments
+        assert r["master_bytes"] == pytest.approx(4 * r["n_params"], rel=1e-3), what
+        assert r["estimate"] == 18 * r["n_params"], what
+        # two micro-batches' bf16 gradients summed in fp32: the norm is that sum's, not the bf16 sum's
+        assert r["micro"] == {2}, what
+        exact, low = r["norm_fp32_sum"], r["norm_low_sum"]
+        assert r["traj"][0][1] == pytest.approx(exact, rel=5e-7), what
+        assert abs(low - exact) > 1e-6 * exact, (what, "summing in bf16 would not have rounded")
+        # the torch engine's masters train the same model: equal first step, then bf16 rounding
+        (l0, n0), (l1, n1) = res["bf16_torch"]
+        assert r["traj"][0][0] == pytest.approx(l0, rel=1e-6) and r["traj"][0][1] == pytest.approx(
+            n0, rel=2e-6
+        )
+        assert r["traj"][1][0] == pytest.approx(l1, rel=1e-4) and r["traj"][1][1] == pytest.approx(
+            n1, rel=1e-3
+        )
+        # checkpoints hold the fp32 masters; resuming reproduces the run; the torch engine takes them over
+        assert r["saved_dtypes"] == {torch.float32} and r["saved_beyond_bf16"], what
+        assert r["params_from_masters"], what
+        assert r["resumed_at"] == 2 and r["resumed"] == r["traj"][2:], what
+        assert r["cross_masters_equal"], what
 
 
 # ---------------------------------------------------------------------------------------- layouts
@@ -182,8 +266,42 @@ def _copies_identical(t: Trainer) -> bool:
     return ok
 
 
-def _layouts(base: str, names: list[str]) -> dict:
+# bf16_master: 2 rows per rank, as the reference's 4 micro-batches hold them (equal bf16 gradients per row
+# block); ZeRO's fp32 masters split over dp (dense) and expert-dp (experts)
+BF16_LAYOUTS = {
+    "dp4_ep2_bf16_zero1": ("parallel.ep=2",),
+    "dp4_ep2_bf16_zero2": ("parallel.ep=2", "deepspeed.zero_stage=2"),
+    "pp2_ep2_bf16_zero1": ("parallel.pp=2", "parallel.ep=2", "parallel.microbatches=2"),
+}
+BF16_REF = ("trainer.dtype=bf16_master", "parallel.microbatches=4")
+
+
+def _bf16_layouts(base: str) -> dict:
+    from moe_train.parallel.expert import expert_param_names
+
     out = {}
+    for name, overrides in BF16_LAYOUTS.items():
+        got, t = trajectory(
+            f"{base}/{name}", "optim.engine=deepspeed", "trainer.dtype=bf16_master", *overrides, steps=3
+        )
+        experts = expert_param_names(t.model)
+        sizes = t.engine.state_bytes()
+        out[name] = {
+            "traj": got,
+            "masters": (sizes["master_dense"], sizes["master_expert"]),
+            "params": (
+                sum(p.numel() for n, p in t.model.named_parameters() if n not in experts),
+                sum(p.numel() for n, p in t.model.named_parameters() if n in experts),
+            ),
+            "estimated_opt": t.memory.state_bytes - 6 * t.memory.params,  # beyond bf16 weight + fp32 grad
+            "measured_opt": sum(sizes.values()),
+        }
+        t.mesh.barrier()
+    return out
+
+
+def _layouts(base: str, names: list[str]) -> dict:
+    out = _bf16_layouts(base)
     for name in names:
         overrides = LAYOUTS[name]
         torch_run, t_torch = trajectory(f"{base}/{name}_torch", *overrides, steps=1)
@@ -226,3 +344,27 @@ def test_layouts_follow_the_one_process_torch_run(tmp_path):
                 assert r["estimated_opt"] == pytest.approx(r["measured_opt"], rel=0.02), (name, rank, r)
         if "dualpipe" in name:
             assert all(res[name]["n_ties"] > 0 and res[name]["copies_identical"] for res in results)
+    # bf16_master against the torch engine's masters in one process (one thread, as in the workers: a CPU
+    # bf16 matmul's rounding depends on how its threads split the work). The first step starts from equal
+    # weights; after it, a master that differs in its last fp32 bits can round to another bf16 weight, so
+    # the runs drift apart at bf16's resolution
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref_bf16, _ = trajectory(str(tmp_path / "ref_bf16"), *BF16_REF, steps=3)
+    finally:
+        torch.set_num_threads(threads)
+    for name, overrides in BF16_LAYOUTS.items():
+        cfg = make_cfg("/tmp/unused", *overrides)
+        dp = 4 // cfg.parallel.pp
+        edp = dp // cfg.parallel.ep
+        for rank, res in enumerate(results):
+            r = res[name]
+            for i, ((la, na), (lb, nb)) in enumerate(zip(ref_bf16, r["traj"], strict=True)):
+                assert lb == pytest.approx(la, rel=1e-5 if i == 0 else 1e-4), (name, rank, i, "loss", la, lb)
+                assert nb == pytest.approx(na, rel=1e-4 if i == 0 else 2e-3), (name, rank, i, "norm", na, nb)
+            (md, me), (nd, ne) = r["masters"], r["params"]
+            assert md == pytest.approx(4 * nd / dp, rel=0.02), (name, rank, "dense masters over dp")
+            assert me == pytest.approx(4 * ne / edp, rel=0.02), (name, rank, "expert masters over expert-dp")
+            if "zero1" in name:
+                assert r["estimated_opt"] == pytest.approx(r["measured_opt"], rel=0.02), (name, rank, r)

@@ -21,12 +21,11 @@ from tiny_cfg import tiny_cfg
 MICRO = "parallel.microbatches=2"
 
 
-def test_auto_is_bf16_master_on_cuda_with_the_torch_engine_and_fp32_on_cpu():
+def test_auto_is_bf16_master_on_cuda_under_either_engine_and_fp32_on_cpu():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert precision("auto", cuda, "torch") == "bf16_master"
-    assert precision("auto", cuda, "deepspeed") == "bf16"  # DeepSpeed's ZeRO keeps the fp32 side itself
-    assert precision("auto", cpu, "torch") == "fp32"
-    assert [precision(d, cuda, "torch") for d in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert precision("auto", cuda) == "bf16_master"  # either engine: under DeepSpeed ZeRO holds the masters
+    assert precision("auto", cpu) == "fp32"
+    assert [precision(d, cuda) for d in ("fp32", "bf16")] == ["fp32", "bf16"]
 
 
 def _trainer(run_dir, *overrides: str, steps: int = 3) -> Trainer:
@@ -199,9 +198,10 @@ def test_a_checkpoint_of_the_old_commit_resumes_under_either_precision(tmp_path)
         assert torch.isfinite(torch.tensor(t.train_step(2)["loss"]))
 
 
-def test_bf16_master_with_deepspeed_is_a_config_error(tmp_path):
-    cfg = tiny_cfg(str(tmp_path), "trainer.dtype=bf16_master", "optim.engine=deepspeed", steps=1)
-    with pytest.raises(ConfigError, match=r"trainer\.dtype='bf16_master'.*optim\.engine=deepspeed"):
+def test_fp8_with_deepspeed_is_a_config_error(tmp_path):
+    validate(tiny_cfg(str(tmp_path), "trainer.dtype=bf16_master", "optim.engine=deepspeed", steps=1))
+    cfg = tiny_cfg(str(tmp_path), "trainer.dtype=fp8", "optim.engine=deepspeed", steps=1)
+    with pytest.raises(ConfigError, match=r"trainer\.dtype='fp8'.*optim\.engine=deepspeed"):
         validate(cfg)
 
 

@@ -120,12 +120,12 @@ def _validate_deepspeed(cfg: TrainConfig) -> None:
         _fail(
             "optim.moments_dtype", cfg.optim.moments_dtype, "fp32 with optim.engine=deepspeed (its own Adam)"
         )
-    if t.dtype in ("bf16_master", "fp8"):
+    if t.dtype == "fp8":
         _fail(
             "trainer.dtype",
             t.dtype,
-            "auto, fp32 or bf16 with optim.engine=deepspeed (fp32 master weights are the torch engine's; "
-            f"use optim.engine=torch for {t.dtype})",
+            "auto, fp32, bf16 or bf16_master with optim.engine=deepspeed (FP8 GEMMs are the torch engine's; "
+            "use optim.engine=torch for fp8)",
         )
     if ds.zero_stage not in (1, 2):
         _fail(
@@ -152,7 +152,8 @@ def _validate_deepspeed(cfg: TrainConfig) -> None:
         "gradient_clipping": "optim.grad_clip",
         "optimizer": "optim.*",
         "fp16": "trainer.dtype",
-        "bf16": "trainer.dtype (weights stay fp32, compute runs under bf16 autocast)",
+        "bf16": "trainer.dtype (bf16_master: bf16 parameters with ZeRO's fp32 masters)",
+        "data_types": "trainer.dtype (bf16_master accumulates gradients in fp32)",
     }
     for key in sorted(set(ds.extra or {}) & set(owned)):
         _fail(

@@ -219,13 +219,18 @@ class StateSharding:
     grads_sharded: bool = False  # gradients are split like the optimizer state
     offloaded: bool = False  # the optimizer state lives in host memory
     master_weights: bool = False  # bf16 parameters with fp32 masters beside them (optim/master.py)
+    bf16_params: bool = False  # bf16 parameters whose fp32 masters the engine counts in `optimizer_bytes`
 
     def bytes(self, n: int, shards: int, bf16: bool) -> float:
-        """fp32 weight, gradient, optimizer state, bf16 weight copy under autocast; with master weights a
-        bf16 parameter and its fp32 master instead of the weight and its copy."""
+        """fp32 weight, gradient (fp32 also beside bf16 parameters: it accumulates there), optimizer state,
+        bf16 weight copy under autocast; with master weights a bf16 parameter and its fp32 master instead of
+        the weight and its copy; with bf16 parameters only the parameter."""
         grad = 4 / shards if self.grads_sharded else 4
         opt = 0 if self.offloaded else self.optimizer_bytes / shards
-        weights = 2 + 4 if self.master_weights else 4 + (2 if bf16 else 0)
+        if self.master_weights:
+            weights = 2 + 4
+        else:
+            weights = 2 if self.bf16_params else 4 + (2 if bf16 else 0)
         return n * (weights + grad + opt)
 
 

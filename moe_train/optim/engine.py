@@ -186,8 +186,9 @@ def build_engine(
             owned,
             run_dir,
             ties=ties,
+            bf16_master=precision(cfg.trainer.dtype, mesh.device) == "bf16_master",
         )
     overlap = cfg.parallel.overlap_grad_reduce and not pipeline
-    dtype = param_dtype(precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine))
+    dtype = param_dtype(precision(cfg.trainer.dtype, mesh.device))
     masters = MasterWeights(model, dtype) if dtype is not None else None
     return TorchEngine(model, cfg, mesh, ties, owned, overlap, masters)

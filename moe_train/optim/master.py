@@ -42,16 +42,14 @@ def kept_fp32(model: nn.Module) -> set[str]:
     return out
 
 
-def precision(trainer_dtype: str, device: torch.device, engine: str) -> str:
-    """What `trainer.dtype` means on `device`: `auto` becomes `bf16_master` on CUDA under the torch engine
-    (bf16 weights, fp32 masters: the large-scale trainers' default), `bf16` autocast under DeepSpeed (whose
-    ZeRO holds the fp32 weights' optimizer side itself), and `fp32` on CPU, where bf16 matmuls are slower and
-    tests compare against fp32 references; any other value stands as given."""
+def precision(trainer_dtype: str, device: torch.device) -> str:
+    """What `trainer.dtype` means on `device`: `auto` becomes `bf16_master` on CUDA (bf16 weights, fp32
+    masters: the large-scale trainers' default; under DeepSpeed its ZeRO partition holds the masters) and
+    `fp32` on CPU, where bf16 matmuls are slower and tests compare against fp32 references; any other value
+    stands as given."""
     if trainer_dtype != "auto":
         return trainer_dtype
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16_master" if engine == "torch" else "bf16"
+    return "bf16_master" if device.type == "cuda" else "fp32"
 
 
 def param_dtype(resolved: str) -> torch.dtype | None:

@@ -13,7 +13,7 @@ parameters, or — under `trainer.dtype=bf16_master` — the fp32 master copies 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -95,12 +95,17 @@ def reduce_gradients(
 
 
 def reduce_ties(
-    model: nn.Module, ties: list[tuple[Any, list[str]]] | None, params: Named | None = None
+    model: nn.Module,
+    ties: list[tuple[Any, list[str]]] | None,
+    params: Named | None = None,
+    grad_of: Callable[[torch.Tensor], torch.Tensor] = lambda p: _grads([p])[0],
 ) -> None:
-    """Sum the gradients of parameters held by several pipeline ranks (see reduce_gradients)."""
+    """Sum the gradients of parameters held by several pipeline ranks (see reduce_gradients). grad_of: where
+    a parameter's gradient lives (default `.grad`, zeros where it has none), for an optimizer engine that
+    accumulates it elsewhere."""
     by_name = dict(named_or_model(model, params))
     for group, names in ties or []:
-        _all_reduce_sum(_grads([by_name[n] for n in names]), group)
+        _all_reduce_sum([grad_of(by_name[n]) for n in names], group)
 
 
 def _by_dtype(params: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:

@@ -51,7 +51,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     """bf16 autocast for every precision but fp32 (`optim.master.precision` resolves `auto`); under
     bf16_master autocast keeps the ops it runs in fp32 (softmax, losses) there and lets fp32 inputs meet bf16
     weights."""
-    return None if precision(cfg.trainer.dtype, device, cfg.optim.engine) == "fp32" else torch.bfloat16
+    return None if precision(cfg.trainer.dtype, device) == "fp32" else torch.bfloat16
 
 
 def peak_tflops(cfg_value: float | None, device: torch.device) -> float | None:
@@ -177,7 +177,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
     )
     set_recompute(model, t.recompute)
     after_step: list[Callable[[int, Any, Any], dict[str, Any]]] = []
-    resolved = precision(t.dtype, mesh.device, cfg.optim.engine)
+    resolved = precision(t.dtype, mesh.device)
     if resolved == "fp8":
         share = convert_to_fp8(model, cfg.model).share
         how = (
@@ -231,7 +231,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
 
 def graph_blocker(cfg: TrainConfig, mesh: Mesh, executor: PipelineExecutor) -> str | None:
     """Why this run's micro-batches cannot replay from CUDA graphs (parallel/pipeline/graphed.py), or None."""
-    resolved = precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine)
+    resolved = precision(cfg.trainer.dtype, mesh.device)
     if mesh.device.type != "cuda":
         return "it needs a CUDA device"
     if mesh.world > 1:
@@ -318,7 +318,7 @@ def estimate_stage_memory(
         cfg.trainer.recompute,
         amp == torch.bfloat16,
         engine.state_sharding(),
-        fp8=precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine) == "fp8",
+        fp8=precision(cfg.trainer.dtype, mesh.device) == "fp8",
         graphs=stages.executor.graphed is not None if graphs is None else graphs,
         dispatch=dispatch,
     )
@@ -352,7 +352,7 @@ def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> 
         "world_size": mesh.world,
         "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep},
         "autocast": str(amp) if amp else "fp32",
-        "dtype": precision(cfg.trainer.dtype, mesh.device, cfg.optim.engine),  # `auto` resolved
+        "dtype": precision(cfg.trainer.dtype, mesh.device),  # `auto` resolved
         "recompute": cfg.trainer.recompute,
         "cuda_graph": facts["cuda_graph"],
         "memory_estimate_rank0": facts["memory"].as_dict(),

@@ -30,10 +30,15 @@ def build_ds_config(
     dp: int,
     microbatches: int,
     device: torch.device,
+    bf16_master: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON for this run: ZeRO and optimizer settings from our keys, then `deepspeed.extra`
     merged over it: any DeepSpeed key, e.g.
-    `+deepspeed.extra.zero_optimization.round_robin_gradients=true`."""
+    `+deepspeed.extra.zero_optimization.round_robin_gradients=true`.
+
+    bf16_master (`trainer.dtype=bf16_master`): DeepSpeed's bf16 mode, whose ZeRO optimizer keeps the fp32
+    master partition; gradients accumulate over micro-batches in fp32 and are reduced in fp32, as the torch
+    engine's masters are, so the two engines train the same model."""
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "reduce_bucket_size": ds.reduce_bucket_size,
@@ -61,11 +66,14 @@ def build_ds_config(
         "gradient_clipping": optim.grad_clip if optim.grad_clip > 0 else 0.0,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": params},
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": bf16_master},
         "fp16": {"enabled": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if bf16_master:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = "fp32"
     return deep_merge(cfg, dict(ds.extra or {}))
 
 

@@ -9,7 +9,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from ...model.memory import StateSharding
 from ...parallel.expert import expert_param_names
 from ...parallel.grads import reduce_ties
 from ...parallel.mesh import Mesh
+from ..master import kept_fp32
 from ..param_groups import split_decay
 from . import internals as ds
 from .config import MeshMPU, build_ds_config
@@ -54,18 +55,31 @@ def _register_expert_groups(mesh: Mesh) -> str:
     return name
 
 
-def param_groups(model: nn.Module, optim: OptimConfig, moe_group: str | None) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, optim: OptimConfig, moe_group: str | None, fp32: set[str] = frozenset()
+) -> list[dict[str, Any]]:
     """Decay / no-decay groups, each split into dense and expert parts; expert parts are DeepSpeed MoE
-    groups (`moe=True`, `name` = the expert group name). Empty groups are left out (ZeRO flattens each)."""
+    groups (`moe=True`, `name` = the expert group name). Dense parameters named in `fp32` (kept fp32 beside
+    bf16 ones) get groups of their own: ZeRO flattens each group into one dtype. Empty groups are left out."""
     decay, skip = split_decay(model)
     experts = expert_param_names(model) if moe_group else set()
     params = dict(model.named_parameters())
     groups = []
     for label, names, wd in (("decay", decay, optim.weight_decay), ("no_decay", skip, 0.0)):
-        dense = [params[n] for n in names if n not in experts]
+        dense = [n for n in names if n not in experts]
+        for suffix, part in (
+            ("", [n for n in dense if n not in fp32]),
+            ("_fp32", [n for n in dense if n in fp32]),
+        ):
+            if part:
+                groups.append(
+                    {
+                        "params": [params[n] for n in part],
+                        "weight_decay": wd,
+                        "name": f"dense_{label}{suffix}",
+                    }
+                )
         expert = [params[n] for n in names if n in experts]
-        if dense:
-            groups.append({"params": dense, "weight_decay": wd, "name": f"dense_{label}"})
         if expert:
             groups.append({"params": expert, "weight_decay": wd, "name": moe_group, "moe": True})
     return groups
@@ -85,14 +99,19 @@ class DeepSpeedZero:
         owned: set[str] | None,
         run_dir: str | None,
         ties: list[tuple[Any, list[str]]] | None = None,
+        bf16_master: bool = False,
     ) -> None:
+        """bf16_master: the model's parameters become bf16 and ZeRO's partition holds their fp32 masters
+        (`trainer.dtype=bf16_master`); otherwise they stay fp32 (under autocast when `trainer.dtype=bf16`)."""
         init_distributed, deepspeed_config = ds.resolve("init_distributed"), ds.resolve("config_class")
         self.model = model
         self.mesh = mesh
         self.ds_cfg = ds_cfg
         self.ties = ties or []
+        self.bf16_master = bf16_master
         _ensure_process_group(mesh)
-        self.config = build_ds_config(ds_cfg, optim, batch_size, mesh.layout.dp, microbatches, mesh.device)
+        dp = mesh.layout.dp
+        self.config = build_ds_config(ds_cfg, optim, batch_size, dp, microbatches, mesh.device, bf16_master)
         if run_dir and mesh.is_logging_rank:
             os.makedirs(run_dir, exist_ok=True)
             with open(os.path.join(run_dir, "deepspeed_config.json"), "w", encoding="utf-8") as f:
@@ -104,9 +123,12 @@ class DeepSpeedZero:
             for name, p in model.named_parameters():
                 if name in experts:
                     ds.mark_expert_param(p, moe_group)
+        kept = kept_fp32(model) if bf16_master else set()  # routers and norm gains: dense parameters
         for name, p in model.named_parameters():
             if owned is not None and name not in owned:
                 ds.mark_pipe_replicated(p)
+            if name in kept:
+                ds.mark_kept_fp32(p)
         mpu = MeshMPU(mesh)
         # DeepSpeed's comm wraps our process group rather than creating one
         init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
@@ -115,7 +137,7 @@ class DeepSpeedZero:
             args=None,
             model=model,
             optimizer=None,
-            model_parameters=param_groups(model, optim, moe_group),
+            model_parameters=param_groups(model, optim, moe_group, kept),
             mpu=mpu,
             dist_init_required=False,
             config=self.config,
@@ -143,6 +165,7 @@ class DeepSpeedZero:
             expert_params=n_expert,
             grads_sharded=self.ds_cfg.zero_stage >= 2,
             offloaded=self.ds_cfg.offload_optimizer == "cpu",
+            bf16_params=self.bf16_master,
         )
 
     # ------------------------------------------------------------------------------------ step
@@ -167,7 +190,7 @@ class DeepSpeedZero:
         clips by the global norm and updates; returns the norm. `skip` is not taken (`skips_on_device`)."""
         if skip is not None:
             raise ValueError("DeepSpeed's engine takes no device skip flag")
-        reduce_ties(self.model, self.ties)
+        reduce_ties(self.model, self.ties, grad_of=lambda p: ds.step_gradient(self.optimizer, p))
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.engine.step()
@@ -182,8 +205,32 @@ class DeepSpeedZero:
         self.zero_grad()
 
     def checkpoint_weights(self) -> contextlib.AbstractContextManager:
-        """The model's fp32 parameters are the weights checkpoints hold."""
-        return contextlib.nullcontext()
+        """The weights checkpoints hold are fp32: the model's parameters themselves, or under bf16_master
+        ZeRO's masters (`_masters_as_parameters`)."""
+        return self._masters_as_parameters() if self.bf16_master else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _masters_as_parameters(self) -> Iterator[None]:
+        """While entered, each parameter holds its full fp32 master in host memory, so checkpoint code saves
+        and loads fp32 values under the usual names, in place, as with the torch engine's masters. On exit
+        the masters are set from those values (a load changed them) and the bf16 parameters re-cast from
+        them. Gathering a master is collective over the parameter's (expert-)dp group; one parameter is on
+        the device at a time, as `named_state` does for the moments."""
+        get_full_fp32, set_full_fp32 = ds.resolve("get_full_fp32"), ds.resolve("set_full_fp32")
+        params = [p for _, p in self.model.named_parameters()]
+        full = [
+            (get_full_fp32(p) if p.requires_grad else p).detach().float().to("cpu", copy=True) for p in params
+        ]
+        lows = [p.data for p in params]
+        for p, f in zip(params, full, strict=True):
+            p.data = f
+        try:
+            yield
+        finally:
+            for p, low in zip(params, lows, strict=True):
+                f, p.data = p.data, low
+                set_full_fp32(p, f.to(low.device))
+                low.copy_(f)
 
     # ------------------------------------------------------------------------------- state
     def named_state(self) -> dict[str, dict[str, Any]]:

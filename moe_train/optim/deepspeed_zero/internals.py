@@ -112,6 +112,48 @@ INTERNALS: dict[str, Internal] = {
         reads=("has_moe_layers",),
         private=True,
     ),
+    # --- bf16 parameters with fp32 masters and fp32 gradient accumulation (trainer.dtype=bf16_master)
+    "optimizer_wrapper": Internal(
+        f"{_ENGINE}._do_optimizer_sanity_check",
+        "overridden: ZeRO-1 with bf16 parameters and fp32 accumulation stays on the ZeRO optimizer",
+        params=("self", "basic_optimizer"),
+        reads=("BFLOAT16", "ZERO_OPTIMIZATION", "zero_optimization_stage"),
+        private=True,
+    ),
+    "bf16_wrapper": Internal(
+        "deepspeed.runtime.constants:BFLOAT16",
+        "the wrapper name for DeepSpeed's BF16_Optimizer",
+        value="bf16",
+    ),
+    "zero_wrapper": Internal(
+        "deepspeed.runtime.zero.config:ZERO_OPTIMIZATION",
+        "the wrapper name for the ZeRO optimizer",
+        value="zero_optimization",
+    ),
+    "fp32_accumulation": Internal(
+        f"{_ZERO}.process_gradients",
+        "each gradient hook adds a bf16 gradient to its fp32 accumulator (stage 1) or reduces it (stage 2), "
+        "whichever backward ran",
+        params=("self", "param"),
+        reads=("_fill_param_grad_accum_attribute", "reduce_ready_partitions_and_remove_grads"),
+        private=True,
+    ),
+    "cast_params": Internal(
+        f"{_ENGINE}._cast_module_mixed_precision",
+        "overridden: the parameters the torch engine keeps fp32 (routers, norm gains) keep their fp32 data",
+        params=("self", "param_dtype", "buffer_dtype", "is_zero_init_model"),
+        private=True,
+    ),
+    "step_gradient": Internal(
+        f"{_ZERO}.get_param_gradient_attribute",
+        "the tensor ZeRO-1 reduces at the step: `.grad`, or under fp32 accumulation the fp32 `grad_accum`",
+        params=("self", "param"),
+        reads=("grad_accum", "use_grad_accum_attribute"),
+        private=True,
+    ),
+    "get_full_fp32": Internal(
+        "deepspeed.utils:safe_get_full_fp32_param", "a parameter's full master weight", params=("param",)
+    ),
     # --- the clipping norm over pipeline stages
     "scaled_global_norm": Internal(
         f"{_ZERO}.scaled_global_norm",
@@ -306,6 +348,15 @@ def mark_expert_param(p: nn.Parameter, group_name: str) -> None:
     p.group_name = group_name
 
 
+#: our mark on a parameter that stays fp32 while DeepSpeed casts the rest to bf16
+KEEP_FP32 = "moe_train_keep_fp32"
+
+
+def mark_kept_fp32(p: nn.Parameter) -> None:
+    """A parameter DeepSpeed's bf16 cast leaves fp32 (`moe_engine_class`)."""
+    setattr(p, KEEP_FP32, True)
+
+
 def mark_pipe_replicated(p: nn.Parameter) -> None:
     """A copy whose owner on another pipeline stage counts it in the norm."""
     setattr(p, resolve("pipe_replicated"), True)
@@ -316,11 +367,33 @@ def moe_engine_class() -> type:
     from) rather than by its own `MoE` module class, so the model code stays free of parallelism."""
     is_moe_param = resolve("is_moe_param")
 
+    bf16_wrapper, zero_wrapper = resolve("bf16_wrapper"), resolve("zero_wrapper")
+
     class _MoEEngine(resolve("engine")):
         def _configure_distributed_model(self, model: nn.Module) -> None:
             super()._configure_distributed_model(model)
             if any(is_moe_param(p) for p in self.module.parameters()):
                 self.has_moe_layers = True
+
+        def _cast_module_mixed_precision(
+            self, param_dtype: Any, buffer_dtype: Any, *args: Any, **kw: Any
+        ) -> None:
+            """DeepSpeed's cast of every parameter to the training dtype, except the marked ones, which keep
+            their fp32 data (`mark_kept_fp32`); their param groups hold nothing else (ZeRO flattens a group
+            into one dtype)."""
+            kept = [(p, p.data) for p in self.module.parameters() if getattr(p, KEEP_FP32, False)]
+            super()._cast_module_mixed_precision(param_dtype, buffer_dtype, *args, **kw)
+            for p, data in kept:
+                p.data = data
+
+        def _do_optimizer_sanity_check(self, basic_optimizer: Any) -> Any:
+            """ZeRO-1 with bf16 parameters and fp32 accumulation on the ZeRO optimizer, as ZeRO-2 is:
+            DeepSpeed would hand it to its BF16_Optimizer, which adds every micro-batch's bf16 gradient to
+            the fp32 buffer at each engine backward without clearing it, so under our caller-owned
+            accumulation earlier micro-batches count again; and one optimizer class keeps one set of
+            internals here. The ZeRO optimizer's gradient hooks accumulate in fp32 at both stages."""
+            wrapper = super()._do_optimizer_sanity_check(basic_optimizer)
+            return zero_wrapper if wrapper == bf16_wrapper and self.zero_optimization() else wrapper
 
     return _MoEEngine
 
@@ -337,6 +410,21 @@ def sum_norm_over_stages(zero_optimizer: Any, pp_group: Any) -> None:
         return sq.sqrt()
 
     zero_optimizer.scaled_global_norm = scaled_global_norm
+
+
+def step_gradient(zero_optimizer: Any, p: nn.Parameter) -> torch.Tensor:
+    """The gradient of `p` ZeRO-1 reduces at the step, where its hooks accumulated it: `.grad`, or the fp32
+    `grad_accum` beside a bf16 parameter. A parameter without one this step gets zeros there, so every copy
+    of a tied parameter takes part in the sum over its pipeline group."""
+    g = zero_optimizer.get_param_gradient_attribute(p)
+    if g is None:
+        fp32 = zero_optimizer.use_grad_accum_attribute
+        g = torch.zeros_like(p, dtype=torch.float32 if fp32 else p.dtype)
+        if fp32:
+            p.grad_accum = g
+        else:
+            p.grad = g
+    return g
 
 
 def relink_optimizer_state(zero_optimizer: Any) -> None:
