@@ -8,7 +8,9 @@ bf16 weights with fp32 routers (as `load_for_inference` loads them), greedy deco
 
 Sections (every number comes from `moe_train.infer.generate`, the API the CLI uses):
 1. decode at each --batches, eager and with `cuda_graph=True`; graph tokens must equal eager tokens
-   (asserted: same kernels, launched differently), prefill tokens/s of the same runs;
+   (asserted: same kernels, launched differently), prefill tokens/s of the same runs; with --compile also
+   the graph of a copy whose phases are compiled (`generate --compile`; its tokens are reported against
+   eager's, not asserted: fused kernels round differently), and its step under the profiler;
 2. KV-cache bytes of the latent cache (allocated, measured) against a standard MHA cache of the same heads
    (2·n_h·d_h values per token per layer, computed);
 3. ZeRO-Inference with the weights in CPU memory, the GPU capped at --budget-gib by
@@ -42,6 +44,7 @@ from moe_train.infer import GenerationResult, generate, mha_cache_elements, mla_
 from moe_train.infer.forward import InferenceModel  # noqa: E402
 from moe_train.infer.offload import OffloadConfig, nvme_unavailable_reason, offload_model  # noqa: E402
 from moe_train.model import build_model, count_params  # noqa: E402
+from moe_train.model.compile import compile_phases  # noqa: E402
 from moe_train.model.moe import RoutedExperts, Router  # noqa: E402
 from moe_train.model.transformer import Transformer  # noqa: E402
 
@@ -85,7 +88,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_section(model: Transformer, args: argparse.Namespace, failures: list[str]) -> list[str]:
+def decode_section(
+    model: Transformer, args: argparse.Namespace, failures: list[str], compiled: Transformer | None
+) -> list[str]:
     rows = [
         "| batch | prompt | new | decode path | prefill tokens/s | decode tokens/s | ms / step | capture s "
         "| tokens = eager |",
@@ -108,29 +113,35 @@ def decode_section(model: Transformer, args: argparse.Namespace, failures: list[
             r = best_of(args.repeats, lambda: generate(model, ps, args.new, cuda_graph=graph))  # noqa: B023
             runs[graph] = r
         eager = runs[False]
+        extra: list[tuple[GenerationResult, bool]] = []  # (run, its tokens equal eager's)
+        if compiled is not None:
+            generate(compiled, ps, 2, cuda_graph=True)  # compiles this batch's prefill and decode shapes
+            r = best_of(args.repeats, lambda: generate(compiled, ps, args.new, cuda_graph=True))  # noqa: B023
+            r.decode_path += ", compiled phases"
+            extra.append((r, r.tokens == eager.tokens))
         same = runs[True].tokens == eager.tokens
         if not same:
             failures.append(f"batch {batch}: CUDA-graph tokens differ from eager tokens ({differ(runs)})")
         if args.device == "cuda" and runs[True].decode_path != "cuda graph":
             failures.append(f"batch {batch}: graph not captured: {runs[True].graph_fallback}")
-        for r in runs.values():
+        for r, equal in [*((r, same) for r in runs.values()), *extra]:
             steps = max(len(t) for t in r.tokens) - 1
             ms = 1e3 * r.decode_seconds / max(steps, 1)
             bound = f" ({bound_ms / ms:.0%} of the weight-read bound)" if batch == 1 and bound_ms else ""
             rows.append(
                 f"| {batch} | {args.prompt} | {args.new} | {r.decode_path} | {r.prefill_tokens_per_s:,.0f} "
                 f"| {r.decode_tokens_per_s:,.0f} | {ms:.2f}{bound} "
-                f"| {r.capture_seconds:.2f} | {'yes' if same else 'NO'} |"
+                f"| {r.capture_seconds:.2f} | {'yes' if equal else 'NO'} |"
             )
             if r.graph_fallback:
                 notes.add(f"cuda_graph=True fell back to eager decoding: {r.graph_fallback}")
-        print("\n".join(rows[-len(runs) :]), flush=True)
+        print("\n".join(rows[-len(runs) - len(extra) :]), flush=True)
     return rows + ([""] if notes else []) + sorted(notes)
 
 
-def profile_section(model: Transformer, args: argparse.Namespace) -> list[str]:
+def profile_section(model: Transformer, args: argparse.Namespace, what: str = "") -> list[str]:
     """Where a batch-1 decode step's time goes: the static step (what a graph replays) run eagerly under the
-    profiler, its kernels by device time, their number and mean duration."""
+    profiler, its kernels by device time, their number and mean duration. what: a label for the model."""
     from torch.profiler import ProfilerActivity, profile
 
     from moe_train.infer import new_cache
@@ -158,7 +169,7 @@ def profile_section(model: Transformer, args: argparse.Namespace) -> list[str]:
     t = [(e.device_time_total if cuda else e.self_cpu_time_total) / n / 1e3 for e in ev]
     count = sum(e.count for e in ev) / n
     rows = [
-        f"batch-1 decode step under the profiler: {sum(t):.3f} ms busy in {count:.0f} "
+        f"batch-1 decode step{what} under the profiler: {sum(t):.3f} ms busy in {count:.0f} "
         f"{'kernels' if cuda else 'CPU ops'}, {1e3 * sum(t) / max(count, 1):.1f} us each on average",
         "",
         "| ms / step | calls / step | kernel |",
@@ -342,6 +353,7 @@ def main() -> None:
     ap.add_argument(
         "--offload-experts", default="chosen,layer", help="offload modes to run (OffloadConfig.experts)"
     )
+    ap.add_argument("--compile", action="store_true", help="also decode with compiled phases")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (CPU smoke test)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the table goes")
@@ -365,11 +377,18 @@ def main() -> None:
     t0 = time.perf_counter()
     model = bf16_model(cfg, args.device)
     print(f"model built in {time.perf_counter() - t0:.1f}s", flush=True)
-    decode_rows = decode_section(model, args, failures)
+    compiled = None
+    if args.compile:
+        compiled = copy.deepcopy(model)
+        compile_phases(compiled)
+    decode_rows = decode_section(model, args, failures, compiled)
     parts = [header, "", *decode_rows, "", *cache_section(model, args)]
     if args.profile_top:
-        parts += ["", *profile_section(model, args)]
-        print("\n".join(parts[-args.profile_top - 4 :]), flush=True)
+        for m, what in ((model, ""), (compiled, " (compiled phases)")):
+            if m is not None:
+                parts += ["", *profile_section(m, args, what)]
+                print("\n".join(parts[-args.profile_top - 4 :]), flush=True)
+    del compiled
     with open(os.path.join(args.out, "decode.md"), "w", encoding="utf-8") as f:  # kept if offload fails
         f.write("\n".join(parts) + "\n")
     if not args.no_offload:

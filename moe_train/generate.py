@@ -26,6 +26,7 @@ import torch.distributed as dist
 from .infer import SamplingConfig, generate, load_for_inference
 from .infer.engine import GenerationResult, GraphFallbackWarning
 from .infer.offload import EXPERT_FETCH, OFFLOAD_DEVICES, OffloadConfig
+from .model.compile import compile_phases
 from .parallel.tensor import join_decode_group, load_for_decode
 
 
@@ -73,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plain", action="store_true", help="decode through the plain (non-absorbed) path")
     p.add_argument("--cuda-graph", action="store_true", help="replay the decode step from a CUDA graph")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each block's phases: fuses a step's norms, router and elementwise work "
+        "(the first steps of each batch shape compile); one CUDA process, weights resident",
+    )
+    p.add_argument(
         "--offload", choices=OFFLOAD_DEVICES, default=None, help="ZeRO-Inference: weights in CPU RAM / NVMe"
     )
     p.add_argument("--nvme-path", default=None, help="directory on the NVMe drive (--offload nvme)")
@@ -109,6 +116,11 @@ def main(
             f"--tp={args.tp} --ep={args.ep} needs {ranks} processes: launch with torchrun --nproc-per-node "
             f"{ranks} (this is one of {world})"
         )
+    if args.compile and (ranks > 1 or args.offload or not args.device.startswith("cuda")):
+        raise SystemExit(
+            "--compile works with --device cuda, --tp 1 --ep 1 and without --offload (the compiled phases "
+            "decode at the fixed shapes of the CUDA step)"
+        )
     if ranks > 1:
         if args.offload:
             raise SystemExit("--offload works with --tp 1 --ep 1 only")
@@ -135,6 +147,8 @@ def main(
     if tok is None:
         raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer tokenizer.json")
     model = loaded.model
+    if args.compile:
+        compile_phases(model)
     where = f", weights offloaded to {args.offload}" if args.offload else ""
     where += f", over {ranks} ranks (tp={args.tp}, ep={args.ep})" if ranks > 1 else ""
     err.write(f"loaded {loaded.source} (MTP layers are not used for generation{where})\n")

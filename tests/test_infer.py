@@ -200,6 +200,37 @@ def test_static_decode_step_equals_dynamic_decode(absorb):
         assert rel_err(sta_cache.kv[layer], dyn_cache.kv[layer]) <= TOL
 
 
+@pytest.mark.slow
+def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_layers():
+    """`generate --compile` on CUDA: each block's phases compiled (model/compile.py) and the static step.
+    Here the static step runs eagerly on CPU through the compiled phases: the same logits, and every layer's
+    attention served by one compiled graph per shape (prefill, decode): the layer's cache buffer is an
+    argument, where an index would be a constant that recompiles per layer."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from moe_train.model.compile import compile_phases
+    from moe_train.model.transformer import DecoderLayer
+
+    torch._dynamo.reset()
+    out = {}
+    for compiled in (False, True):
+        model = tiny("lora_q")
+        if compiled:
+            assert compile_phases(model) > 0
+        im = InferenceModel(model)
+        cache = im.new_cache(2, 16)
+        with torch.no_grad():
+            im(ids((2, 6), seed=3), torch.arange(6).expand(2, 6), cache, absorb=False)
+            cache.lengths.fill_(6)
+            step = DecodeStep(im, cache, True, static=True)
+            feed = ids((2, 5), seed=4)
+            out[compiled] = torch.stack([step(feed[:, t]) for t in range(5)])
+    assert rel_err(out[True], out[False]) <= TOL
+    assert BASE["num_hidden_layers"] >= 3
+    assert len(_debug_get_cache_entry_list(DecoderLayer.attention.__code__)) == 2
+    torch._dynamo.reset()
+
+
 def test_cuda_graph_falls_back_on_cpu_with_the_reason():
     model = tiny()
     prompts = [ids((1, n), seed=20 + n)[0].tolist() for n in (2, 6)]
@@ -288,6 +319,8 @@ def test_checkpoint_generates_through_cli(tmp_path):
     assert generate_main([*argv, "--cuda-graph"], out, err).tokens == expected
     reason = "the model is on cpu, and CUDA graphs need a CUDA device"
     assert f"cuda graph: not used, decoding eagerly: {reason}\n" in err.getvalue()
+    with pytest.raises(SystemExit, match="--compile works with --device cuda"):
+        generate_main([*argv, "--compile"], out, err)
 
 
 def test_hf_model_greedy_tokens_match_transformers_generate(tmp_path):

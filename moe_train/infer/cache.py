@@ -54,13 +54,28 @@ class LatentCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv.values())
 
+    def layer(self, i: int) -> LayerCache:
+        """Layer i's buffer, to write and read its tokens."""
+        return LayerCache(self.kv[i], self.kv_lora_rank)
+
+
+class LayerCache:
+    """One layer's cache buffer `kv` (batch, max_len, kv_lora_rank + qk_rope_head_dim).
+
+    The attention takes this rather than (cache, layer index), so that a compiled attention sees the buffer
+    as one more tensor argument and serves every layer from one graph, where an index would be a constant
+    that recompiles it per layer.
+    """
+
+    def __init__(self, kv: torch.Tensor, kv_lora_rank: int) -> None:
+        self.kv, self.kv_lora_rank = kv, kv_lora_rank
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[1]
+
     def write(
-        self,
-        layer: int,
-        positions: torch.Tensor,
-        latent: torch.Tensor,
-        k_pe: torch.Tensor,
-        check: bool = True,
+        self, positions: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, check: bool = True
     ) -> None:
         """Store tokens at `positions` (batch, T) of each sequence; latent: (B, T, r), k_pe: (B, T, d_R).
 
@@ -70,15 +85,15 @@ class LatentCache:
         if check and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} is past the cache's max_len={self.max_len}")
         rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1).expand_as(positions)
-        self.kv[layer][rows, positions] = torch.cat([latent, k_pe], dim=-1).to(self.dtype)
+        self.kv[rows, positions] = torch.cat([latent, k_pe], dim=-1).to(self.kv.dtype)
 
-    def read(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent (B, upto, r), k_pe (B, upto, d_R)), views of the first `upto` slots of every sequence.
 
         Slicing to the longest live sequence keeps CPU decode proportional to the context; the static
         (graph-capturable) decode step reads all max_len slots and relies on the mask alone.
         """
-        kv = self.kv[layer][:, :upto]
+        kv = self.kv[:, :upto]
         return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank :]
 
 

@@ -39,10 +39,10 @@ class LayerStep(nn.Module):
     def forward(
         self, h: torch.Tensor, positions: torch.Tensor, cache: LatentCache, absorb: bool, static: bool
     ) -> torch.Tensor:
-        attn = self.layer.self_attn
+        attn, kv = self.layer.self_attn, cache.layer(self.layer_id)
 
         def attend(x: torch.Tensor) -> torch.Tensor:
-            return mla_attention(attn, x, positions, cache, self.layer_id, absorb, static)
+            return mla_attention(attn, x, positions, kv, absorb, static)
 
         return run(self.layer.program(h, None, attend))
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.attention import MLA
-from .cache import LatentCache
+from .cache import LayerCache
 
 
 def _queries(attn: MLA, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,10 +37,10 @@ def _queries(attn: MLA, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch
 
 
 def _store_latent(
-    attn: MLA, x: torch.Tensor, positions: torch.Tensor, cache: LatentCache, layer: int, check: bool
+    attn: MLA, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache, check: bool
 ) -> None:
     latent, k_pe = attn.kv_a_proj_with_mqa(x).split([attn.kv_lora_rank, attn.rope], dim=-1)
-    cache.write(layer, positions, attn.kv_a_layernorm(latent), attn._rotary[0](k_pe, positions), check)
+    cache.write(positions, attn.kv_a_layernorm(latent), attn._rotary[0](k_pe, positions), check)
 
 
 def _mask(positions: torch.Tensor, keys: int) -> torch.Tensor:
@@ -52,12 +52,11 @@ def mla_attention(
     attn: MLA,
     x: torch.Tensor,
     positions: torch.Tensor,
-    cache: LatentCache,
-    layer: int,
+    cache: LayerCache,
     absorb: bool,
     static: bool = False,
 ) -> torch.Tensor:
-    """MLA output (B, T, hidden) for new tokens x; their cache rows are written first.
+    """MLA output (B, T, hidden) for new tokens x; their rows of this layer's cache are written first.
 
     static=True reads every max_len slot of the cache (the mask hides the unused ones) and skips the
     bounds check, so nothing here reads a tensor on the host and every shape is fixed: the form a CUDA
@@ -65,9 +64,9 @@ def mla_attention(
     """
     B, T, _ = x.shape
     q_nope, q_pe = _queries(attn, x, positions)
-    _store_latent(attn, x, positions, cache, layer, check=not static)
+    _store_latent(attn, x, positions, cache, check=not static)
     upto = cache.max_len if static else int(positions.max()) + 1
-    latent, k_pe = cache.read(layer, upto)
+    latent, k_pe = cache.read(upto)
     latent, k_pe = latent.to(x.dtype), k_pe.to(x.dtype)
     mask = _mask(positions, upto)
     if absorb:
