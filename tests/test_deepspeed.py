@@ -8,6 +8,7 @@ mirrored copies identical, and resume from checkpoints written by either engine.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -90,6 +91,14 @@ def test_config_errors_name_the_key():
     msg = bad("+deepspeed.extra.train_batch_size=64")
     assert "deepspeed.extra.train_batch_size" in msg and "data.batch_size" in msg
     assert "trainer.skip_nonfinite" in bad("deepspeed.zero_stage=2", "trainer.skip_nonfinite=true")
+    msg = bad(
+        "deepspeed.zero_stage=2",
+        "parallel.ep=2",
+        "parallel.dispatcher=bounded",
+        "parallel.dispatch_bound=1.5",
+        world=2,
+    )
+    assert "parallel.dispatch_bound" in msg and "zero_stage=2" in msg
     msg = bad("+deepspeed.extra.data_types.grad_accum_dtype=bf16")
     assert "deepspeed.extra.data_types" in msg and "trainer.dtype" in msg
     # allowed: stage 2 without pipelining, a passthrough key DeepSpeed knows
@@ -174,7 +183,23 @@ def _bf16_master(base: str, stage: int) -> dict:
     t.step = 1
     records.append(t.train_step(1))
     t.step = 2
-    t.save()
+    # while a checkpoint is written the fp32 masters stand in for the parameters (host memory); DeepSpeed
+    # must gather the moments on each parameter's own data (its buffer is made like it, and NCCL takes no
+    # host buffer): here, the bf16 parameters are bf16 whenever it is asked
+    import deepspeed.utils
+
+    gather, seen_dtypes = deepspeed.utils.safe_get_full_optimizer_state, set()
+
+    def spy(param, key):
+        seen_dtypes.add(param.dtype)
+        return gather(param, key)
+
+    deepspeed.utils.safe_get_full_optimizer_state = spy
+    try:
+        t.save()
+    finally:
+        deepspeed.utils.safe_get_full_optimizer_state = gather
+    out["gathered_on"] = seen_dtypes
     with t.engine.checkpoint_weights():
         saved = {n: p.detach().clone() for n, p in t.model.named_parameters()}
     out["saved_dtypes"] = {w.dtype for w in saved.values()}
@@ -228,6 +253,7 @@ def test_one_process_follows_torch_and_resumes(tmp_path):
         # checkpoints hold the fp32 masters; resuming reproduces the run; the torch engine takes them over
         assert r["saved_dtypes"] == {torch.float32} and r["saved_beyond_bf16"], what
         assert r["params_from_masters"], what
+        assert r["gathered_on"] == {torch.bfloat16, torch.float32}, what  # each parameter's own dtype
         assert r["resumed_at"] == 2 and r["resumed"] == r["traj"][2:], what
         assert r["cross_masters_equal"], what
 
@@ -296,8 +322,29 @@ def _bf16_layouts(base: str) -> dict:
             "estimated_opt": t.memory.state_bytes - 6 * t.memory.params,  # beyond bf16 weight + fp32 grad
             "measured_opt": sum(sizes.values()),
         }
+        if t.mesh.layout.pp > 1:
+            out[name]["nan_step"] = _nan_on_first_stage(t, step=3)
         t.mesh.barrier()
     return out
+
+
+def _nan_on_first_stage(t: Trainer, step: int) -> dict:
+    """A non-finite gradient in one parameter of the first pipeline stage only (a finite loss): DeepSpeed's
+    bf16 overflow check skips the step. Every stage must skip it, or the stages' collectives in the step
+    pair up wrongly."""
+    params = dict(t.model.named_parameters())
+    hooks = []
+    if t.mesh.pp_rank == 0:
+        hooks.append(
+            params["layers.0.post_attention_layernorm.weight"].register_hook(lambda g: g * float("nan"))
+        )
+    before = {n: p.detach().clone() for n, p in params.items()}
+    bad = t.train_step(step)
+    for h in hooks:
+        h.remove()
+    unchanged = all(torch.equal(p, before[n]) for n, p in params.items())
+    after = t.train_step(step + 1)
+    return {"norm": bad["grad_norm"], "loss": bad["loss"], "unchanged": unchanged, "next": after["grad_norm"]}
 
 
 def _layouts(base: str, names: list[str]) -> dict:
@@ -342,6 +389,10 @@ def test_layouts_follow_the_one_process_torch_run(tmp_path):
                 assert ds["dense"] == pytest.approx(total / dp, rel=0.02), (name, rank, ds, full)
             if "zero1" in name:
                 assert r["estimated_opt"] == pytest.approx(r["measured_opt"], rel=0.02), (name, rank, r)
+            if "nan_step" in r:  # skipped on every stage, and training goes on
+                nan = r["nan_step"]
+                assert math.isfinite(nan["loss"]) and not math.isfinite(nan["norm"]), (name, rank, nan)
+                assert nan["unchanged"] and math.isfinite(nan["next"]), (name, rank, nan)
         if "dualpipe" in name:
             assert all(res[name]["n_ties"] > 0 and res[name]["copies_identical"] for res in results)
     # bf16_master against the torch engine's masters in one process (one thread, as in the workers: a CPU

@@ -136,7 +136,7 @@ class TrainerConfig:
     max_steps: int = 300
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
-    # auto (cuda: bf16_master with the torch engine, bf16 with DeepSpeed; cpu: fp32) | fp32 |
+    # auto (cuda: bf16_master; cpu: fp32) | fp32 |
     # bf16 (autocast) | bf16_master (bf16 params, fp32 masters) | fp8 (bf16_master, dense linears in FP8)
     dtype: str = "auto"
     log_every: int = 10

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ..config import ConfigError, TrainConfig
-from .dispatch import TRANSPORTS, check_dispatcher
+from .dispatch import BOUNDED, TRANSPORTS, check_dispatcher
 from .mesh import Layout, MeshError
 from .pipeline.actions import Kind, Schedule
 from .pipeline.schedules import schedule_for
@@ -55,6 +55,14 @@ def check_layout(cfg: TrainConfig, world_size: int) -> Schedule:
         raise ConfigError(f"parallel.dispatcher={p.dispatcher}: {e}") from None
     except ValueError as e:  # no such dispatcher
         raise ConfigError(str(e)) from None
+    redo = p.dispatcher in BOUNDED and p.dispatch_bound is not None and p.ep > 1
+    if redo and cfg.optim.engine == "deepspeed" and cfg.deepspeed.zero_stage == 2:
+        _fail(
+            "parallel.dispatch_bound",
+            p.dispatch_bound,
+            "null with deepspeed.zero_stage=2: a step that overflows the buffers runs again, and its first "
+            "pass's gradients are already reduced into ZeRO-2's partitions (no overflow with null)",
+        )
     if p.dispatch_transport not in TRANSPORTS:
         _fail("parallel.dispatch_transport", p.dispatch_transport, f"one of {', '.join(TRANSPORTS)}")
     if p.dispatch_transport != "alltoall" and p.dispatcher != "bounded":

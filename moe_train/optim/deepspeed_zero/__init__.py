@@ -11,7 +11,7 @@ How the pieces meet (docs/architecture.md, "DeepSpeed ZeRO", says why each choic
   gradient can fall outside a boundary.
 - Groups come from our mesh through DeepSpeed's `mpu` interface: data parallel = our dp group of the stage;
   model parallel size 1 (see `MeshMPU`), the pipeline stages' norms added by
-  `internals.sum_norm_over_stages`.
+  `internals.span_stages`, which also takes the bf16 overflow flag over the stages.
 - Experts follow DeepSpeed's MoE conventions without DeepSpeed's MoE layer: expert parameters carry
   `allreduce=False` and `group_name`, their expert-parallel and expert-data-parallel groups (our ep and edp
   groups) are registered under that name in DeepSpeed's group registry, and their optimizer param groups are

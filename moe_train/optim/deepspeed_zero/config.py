@@ -82,7 +82,7 @@ class MeshMPU:
     parallel is reported as size 1: DeepSpeed sums norms over its model-parallel group once per param
     group, and pipeline stages hold different param groups (a stage without MoE layers has no expert
     group), so that sum would pair unrelated collectives. The stage sum is added once instead
-    (`internals.sum_norm_over_stages`)."""
+    (`internals.span_stages`)."""
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh

@@ -109,6 +109,7 @@ class DeepSpeedZero:
         self.ds_cfg = ds_cfg
         self.ties = ties or []
         self.bf16_master = bf16_master
+        self._lows: dict[int, torch.Tensor] = {}  # parameters' own data while masters stand in for them
         _ensure_process_group(mesh)
         dp = mesh.layout.dp
         self.config = build_ds_config(ds_cfg, optim, batch_size, dp, microbatches, mesh.device, bf16_master)
@@ -145,7 +146,7 @@ class DeepSpeedZero:
         )
         self.optimizer = self.engine.optimizer  # the ZeRO optimizer: param_groups, zero_grad, state
         if mesh.layout.pp > 1:
-            ds.sum_norm_over_stages(self.optimizer, mesh.group("pp"))
+            ds.span_stages(self.optimizer, mesh.group("pp"), mesh.device)
 
     @property
     def sharded_state(self) -> DeepSpeedZero:
@@ -221,16 +222,32 @@ class DeepSpeedZero:
         full = [
             (get_full_fp32(p) if p.requires_grad else p).detach().float().to("cpu", copy=True) for p in params
         ]
-        lows = [p.data for p in params]
+        self._lows = {id(p): p.data for p in params}
         for p, f in zip(params, full, strict=True):
             p.data = f
         try:
             yield
         finally:
-            for p, low in zip(params, lows, strict=True):
-                f, p.data = p.data, low
-                set_full_fp32(p, f.to(low.device))
-                low.copy_(f)
+            lows, self._lows = self._lows, {}
+            for p in params:
+                f, p.data = p.data, lows[id(p)]
+                set_full_fp32(p, f.to(p.device))
+                p.data.copy_(f)
+
+    @contextlib.contextmanager
+    def _own_data(self, p: nn.Parameter) -> Iterator[None]:
+        """`p` on its own (device, bf16) data for a DeepSpeed call while the masters stand in for the
+        parameters: DeepSpeed gathers a parameter's state in a buffer made like the parameter, and a host
+        buffer cannot go through an NCCL collective."""
+        low = self._lows.get(id(p))
+        if low is None:
+            yield
+            return
+        held, p.data = p.data, low
+        try:
+            yield
+        finally:
+            p.data = held
 
     # ------------------------------------------------------------------------------- state
     def named_state(self) -> dict[str, dict[str, Any]]:
@@ -246,7 +263,8 @@ class DeepSpeedZero:
         for name, p in self.model.named_parameters():
             st: dict[str, Any] = {}
             for key in MOMENT_KEYS:
-                val = get_full_state(p, key)
+                with self._own_data(p):
+                    val = get_full_state(p, key)
                 if val is not None:  # one parameter's full moments at a time, parked in host memory
                     st[key] = val.detach().to("cpu", copy=True)
             if st:

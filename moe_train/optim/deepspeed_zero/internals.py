@@ -154,11 +154,24 @@ INTERNALS: dict[str, Internal] = {
     "get_full_fp32": Internal(
         "deepspeed.utils:safe_get_full_fp32_param", "a parameter's full master weight", params=("param",)
     ),
-    # --- the clipping norm over pipeline stages
+    # --- the clipping norm and the overflow flag over pipeline stages
     "scaled_global_norm": Internal(
         f"{_ZERO}.scaled_global_norm",
         "wrapped per optimizer: the stage norms' squares are summed over pp",
         params=("self", "norm_type"),
+        private=True,
+    ),
+    "has_overflow": Internal(
+        f"{_ZERO}.has_overflow",
+        "wrapped per optimizer: the overflow flag (bf16) is maximised over pp",
+        params=("self", "partition_gradients"),
+        private=True,
+    ),
+    "check_overflow": Internal(
+        f"{_ZERO}._check_overflow",
+        "the step reads its overflow flag through the attribute we wrap",
+        params=("self", "partition_gradients"),
+        reads=("has_overflow",),
         private=True,
     ),
     "zero_step": Internal(
@@ -398,18 +411,31 @@ def moe_engine_class() -> type:
     return _MoEEngine
 
 
-def sum_norm_over_stages(zero_optimizer: Any, pp_group: Any) -> None:
-    """Make the ZeRO optimizer's clipping norm global over pipeline stages: its own norm covers this stage
-    (dp partitions summed, experts over ep, replicated copies skipped); the squares of the stages add. One
-    collective per step on every rank, whatever param groups the stage holds."""
+def span_stages(zero_optimizer: Any, pp_group: Any, device: torch.device) -> None:
+    """Make the ZeRO optimizer's step decisions global over pipeline stages, so every stage takes the same
+    branch of its step and the collectives below pair up:
+
+    - the clipping norm: its own covers this stage (dp partitions summed, experts over ep, replicated copies
+      skipped); the squares of the stages add. One collective per step on every rank, whatever param groups
+      the stage holds.
+    - the overflow flag (checked first under bf16: a non-finite gradient skips the step): its own is
+      reduced over the stage's dp group only; a stage that skipped would otherwise leave the others waiting
+      in the norm's collective. Taken as the maximum over pp."""
     stage_norm: Callable[[int], torch.Tensor] = zero_optimizer.scaled_global_norm
+    stage_overflow: Callable[..., bool] = zero_optimizer.has_overflow
 
     def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
         sq = stage_norm(norm_type).float() ** 2
         dist.all_reduce(sq, group=pp_group)
         return sq.sqrt()
 
+    def has_overflow(partition_gradients: bool = True) -> bool:
+        flag = torch.tensor([float(stage_overflow(partition_gradients))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pp_group)
+        return bool(flag.item())
+
     zero_optimizer.scaled_global_norm = scaled_global_norm
+    zero_optimizer.has_overflow = has_overflow
 
 
 def step_gradient(zero_optimizer: Any, p: nn.Parameter) -> torch.Tensor:
