@@ -115,7 +115,7 @@ def decode_section(
         eager = runs[False]
         extra: list[tuple[GenerationResult, bool]] = []  # (run, its tokens equal eager's)
         if compiled is not None:
-            generate(compiled, ps, 2, cuda_graph=True)  # compiles this batch's prefill and decode shapes
+            generate(compiled, ps, args.new, cuda_graph=True)  # compiles this batch's shapes
             r = best_of(args.repeats, lambda: generate(compiled, ps, args.new, cuda_graph=True))  # noqa: B023
             r.decode_path += ", compiled phases"
             extra.append((r, r.tokens == eager.tokens))
@@ -388,7 +388,12 @@ def main() -> None:
             if m is not None:
                 parts += ["", *profile_section(m, args, what)]
                 print("\n".join(parts[-args.profile_top - 4 :]), flush=True)
-    del compiled
+    if compiled is not None:  # Dynamo's caches hold the compiled copy: free it before the capped sections
+        del compiled
+        torch._dynamo.reset()
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     with open(os.path.join(args.out, "decode.md"), "w", encoding="utf-8") as f:  # kept if offload fails
         f.write("\n".join(parts) + "\n")
     if not args.no_offload:
