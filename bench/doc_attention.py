@@ -10,7 +10,8 @@ FLOPs count what a document-causal mask needs: 2·(d_qk + d_v) per (query, key) 
 micro-batch and shared by every layer; its cost is reported beside the kernel's.
 
 Usage (GPU machine): python bench/doc_attention.py [--batch 2 --heads 16 --seq 4096 --iters 20]
-[--split-only: cuDNN causal per document; --ragged-only: cuDNN ragged attention through its private op]
+[--split-only: cuDNN causal per document; --ragged-only: cuDNN ragged attention through its private op;
+--cudnn-only: the cuDNN frontend's ragged kernel the trainer runs where it is installed]
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 
 from bench.common import median_ms  # noqa: E402
-from moe_train.ops.attention import block_mask, document_attention  # noqa: E402
+from moe_train.ops.attention import block_mask, dense_mask, document_attention  # noqa: E402
+from moe_train.ops.cudnn_attention import ragged_docs, unavailable_reason  # noqa: E402
 
 
 def _mask_mod(ids: torch.Tensor):
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument(
         "--ragged-only", action="store_true", help="only the ragged (cumulative-length) kernels, beside cuDNN"
     )
+    ap.add_argument("--cudnn-only", action="store_true", help="only the cuDNN frontend's ragged kernel")
     a = ap.parse_args()
     dev = torch.device("cuda")
     B, H, T = a.batch, a.heads, a.seq
@@ -238,6 +241,49 @@ def main() -> None:
                 f"{ms:.3f} | {ms / base:.2f} | {per_pair * pairs(ids) / ms / 1e9:.0f} | - |"
             )
 
+    def cudnn_rows() -> None:
+        """What the trainer runs where NVIDIA's cuDNN frontend is installed: `document_attention` over the
+        documents as cuDNN's ragged batch (ops/cudnn_attention.py), with its forward and gradients' max
+        |error| against an fp32 dense-mask reference, beside cuDNN causal's against its own."""
+        why = unavailable_reason(dev)
+        if why is not None:
+            print(f"cuDNN ragged (ops.attention): not run: {why}")
+            return
+        print(
+            "| attention | docs/seq | lengths | fwd+bwd ms | vs cuDNN causal | TFLOP/s (doc pairs) "
+            "| err o, dq, dk, dv |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for n_docs, rnd in ((1, False), (4, False), (4, True), (16, False), (16, True)):
+            ids = doc_ids(B, T, n_docs, rnd, dev)
+            lengths = [torch.unique_consecutive(r, return_counts=True)[1].tolist() for r in ids.cpu()]
+            docs = ragged_docs(lengths, dev)
+            ms = timed(step(lambda docs=docs: document_attention(q, k, v, docs, scale)), a.iters)
+            got = [document_attention(q, k, v, docs, scale)]
+            got += torch.autograd.grad(got[0], (q, k, v), go)
+            ref = [x.float().detach().requires_grad_() for x in (q, k, v)]
+            o = F.scaled_dot_product_attention(*ref, attn_mask=dense_mask(ids), scale=scale)
+            want = [o, *torch.autograd.grad(o, ref, go.float())]
+            errs = ", ".join(
+                f"{(g.float() - w).abs().max().item():.2e}" for g, w in zip(got, want, strict=True)
+            )
+            print(
+                f"| cuDNN ragged (ops.attention) | {n_docs} | {'random' if rnd else 'equal'} | {ms:.3f} | "
+                f"{ms / base:.2f} | {per_pair * pairs(ids) / ms / 1e9:.0f} | {errs} |",
+                flush=True,
+            )
+            del ref, o, want, got
+        ref = [x.float().detach().requires_grad_() for x in (q, k, v)]
+        o = F.scaled_dot_product_attention(*ref, is_causal=True, scale=scale)
+        want = [o, *torch.autograd.grad(o, ref, go.float())]
+        got = [cudnn()]
+        got += torch.autograd.grad(got[0], (q, k, v), go)
+        errs = ", ".join(f"{(g.float() - w).abs().max().item():.2e}" for g, w in zip(got, want, strict=True))
+        print(f"| cuDNN SDPA causal, its error | 1 | - | {base:.3f} | 1.00 | - | {errs} |")
+
+    if a.cudnn_only:
+        cudnn_rows()
+        return
     if a.ragged_only:
         ragged_rows()
         return
@@ -313,6 +359,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - a missing or different API is reported, not fatal
         print(f"varlen FA2: not run ({type(e).__name__}: {str(e)[:200]})")
     ragged_rows()
+    cudnn_rows()
     ids = doc_ids(B, T, 16, True, dev)
     mask_mod = _mask_mod(ids)
     generic = timed(lambda: create_block_mask(mask_mod, B, None, T, T, device=dev), a.iters, 1)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from moe_train.config import ModelConfig
 from moe_train.model import build_model
 from moe_train.model.documents import Documents
-from moe_train.ops.attention import block_mask, dense_mask, document_attention
+from moe_train.ops.attention import block_mask, dense_mask, document_attention, ragged_available
+from moe_train.ops.cudnn_attention import ragged_docs
 
 EOD = 96
 
@@ -33,6 +34,29 @@ def test_documents_of_tokens():
     assert Documents.of(x, EOD, reset_positions=False).positions is None
     one = Documents.of(x[1:2], EOD)
     assert one.single and one.positions is None
+
+
+def test_documents_as_cudnn_ragged_batch():
+    """The host side of cuDNN's ragged attention (ops/cudnn_attention.py; the kernel itself runs on a GPU
+    only, checked there by bench/doc_attention.py against the dense mask): each row's document lengths, the
+    entries in row order with their first tokens among all rows, padded to a power of two with empty ones,
+    and the lengths of a shorter prefix (MTP)."""
+    x = torch.tensor([[5, 6, EOD, 7, 8, 9, EOD, 1], [1, 2, 3, 4, 5, 6, 7, 8], [EOD, 1, 2, EOD, EOD, 3, 4, 5]])
+    d = Documents.of(x, EOD)
+    assert d.lengths == ((3, 4, 1), (8,), (1, 3, 1, 3))
+    for row, ids in zip(d.lengths, d.ids, strict=True):
+        assert list(row) == torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+    r = ragged_docs(d.lengths, torch.device("cpu"))
+    assert (r.rows, r.T, r.n_docs, r.batch) == (3, 8, 8, 8)
+    assert r.cum.tolist() == [0, 3, 7, 8, 16, 17, 20, 21, 24]
+    assert r.seq.flatten().tolist() == [3, 4, 1, 8, 1, 3, 1, 3]
+    assert r.offsets(16).flatten().tolist() == [16 * c for c in r.cum.tolist()]
+    odd = ragged_docs(((3, 4, 1), (8,), (2, 6)), torch.device("cpu"))
+    assert odd.batch == 8 and odd.seq.flatten().tolist() == [3, 4, 1, 8, 2, 6, 0, 0]
+    assert odd.cum.tolist()[-3:] == [24, 24, 24]  # empty entries start at the end
+    assert d.prefix(5).lengths == ((3, 2), (5,), (1, 3, 1))
+    assert d.to(torch.device("cpu")).lengths == d.lengths
+    assert not ragged_available(torch.device("cpu"), torch.bfloat16)
 
 
 def _random_ids(B: int, T: int, gen: torch.Generator) -> torch.Tensor:

@@ -85,5 +85,5 @@ class MLA(Recomputable, nn.Module):
         if docs is None or docs.single:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            o = document_attention(q, k, v, docs.mask(), self.scale)
+            o = document_attention(q, k, v, docs.mask(q.dtype), self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))

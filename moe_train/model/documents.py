@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.attention import Mask, block_mask, dense_mask, flex_available
+from ..ops.attention import Mask, block_mask, dense_mask, flex_available, ragged_available
+from ..ops.cudnn_attention import ragged_docs
 
 
 @dataclass
@@ -29,7 +30,8 @@ class Documents:
     positions: torch.Tensor | None
     single: bool
     pairs: int = 0  # (query, key) pairs the mask allows, all rows: Σ L(L+1)/2 over documents (for MFU)
-    _mask: Mask | None = field(default=None, repr=False)
+    lengths: tuple[tuple[int, ...], ...] | None = None  # each row's document lengths (host), for cuDNN
+    _masks: dict[bool, Mask] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, tokens: torch.Tensor, eod_id: int, reset_positions: bool = True) -> Documents:
@@ -43,27 +45,48 @@ class Documents:
         within = idx - torch.where(opens, idx, 0).cummax(1).values  # position within its document
         pairs = int(within.sum()) + within.numel()  # each query attends to itself and `within` earlier keys
         positions = within if reset_positions and not single else None
-        return cls(ids, positions, single, pairs)
+        lengths = tuple(tuple(torch.bincount(row).tolist()) for row in ids.cpu())
+        return cls(ids, positions, single, pairs, lengths)
 
     def to(self, device: torch.device) -> Documents:
         if self.ids.device == device:
             return self
         pos = None if self.positions is None else self.positions.to(device, non_blocking=True)
-        return Documents(self.ids.to(device, non_blocking=True), pos, self.single, self.pairs)
+        ids = self.ids.to(device, non_blocking=True)
+        return Documents(ids, pos, self.single, self.pairs, self.lengths)
 
     def prefix(self, n: int) -> Documents:
         """The first n positions of every row (a multi-token-prediction block's shorter sequence)."""
         pos = None if self.positions is None else self.positions[:, :n]
-        return Documents(self.ids[:, :n], pos, self.single)
+        lengths = None if self.lengths is None else tuple(_cut(row, n) for row in self.lengths)
+        return Documents(self.ids[:, :n], pos, self.single, lengths=lengths)
 
-    def mask(self) -> Mask:
-        """The document-causal mask in the form the device's kernel takes (ops/attention.py), built once
-        and shared by every layer."""
-        if self._mask is None:
-            self._mask = (block_mask if flex_available(self.ids.device) else dense_mask)(self.ids)
-        return self._mask
+    def mask(self, dtype: torch.dtype) -> Mask:
+        """The document-causal mask in the form the device's kernel takes for `dtype` (ops/attention.py,
+        `kernel_for`), built once and shared by every layer."""
+        ragged = self.lengths is not None and ragged_available(self.ids.device, dtype)
+        if ragged not in self._masks:
+            if ragged:
+                assert self.lengths is not None
+                self._masks[ragged] = ragged_docs(self.lengths, self.ids.device)
+            else:
+                self._masks[ragged] = (block_mask if flex_available(self.ids.device) else dense_mask)(
+                    self.ids
+                )
+        return self._masks[ragged]
 
     def same(self, k: int) -> torch.Tensor:
         """[B, T-k] bool: position i and position i+k lie in one document (an MTP depth-k target is
         predicted within its document only)."""
         return self.ids[:, k:] == self.ids[:, :-k]
+
+
+def _cut(lengths: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """Document lengths of a row's first n positions."""
+    out, total = [], 0
+    for length in lengths:
+        if total >= n:
+            break
+        out.append(min(length, n - total))
+        total += out[-1]
+    return tuple(out)

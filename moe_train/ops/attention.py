@@ -1,10 +1,12 @@
 """Causal attention within documents: a query attends to earlier keys of its own document only.
 
-Two kernels with one meaning. On CUDA, FlexAttention (`torch.nn.attention.flex_attention`, compiled) with a
-block mask: it skips key blocks of other documents outright, so a sequence of many short documents costs
-less than one causal sequence, and it takes MLA's different query/key and value head dims. Elsewhere,
-`scaled_dot_product_attention` with a dense boolean mask: the reference the CPU tests hold the flex path to.
-A sequence that is one document needs neither: the caller uses plain causal attention (cuDNN on CUDA).
+Three kernels with one meaning. On CUDA in half precision, cuDNN's ragged SDPA (ops/cudnn_attention.py)
+where NVIDIA's cuDNN frontend is installed: every document is one entry of a ragged batch, in cuDNN's fused
+kernel, with MLA's different query/key and value head dims. Otherwise on CUDA, FlexAttention
+(`torch.nn.attention.flex_attention`, compiled) with a block mask: it skips key blocks of other documents
+outright, so a sequence of many short documents costs less than one causal sequence. Elsewhere,
+`scaled_dot_product_attention` with a dense boolean mask: the reference the CPU tests hold the others to.
+A sequence that is one document needs none: the caller uses plain causal attention (cuDNN on CUDA).
 
 A document is a run of equal ids in `ids` ([B, T], non-decreasing along T): the masks depend on nothing else.
 """
@@ -17,11 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-Mask = torch.Tensor | BlockMask  # a dense bool mask [B, 1, T, T], or FlexAttention's block mask
+from .cudnn_attention import RaggedDocs, ragged_attention, unavailable_reason
+
+# a dense bool mask [B, 1, T, T], FlexAttention's block mask, or the documents as cuDNN's ragged batch
+Mask = torch.Tensor | BlockMask | RaggedDocs
 
 
 def flex_available(device: torch.device) -> bool:
     return device.type == "cuda"
+
+
+def ragged_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """cuDNN's ragged kernel (ops/cudnn_attention.py) serves `device` and `dtype` (half precision only)."""
+    return dtype in (torch.bfloat16, torch.float16) and unavailable_reason(device) is None
 
 
 def dense_mask(ids: torch.Tensor) -> torch.Tensor:
@@ -79,8 +89,11 @@ def _compiled_flex():
 def document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float, compiled: bool = True
 ) -> torch.Tensor:
-    """q, k: [B, H, T, d_qk]; v: [B, H, T, d_v]; mask: `dense_mask` or `block_mask` of the same ids.
-    compiled=False runs a BlockMask through eager FlexAttention (the CPU tests' check of its meaning)."""
+    """q, k: [B, H, T, d_qk]; v: [B, H, T, d_v]; mask: `dense_mask` or `block_mask` of the same ids, or
+    their `RaggedDocs`. compiled=False runs a BlockMask through eager FlexAttention (the CPU tests' check of
+    its meaning)."""
+    if isinstance(mask, RaggedDocs):
+        return ragged_attention(q, k, v, mask, scale)
     if isinstance(mask, BlockMask):
         fn = _compiled_flex() if compiled else flex_attention
         return fn(q, k, v, block_mask=mask, scale=scale)

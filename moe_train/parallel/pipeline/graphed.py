@@ -82,6 +82,12 @@ class GraphedMicroBatch:
 
     def __call__(self, run: Run, mb: int) -> None:
         docs = run.segment(run.micro[mb][:, :-1])
+        if docs is not None:
+            # a graph rebuilds the mask from the ids (FlexAttention's block mask), and its eager warm-ups
+            # must run the kernel it captures: without their lengths, the documents take no cuDNN ragged
+            # entries, which come from the host
+            docs = replace(docs, lengths=None)
+            run.docs[mb] = docs.to(next(self.executor.stages[self.stage].parameters()).device)
         key = (tuple(run.micro[mb].shape), *_variant(docs))
         if key not in self.captured:
             self.calls[key] = self.calls.get(key, 0) + 1
@@ -143,7 +149,7 @@ class GraphedMicroBatch:
         else:
             t.out.pending, t.out.stats.records, t.out.rows = [], [], {}
             if docs is not None:
-                t.docs[0] = replace(t.docs[0], _mask=None)  # a graph rebuilds the mask from the ids too
+                t.docs[0] = replace(t.docs[0], _masks={})  # a graph rebuilds the mask from the ids too
             self._body(t, 0)
         # a graph's outputs are overwritten by its next replay: the step keeps copies
         for key, _, value in t.out.pending:
