@@ -39,24 +39,62 @@ def test_documents_of_tokens():
 def test_documents_as_cudnn_ragged_batch():
     """The host side of cuDNN's ragged attention (ops/cudnn_attention.py; the kernel itself runs on a GPU
     only, checked there by bench/doc_attention.py against the dense mask): each row's document lengths, the
-    entries in row order with their first tokens among all rows, padded to a power of two with empty ones,
-    and the lengths of a shorter prefix (MTP)."""
+    entries in row order with their first tokens among all rows, and the lengths of a shorter prefix (MTP)."""
     x = torch.tensor([[5, 6, EOD, 7, 8, 9, EOD, 1], [1, 2, 3, 4, 5, 6, 7, 8], [EOD, 1, 2, EOD, EOD, 3, 4, 5]])
     d = Documents.of(x, EOD)
     assert d.lengths == ((3, 4, 1), (8,), (1, 3, 1, 3))
     for row, ids in zip(d.lengths, d.ids, strict=True):
         assert list(row) == torch.unique_consecutive(ids, return_counts=True)[1].tolist()
     r = ragged_docs(d.lengths, torch.device("cpu"))
-    assert (r.rows, r.T, r.n_docs, r.batch) == (3, 8, 8, 8)
+    assert (r.rows, r.T, r.batch) == (3, 8, 8)
     assert r.cum.tolist() == [0, 3, 7, 8, 16, 17, 20, 21, 24]
     assert r.seq.flatten().tolist() == [3, 4, 1, 8, 1, 3, 1, 3]
     assert r.offsets(16).flatten().tolist() == [16 * c for c in r.cum.tolist()]
     odd = ragged_docs(((3, 4, 1), (8,), (2, 6)), torch.device("cpu"))
-    assert odd.batch == 8 and odd.seq.flatten().tolist() == [3, 4, 1, 8, 2, 6, 0, 0]
-    assert odd.cum.tolist()[-3:] == [24, 24, 24]  # empty entries start at the end
+    assert odd.batch == 6 and odd.seq.flatten().tolist() == [3, 4, 1, 8, 2, 6]  # no empty entries
     assert d.prefix(5).lengths == ((3, 2), (5,), (1, 3, 1))
     assert d.to(torch.device("cpu")).lengths == d.lengths
     assert not ragged_available(torch.device("cpu"), torch.bfloat16)
+
+
+def test_cudnn_ragged_entries_and_kernel_stay_out_of_compiled_attention(monkeypatch):
+    """`trainer.compile=phases` compiles the attention around the document mask: the ragged entries are
+    built in Python from host lengths and the kernel is a cuDNN call, so both run outside the compiled
+    graph; traced, every new set of document lengths would recompile the attention. Here on CPU, with
+    the cuDNN path switched on and its kernel call replaced by a plain-torch stand-in."""
+    import torch._dynamo.testing
+
+    from moe_train.model import documents
+    from moe_train.ops import cudnn_attention
+
+    class StandIn(torch.autograd.Function):  # the cuDNN kernel's shape contract, not its math
+        @staticmethod
+        def forward(ctx, q, k, v, docs, scale):  # noqa: ANN001, ANN205
+            return v * scale
+
+        @staticmethod
+        def backward(ctx, do):  # noqa: ANN001, ANN205
+            return None, None, do, None, None
+
+    monkeypatch.setattr(documents, "ragged_available", lambda device, dtype: True)
+    monkeypatch.setattr(cudnn_attention, "_RaggedAttention", StandIn)
+    counter = torch._dynamo.testing.CompileCounter()
+
+    def attention(q, k, v, docs):  # noqa: ANN001, ANN202
+        return document_attention(q * 2, k, v, docs.mask(q.dtype), 0.1) + 1
+
+    compiled = torch.compile(attention, backend=counter, dynamic=False)
+    gen = torch.Generator().manual_seed(0)
+    frames = []
+    for _ in range(6):  # six micro-batches, each with other document lengths
+        docs = Documents.of(torch.randint(0, 10, (2, 32), generator=gen), 9)
+        q, v = torch.randn(2, 2, 32, 8), torch.randn(2, 2, 32, 4)
+        for _layer in range(2):  # the first layer builds the mask, inside the compiled function
+            compiled(q, q, v, docs)
+        assert isinstance(docs.mask(q.dtype), cudnn_attention.RaggedDocs)
+        frames.append(counter.frame_count)
+    torch._dynamo.reset()
+    assert frames[-1] == frames[0], frames  # nothing recompiled after the first micro-batch
 
 
 def _random_ids(B: int, T: int, gen: torch.Generator) -> torch.Tensor:

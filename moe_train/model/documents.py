@@ -61,9 +61,11 @@ class Documents:
         lengths = None if self.lengths is None else tuple(_cut(row, n) for row in self.lengths)
         return Documents(self.ids[:, :n], pos, self.single, lengths=lengths)
 
+    @torch.compiler.disable  # built in Python from host lengths, once: not a part of a compiled attention
     def mask(self, dtype: torch.dtype) -> Mask:
-        """The document-causal mask in the form the device's kernel takes for `dtype` (ops/attention.py,
-        `kernel_for`), built once and shared by every layer."""
+        """The document-causal mask in the form the kernel for this device and `dtype` takes
+        (ops/attention.py): cuDNN's ragged entries, FlexAttention's block mask or a dense mask; built once
+        and shared by every layer."""
         ragged = self.lengths is not None and ragged_available(self.ids.device, dtype)
         if ragged not in self._masks:
             if ragged:

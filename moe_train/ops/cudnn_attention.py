@@ -8,9 +8,13 @@ to 256 and loses to cuDNN's dense causal kernel where documents are few and long
 torch's own routes to this kernel are private or switched off (docs/performance.md, "Document masks").
 
 Layout: q, k, v are packed token-major, [N, H, d] for the N = rows·T tokens of the micro-batch, and a
-document is a run of consecutive tokens; `RaggedDocs.cum` gives each document's first token. The graphs are
-built with the documents' count rounded up to a power of two (the extra entries have length 0) and the row
-length as the longest document, so a handful of graphs serve a whole run; each is built once per shape.
+document is a run of consecutive tokens; `RaggedDocs.cum` gives each document's first token. A graph is
+built once per documents count, with the row length as the longest document (validated on an H100 with
+documents shorter than it); entries of length 0, which would let one graph serve several counts, are not
+used: cuDNN's own tests allow them only from 9.25.
+
+Both the entries and the kernel stay out of `torch.compile` (`trainer.compile=phases` compiles the attention
+around them): the entries are built in Python from host lengths, and the kernel is a call into cuDNN.
 """
 
 from __future__ import annotations
@@ -32,13 +36,12 @@ U_Q, U_K, U_V, U_O, U_STATS, U_DO, U_DQ, U_DK, U_DV, U_SEQ, U_RQK, U_RV, U_RST =
 
 @dataclass
 class RaggedDocs:
-    """A micro-batch's documents as cuDNN's ragged attention takes them: `rows` rows of `T` tokens, `n_docs`
-    documents in row order; `batch` ≥ n_docs entries (a power of two, the rest of length 0); `cum` [batch+1]
-    int64, each entry's first token among the rows·T; `seq` [batch] int32, each entry's length."""
+    """A micro-batch's documents as cuDNN's ragged attention takes them: `rows` rows of `T` tokens, `batch`
+    documents in row order; `cum` [batch+1] int64, each document's first token among the rows·T; `seq`
+    [batch] int32, each document's length."""
 
     rows: int
     T: int
-    n_docs: int
     batch: int
     cum: torch.Tensor
     seq: torch.Tensor
@@ -51,12 +54,11 @@ class RaggedDocs:
         return self._offsets[width]
 
 
+@torch.compiler.disable
 def ragged_docs(lengths: Sequence[Sequence[int]], device: torch.device) -> RaggedDocs:
     """From each row's document lengths (host lists, each summing to the row length)."""
-    flat = [n for row in lengths for n in row]
+    seq = [n for row in lengths for n in row]
     T = sum(lengths[0])
-    batch = 1 << max(len(flat) - 1, 0).bit_length()
-    seq = flat + [0] * (batch - len(flat))
     cum = [0]
     for n in seq:
         cum.append(cum[-1] + n)
@@ -65,8 +67,7 @@ def ragged_docs(lengths: Sequence[Sequence[int]], device: torch.device) -> Ragge
     return RaggedDocs(
         len(lengths),
         T,
-        len(flat),
-        batch,
+        len(seq),
         as_tensor(cum, dtype=torch.int64).to(device, non_blocking=True),
         as_tensor(seq, dtype=torch.int32).view(-1, 1, 1, 1).to(device, non_blocking=True),
     )
@@ -196,6 +197,11 @@ class _RaggedAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: RaggedDocs, scale: float):
         N, H, dqk = q.shape
         dv = v.shape[-1]
+        if N != docs.rows * docs.T or k.shape[0] != N or v.shape[0] != N or not q.dtype == k.dtype == v.dtype:
+            raise ValueError(
+                f"ragged attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} ({q.dtype}, "
+                f"{k.dtype}, {v.dtype}) do not hold the {docs.rows}×{docs.T} tokens of their documents"
+            )
         fwd, bwd = _graphs(docs.batch, docs.T, N, H, dqk, dv, scale, q.dtype == torch.float16)
         o = torch.empty(N, H, dv, dtype=q.dtype, device=q.device)
         stats = torch.empty(N, H, 1, dtype=torch.float32, device=q.device)
@@ -218,6 +224,7 @@ class _RaggedAttention(torch.autograd.Function):
         return dq, dk, dvv, None, None
 
 
+@torch.compiler.disable
 def ragged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: RaggedDocs, scale: float
 ) -> torch.Tensor:

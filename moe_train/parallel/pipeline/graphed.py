@@ -86,12 +86,13 @@ class GraphedMicroBatch:
             # a graph rebuilds the mask from the ids (FlexAttention's block mask), and its eager warm-ups
             # must run the kernel it captures: without their lengths, the documents take no cuDNN ragged
             # entries, which come from the host
-            docs = replace(docs, lengths=None)
-            run.docs[mb] = docs.to(next(self.executor.stages[self.stage].parameters()).device)
+            docs = replace(docs, lengths=None, _masks={})
         key = (tuple(run.micro[mb].shape), *_variant(docs))
         if key not in self.captured:
             self.calls[key] = self.calls.get(key, 0) + 1
             if self.calls[key] <= self.warmup:
+                if docs is not None:
+                    run.docs[mb] = docs.to(next(self.executor.stages[self.stage].parameters()).device)
                 with self._side_stream():
                     self._body(run, mb)
                 return
