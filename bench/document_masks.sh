@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The trainer with document masks on and off, on one GPU: the 4-layer DeepSeek-V2-Lite proxy through
 # train.py (seq 4096, micro-batch 2), synthetic tokens packed into documents of uniformly random length
-# (mean DOC tokens, default 1024: about 4 a sequence; 256: about 16), against the same stream with
+# (mean DOC tokens, default 1024: about 4 a sequence; 256: about 16), masks on with the step graphed and
+# eager, against the same stream with
 # data.document_mask=false and against a stream without documents (one causal sequence a row). MFU counts
 # the attention pairs the masks allow (moe_train.train.setup.StepFlops). Usage, from the repository root on
 # the GPU machine: bash bench/document_masks.sh   (.whl/ as for compare_commits.sh)
@@ -15,5 +16,8 @@ P="$P data.batch_size=2 trainer.log_every=5"
 train no_documents $PWD 5 20 $P
 for doc in ${DOCS:-1024 256}; do
   train masks_on_$doc $PWD 5 20 $P data.synthetic_doc_tokens=$doc
+  # an eager step: where NVIDIA's cuDNN frontend is installed, cuDNN's ragged kernel (a graphed step keeps
+  # FlexAttention, whose mask the graph rebuilds from the ids)
+  train masks_on_eager_$doc $PWD 5 20 $P data.synthetic_doc_tokens=$doc trainer.cuda_graph=false
   train masks_off_$doc $PWD 5 20 $P data.synthetic_doc_tokens=$doc data.document_mask=false
 done
