@@ -62,15 +62,12 @@ def ragged_docs(lengths: Sequence[Sequence[int]], device: torch.device) -> Ragge
     cum = [0]
     for n in seq:
         cum.append(cum[-1] + n)
-    pin = device.type == "cuda"
-    as_tensor = functools.partial(torch.tensor, pin_memory=pin) if pin else torch.tensor
-    return RaggedDocs(
-        len(lengths),
-        T,
-        len(seq),
-        as_tensor(cum, dtype=torch.int64).to(device, non_blocking=True),
-        as_tensor(seq, dtype=torch.int32).view(-1, 1, 1, 1).to(device, non_blocking=True),
+    pin = device.type == "cuda"  # pinned: the copies to the device need not wait
+    cum_t = torch.tensor(cum, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
+    seq_t = (
+        torch.tensor(seq, dtype=torch.int32, pin_memory=pin).view(-1, 1, 1, 1).to(device, non_blocking=True)
     )
+    return RaggedDocs(len(lengths), T, len(seq), cum_t, seq_t)
 
 
 @functools.cache
