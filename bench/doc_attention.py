@@ -29,7 +29,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention 
 
 from bench.common import median_ms  # noqa: E402
 from moe_train.ops.attention import block_mask, dense_mask, document_attention  # noqa: E402
-from moe_train.ops.cudnn_attention import ragged_docs, unavailable_reason  # noqa: E402
+from moe_train.ops.cudnn_attention import capacity_for, ragged_docs, unavailable_reason  # noqa: E402
 
 
 def _mask_mod(ids: torch.Tensor):
@@ -243,21 +243,26 @@ def main() -> None:
 
     def cudnn_rows() -> None:
         """What the trainer runs where NVIDIA's cuDNN frontend is installed: `document_attention` over the
-        documents as cuDNN's ragged batch (ops/cudnn_attention.py), with its forward and gradients' max
-        |error| against an fp32 dense-mask reference, beside cuDNN causal's against its own."""
+        documents as cuDNN's ragged batch (ops/cudnn_attention.py; entries padded up to a power of two, 6
+        documents a row being a padded case), with its forward and gradients' max |error| against an fp32
+        dense-mask reference, beside cuDNN causal's against its own; then the same step captured in a CUDA
+        graph with one set of documents and replayed with another of the same capacity, against eager."""
         why = unavailable_reason(dev)
         if why is not None:
             print(f"cuDNN ragged (ops.attention): not run: {why}")
             return
+
+        def entries(ids: torch.Tensor):  # what `Documents.of` and `Documents.mask` build
+            return ragged_docs(ids, capacity_for(int(ids[:, -1].sum()) + ids.shape[0]))
+
         print(
-            "| attention | docs/seq | lengths | fwd+bwd ms | vs cuDNN causal | TFLOP/s (doc pairs) "
+            "| attention | docs/seq | lengths | entries | fwd+bwd ms | vs cuDNN causal | TFLOP/s (doc pairs) "
             "| err o, dq, dk, dv |"
         )
-        print("|---|---|---|---|---|---|---|")
-        for n_docs, rnd in ((1, False), (4, False), (4, True), (16, False), (16, True)):
+        print("|---|---|---|---|---|---|---|---|")
+        for n_docs, rnd in ((1, False), (4, False), (4, True), (6, True), (16, False), (16, True)):
             ids = doc_ids(B, T, n_docs, rnd, dev)
-            lengths = [torch.unique_consecutive(r, return_counts=True)[1].tolist() for r in ids.cpu()]
-            docs = ragged_docs(lengths, dev)
+            docs = entries(ids)
             ms = timed(step(lambda docs=docs: document_attention(q, k, v, docs, scale)), a.iters)
             got = [document_attention(q, k, v, docs, scale)]
             got += torch.autograd.grad(got[0], (q, k, v), go)
@@ -268,8 +273,9 @@ def main() -> None:
                 f"{(g.float() - w).abs().max().item():.2e}" for g, w in zip(got, want, strict=True)
             )
             print(
-                f"| cuDNN ragged (ops.attention) | {n_docs} | {'random' if rnd else 'equal'} | {ms:.3f} | "
-                f"{ms / base:.2f} | {per_pair * pairs(ids) / ms / 1e9:.0f} | {errs} |",
+                f"| cuDNN ragged (ops.attention) | {n_docs} | {'random' if rnd else 'equal'} | "
+                f"{n_docs * B} of {docs.capacity} | {ms:.3f} | {ms / base:.2f} | "
+                f"{per_pair * pairs(ids) / ms / 1e9:.0f} | {errs} |",
                 flush=True,
             )
             del ref, o, want, got
@@ -279,7 +285,32 @@ def main() -> None:
         got = [cudnn()]
         got += torch.autograd.grad(got[0], (q, k, v), go)
         errs = ", ".join(f"{(g.float() - w).abs().max().item():.2e}" for g, w in zip(got, want, strict=True))
-        print(f"| cuDNN SDPA causal, its error | 1 | - | {base:.3f} | 1.00 | - | {errs} |")
+        print(f"| cuDNN SDPA causal, its error | 1 | - | - | {base:.3f} | 1.00 | - | {errs} |")
+
+        # captured with 5 random documents a row, replayed with 6 (both 16 entries with B = 2)
+        first, second = doc_ids(B, T, 5, True, dev), doc_ids(B, T, 6, True, dev)
+        capacity = entries(first).capacity
+        assert entries(second).capacity == capacity
+        static = first.clone()
+
+        def body() -> list[torch.Tensor]:  # reads nothing on the host: the capacity is fixed
+            out = document_attention(q, k, v, ragged_docs(static, capacity), scale)
+            return [out.detach(), *torch.autograd.grad(out, (q, k, v), go)]
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()  # warm-up: the graphs of this capacity are built outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = body()
+        static.copy_(second)
+        graph.replay()
+        static.copy_(second)
+        eager = body()
+        diffs = [(c.float() - e.float()).abs().max().item() for c, e in zip(captured, eager, strict=True)]
+        print(f"CUDA graph captured with 5 documents a row, replayed with 6: max |replay - eager| {diffs}")
 
     if a.cudnn_only:
         cudnn_rows()

@@ -13,12 +13,13 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from ragged_twin import ragged_twin  # noqa: F401 - a fixture
 
 from moe_train.config import ModelConfig
 from moe_train.model import build_model
 from moe_train.model.documents import Documents
 from moe_train.ops.attention import block_mask, dense_mask, document_attention, ragged_available
-from moe_train.ops.cudnn_attention import ragged_docs
+from moe_train.ops.cudnn_attention import capacity_for, ragged_docs
 
 EOD = 96
 
@@ -37,24 +38,55 @@ def test_documents_of_tokens():
 
 
 def test_documents_as_cudnn_ragged_batch():
-    """The host side of cuDNN's ragged attention (ops/cudnn_attention.py; the kernel itself runs on a GPU
-    only, checked there by bench/doc_attention.py against the dense mask): each row's document lengths, the
-    entries in row order with their first tokens among all rows, and the lengths of a shorter prefix (MTP)."""
+    """The entries of cuDNN's ragged attention (ops/cudnn_attention.py; the kernel itself runs on a GPU only,
+    checked there by bench/doc_attention.py against the dense mask): a power-of-two capacity counted on the
+    host, the documents in row order with their first rows, then one-token entries over the spare rows; a
+    shorter prefix (MTP) keeps the capacity."""
     x = torch.tensor([[5, 6, EOD, 7, 8, 9, EOD, 1], [1, 2, 3, 4, 5, 6, 7, 8], [EOD, 1, 2, EOD, EOD, 3, 4, 5]])
     d = Documents.of(x, EOD)
-    assert d.lengths == ((3, 4, 1), (8,), (1, 3, 1, 3))
-    for row, ids in zip(d.lengths, d.ids, strict=True):
-        assert list(row) == torch.unique_consecutive(ids, return_counts=True)[1].tolist()
-    r = ragged_docs(d.lengths, torch.device("cpu"))
-    assert (r.rows, r.T, r.batch) == (3, 8, 8)
+    assert d.capacity == 8  # 8 documents
+    r = ragged_docs(d.ids, d.capacity)
+    assert (r.rows, r.T, r.capacity, r.packed_rows) == (3, 8, 8, 32)
     assert r.cum.tolist() == [0, 3, 7, 8, 16, 17, 20, 21, 24]
     assert r.seq.flatten().tolist() == [3, 4, 1, 8, 1, 3, 1, 3]
     assert r.offsets(16).flatten().tolist() == [16 * c for c in r.cum.tolist()]
-    odd = ragged_docs(((3, 4, 1), (8,), (2, 6)), torch.device("cpu"))
-    assert odd.batch == 6 and odd.seq.flatten().tolist() == [3, 4, 1, 8, 2, 6]  # no empty entries
-    assert d.prefix(5).lengths == ((3, 2), (5,), (1, 3, 1))
-    assert d.to(torch.device("cpu")).lengths == d.lengths
+    odd = Documents.of(torch.tensor([[5, 6, EOD, 7, 8, 9, EOD, 1], [1] * 8, [1, EOD, 2, 3, 4, 5, 6, 7]]), EOD)
+    assert odd.capacity == 8
+    r = ragged_docs(odd.ids, odd.capacity)  # 6 documents, then 2 padding entries of a spare row each
+    assert r.seq.flatten().tolist() == [3, 4, 1, 8, 2, 6, 1, 1]
+    assert r.cum.tolist() == [0, 3, 7, 8, 16, 18, 24, 25, 26]
+    p = ragged_docs(d.prefix(5).ids, d.prefix(5).capacity)
+    assert p.seq.flatten().tolist() == [3, 2, 5, 1, 3, 1, 1, 1] and p.cum[-1] == 15 + 2
+    assert d.to(torch.device("cpu")).capacity == d.capacity
+    assert Documents.of(torch.randint(0, 9, (4, 64)), 0).capacity in (8, 16, 32, 64, 128, 256)
+    many = Documents.of(torch.full((2, 20), EOD), EOD)  # 40 one-token documents
+    assert many.capacity == 64
     assert not ragged_available(torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.usefixtures("ragged_twin")
+def test_ragged_entries_with_padding_give_the_dense_masks_attention():
+    """The packing around the kernel (token-major rows, spare rows for the padding entries, the output
+    and the gradients cut back) gives the dense mask's attention and gradients, with padding entries and
+    without, for a whole sequence and its MTP prefix."""
+    gen = torch.Generator().manual_seed(3)
+    for T, B in ((24, 3), (40, 2)):
+        ids = _random_ids(B, T, gen)
+        count = int(ids[:, -1].sum()) + B
+        padded = Documents(ids, None, False, capacity=capacity_for(count))
+        assert padded.capacity > count
+        exact = Documents(ids, None, False, capacity=count)
+        for docs in (exact, padded, padded.prefix(T - 3)):
+            n = docs.ids.shape[1]
+            q, k = (torch.randn(B, 2, n, 12, generator=gen, requires_grad=True) for _ in range(2))
+            v = torch.randn(B, 2, n, 8, generator=gen, requires_grad=True)
+            go = torch.randn(B, 2, n, 8, generator=gen)
+            want = document_attention(q, k, v, dense_mask(docs.ids), 0.3)
+            got = document_attention(q, k, v, docs.mask(q.dtype), 0.3)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            wanted = torch.autograd.grad(want, (q, k, v), go)
+            for a, b in zip(torch.autograd.grad(got, (q, k, v), go), wanted, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_cudnn_ragged_entries_and_kernel_stay_out_of_compiled_attention(monkeypatch):

@@ -8,9 +8,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from ragged_twin import ragged_twin  # noqa: F401 - a fixture
 
 from moe_train.config import ConfigError
 from moe_train.model.memory import MemoryEstimate
+from moe_train.ops.cudnn_attention import RaggedDocs
 from moe_train.parallel.pipeline import one_f_one_b
 from moe_train.parallel.pipeline.graphed import GraphedMicroBatch, one_stage_order
 from moe_train.parallel.pipeline.schedules import interleaved_1f1b
@@ -64,6 +66,23 @@ def test_graphed_micro_batches_of_both_kinds_with_plain_rows_and_documents(tmp_p
     graphed, got = _run(tmp_path / "graphed", True, "data.synthetic_doc_tokens=0")
     assert [r["loss"] for r in want] == [r["loss"] for r in got]
     assert {k[1] for k in graphed.executor.graphed.captured} == {"causal"}
+
+
+@pytest.mark.usefixtures("ragged_twin")
+def test_graphed_micro_batches_with_cudnn_ragged_entries(tmp_path):
+    """Document masks through cuDNN's ragged entries (the kernel's CPU twin): a graph per entries' capacity,
+    each replay's entries recomputed from its ids, equal to the eager step bit for bit. Micro-batches of
+    more documents than a graph's capacity would index past its entries."""
+    eager, want = _run(tmp_path / "eager", False, "data.synthetic_doc_tokens=10")
+    graphed, got = _run(tmp_path / "graphed", True, "data.synthetic_doc_tokens=10")
+    assert [r["loss"] for r in want] == [r["loss"] for r in got]
+    captured = graphed.executor.graphed.captured
+    assert len({key[-1] for key in captured}) >= 2, captured.keys()  # capacities: several graphs
+    for key, c in captured.items():
+        assert isinstance(c.run.docs[0].mask(torch.float32), RaggedDocs) and key[-1] == c.run.docs[0].capacity
+    ref = dict(eager.model.named_parameters())
+    for name, p in graphed.model.named_parameters():
+        assert torch.equal(p, ref[name]), name
 
 
 def test_a_gradient_buffer_freed_between_steps_is_what_keep_grads_prevents(tmp_path):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.attention import Mask, block_mask, dense_mask, flex_available, ragged_available
-from ..ops.cudnn_attention import ragged_docs
+from ..ops.cudnn_attention import capacity_for, ragged_docs
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Documents:
     positions: torch.Tensor | None
     single: bool
     pairs: int = 0  # (query, key) pairs the mask allows, all rows: Σ L(L+1)/2 over documents (for MFU)
-    lengths: tuple[tuple[int, ...], ...] | None = None  # each row's document lengths (host), for cuDNN
+    capacity: int = 0  # cuDNN's ragged entries: at least the documents in all rows (counted on the host)
     _masks: dict[bool, Mask] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -45,32 +45,31 @@ class Documents:
         within = idx - torch.where(opens, idx, 0).cummax(1).values  # position within its document
         pairs = int(within.sum()) + within.numel()  # each query attends to itself and `within` earlier keys
         positions = within if reset_positions and not single else None
-        lengths = tuple(tuple(torch.bincount(row).tolist()) for row in ids.cpu())
-        return cls(ids, positions, single, pairs, lengths)
+        capacity = capacity_for(int(ids[:, -1].sum()) + ids.shape[0])
+        return cls(ids, positions, single, pairs, capacity)
 
     def to(self, device: torch.device) -> Documents:
         if self.ids.device == device:
             return self
         pos = None if self.positions is None else self.positions.to(device, non_blocking=True)
         ids = self.ids.to(device, non_blocking=True)
-        return Documents(ids, pos, self.single, self.pairs, self.lengths)
+        return Documents(ids, pos, self.single, self.pairs, self.capacity)
 
     def prefix(self, n: int) -> Documents:
         """The first n positions of every row (a multi-token-prediction block's shorter sequence)."""
         pos = None if self.positions is None else self.positions[:, :n]
-        lengths = None if self.lengths is None else tuple(_cut(row, n) for row in self.lengths)
-        return Documents(self.ids[:, :n], pos, self.single, lengths=lengths)
+        return Documents(self.ids[:, :n], pos, self.single, capacity=self.capacity)  # no more documents
 
-    @torch.compiler.disable  # built in Python from host lengths, once: not a part of a compiled attention
+    @torch.compiler.disable  # built once, not a part of a compiled attention (that would specialise on it)
     def mask(self, dtype: torch.dtype) -> Mask:
         """The document-causal mask in the form the kernel for this device and `dtype` takes
         (ops/attention.py): cuDNN's ragged entries, FlexAttention's block mask or a dense mask; built once
-        and shared by every layer."""
-        ragged = self.lengths is not None and ragged_available(self.ids.device, dtype)
+        from the ids on their device (a CUDA graph rebuilds it from the ids it replays with) and shared by
+        every layer."""
+        ragged = self.capacity > 0 and ragged_available(self.ids.device, dtype)
         if ragged not in self._masks:
             if ragged:
-                assert self.lengths is not None
-                self._masks[ragged] = ragged_docs(self.lengths, self.ids.device)
+                self._masks[ragged] = ragged_docs(self.ids, self.capacity)
             else:
                 self._masks[ragged] = (block_mask if flex_available(self.ids.device) else dense_mask)(
                     self.ids
@@ -81,14 +80,3 @@ class Documents:
         """[B, T-k] bool: position i and position i+k lie in one document (an MTP depth-k target is
         predicted within its document only)."""
         return self.ids[:, k:] == self.ids[:, :-k]
-
-
-def _cut(lengths: tuple[int, ...], n: int) -> tuple[int, ...]:
-    """Document lengths of a row's first n positions."""
-    out, total = [], 0
-    for length in lengths:
-        if total >= n:
-            break
-        out.append(min(length, n - total))
-        total += out[-1]
-    return tuple(out)

@@ -7,21 +7,22 @@ MLA's different query/key (192) and value (128) head dims; FlexAttention's Trito
 to 256 and loses to cuDNN's dense causal kernel where documents are few and long (docs/performance.md).
 torch's own routes to this kernel are private or switched off (docs/performance.md, "Document masks").
 
-Layout: q, k, v are packed token-major, [N, H, d] for the N = rows·T tokens of the micro-batch, and a
-document is a run of consecutive tokens; `RaggedDocs.cum` gives each document's first token. A graph is
-built once per documents count, with the row length as the longest document (validated on an H100 with
-documents shorter than it); entries of length 0, which would let one graph serve several counts, are not
-used: cuDNN's own tests allow them only from 9.25.
+Layout: q, k, v are packed token-major, [N + capacity, H, d] for the N = rows·T tokens of the micro-batch
+and `capacity` spare rows after them; a document is a run of consecutive tokens. The entries are a fixed
+number, `capacity` (a power of two at least the documents count, from the host's count): the documents in
+row order, then one-token entries over the spare rows, whose outputs are dropped. So one graph serves every
+micro-batch whose documents fit in its capacity, and the entries are computed on the device from the
+documents' ids: a CUDA graph captures them and recomputes them from the ids it replays with. Padding entries
+hold one token rather than none: cuDNN's own tests allow empty entries only from 9.25.
 
 Both the entries and the kernel stay out of `torch.compile` (`trainer.compile=phases` compiles the attention
-around them): the entries are built in Python from host lengths, and the kernel is a call into cuDNN.
+around them): the kernel is a call into cuDNN, and traced entries would specialise on each capacity.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,38 +37,50 @@ U_Q, U_K, U_V, U_O, U_STATS, U_DO, U_DQ, U_DK, U_DV, U_SEQ, U_RQK, U_RV, U_RST =
 
 @dataclass
 class RaggedDocs:
-    """A micro-batch's documents as cuDNN's ragged attention takes them: `rows` rows of `T` tokens, `batch`
-    documents in row order; `cum` [batch+1] int64, each document's first token among the rows·T; `seq`
-    [batch] int32, each document's length."""
+    """A micro-batch's documents as cuDNN's ragged attention takes them: `rows` rows of `T` tokens, packed
+    with `capacity` spare rows after them; `capacity` entries, the documents in row order and then one-token
+    entries over the spare rows; `cum` [capacity+1] int64, each entry's first row; `seq` [capacity] int32,
+    each entry's length."""
 
     rows: int
     T: int
-    batch: int
+    capacity: int
     cum: torch.Tensor
     seq: torch.Tensor
     _offsets: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    @property
+    def packed_rows(self) -> int:
+        """Rows of the packed q, k, v: the tokens, then the spare rows."""
+        return self.rows * self.T + self.capacity
+
     def offsets(self, width: int) -> torch.Tensor:
-        """Entry starts in elements of a packed [N, H, d] tensor, width = H·d (cached per width)."""
+        """Entry starts in elements of a packed [packed_rows, H, d] tensor, width = H·d (cached per width)."""
         if width not in self._offsets:
             self._offsets[width] = (self.cum * width).view(-1, 1, 1, 1)
         return self._offsets[width]
 
 
-@torch.compiler.disable
-def ragged_docs(lengths: Sequence[Sequence[int]], device: torch.device) -> RaggedDocs:
-    """From each row's document lengths (host lists, each summing to the row length)."""
-    seq = [n for row in lengths for n in row]
-    T = sum(lengths[0])
-    cum = [0]
-    for n in seq:
-        cum.append(cum[-1] + n)
-    pin = device.type == "cuda"  # pinned: the copies to the device need not wait
-    cum_t = torch.tensor(cum, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
-    seq_t = (
-        torch.tensor(seq, dtype=torch.int32, pin_memory=pin).view(-1, 1, 1, 1).to(device, non_blocking=True)
-    )
-    return RaggedDocs(len(lengths), T, len(seq), cum_t, seq_t)
+def capacity_for(count: int) -> int:
+    """The entries of a micro-batch with `count` documents: a power of two, so that micro-batches of nearby
+    counts share one cuDNN graph (and one CUDA graph of the step)."""
+    return 1 << max(3, (count - 1).bit_length())
+
+
+def ragged_docs(ids: torch.Tensor, capacity: int) -> RaggedDocs:
+    """The ragged entries of documents `ids` ([rows, T], each row counting up from 0 along T), on ids' device
+    without a host read: at most `capacity` documents in all (the caller counts them on the host)."""
+    rows, T = ids.shape
+    opens = torch.ones(rows, T, dtype=torch.bool, device=ids.device)
+    opens[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    entry = torch.cumsum(opens.view(-1), 0) - 1  # each token's entry
+    seq = torch.zeros(capacity, dtype=torch.int64, device=ids.device)
+    seq.index_add_(0, entry, torch.ones_like(entry))
+    real = torch.arange(capacity, device=ids.device) <= entry[-1]
+    seq = torch.where(real, seq, 1)  # padding entries: one spare row each
+    cum = torch.zeros(capacity + 1, dtype=torch.int64, device=ids.device)
+    cum[1:] = torch.cumsum(seq, 0)
+    return RaggedDocs(rows, T, capacity, cum, seq.to(torch.int32).view(-1, 1, 1, 1))
 
 
 @functools.cache
@@ -102,7 +115,8 @@ def _handle(device_index: int) -> Any:
 def _graphs(
     batch: int, S: int, N: int, H: int, dqk: int, dv: int, scale: float, fp16: bool
 ) -> tuple[Any, Any]:
-    """The forward and backward graphs for `batch` entries of at most S tokens among N, H heads."""
+    """The forward and backward graphs for `batch` entries of at most S tokens among N packed rows, H
+    heads."""
     cudnn = _frontend()
     io = cudnn.data_type.HALF if fp16 else cudnn.data_type.BFLOAT16
     f32, i32, i64 = cudnn.data_type.FLOAT, cudnn.data_type.INT32, cudnn.data_type.INT64
@@ -194,12 +208,13 @@ class _RaggedAttention(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: RaggedDocs, scale: float):
         N, H, dqk = q.shape
         dv = v.shape[-1]
-        if N != docs.rows * docs.T or k.shape[0] != N or v.shape[0] != N or not q.dtype == k.dtype == v.dtype:
+        if N != docs.packed_rows or k.shape[0] != N or v.shape[0] != N or not q.dtype == k.dtype == v.dtype:
             raise ValueError(
                 f"ragged attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} ({q.dtype}, "
-                f"{k.dtype}, {v.dtype}) do not hold the {docs.rows}×{docs.T} tokens of their documents"
+                f"{k.dtype}, {v.dtype}) do not hold the {docs.rows}×{docs.T} tokens of their documents and "
+                f"{docs.capacity} spare rows"
             )
-        fwd, bwd = _graphs(docs.batch, docs.T, N, H, dqk, dv, scale, q.dtype == torch.float16)
+        fwd, bwd = _graphs(docs.capacity, docs.T, N, H, dqk, dv, scale, q.dtype == torch.float16)
         o = torch.empty(N, H, dv, dtype=q.dtype, device=q.device)
         stats = torch.empty(N, H, 1, dtype=torch.float32, device=q.device)
         pack = {U_Q: q, U_K: k, U_V: v, U_O: o, U_STATS: stats, U_SEQ: docs.seq}
@@ -228,9 +243,13 @@ def ragged_attention(
     """q, k: [rows, H, T, d_qk]; v: [rows, H, T, d_v] (fp16 or bf16, CUDA) → [rows, H, T, d_v], each
     position attending to earlier positions of its own document."""
     B, H, T, _ = q.shape
+    N = B * T
 
-    def packed(x: torch.Tensor) -> torch.Tensor:  # token-major [B·T, H, d]
-        return x.transpose(1, 2).contiguous().view(B * T, H, x.shape[-1])
+    def packed(x: torch.Tensor) -> torch.Tensor:  # token-major [N + capacity, H, d], spare rows zero
+        out = torch.empty(docs.packed_rows, H, x.shape[-1], dtype=x.dtype, device=x.device)
+        out[:N].view(B, T, H, -1).copy_(x.transpose(1, 2))
+        out[N:].zero_()
+        return out
 
     o = _RaggedAttention.apply(packed(q), packed(k), packed(v), docs, scale)
-    return o.view(B, T, H, -1).transpose(1, 2)
+    return o[:N].view(B, T, H, -1).transpose(1, 2)

@@ -12,8 +12,9 @@ the one-stage step provides it:
   takes device offsets). The loss terms and router counts come out of the graph as tensors, copied before
   the next replay overwrites them; the trainer reads them when it needs them (`Trainer.settle`).
 - The same work on every call. The graph is captured after `warmup` eager micro-batches, which run lazy
-  initialisation, torch.compile's first calls and autotuning. It serves micro-batches of the shape it was
-  captured with; a micro-batch of another shape runs eagerly.
+  initialisation, torch.compile's first calls and autotuning. It serves micro-batches of the kind it was
+  captured with: their shape and, with documents, the mask's kind and the capacity of cuDNN's ragged entries
+  (which it recomputes from the replayed ids). A micro-batch of another kind gets a graph of its own.
 
 `graph_blocker` says which steps qualify; the others run as before. Without CUDA (`capture=False`) the same
 protocol runs with nothing captured: each replay re-runs the micro-batch on the static buffers. That is how
@@ -52,11 +53,12 @@ def one_stage_order(schedule: Schedule, rank: int) -> bool:
 
 
 def _variant(docs: Documents | None) -> tuple:
-    """What decides a micro-batch's control flow besides its shape: plain causal rows, rows of one document,
-    or document masks with or without restarted positions."""
+    """What decides a micro-batch's control flow and shapes besides the tokens' shape: plain causal rows,
+    rows of one document, or document masks with or without restarted positions."""
     if docs is None:
         return ("causal",)
-    return ("single",) if docs.single else ("masked", docs.positions is not None)
+    # the capacity fixes the shapes of cuDNN's ragged entries (ops/cudnn_attention.py)
+    return ("single",) if docs.single else ("masked", docs.positions is not None, docs.capacity)
 
 
 @dataclass
@@ -82,11 +84,6 @@ class GraphedMicroBatch:
 
     def __call__(self, run: Run, mb: int) -> None:
         docs = run.segment(run.micro[mb][:, :-1])
-        if docs is not None:
-            # a graph rebuilds the mask from the ids (FlexAttention's block mask), and its eager warm-ups
-            # must run the kernel it captures: without their lengths, the documents take no cuDNN ragged
-            # entries, which come from the host
-            docs = replace(docs, lengths=None, _masks={})
         key = (tuple(run.micro[mb].shape), *_variant(docs))
         if key not in self.captured:
             self.calls[key] = self.calls.get(key, 0) + 1
@@ -124,7 +121,7 @@ class GraphedMicroBatch:
         run.on_device[0] = static
         if docs is not None:  # static buffers the replays fill with each micro-batch's documents
             positions = None if docs.positions is None else docs.positions.to(device, copy=True)
-            run.docs[0] = Documents(docs.ids.to(device, copy=True), positions, docs.single)
+            run.docs[0] = replace(docs, ids=docs.ids.to(device, copy=True), positions=positions, _masks={})
         graph = None
         if self.capture:
             graph = torch.cuda.CUDAGraph()
