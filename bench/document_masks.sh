@@ -5,7 +5,8 @@
 # eager, against the same stream with
 # data.document_mask=false and against a stream without documents (one causal sequence a row). MFU counts
 # the attention pairs the masks allow (moe_train.train.setup.StepFlops). Usage, from the repository root on
-# the GPU machine: bash bench/document_masks.sh   (.whl/ as for compare_commits.sh)
+# the GPU machine: bash bench/document_masks.sh   (.whl/ as for compare_commits.sh; DOCS="1024" for one
+# document length; STEPS=N logs to step N, default 20; PLAIN=0 skips the run without documents)
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 fi
@@ -13,11 +14,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 R=${OUT:-/tmp}/runs; mkdir -p $R; source bench/runs.sh
 P="model=deepseek_v2_lite model.num_hidden_layers=4 data=synthetic data.synthetic_vocab=102400 data.seq_len=4096"
 P="$P data.batch_size=2 trainer.log_every=5"
-train no_documents $PWD 5 20 $P
+last=${STEPS:-20}
+[ "${PLAIN:-1}" = 0 ] || train no_documents $PWD 5 $last $P
 for doc in ${DOCS:-1024 256}; do
-  train masks_on_$doc $PWD 5 20 $P data.synthetic_doc_tokens=$doc
-  # an eager step: where NVIDIA's cuDNN frontend is installed, cuDNN's ragged kernel (a graphed step keeps
-  # FlexAttention, whose mask the graph rebuilds from the ids)
-  train masks_on_eager_$doc $PWD 5 20 $P data.synthetic_doc_tokens=$doc trainer.cuda_graph=false
-  train masks_off_$doc $PWD 5 20 $P data.synthetic_doc_tokens=$doc data.document_mask=false
+  train masks_on_$doc $PWD 5 $last $P data.synthetic_doc_tokens=$doc
+  # an eager step too: the same kernel (cuDNN's ragged one where NVIDIA's cuDNN frontend is installed), its
+  # losses beside the graphed step's
+  train masks_on_eager_$doc $PWD 5 $last $P data.synthetic_doc_tokens=$doc trainer.cuda_graph=false
+  train masks_off_$doc $PWD 5 $last $P data.synthetic_doc_tokens=$doc data.document_mask=false
 done

@@ -112,6 +112,34 @@ def test_grouped_gemm_equals_reference():
     torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_chosen_experts_layer_equals_the_dispatched_one():
+    """A MoE layer of few rows computing each chosen expert straight from its weights (`chosen_rows`, the
+    decode path of compiled phases; here uncompiled) gives the dispatched layer's output and gradients, and
+    past `chosen_rows` the layer dispatches as before."""
+    from moe_train.model.moe import MoE
+
+    torch.manual_seed(0)
+    cfg = tiny(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3)
+    layer = MoE(cfg, 0)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    layer.gate.e_score_correction_bias.normal_()
+    x = torch.randn(1, 3, 32)
+    got, want = {}, {}
+    for rows, out in ((3, got), (0, want)):
+        layer.chosen_rows = rows
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.pow(2).sum().backward()
+        out.update(y=y, x=xi.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()})
+        layer.zero_grad()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    layer.chosen_rows = 2  # 3 rows: dispatched again, the same values
+    torch.testing.assert_close(layer(x), want["y"], rtol=0, atol=0)
+
+
 def test_reference_experts_with_no_tokens_still_connect_weights():
     w_gu = torch.randn(2, 8, 4, requires_grad=True)
     w_d = torch.randn(2, 4, 4, requires_grad=True)
