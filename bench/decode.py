@@ -10,8 +10,8 @@ Sections (every number comes from `moe_train.infer.generate`, the API the CLI us
 1. decode at each --batches, eager and with `cuda_graph=True`; graph tokens must equal eager tokens
    (asserted: same kernels, launched differently), prefill tokens/s of the same runs; with --compile also
    the graph of a copy whose phases are compiled (`generate --compile`; its tokens are reported against
-   eager's, not asserted: fused kernels round differently), without and with the chosen-experts path
-   (ops/chosen_experts.py), and their steps under the profiler;
+   eager's, not asserted: fused kernels round differently), without and with the direct-experts path
+   (ops/direct_experts.py), and their steps under the profiler;
 2. KV-cache bytes of the latent cache (allocated, measured) against a standard MHA cache of the same heads
    (2·n_h·d_h values per token per layer, computed);
 3. ZeRO-Inference with the weights in CPU memory, the GPU capped at --budget-gib by
@@ -48,7 +48,7 @@ from moe_train.model import build_model, count_params  # noqa: E402
 from moe_train.model.compile import compile_phases  # noqa: E402
 from moe_train.model.moe import RoutedExperts, Router  # noqa: E402
 from moe_train.model.transformer import Transformer  # noqa: E402
-from moe_train.ops.chosen_experts import rows_worth_it  # noqa: E402
+from moe_train.ops.direct_experts import direct_rows  # noqa: E402
 
 GIB = 2**30
 
@@ -116,11 +116,11 @@ def decode_section(
             runs[graph] = r
         eager = runs[False]
         extra: list[tuple[GenerationResult, bool]] = []  # (run, its tokens equal eager's)
-        for chosen in (False, True) if compiled is not None else ():
-            chosen_experts(compiled, chosen)
+        for direct in (False, True) if compiled is not None else ():
+            direct_experts(compiled, direct)
             generate(compiled, ps, args.new, cuda_graph=True)  # compiles this batch's shapes
             r = best_of(args.repeats, lambda: generate(compiled, ps, args.new, cuda_graph=True))  # noqa: B023
-            r.decode_path += ", compiled phases" + (", chosen experts" if chosen else "")
+            r.decode_path += ", compiled phases" + (", direct experts" if direct else "")
             extra.append((r, r.tokens == eager.tokens))
         same = runs[True].tokens == eager.tokens
         if not same:
@@ -142,11 +142,11 @@ def decode_section(
     return rows + ([""] if notes else []) + sorted(notes)
 
 
-def chosen_experts(model: Transformer, on: bool) -> None:
-    """Switch a model compiled with chosen experts (`compile_phases(..., chosen_experts=True)`) between
+def direct_experts(model: Transformer, on: bool) -> None:
+    """Switch a model compiled with direct experts (`compile_phases(..., direct_experts=True)`) between
     that path at decode and the grouped one."""
     for m in model.moe_layers():
-        m.chosen_rows = rows_worth_it(m.n_experts, m.gate.top_k) if on else 0
+        m.direct_rows = direct_rows(m.n_experts, m.gate.top_k) if on else 0
 
 
 def profile_section(model: Transformer, args: argparse.Namespace, what: str = "") -> list[str]:
@@ -390,16 +390,16 @@ def main() -> None:
     compiled = None
     if args.compile:
         compiled = copy.deepcopy(model)
-        compile_phases(compiled, chosen_experts=True)
+        compile_phases(compiled, direct_experts=True)
     decode_rows = decode_section(model, args, failures, compiled)
     parts = [header, "", *decode_rows, "", *cache_section(model, args)]
     if args.profile_top:
         runs = [(model, False, "")]
         if compiled is not None:
-            runs += [(compiled, False, " (compiled phases)"), (compiled, True, " (compiled, chosen experts)")]
-        for m, chosen, what in runs:
+            runs += [(compiled, False, " (compiled phases)"), (compiled, True, " (compiled, direct experts)")]
+        for m, direct, what in runs:
             if m is compiled:
-                chosen_experts(m, chosen)
+                direct_experts(m, direct)
             parts += ["", *profile_section(m, args, what)]
             print("\n".join(parts[-args.profile_top - 4 :]), flush=True)
     if compiled is not None:  # Dynamo's caches hold the compiled copy: free it before the capped sections

@@ -206,7 +206,7 @@ def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_laye
     routed experts straight from the chosen experts' weights, and the static step. Here the static step runs
     eagerly on CPU through the compiled phases: the same logits; every layer's attention served by one
     compiled graph per shape (prefill, decode): the layer's cache buffer is an argument, where an index
-    would be a constant that recompiles per layer; the decode step's 2 rows took the chosen experts (one
+    would be a constant that recompiles per layer; the decode step's 2 rows took the direct experts (one
     graph for every layer), the prefill's 12 the dispatched ones."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
@@ -219,8 +219,8 @@ def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_laye
     for compiled in (False, True):
         model = tiny("lora_q")
         if compiled:
-            assert compile_phases(model, chosen_experts=True) > 0
-            assert {m.chosen_rows for m in model.moe_layers()} == {2}
+            assert compile_phases(model, direct_experts=True) > 0
+            assert {m.direct_rows for m in model.moe_layers()} == {2}
         im = InferenceModel(model)
         cache = im.new_cache(2, 16)
         with torch.no_grad():
@@ -232,7 +232,7 @@ def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_laye
     assert rel_err(out[True], out[False]) <= TOL
     assert BASE["num_hidden_layers"] >= 3
     assert len(_debug_get_cache_entry_list(DecoderLayer.attention.__code__)) == 2
-    assert len(_debug_get_cache_entry_list(RoutedExperts.chosen.__code__)) == 1
+    assert len(_debug_get_cache_entry_list(RoutedExperts.direct.__code__)) == 1
     assert len(_debug_get_cache_entry_list(RoutedExperts.forward.__code__)) == 1
     torch._dynamo.reset()
 

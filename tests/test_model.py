@@ -112,10 +112,10 @@ def test_grouped_gemm_equals_reference():
     torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_chosen_experts_layer_equals_the_dispatched_one():
-    """A MoE layer of few rows computing each chosen expert straight from its weights (`chosen_rows`, the
+def test_direct_experts_layer_equals_the_dispatched_one():
+    """A MoE layer of few rows computing each chosen expert straight from its weights (`direct_rows`, the
     decode path of compiled phases; here uncompiled) gives the dispatched layer's output and gradients, and
-    past `chosen_rows` the layer dispatches as before."""
+    past `direct_rows` the layer dispatches as before."""
     from moe_train.model.moe import MoE
 
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def test_chosen_experts_layer_equals_the_dispatched_one():
     x = torch.randn(1, 3, 32)
     got, want = {}, {}
     for rows, out in ((3, got), (0, want)):
-        layer.chosen_rows = rows
+        layer.direct_rows = rows
         xi = x.clone().requires_grad_()
         y = layer(xi)
         y.pow(2).sum().backward()
@@ -136,7 +136,7 @@ def test_chosen_experts_layer_equals_the_dispatched_one():
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
-    layer.chosen_rows = 2  # 3 rows: dispatched again, the same values
+    layer.direct_rows = 2  # 3 rows: dispatched again, the same values
     torch.testing.assert_close(layer(x), want["y"], rtol=0, atol=0)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.chosen_experts import rows_worth_it
+from ..ops.direct_experts import direct_rows
 from .moe import MoE
 from .transformer import DecoderLayer
 
@@ -22,11 +22,11 @@ METHODS = ("attention", "finish", "_dense")  # DecoderLayer's phase callables
 MODULES = ("gate", "shared_experts", "experts")  # MoE's phase modules
 
 
-def compile_phases(model: nn.Module, chosen_experts: bool = False) -> int:
+def compile_phases(model: nn.Module, direct_experts: bool = False) -> int:
     """Compile every block's phase callables in `model`, in place; returns how many were compiled.
 
-    chosen_experts: MoE layers of few token rows (decode) compute each chosen expert straight from its
-    weights, compiled (`RoutedExperts.chosen`, ops/chosen_experts.py), up to `rows_worth_it` rows. One
+    direct_experts: MoE layers of few token rows (decode) compute each chosen expert straight from its
+    weights, compiled (`RoutedExperts.direct`, ops/direct_experts.py), up to `direct_rows` rows. One
     process, every expert local."""
     n = 0
     for m in model.modules():
@@ -40,10 +40,10 @@ def compile_phases(model: nn.Module, chosen_experts: bool = False) -> int:
                 if sub is not None:
                     sub.compile(dynamic=False)
                     n += 1
-            if chosen_experts:
+            if direct_experts:
                 if m.experts.num_local != m.n_experts:
-                    raise ValueError("chosen_experts needs every routed expert in this process")
-                m.experts.chosen = torch.compile(m.experts.chosen, dynamic=False)
-                m.chosen_rows = rows_worth_it(m.n_experts, m.gate.top_k)
+                    raise ValueError("direct_experts needs every routed expert in this process")
+                m.experts.direct = torch.compile(m.experts.direct, dynamic=False)
+                m.direct_rows = direct_rows(m.n_experts, m.gate.top_k)
                 n += 1
     return n

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.chosen_experts import chosen_experts_swiglu
+from ..ops.direct_experts import direct_experts_swiglu
 from ..ops.fused import swiglu_act
 from ..ops.grouped_gemm import Activation, Taps, expert_swiglu
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
@@ -120,10 +120,10 @@ class RoutedExperts(Recomputable, nn.Module):
             act = functools.partial(maybe_checkpoint, True, act)
         return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, act, taps)
 
-    def chosen(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    def direct(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """(N, H) token rows → their gate-weighted routed output, each chosen expert straight from its weights
-        (ops/chosen_experts.py: for a few rows, compiled); global expert ids, so all experts local."""
-        return chosen_experts_swiglu(x, topk_idx, topk_weight, self.gate_up_proj, self.down_proj)
+        (ops/direct_experts.py: for a few rows, compiled); global expert ids, so all experts local."""
+        return direct_experts_swiglu(x, topk_idx, topk_weight, self.gate_up_proj, self.down_proj)
 
 
 def balance_terms(routing: Routing, batch: int, seq: int, kind: str) -> torch.Tensor:
@@ -160,8 +160,8 @@ class MoE(nn.Module):
         self.balance = options.balance
         self.dispatcher: Dispatcher = LocalDispatcher()
         # token rows up to which the layer skips dispatch and computes each chosen expert straight from its
-        # weights (`RoutedExperts.chosen`); 0: never. Only compiled phases set it (model/compile.py).
-        self.chosen_rows = 0
+        # weights (`RoutedExperts.direct`); 0: never. Only compiled phases set it (model/compile.py).
+        self.direct_rows = 0
 
     def forward(self, x: torch.Tensor, stats: MoEStats | None = None) -> torch.Tensor:
         """The layer alone (B, T, H) -> (B, T, H): its phases run eagerly, routed plus shared output."""
@@ -181,8 +181,8 @@ class MoE(nn.Module):
         flat, topk_idx, topk_weight = yield Compute(
             "route", self._route, (x, stats), join=True, layer=self.layer_id
         )
-        if flat.shape[0] <= self.chosen_rows:  # a few rows (decode): no dispatch, no sort
-            routed = yield Compute("experts", self.experts.chosen, (flat, topk_idx, topk_weight), join=True)
+        if flat.shape[0] <= self.direct_rows:  # a few rows (decode): no dispatch, no sort
+            routed = yield Compute("experts", self.experts.direct, (flat, topk_idx, topk_weight), join=True)
             shared = None
             if self.shared_experts is not None:
                 shared = yield Compute("shared", self.shared_experts, (flat,))

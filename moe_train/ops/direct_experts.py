@@ -10,7 +10,7 @@ reduction, a few kernels in all. Run uncompiled, `w[topk_idx]` copies each chose
 tests hold it to the grouped path), never fast.
 
 A weight is read once per pair that chose its expert, where the grouped GEMM reads it once per layer; so
-this is for rows·top-k at most about half the experts (`rows_worth_it`). Deterministic: fixed-shape
+this is for rows·top-k at most about half the experts (`direct_rows`). Deterministic: fixed-shape
 reductions, no atomics.
 """
 
@@ -21,14 +21,14 @@ import torch
 from .fused import swiglu_plain
 
 
-def rows_worth_it(n_experts: int, top_k: int) -> int:
-    """Token rows up to which the chosen-experts path serves a layer: rows·top-k pairs at most half the
+def direct_rows(n_experts: int, top_k: int) -> int:
+    """Token rows up to which the direct path serves a layer: rows·top-k pairs at most half the
     experts, so the pairs' weight reads stay below the grouped GEMM's (one read of every chosen expert)
     by a margin that pays for its sort, gathers and sums."""
     return max(1, n_experts // (2 * top_k))
 
 
-def chosen_experts_swiglu(
+def direct_experts_swiglu(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     topk_weight: torch.Tensor,
