@@ -181,7 +181,7 @@ class MoE(nn.Module):
         flat, topk_idx, topk_weight = yield Compute(
             "route", self._route, (x, stats), join=True, layer=self.layer_id
         )
-        if flat.shape[0] <= self.direct_rows:  # a few rows (decode): no dispatch, no sort
+        if 0 < flat.shape[0] <= self.direct_rows:  # a few rows (decode): no dispatch, no sort
             routed = yield Compute("experts", self.experts.direct, (flat, topk_idx, topk_weight), join=True)
             shared = None
             if self.shared_experts is not None:
