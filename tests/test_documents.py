@@ -91,8 +91,8 @@ def test_ragged_entries_with_padding_give_the_dense_masks_attention():
 
 def test_cudnn_ragged_entries_and_kernel_stay_out_of_compiled_attention(monkeypatch):
     """`trainer.compile=phases` compiles the attention around the document mask: the ragged entries are
-    built in Python from host lengths and the kernel is a cuDNN call, so both run outside the compiled
-    graph; traced, every new set of document lengths would recompile the attention. Here on CPU, with
+    built once per micro-batch and the kernel is a cuDNN call, so both run outside the compiled graph;
+    traced, every new capacity would recompile the attention. Here on CPU, with
     the cuDNN path switched on and its kernel call replaced by a plain-torch stand-in."""
     import torch._dynamo.testing
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.direct_experts import direct_rows
-from .moe import MoE
+from .moe import MoE, RoutedExperts
 from .transformer import DecoderLayer
 
 METHODS = ("attention", "finish", "_dense")  # DecoderLayer's phase callables
@@ -41,8 +41,11 @@ def compile_phases(model: nn.Module, direct_experts: bool = False) -> int:
                     sub.compile(dynamic=False)
                     n += 1
             if direct_experts:
-                if m.experts.num_local != m.n_experts:
-                    raise ValueError("direct_experts needs every routed expert in this process")
+                if not isinstance(m.experts, RoutedExperts) or m.experts.num_local != m.n_experts:
+                    raise ValueError(
+                        "direct_experts needs every routed expert in this process, resident (no expert "
+                        "parallelism, no offloaded experts)"
+                    )
                 m.experts.direct = torch.compile(m.experts.direct, dynamic=False)
                 m.direct_rows = direct_rows(m.n_experts, m.gate.top_k)
                 n += 1

@@ -80,3 +80,9 @@ class Documents:
         """[B, T-k] bool: position i and position i+k lie in one document (an MTP depth-k target is
         predicted within its document only)."""
         return self.ids[:, k:] == self.ids[:, :-k]
+
+
+def ragged_possible(device: torch.device) -> bool:
+    """Whether `Documents.mask` may take cuDNN's ragged entries on `device` (with half-precision compute):
+    where it may, a micro-batch's entries capacity shapes its work."""
+    return ragged_available(device, torch.bfloat16)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ...model.documents import Documents
+from ...model.documents import Documents, ragged_possible
 from ...model.stats import RouterRecord
 from .schedules import Kind, Schedule
 
@@ -52,13 +52,15 @@ def one_stage_order(schedule: Schedule, rank: int) -> bool:
     )
 
 
-def _variant(docs: Documents | None) -> tuple:
+def _variant(docs: Documents | None, ragged: bool) -> tuple:
     """What decides a micro-batch's control flow and shapes besides the tokens' shape: plain causal rows,
-    rows of one document, or document masks with or without restarted positions."""
+    rows of one document, or document masks with or without restarted positions, and where cuDNN's ragged
+    kernel may run (`ragged`), the capacity of its entries, which fixes their shapes."""
     if docs is None:
         return ("causal",)
-    # the capacity fixes the shapes of cuDNN's ragged entries (ops/cudnn_attention.py)
-    return ("single",) if docs.single else ("masked", docs.positions is not None, docs.capacity)
+    if docs.single:
+        return ("single",)
+    return ("masked", docs.positions is not None, docs.capacity if ragged else None)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class GraphedMicroBatch:
     def __init__(self, executor: Executor, capture: bool, warmup: int = 2) -> None:
         self.executor, self.capture, self.warmup = executor, capture, max(warmup, 1)
         self.stage = next(iter(executor.stages))
+        self.ragged = ragged_possible(next(executor.stages[self.stage].parameters()).device)
         self.calls: dict[tuple, int] = {}
         self.captured: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None  # shared: never replayed at once
@@ -84,7 +87,7 @@ class GraphedMicroBatch:
 
     def __call__(self, run: Run, mb: int) -> None:
         docs = run.segment(run.micro[mb][:, :-1])
-        key = (tuple(run.micro[mb].shape), *_variant(docs))
+        key = (tuple(run.micro[mb].shape), *_variant(docs, self.ragged))
         if key not in self.captured:
             self.calls[key] = self.calls.get(key, 0) + 1
             if self.calls[key] <= self.warmup:
