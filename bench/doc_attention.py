@@ -295,8 +295,11 @@ def main() -> None:
         static = first.clone()
 
         def body() -> list[torch.Tensor]:  # reads nothing on the host: the capacity is fixed
-            out = document_attention(q, k, v, ragged_docs(static, capacity), scale)
-            return [out.detach(), *torch.autograd.grad(out, (q, k, v), go)]
+            # inputs made inside the capture, as a step's are: leaves made outside it, on the default stream,
+            # would have the backward sync with that stream, which a capture forbids
+            x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out = document_attention(*x, ragged_docs(static, capacity), scale)
+            return [out.detach(), *torch.autograd.grad(out, x, go)]
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -304,7 +307,7 @@ def main() -> None:
             body()  # warm-up: the graphs of this capacity are built outside the capture
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # as the trainer captures
             captured = body()
         static.copy_(second)
         graph.replay()

@@ -89,6 +89,22 @@ def test_ragged_entries_with_padding_give_the_dense_masks_attention():
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_packing_for_the_ragged_kernel_passes_its_gradient_back_as_a_view():
+    """q, k, v go token-major with zero spare rows, and their gradients come back as views of the packed
+    gradients: no copy in backward (copies into slices under autograd cloned the whole packed gradient)."""
+    from moe_train.ops.cudnn_attention import _Packed
+
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    packed = _Packed.apply(x, 7)
+    assert packed.shape == (2 * 5 + 7, 3, 4)
+    assert torch.equal(packed[:10].view(2, 5, 3, 4), x.transpose(1, 2))
+    assert not packed[10:].any()
+    g = torch.randn_like(packed)
+    (gx,) = torch.autograd.grad(packed, x, g)
+    assert gx.data_ptr() == g.data_ptr()
+    assert torch.equal(gx, g[:10].view(2, 5, 3, 4).transpose(1, 2))
+
+
 def test_cudnn_ragged_entries_and_kernel_stay_out_of_compiled_attention(monkeypatch):
     """`trainer.compile=phases` compiles the attention around the document mask: the ragged entries are
     built once per micro-batch and the kernel is a cuDNN call, so both run outside the compiled graph;

@@ -236,6 +236,26 @@ class _RaggedAttention(torch.autograd.Function):
         return dq, dk, dvv, None, None
 
 
+class _Packed(torch.autograd.Function):
+    """x [B, H, T, d] → token-major [B·T + spare, H, d], the spare rows zero. Its own function so that the
+    gradient is a view of the packed gradient: copying into slices of an empty tensor under autograd would
+    record in-place copies whose backward clones the whole packed gradient once per copy."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, spare: int) -> torch.Tensor:
+        B, H, T, d = x.shape
+        out = torch.empty(B * T + spare, H, d, dtype=x.dtype, device=x.device)
+        out[: B * T].view(B, T, H, d).copy_(x.transpose(1, 2))
+        out[B * T :].zero_()
+        ctx.shape = (B, H, T, d)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        B, H, T, d = ctx.shape
+        return g[: B * T].view(B, T, H, d).transpose(1, 2), None
+
+
 @torch.compiler.disable
 def ragged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: RaggedDocs, scale: float
@@ -243,13 +263,6 @@ def ragged_attention(
     """q, k: [rows, H, T, d_qk]; v: [rows, H, T, d_v] (fp16 or bf16, CUDA) → [rows, H, T, d_v], each
     position attending to earlier positions of its own document."""
     B, H, T, _ = q.shape
-    N = B * T
-
-    def packed(x: torch.Tensor) -> torch.Tensor:  # token-major [N + capacity, H, d], spare rows zero
-        out = torch.empty(docs.packed_rows, H, x.shape[-1], dtype=x.dtype, device=x.device)
-        out[:N].view(B, T, H, -1).copy_(x.transpose(1, 2))
-        out[N:].zero_()
-        return out
-
-    o = _RaggedAttention.apply(packed(q), packed(k), packed(v), docs, scale)
-    return o[:N].view(B, T, H, -1).transpose(1, 2)
+    spare = docs.packed_rows - B * T
+    o = _RaggedAttention.apply(*(_Packed.apply(x, spare) for x in (q, k, v)), docs, scale)
+    return o[: B * T].view(B, T, H, -1).transpose(1, 2)
