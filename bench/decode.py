@@ -390,7 +390,7 @@ def main() -> None:
     compiled = None
     if args.compile:
         compiled = copy.deepcopy(model)
-        compile_phases(compiled, direct_experts=True)
+        compile_phases(compiled, direct_experts=True, tuned=True)  # as generate --compile does
     decode_rows = decode_section(model, args, failures, compiled)
     parts = [header, "", *decode_rows, "", *cache_section(model, args)]
     if args.profile_top:

@@ -76,8 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile each block's phases: fuses a step's norms, router and elementwise work "
-        "(the first steps of each batch shape compile); one CUDA process, weights resident",
+        help="torch.compile each block's phases: fuses a step's norms, router and elementwise work, "
+        "and a decode step's routed experts read straight from the chosen experts' weights (the first "
+        "steps of each batch shape compile); one CUDA process, weights resident",
     )
     p.add_argument(
         "--offload", choices=OFFLOAD_DEVICES, default=None, help="ZeRO-Inference: weights in CPU RAM / NVMe"
@@ -148,7 +149,7 @@ def main(
         raise SystemExit(f"{args.checkpoint} has no tokenizer.json: pass --tokenizer tokenizer.json")
     model = loaded.model
     if args.compile:
-        compile_phases(model)
+        compile_phases(model, direct_experts=True, tuned=True)
     where = f", weights offloaded to {args.offload}" if args.offload else ""
     where += f", over {ranks} ranks (tp={args.tp}, ep={args.ep})" if ranks > 1 else ""
     err.write(f"loaded {loaded.source} (MTP layers are not used for generation{where})\n")

@@ -203,8 +203,9 @@ def test_static_decode_step_equals_dynamic_decode(absorb):
 @pytest.mark.slow
 def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_layers():
     """Compiled decode on CUDA: each block's phases compiled (model/compile.py, as `generate --compile` does),
-    here with the decode step's routed experts straight from the chosen experts' weights
-    (`direct_experts=True`, as bench/decode.py runs it), and the static step. Here the static step runs
+    with the decode step's routed experts straight from the chosen experts' weights and the kernels tuned
+    (`direct_experts=True, tuned=True`, as generate --compile and bench/decode.py run it), and the static
+    step. Here the static step runs
     eagerly on CPU through the compiled phases: the same logits; every layer's attention served by one
     compiled graph per shape (prefill, decode): the layer's cache buffer is an argument, where an index
     would be a constant that recompiles per layer; the decode step's 2 rows took the direct experts (one
@@ -220,7 +221,7 @@ def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_laye
     for compiled in (False, True):
         model = tiny("lora_q")
         if compiled:
-            assert compile_phases(model, direct_experts=True) > 0
+            assert compile_phases(model, direct_experts=True, tuned=True) > 0
             assert {m.direct_rows for m in model.moe_layers()} == {2}
         im = InferenceModel(model)
         cache = im.new_cache(2, 16)

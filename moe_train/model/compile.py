@@ -22,23 +22,26 @@ METHODS = ("attention", "finish", "_dense")  # DecoderLayer's phase callables
 MODULES = ("gate", "shared_experts", "experts")  # MoE's phase modules
 
 
-def compile_phases(model: nn.Module, direct_experts: bool = False) -> int:
+def compile_phases(model: nn.Module, direct_experts: bool = False, tuned: bool = False) -> int:
     """Compile every block's phase callables in `model`, in place; returns how many were compiled.
 
     direct_experts: MoE layers of few token rows (decode) compute each chosen expert straight from its
     weights, compiled (`RoutedExperts.direct`, ops/direct_experts.py), up to `direct_rows` rows. One
-    process, every expert local."""
+    process, every expert local.
+    tuned: Inductor tunes each generated GPU kernel's launch by coordinate descent (a longer compile): a
+    decode step is dozens of small reductions and GEMVs whose default tiles leave bandwidth unused."""
+    options = {"coordinate_descent_tuning": True} if tuned else None
     n = 0
     for m in model.modules():
         if isinstance(m, DecoderLayer):
             for name in METHODS:
-                setattr(m, name, torch.compile(getattr(m, name), dynamic=False))
+                setattr(m, name, torch.compile(getattr(m, name), dynamic=False, options=options))
                 n += 1
         elif isinstance(m, MoE):
             for name in MODULES:
                 sub = getattr(m, name, None)
                 if sub is not None:
-                    sub.compile(dynamic=False)
+                    sub.compile(dynamic=False, options=options)
                     n += 1
             if direct_experts:
                 if not isinstance(m.experts, RoutedExperts) or m.experts.num_local != m.n_experts:
@@ -46,7 +49,7 @@ def compile_phases(model: nn.Module, direct_experts: bool = False) -> int:
                         "direct_experts needs every routed expert in this process, resident (no expert "
                         "parallelism, no offloaded experts)"
                     )
-                m.experts.direct = torch.compile(m.experts.direct, dynamic=False)
+                m.experts.direct = torch.compile(m.experts.direct, dynamic=False, options=options)
                 m.direct_rows = direct_rows(m.n_experts, m.gate.top_k)
                 n += 1
     return n
