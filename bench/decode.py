@@ -9,9 +9,9 @@ bf16 weights with fp32 routers (as `load_for_inference` loads them), greedy deco
 Sections (every number comes from `moe_train.infer.generate`, the API the CLI uses):
 1. decode at each --batches, eager and with `cuda_graph=True`; graph tokens must equal eager tokens
    (asserted: same kernels, launched differently), prefill tokens/s of the same runs; with --compile also
-   the graph of a copy whose phases are compiled (`generate --compile`; its tokens are reported against
-   eager's, not asserted: fused kernels round differently), without and with the direct-experts path
-   (ops/direct_experts.py), and their steps under the profiler;
+   the graph of a copy whose phases are compiled with tuned kernels (`generate --compile`; its tokens are
+   reported against eager's, not asserted: fused kernels round differently), without and with the
+   direct-experts path (ops/direct_experts.py), and their steps under the profiler;
 2. KV-cache bytes of the latent cache (allocated, measured) against a standard MHA cache of the same heads
    (2·n_h·d_h values per token per layer, computed);
 3. ZeRO-Inference with the weights in CPU memory, the GPU capped at --budget-gib by
