@@ -253,7 +253,7 @@ class _Packed(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
         B, H, T, d = ctx.shape
-        return g[: B * T].view(B, T, H, d).transpose(1, 2), None
+        return g[: B * T].reshape(B, T, H, d).transpose(1, 2), None  # a view where g is contiguous
 
 
 @torch.compiler.disable
