@@ -9,7 +9,8 @@
 3. Routed experts of DeepSeek-V3 shape (hidden 7168, expert width 2048, 32 experts, SwiGLU; 65,536 rows,
    expert i getting rows ∝ 1/√(i+1), fixed seed), forward + backward: bf16 `torch._grouped_mm` (the bf16
    path) against FP8 with the recipe's scaling: the per-expert loop of `fp8_linear` (the reference
-   semantics) and `expert_swiglu_fp8` (every cast once over all rows; what FP8 training runs).
+   semantics) and `expert_swiglu_fp8` (every cast once over all rows; what FP8 training runs) with a
+   GEMM per expert, and with DeepGEMM's grouped GEMMs where `deep_gemm` is installed (ops/fp8_experts.py).
    `--grouped` adds torch's `_scaled_grouped_mm` with row-wise scales, forward only, as a raw kernel rate;
    `--profile` prints torch.profiler's top ops for one step of `expert_swiglu_fp8`. `--parts` picks sections.
 4. `--parts shapes`: every distinct GEMM shape FP8 runs in a model (`--model`, train.py overrides), its FP8
@@ -30,12 +31,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moe_train.ops.fp8 as fp8_ops  # noqa: E402
+import moe_train.ops.fp8_experts as fp8_experts  # noqa: E402
 from bench.common import emit, median_ms  # noqa: E402
 from moe_train.ops.fp8 import (  # noqa: E402
     blockwise_mm,
     cast_blocks,
     cast_tiles,
-    expert_swiglu_fp8,
     fp8_linear,
     fp8_mm,
     scaled_mm_available,
@@ -257,7 +258,17 @@ def experts(
         return expert_swiglu_reference(x, c, a, b, linear=fp8_linear)
 
     def fp8(x, c, a, b):  # noqa: ANN001, ANN202 - what FP8 training runs
-        return expert_swiglu_fp8(x, c, a, b, act=swiglu_fp8_cached)
+        return fp8_experts.expert_swiglu_fp8(x, c, a, b, act=swiglu_fp8_cached)
+
+    deep_gemm = fp8_experts.deep_gemm_available(x)
+
+    def fp8_per_expert(x, c, a, b):  # noqa: ANN001, ANN202 - the grouped casts with a GEMM per expert
+        chosen = fp8_experts.deep_gemm_available
+        fp8_experts.deep_gemm_available = lambda t: False
+        try:
+            return fp8(x, c, a, b)
+        finally:
+            fp8_experts.deep_gemm_available = chosen
 
     flops = 6 * rows * 3 * hidden * width
     out = [
@@ -269,8 +280,10 @@ def experts(
     variants = [
         ("bf16 grouped_mm", bf16),
         ("fp8 per-expert loop", fp8_loop),
-        ("fp8 grouped casts (recipe)", fp8),
+        ("fp8 grouped casts, a GEMM per expert", fp8_per_expert),
     ]
+    if deep_gemm:
+        variants.append(("fp8 grouped casts, DeepGEMM grouped GEMMs", fp8))
     if device == "cuda":
         try:
             from torchao.prototype.moe_training.fp8_grouped_mm import (

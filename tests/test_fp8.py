@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from deep_gemm_twin import deep_gemm_twin  # noqa: F401 - a fixture
 
 from moe_train.model.moe import MoE
 from moe_train.ops.fp8 import (
@@ -199,7 +200,8 @@ def test_grouped_fp8_experts_equal_the_per_expert_loop():
     """`expert_swiglu_fp8` (every cast once over all rows, groups padded to 128) gives the per-expert loop of
     `fp8_linear` products on rows as FP8 dispatch delivers them bit for bit — outputs, input and weight
     gradients — with empty experts, groups of fewer and more than 128 rows, and the FP8-cached SwiGLU."""
-    from moe_train.ops.fp8 import expert_swiglu_fp8, fp8_roundtrip, swiglu_fp8_cached
+    from moe_train.ops.fp8 import fp8_roundtrip, swiglu_fp8_cached
+    from moe_train.ops.fp8_experts import expert_swiglu_fp8
     from moe_train.ops.grouped_gemm import expert_swiglu_reference
 
     g = torch.Generator().manual_seed(5)
@@ -226,6 +228,33 @@ def test_grouped_fp8_experts_equal_the_per_expert_loop():
     y = expert_swiglu(leaves[0], torch.zeros(5, dtype=torch.long), leaves[1], leaves[2], impl="fp8")
     grads = torch.autograd.grad(y.sum(), leaves[1:])
     assert y.shape == (0, 2 * TILE) and all(g is not None and not g.any() for g in grads)
+
+
+@pytest.mark.usefixtures("deep_gemm_twin")
+def test_deep_gemm_grouped_experts_equal_the_per_expert_loop(monkeypatch):
+    """The FP8 experts through DeepGEMM's grouped GEMMs (here its CPU twin: tests/deep_gemm_twin.py) give the
+    per-expert loop's outputs, input and weight gradients bit for bit, with an empty expert and groups of
+    fewer and more than 128 rows: the row groups, the transposed weight's blocks and Wgrad's per-group
+    blocks are laid out as the kernels read them."""
+    from moe_train.ops import fp8_experts
+    from moe_train.ops.fp8 import swiglu_fp8_cached
+
+    g = torch.Generator().manual_seed(6)
+    counts = torch.tensor([100, 0, 200, 1, 128])
+    x = torch.randn(int(counts.sum()), 2 * TILE, generator=g).bfloat16()
+    wgu = (torch.randn(5, 2 * TILE, 2 * TILE, generator=g) / 16).bfloat16()
+    wd = (torch.randn(5, 2 * TILE, TILE, generator=g) / 16).bfloat16()
+    go = torch.randn(x.shape, generator=g).bfloat16()
+    results = []
+    for available in (True, False):
+        monkeypatch.setattr(fp8_experts, "deep_gemm_available", lambda x, on=available: on)
+        leaves = [t.clone().requires_grad_() for t in (x, wgu, wd)]
+        y = fp8_experts.expert_swiglu_fp8(leaves[0], counts, leaves[1], leaves[2], act=swiglu_fp8_cached)
+        results.append([y.detach(), *torch.autograd.grad(y, leaves, go)])
+    # two projections: Fprop and Dgrad m-grouped each, Wgrad k-grouped each
+    assert fp8_experts._deep_gemm().calls == {"m_grouped": 4, "k_grouped": 2}
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
 
 
 # Layout invariance with FP8 on: 128-wide expert and hidden dims so that the experts and most dense linears

@@ -5,7 +5,7 @@ the routed experts in FP8, and keeps the embedding, the output head, the gating 
 higher precision. A linear whose dims do not tile by 128 stays bf16. `convert_to_fp8` swaps the forward of
 every eligible `nn.Linear` for the FP8 one (parameter names and dtypes unchanged, so checkpoints, masters and
 optimizer state see nothing), has the routed experts compute their two projections as grouped FP8 GEMMs
-(`ops.fp8.expert_swiglu_fp8`) and keep their SwiGLU input as FP8 tiles for backward, and reports
+(`ops.fp8_experts.expert_swiglu_fp8`) and keep their SwiGLU input as FP8 tiles for backward, and reports
 the share of the recipe's GEMM multiply-adds that now run in FP8.
 """
 

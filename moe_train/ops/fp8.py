@@ -18,7 +18,6 @@ A GEMM whose K or N is not a multiple of 128 has no such tiling; callers keep it
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -300,70 +299,6 @@ class _FP8Linear(torch.autograd.Function):
         dx = k.mm(k.act(dy), k.weight_t(w), ctx.x_dtype)  # Dgrad: K of this GEMM is N
         dw = k.mm(k.act_tokens_t(dy), (qx, sx), w.dtype)  # Wgrad: K is the tokens
         return dx, dw
-
-
-class _FP8GroupedLinear(torch.autograd.Function):
-    """y[rows of group e] = x[rows of group e] @ w[e].T for rows grouped by expert, each group padded to a
-    multiple of 128 (`bounds`: the groups' row ranges, on the host): `_FP8Linear`'s three GEMMs per group,
-    with every cast made once over all rows (the groups' 1×128 tiles are the same, and the token tiles of
-    Wgrad never straddle a group)."""
-
-    @staticmethod
-    def forward(ctx, x, w, bounds):  # noqa: ANN001, ANN205 - x [M, K], w [E, N, K]
-        k = ctx.kernels = fp8_kernels(x)
-        a = k.act(x)
-        ctx.save_for_backward(*k.act_tokens(x), w)
-        ctx.bounds, ctx.x_dtype = bounds, x.dtype
-        y = x.new_empty(x.shape[0], w.shape[1])
-        for e, (r0, r1) in enumerate(bounds):
-            if r1 > r0:
-                y[r0:r1] = k.mm(k.rows(a, r0, r1), k.weight(w[e]), x.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):  # noqa: ANN001, ANN205
-        qx, sx, w = ctx.saved_tensors
-        k = ctx.kernels
-        dy = dy.contiguous()
-        a, a_t = k.act(dy), k.act_tokens_t(dy)
-        dx = dy.new_zeros(dy.shape[0], w.shape[2], dtype=ctx.x_dtype)
-        dw = torch.zeros_like(w)
-        for e, (r0, r1) in enumerate(ctx.bounds):
-            if r1 > r0:
-                dx[r0:r1] = k.mm(k.rows(a, r0, r1), k.weight_t(w[e]), ctx.x_dtype)
-                dw[e] = k.mm(k.tokens_a(a_t, r0, r1), k.tokens_b((qx, sx), r0, r1), w.dtype)
-        return dx, dw, None
-
-
-def expert_swiglu_fp8(
-    x: torch.Tensor,
-    counts: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    act: Callable = swiglu_act,
-    taps: list | None = None,
-) -> torch.Tensor:
-    """`ops.grouped_gemm.expert_swiglu` with both projections in FP8 (`_FP8GroupedLinear`). The rows (sorted
-    by expert) are taken as FP8 dispatch delivers them (`fp8_roundtrip`) in every layout, so that Wgrad's
-    token tiles are cut from the same values with or without an exchange, and are spread to groups padded
-    to multiples of 128, so that each expert's token tiles are its own: this equals the per-expert loop
-    (`expert_swiglu_reference` with `fp8_linear`) on those rows."""
-    sizes = counts.tolist()
-    x = fp8_roundtrip(x)
-    bounds, start, shifts = [], 0, []
-    for size, taken in zip(sizes, itertools.accumulate([0, *sizes]), strict=False):
-        bounds.append((start, start + -(-size // TILE) * TILE))
-        shifts.append(start - taken)  # how far this expert's rows move
-        start = bounds[-1][1]
-    dest = torch.arange(x.shape[0]) + torch.tensor(shifts).repeat_interleave(torch.tensor(sizes))
-    dest = dest.to(x.device)
-    x_p = x.new_zeros(start, x.shape[1]).index_copy(0, dest, x)
-    gu = _FP8GroupedLinear.apply(x_p, w_gate_up, bounds)
-    g, u = gu.chunk(2, dim=-1)
-    y = _FP8GroupedLinear.apply(act(g, u), w_down, bounds)
-    if taps is not None:
-        taps += [(gu, w_gate_up), (y, w_down)]
-    return y[dest]
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .fp8 import expert_swiglu_fp8, fp8_linear
+from .fp8 import fp8_linear
+from .fp8_experts import expert_swiglu_fp8
 from .fused import swiglu_act
 
 # (projection output, its weight) pairs a caller may ask for: a deferred weight-gradient pass starts from
@@ -106,7 +107,7 @@ def expert_swiglu(
     taps: Taps | None = None,
 ) -> torch.Tensor:
     """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference | fp8 (both projections as FP8
-    GEMMs by DeepSeek-V3's recipe, `ops.fp8.expert_swiglu_fp8`, on any device).
+    GEMMs by DeepSeek-V3's recipe, `ops.fp8_experts.expert_swiglu_fp8`, on any device).
 
     x may end in padding rows past the counts' sum (a fixed-size buffer, parallel/dispatch/bounded.py): the
     grouped GEMM never computes them, and the paths that read the counts on the host give them zero rows.

@@ -1,0 +1,168 @@
+"""The routed experts in FP8 (DeepSeek-V3's recipe, ops/fp8.py): rows grouped by expert, each group padded to
+128 rows, both projections' three GEMMs per group.
+
+Two implementations of a grouped FP8 linear, with the same operands and the same semantics:
+- `_FP8GroupedLinear`: one block-scaled GEMM per expert (`fp8_kernels(x).mm`: `torch._scaled_mm` on SM90,
+  `blockwise_mm` elsewhere), every cast made once over all rows. It runs everywhere and is the reference.
+- `_DeepGEMMGroupedLinear`: one kernel per GEMM for all experts, through DeepGEMM (deepseek-ai/DeepGEMM,
+  DeepSeek's kernel library for this recipe), where it is installed on an SM90 GPU. Neither torch nor torchao
+  has a grouped GEMM with the recipe's 1×128 / 128×128 scales for SM90, and the per-expert loop's GEMMs are
+  each too small to fill the GPU. DeepGEMM's Fprop and Dgrad are m-grouped GEMMs over the 128-row groups (a
+  group id per row); its SM90 Wgrad is a k-grouped GEMM reducing over each group's rows, which reads each
+  group's operands as their own K-major block, laid out here. The CPU tests hold this path to the loop
+  through a plain-torch twin of DeepGEMM's two calls (tests/deep_gemm_twin.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .fp8 import REFERENCE, TILE, cast_blocks, fp8_kernels, fp8_roundtrip
+from .fused import swiglu_act
+
+
+class _FP8GroupedLinear(torch.autograd.Function):
+    """y[rows of group e] = x[rows of group e] @ w[e].T for rows grouped by expert, each group padded to a
+    multiple of 128 (`bounds`: the groups' row ranges, on the host): `_FP8Linear`'s three GEMMs per group,
+    with every cast made once over all rows (the groups' 1×128 tiles are the same, and the token tiles of
+    Wgrad never straddle a group)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bounds):  # noqa: ANN001, ANN205 - x [M, K], w [E, N, K]
+        k = ctx.kernels = fp8_kernels(x)
+        a = k.act(x)
+        ctx.save_for_backward(*k.act_tokens(x), w)
+        ctx.bounds, ctx.x_dtype = bounds, x.dtype
+        y = x.new_empty(x.shape[0], w.shape[1])
+        for e, (r0, r1) in enumerate(bounds):
+            if r1 > r0:
+                y[r0:r1] = k.mm(k.rows(a, r0, r1), k.weight(w[e]), x.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        qx, sx, w = ctx.saved_tensors
+        k = ctx.kernels
+        dy = dy.contiguous()
+        a, a_t = k.act(dy), k.act_tokens_t(dy)
+        dx = dy.new_zeros(dy.shape[0], w.shape[2], dtype=ctx.x_dtype)
+        dw = torch.zeros_like(w)
+        for e, (r0, r1) in enumerate(ctx.bounds):
+            if r1 > r0:
+                dx[r0:r1] = k.mm(k.rows(a, r0, r1), k.weight_t(w[e]), ctx.x_dtype)
+                dw[e] = k.mm(k.tokens_a(a_t, r0, r1), k.tokens_b((qx, sx), r0, r1), w.dtype)
+        return dx, dw, None
+
+
+@functools.cache
+def _deep_gemm() -> Any:
+    try:
+        return importlib.import_module("deep_gemm")
+    except Exception:  # noqa: BLE001 - absent, or built for another torch: the loop serves
+        return None
+
+
+def deep_gemm_available(x: torch.Tensor) -> bool:
+    """Whether DeepGEMM runs x's grouped FP8 GEMMs: bf16 rows (its outputs are bf16) on an SM90 GPU with
+    `deep_gemm` installed, whose contiguous layout's group alignment divides the recipe's 128-row groups."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9):
+        return False
+    dg = _deep_gemm()
+    return dg is not None and TILE % dg.get_mk_alignment_for_contiguous_layout() == 0
+
+
+def _blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's w [E, N, K] in 128×128 blocks at once (N divides by 128, so no block straddles two
+    experts): E4M3 values [E, N, K] and scales [E, N/128, K/128]."""
+    e, n, k = w.shape
+    q, s = cast_blocks(w.reshape(e * n, k))
+    return q.view(e, n, k), s.view(e, n // TILE, k // TILE)
+
+
+def _group_blocks(
+    t: tuple[torch.Tensor, torch.Tensor], bounds: list[tuple[int, int]]
+) -> tuple[torch.Tensor, ...]:
+    """A Wgrad operand tiled along the tokens, (values [C, M], scales [C, M/128]), as DeepGEMM's SM90
+    k-grouped GEMM reads it: each group's columns [C, r1 - r0] as a K-major block of its own, the blocks one
+    after another (flat); the scales stay [C, M/128], each group's 128-token tiles in its own columns."""
+    q, s = t
+    return torch.cat([q[:, r0:r1].reshape(-1) for r0, r1 in bounds]), s
+
+
+class _DeepGEMMGroupedLinear(torch.autograd.Function):
+    """`_FP8GroupedLinear` with each of its three GEMMs one DeepGEMM call for all experts. The casts are the
+    reference's (compiled on CUDA): their operands' layouts are the ones DeepGEMM's calls are written for
+    here (row-major values, scales indexed like the values' tiles; DeepGEMM lays scales out itself)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bounds):  # noqa: ANN001, ANN205 - x [M, K], w [E, N, K]
+        dg, k = _deep_gemm(), REFERENCE
+        ids = torch.cat([torch.full((r1 - r0,), e, dtype=torch.int32) for e, (r0, r1) in enumerate(bounds)])
+        ctx.ids = ids.to(x.device, non_blocking=True)  # each row's group, as the m-grouped GEMMs take it
+        ctx.save_for_backward(*k.act_tokens(x), w)
+        ctx.bounds, ctx.x_dtype = bounds, x.dtype
+        y = x.new_empty(x.shape[0], w.shape[1])
+        dg.m_grouped_fp8_gemm_nt_contiguous(k.act(x), _blocks(w), y, ctx.ids, disable_ue8m0_cast=True)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        qx, sx, w = ctx.saved_tensors
+        dg, k = _deep_gemm(), REFERENCE
+        dy = dy.contiguous()
+        dx = dy.new_empty(dy.shape[0], w.shape[2], dtype=ctx.x_dtype)
+        # Dgrad: dy @ w[e], the transposed weight's blocks being the weight's blocks transposed
+        dg.m_grouped_fp8_gemm_nt_contiguous(
+            k.act(dy), _blocks(w.transpose(1, 2).contiguous()), dx, ctx.ids, disable_ue8m0_cast=True
+        )
+        # Wgrad: dy_e.T @ x_e, reducing over each group's rows (fp32 out, added to the zeros it starts from)
+        sizes = [r1 - r0 for r0, r1 in ctx.bounds]
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        dg.k_grouped_fp8_gemm_nt_contiguous(
+            _group_blocks(k.act_tokens_t(dy), ctx.bounds),
+            _group_blocks((qx, sx), ctx.bounds),
+            dw,
+            sizes,
+            torch.tensor(sizes, dtype=torch.int32).to(w.device, non_blocking=True),
+            c=dw,
+        )
+        return dx, dw.to(w.dtype), None
+
+
+def expert_swiglu_fp8(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    act: Callable = swiglu_act,
+    taps: list | None = None,
+) -> torch.Tensor:
+    """`ops.grouped_gemm.expert_swiglu` with both projections in FP8 (`_DeepGEMMGroupedLinear` where DeepGEMM
+    runs, else `_FP8GroupedLinear`). The rows (sorted by expert) are taken as FP8 dispatch delivers them
+    (`fp8_roundtrip`) in every layout, so that Wgrad's token tiles are cut from the same values with or
+    without an exchange, and are spread to groups padded to multiples of 128, so that each expert's token
+    tiles are its own: this equals the per-expert loop (`expert_swiglu_reference` with `fp8_linear`) on those
+    rows."""
+    sizes = counts.tolist()
+    x = fp8_roundtrip(x)
+    bounds, start, shifts = [], 0, []
+    for size, taken in zip(sizes, itertools.accumulate([0, *sizes]), strict=False):
+        bounds.append((start, start + -(-size // TILE) * TILE))
+        shifts.append(start - taken)  # how far this expert's rows move
+        start = bounds[-1][1]
+    dest = torch.arange(x.shape[0]) + torch.tensor(shifts).repeat_interleave(torch.tensor(sizes))
+    dest = dest.to(x.device)
+    x_p = x.new_zeros(start, x.shape[1]).index_copy(0, dest, x)
+    linear = _DeepGEMMGroupedLinear if deep_gemm_available(x) else _FP8GroupedLinear
+    gu = linear.apply(x_p, w_gate_up, bounds)
+    g, u = gu.chunk(2, dim=-1)
+    y = linear.apply(act(g, u), w_down, bounds)
+    if taps is not None:
+        taps += [(gu, w_gate_up), (y, w_down)]
+    return y[dest]
