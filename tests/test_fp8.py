@@ -196,6 +196,17 @@ def test_conversion_runs_the_eligible_linears_in_fp8_and_counts_the_rest():
     assert all(m.experts.impl == "auto" for m in small_model.modules() if isinstance(m, MoE))
 
 
+def _experts_case(seed: int) -> tuple[torch.Tensor, ...]:
+    """Counts with an empty expert and groups of fewer and more than 128 rows; rows, the two projections'
+    weights and an output gradient, bf16."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor([100, 0, 200, 1, 128])
+    x = torch.randn(int(counts.sum()), 2 * TILE, generator=g).bfloat16()
+    wgu = (torch.randn(5, 2 * TILE, 2 * TILE, generator=g) / 16).bfloat16()
+    wd = (torch.randn(5, 2 * TILE, TILE, generator=g) / 16).bfloat16()
+    return counts, x, wgu, wd, torch.randn(x.shape, generator=g).bfloat16()
+
+
 def test_grouped_fp8_experts_equal_the_per_expert_loop():
     """`expert_swiglu_fp8` (every cast once over all rows, groups padded to 128) gives the per-expert loop of
     `fp8_linear` products on rows as FP8 dispatch delivers them bit for bit — outputs, input and weight
@@ -204,12 +215,7 @@ def test_grouped_fp8_experts_equal_the_per_expert_loop():
     from moe_train.ops.fp8_experts import expert_swiglu_fp8
     from moe_train.ops.grouped_gemm import expert_swiglu_reference
 
-    g = torch.Generator().manual_seed(5)
-    counts = torch.tensor([100, 0, 200, 1, 128])
-    x = torch.randn(int(counts.sum()), 2 * TILE, generator=g).bfloat16()
-    wgu = (torch.randn(5, 2 * TILE, 2 * TILE, generator=g) / 16).bfloat16()
-    wd = (torch.randn(5, 2 * TILE, TILE, generator=g) / 16).bfloat16()
-    go = torch.randn(x.shape, generator=g).bfloat16()
+    counts, x, wgu, wd, go = _experts_case(5)
     results = []
     for fn in (
         lambda *t: expert_swiglu_fp8(*t, act=swiglu_fp8_cached),
@@ -239,12 +245,7 @@ def test_deep_gemm_grouped_experts_equal_the_per_expert_loop(monkeypatch):
     from moe_train.ops import fp8_experts
     from moe_train.ops.fp8 import swiglu_fp8_cached
 
-    g = torch.Generator().manual_seed(6)
-    counts = torch.tensor([100, 0, 200, 1, 128])
-    x = torch.randn(int(counts.sum()), 2 * TILE, generator=g).bfloat16()
-    wgu = (torch.randn(5, 2 * TILE, 2 * TILE, generator=g) / 16).bfloat16()
-    wd = (torch.randn(5, 2 * TILE, TILE, generator=g) / 16).bfloat16()
-    go = torch.randn(x.shape, generator=g).bfloat16()
+    counts, x, wgu, wd, go = _experts_case(6)
     results = []
     for available in (True, False):
         monkeypatch.setattr(fp8_experts, "deep_gemm_available", lambda x, on=available: on)
