@@ -205,11 +205,10 @@ def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_laye
     """Compiled decode on CUDA: each block's phases compiled (model/compile.py, as `generate --compile` does),
     with the decode step's routed experts straight from the chosen experts' weights and the kernels tuned
     (`direct_experts=True, tuned=True`, as generate --compile and bench/decode.py run it), and the static
-    step. Here the static step runs
-    eagerly on CPU through the compiled phases: the same logits; every layer's attention served by one
-    compiled graph per shape (prefill, decode): the layer's cache buffer is an argument, where an index
-    would be a constant that recompiles per layer; the decode step's 2 rows took the direct experts (one
-    graph for every layer), the prefill's 12 the dispatched ones."""
+    step. Here the static step runs eagerly on CPU through the compiled phases: the same logits; every
+    layer's attention served by one compiled graph per shape (prefill, decode): the layer's cache buffer is
+    an argument, where an index would be a constant that recompiles per layer; the decode step's 2 rows took
+    the direct experts (one graph for every layer), the prefill's 12 the dispatched ones."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     from moe_train.model.compile import compile_phases

@@ -103,7 +103,8 @@ class _DeepGEMMGroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bounds):  # noqa: ANN001, ANN205 - x [M, K], w [E, N, K]
         dg, k = _deep_gemm(), REFERENCE
-        ids = torch.cat([torch.full((r1 - r0,), e, dtype=torch.int32) for e, (r0, r1) in enumerate(bounds)])
+        ctx.sizes = [r1 - r0 for r0, r1 in bounds]
+        ids = torch.arange(len(bounds), dtype=torch.int32).repeat_interleave(torch.tensor(ctx.sizes))
         ctx.ids = ids.to(x.device, non_blocking=True)  # each row's group, as the m-grouped GEMMs take it
         ctx.save_for_backward(*k.act_tokens(x), w)
         ctx.bounds, ctx.x_dtype = bounds, x.dtype
@@ -122,14 +123,13 @@ class _DeepGEMMGroupedLinear(torch.autograd.Function):
             k.act(dy), _blocks(w.transpose(1, 2).contiguous()), dx, ctx.ids, disable_ue8m0_cast=True
         )
         # Wgrad: dy_e.T @ x_e, reducing over each group's rows (fp32 out, added to the zeros it starts from)
-        sizes = [r1 - r0 for r0, r1 in ctx.bounds]
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         dg.k_grouped_fp8_gemm_nt_contiguous(
             _group_blocks(k.act_tokens_t(dy), ctx.bounds),
             _group_blocks((qx, sx), ctx.bounds),
             dw,
-            sizes,
-            torch.tensor(sizes, dtype=torch.int32).to(w.device, non_blocking=True),
+            ctx.sizes,
+            torch.tensor(ctx.sizes, dtype=torch.int32).to(w.device, non_blocking=True),
             c=dw,
         )
         return dx, dw.to(w.dtype), None
