@@ -208,7 +208,8 @@ def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_laye
     step. Here the static step runs eagerly on CPU through the compiled phases: the same logits; every
     layer's attention served by one compiled graph per shape (prefill, decode): the layer's cache buffer is
     an argument, where an index would be a constant that recompiles per layer; the decode step's 2 rows took
-    the direct experts (one graph for every layer), the prefill's 12 the dispatched ones."""
+    the direct experts (one graph per stage for every layer, the stages apart so the activation between them
+    is written once), the prefill's 12 the dispatched ones."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     from moe_train.model.compile import compile_phases
@@ -233,7 +234,9 @@ def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_laye
     assert rel_err(out[True], out[False]) <= TOL
     assert BASE["num_hidden_layers"] >= 3
     assert len(_debug_get_cache_entry_list(DecoderLayer.attention.__code__)) == 2
-    assert len(_debug_get_cache_entry_list(RoutedExperts.direct.__code__)) == 1
+    for stage in (RoutedExperts.direct_hidden, RoutedExperts.direct_down):
+        assert len(_debug_get_cache_entry_list(stage.__code__)) == 1
+    assert not _debug_get_cache_entry_list(RoutedExperts.direct.__code__)
     assert len(_debug_get_cache_entry_list(RoutedExperts.forward.__code__)) == 1
     torch._dynamo.reset()
 

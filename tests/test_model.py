@@ -64,6 +64,29 @@ def test_bias_changes_selection_but_not_gate_values():
     torch.testing.assert_close(biased.topk_weight, chosen / chosen.sum(-1, keepdim=True) * r.scale)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_router_choice_is_topk_with_ties_to_the_lower_expert_eager_and_compiled(groups):
+    """The router's choice is a stable sort (`top_k_stable`, which Inductor fuses where topk stays a
+    kernel of its own): the experts topk would choose, largest first, and on ties — every score equal, as
+    under a zeroed router — the lowest ids, the same compiled as eager."""
+    torch.manual_seed(0)
+    r = _router(n_group=groups, topk_group=min(groups, 2))
+    x = torch.randn(64, 128)
+    out = r(x)
+    choice = (torch.sigmoid(x @ r.weight.T) + r.e_score_correction_bias).gather(1, out.topk_idx)
+    assert torch.all(choice[:, :-1] >= choice[:, 1:])  # largest first
+    if groups == 1:
+        ref = torch.sigmoid(x @ r.weight.T).topk(r.top_k, dim=-1).indices
+        assert torch.equal(out.topk_idx, ref)
+    with torch.no_grad():
+        r.weight.zero_()
+    tied = r(x).topk_idx
+    assert torch.equal(tied, torch.arange(r.top_k).expand(64, -1))
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(r, dynamic=False)(x).topk_idx, tied)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("scale", [1.0, 2.5])
 def test_gate_weights_sum_to_scaling_factor(scale):
     r = _router(routed_scaling_factor=scale)

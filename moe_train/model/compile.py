@@ -26,8 +26,8 @@ def compile_phases(model: nn.Module, direct_experts: bool = False, tuned: bool =
     """Compile every block's phase callables in `model`, in place; returns how many were compiled.
 
     direct_experts: MoE layers of few token rows (decode) compute each chosen expert straight from its
-    weights, compiled (`RoutedExperts.direct`, ops/direct_experts.py), up to `direct_rows` rows. One
-    process, every expert local.
+    weights (`RoutedExperts.direct`, ops/direct_experts.py), up to `direct_rows` rows; its two stages are
+    compiled apart, so the activation between them is written once. One process, every expert local.
     tuned: Inductor tunes each generated GPU kernel's launch by coordinate descent (a longer compile): a
     decode step is dozens of small reductions and GEMVs whose default tiles leave bandwidth unused."""
     options = {"coordinate_descent_tuning": True} if tuned else None
@@ -49,7 +49,9 @@ def compile_phases(model: nn.Module, direct_experts: bool = False, tuned: bool =
                         "direct_experts needs every routed expert in this process, resident (no expert "
                         "parallelism, no offloaded experts)"
                     )
-                m.experts.direct = torch.compile(m.experts.direct, dynamic=False, options=options)
+                for name in ("direct_hidden", "direct_down"):
+                    stage = getattr(m.experts, name)
+                    setattr(m.experts, name, torch.compile(stage, dynamic=False, options=options))
+                    n += 1
                 m.direct_rows = direct_rows(m.n_experts, m.gate.top_k)
-                n += 1
     return n

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.direct_experts import direct_experts_swiglu
+from ..ops.direct_experts import direct_down, direct_hidden
 from ..ops.fused import swiglu_act
 from ..ops.grouped_gemm import Activation, Taps, expert_swiglu
 from .dispatch import Dispatcher, LocalDispatcher, expert_counts
@@ -53,6 +53,17 @@ class Routing:
     scores: torch.Tensor  # (N, E) fp32 affinities s (without bias)
 
 
+def top_k_stable(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries along x's last dim and their indices, largest first, ties to the lower index.
+
+    A stable descending sort where `topk` would do: over a row of experts or groups the sort is as cheap,
+    its order on ties is defined (the same choice eager, compiled, on CPU and on GPU), and Inductor lowers it
+    to a Triton kernel fused with the router's other ops, where `topk` stays an ATen kernel of its own (a
+    launch per layer in a decode step)."""
+    values, indices = x.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 class Router(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -80,15 +91,15 @@ class Router(nn.Module):
             n = choice.shape[0]
             grouped = choice.view(n, self.n_group, self.n_experts // self.n_group)
             if self.scoring == "sigmoid":
-                group_score = grouped.topk(2, dim=-1).values.sum(-1)
+                group_score = top_k_stable(grouped, 2)[0].sum(-1)
             else:
                 group_score = grouped.amax(dim=-1)
-            keep = group_score.topk(self.topk_group, dim=-1).indices
+            keep = top_k_stable(group_score, self.topk_group)[1]
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
             choice = choice.masked_fill(
                 ~group_mask.unsqueeze(-1).expand_as(grouped).reshape(n, self.n_experts), float("-inf")
             )
-        topk_idx = choice.topk(self.top_k, dim=-1).indices
+        topk_idx = top_k_stable(choice, self.top_k)[1]
         topk_weight = scores.gather(1, topk_idx)
         if self.norm_topk_prob and self.top_k > 1:
             topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
@@ -122,8 +133,17 @@ class RoutedExperts(Recomputable, nn.Module):
 
     def direct(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """(N, H) token rows → their gate-weighted routed output, each chosen expert straight from its weights
-        (ops/direct_experts.py: for a few rows, compiled); global expert ids, so all experts local."""
-        return direct_experts_swiglu(x, topk_idx, topk_weight, self.gate_up_proj, self.down_proj)
+        (ops/direct_experts.py: for a few rows, compiled); global expert ids, so all experts local. Its two
+        stages are called by attribute, so compiled phases compile each apart (model/compile.py)."""
+        return self.direct_down(self.direct_hidden(x, topk_idx), topk_idx, topk_weight)
+
+    def direct_hidden(self, x: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """(N, H) rows → (N, K, I) each chosen expert's activation (ops/direct_experts.direct_hidden)."""
+        return direct_hidden(x, topk_idx, self.gate_up_proj)
+
+    def direct_down(self, h: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """(N, K, I) activations → (N, H) gate-weighted routed output (ops/direct_experts.direct_down)."""
+        return direct_down(h, topk_idx, topk_weight, self.down_proj)
 
 
 def balance_terms(routing: Routing, batch: int, seq: int, kind: str) -> torch.Tensor:
