@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The single-GPU speed issue's `small` goal in one device call: `python train.py model=small` (its default batch)
-# at this checkout with CUDA graphs on and off, and at an old commit, alternating, each until step LAST is
-# logged; then the profiler's host against GPU-busy ms for the graphed step (bench/step_profile.py). Prints each
-# run's last losses (graphs on and off should agree) and median tokens/s after step 20.
+# at this checkout with CUDA graphs on and off, with graphs and each block's phases compiled
+# (trainer.compile=phases), and at an old commit, alternating, each until step LAST is logged; then the
+# profiler's host against GPU-busy ms for the graphed step, plain and compiled (bench/step_profile.py). Prints
+# each run's last losses (graphs on and off should agree; compiled ones round differently) and median
+# tokens/s after step 20.
 # Usage, from the repository root on the GPU machine, the old checkout unpacked in OLD_DIR as for
 # compare_commits.sh:   bash bench/host_overhead.sh OLD_DIR      (LAST: default 60; ROUNDS: default 1)
 if [ -d .whl ]; then
@@ -25,5 +27,8 @@ for round in $(seq 1 "${ROUNDS:-1}"); do
   run graphs_$round $NEW trainer.cuda_graph=true
   run old_$round $OLD
   run eager_$round $NEW trainer.cuda_graph=false
+  run compiled_$round $NEW trainer.cuda_graph=true trainer.compile=phases
 done
-PYTHONPATH=$NEW:/tmp/site timeout 200 python bench/step_profile.py model=small trainer.cuda_graph=true --steps 5 2>&1 | grep -v Warning | head -24
+for extra in "" trainer.compile=phases; do
+  PYTHONPATH=$NEW:/tmp/site timeout 200 python bench/step_profile.py model=small trainer.cuda_graph=true $extra --steps 5 2>&1 | grep -v Warning | head -24
+done
