@@ -7,8 +7,10 @@ memory-bound decode over the latent cache).  See docs/inference.md.
 
 --cuda-graph replays the decode step from a CUDA graph (falling back to eager decoding with a one-line
 reason where it cannot); --offload cpu|nvme keeps the weights off the GPU and streams them per layer
-through DeepSpeed ZeRO-Inference, for models larger than the GPU. --tp T --ep E splits the model over T·E
-processes started by `torchrun --nproc-per-node T·E` (parallel/tensor.py); rank 0 prints.
+through DeepSpeed ZeRO-Inference, for models larger than the GPU; under `torchrun --nproc-per-node W` it
+spreads the weights over the W processes, each fetching its part over its own link, and each decodes every
+W-th prompt. --tp T --ep E splits the model over T·E processes started by `torchrun --nproc-per-node T·E`
+(parallel/tensor.py). Under torchrun rank 0 prints.
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ def main(
     args = parse_args(argv)
     out, err = out or sys.stdout, err or sys.stderr
     world, ranks = int(os.environ.get("WORLD_SIZE", "1")), args.tp * args.ep
-    if ranks != world:
+    spread = bool(args.offload) and ranks == 1 and world > 1  # offloaded weights spread over the processes
+    if ranks != world and not spread:
         raise SystemExit(
             f"--tp={args.tp} --ep={args.ep} needs {ranks} processes: launch with torchrun --nproc-per-node "
             f"{ranks} (this is one of {world})"
@@ -122,11 +125,11 @@ def main(
             "--compile works with --device cuda, --tp 1 --ep 1 and without --offload (the compiled phases "
             "decode at the fixed shapes of the CUDA step)"
         )
-    if ranks > 1:
-        if args.offload:
-            raise SystemExit("--offload works with --tp 1 --ep 1 only")
+    if ranks > 1 and args.offload:
+        raise SystemExit("--offload works with --tp 1 --ep 1 only")
+    if world > 1:
         args.device = join_decode_group(args.device)
-        if dist.get_rank() != 0:  # one rank prints; every rank decodes the same tokens
+        if dist.get_rank() != 0:  # one rank prints
             out, err = io.StringIO(), io.StringIO()
     offload = None
     if args.offload:
@@ -152,18 +155,23 @@ def main(
         compile_phases(model, direct_experts=True, tuned=True)
     where = f", weights offloaded to {args.offload}" if args.offload else ""
     where += f", over {ranks} ranks (tp={args.tp}, ep={args.ep})" if ranks > 1 else ""
+    where += f", spread over {world} ranks, each decoding every {world}th prompt" if spread else ""
     err.write(f"loaded {loaded.source} (MTP layers are not used for generation{where})\n")
     prompts = [tok.encode(p) for p in args.prompt]
+    # spread: this rank's prompts; a rank with none decodes the first prompt's first token, unprinted: every
+    # rank's steps are collectives
+    mine = list(range(dist.get_rank(), len(prompts), world)) if spread else list(range(len(prompts)))
+    run_prompts = [prompts[i] for i in mine] or [prompts[0][:1]]
     stops = list(args.stop) + ([] if args.no_eod_stop else [tok.eod_id])
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    stream = TextStream(tok.decode, out, len(prompts))
+    stream = TextStream(tok.decode, out if len(prompts) == 1 else io.StringIO(), len(run_prompts))
     if len(prompts) == 1:
         out.write(args.prompt[0])
     with warnings.catch_warnings():  # report() prints the reason as one line
         warnings.simplefilter("ignore", GraphFallbackWarning)
         result = generate(
             model,
-            prompts,
+            run_prompts,
             args.max_new_tokens,
             sampling,
             stops,
@@ -175,9 +183,16 @@ def main(
         stream.flush(0, final=True)
         out.write("\n")
     else:  # a batch streams nothing (rows interleave); print each prompt with its continuation
+        tokens = dict(zip(mine, result.tokens, strict=False))
+        if spread:  # every rank's continuations, for rank 0 to print in the prompts' order
+            parts: list[dict[int, list[int]]] = [{} for _ in range(world)]
+            dist.all_gather_object(parts, tokens)
+            tokens = {i: t for part in parts for i, t in part.items()}
+        printed = TextStream(tok.decode, out, len(prompts))
+        printed.tokens = [tokens[i] for i in range(len(prompts))]
         for row, prompt in enumerate(args.prompt):
             out.write(f"--- [{row}] {prompt}")
-            stream.flush(row, final=True)
+            printed.flush(row, final=True)
             out.write("\n")
     report(result, err)
     return result

@@ -93,6 +93,75 @@ def test_zero3_cpu_offload_generates_the_resident_models_tokens(tmp_path):
     assert "weights offloaded to cpu" in res["cli_err"]
 
 
+def _spread_case(ckpt_dir: str) -> dict:
+    """On each of 2 ranks: offload the tiny model spread over both, generate this rank's own prompts (rank 1
+    fewer, and stopping at its first token, so rank 0 decodes on alone), against the resident model; then
+    the CLI's --offload under the same two ranks, with three prompts and with one."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from moe_train.infer.offload import ChosenExperts, offload_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))  # a rank left waiting fails
+    rank = dist.get_rank()
+    lengths = (3, 8) if rank == 0 else (5,)
+    prompts = [ids((1, n), seed=40 + n + 10 * rank)[0].tolist() for n in lengths]
+    first = generate(tiny(), prompts, 1).tokens[0][0]
+    stops = [first] if rank == 1 else []
+    ref = generate(tiny(), prompts, 8, stop_tokens=stops).tokens
+    whole = {n: p.numel() for n, p in tiny().named_parameters()}
+    im = offload_model(tiny(), OffloadConfig("cpu", pin_memory=False), "cpu")
+    got = generate(im, prompts, 8, stop_tokens=stops).tokens
+    experts = [m for m in im.modules() if isinstance(m, ChosenExperts)]
+    cli = {}
+    for texts in (["hi", "abc", "xyz"], ["hey"]):
+        out, err = io.StringIO(), io.StringIO()
+        argv = [ckpt_dir, "--max-new-tokens", "5", "--offload", "cpu", "--no-eod-stop"]
+        result = generate_main([*argv, *(a for t in texts for a in ("--prompt", t))], out, err)
+        cli[len(texts)] = (result.tokens, out.getvalue(), err.getvalue())
+    return {
+        "cli": cli,
+        "ref": ref,
+        "got": got,
+        "fetched": im.expert_stage.fetched,
+        "host_numel": sum(h.numel() for m in experts for h in m.host),
+        "experts_numel": sum(v for n, v in whole.items() if n.startswith("layers.") and ".experts." in n),
+        "partitions": {n: (p.ds_tensor.numel(), p.ds_numel) for n, p in im.named_parameters()},
+        "collective": im.collective is not None,
+    }
+
+
+@pytest.mark.slow  # DeepSpeed ZeRO-3 start-up, two processes
+def test_offload_spread_over_two_ranks_decodes_each_ranks_prompts_as_resident(tmp_path):
+    """ZeRO-Inference over several ranks (infer/offload.py): each rank holds half of every weight (ZeRO-3's
+    partitions, the routed experts' slices) and decodes its own prompts to the resident model's tokens; a
+    rank done first keeps stepping with the other, and the chosen experts are the union of both ranks'."""
+    model = byte_model_checkpoint(str(tmp_path))
+    res = run_world(2, _spread_case, str(tmp_path))
+    for r in res:
+        assert r["got"] == r["ref"] and r["collective"]
+    assert len(res[1]["got"][0]) == 1 and len(res[0]["got"][0]) == 8  # rank 1 stopped at its first token
+    assert res[0]["fetched"] == res[1]["fetched"] > 0  # the same experts fetched on both: the union
+    for r in res:  # half the routed experts' weights in host memory here (each expert padded to even)
+        half = r["experts_numel"] / 2
+        assert half <= r["host_numel"] <= half + 2 * BASE["n_routed_experts"] * BASE["num_hidden_layers"]
+        matrices = {n: v for n, v in r["partitions"].items() if "norm" not in n}
+        assert matrices and all(part == -(-whole // 2) for part, whole in matrices.values()), matrices
+    # the CLI: rank 0 decodes prompts 0 and 2, rank 1 prompt 1; rank 0 prints all three in order
+    texts = ["hi", "abc", "xyz"]
+    want = [generate(model, [list(t.encode())], 5).tokens[0] for t in texts]
+    assert res[0]["cli"][3][0] == [want[0], want[2]] and res[1]["cli"][3][0] == [want[1]]
+    printed = res[0]["cli"][3][1]
+    assert [line.split("] ")[1] for line in printed.splitlines()] == [
+        t + bytes(w).decode("utf-8", "replace") for t, w in zip(texts, want, strict=True)
+    ]
+    assert res[1]["cli"][3][1] == "" and "spread over 2 ranks" in res[0]["cli"][3][2]
+    one = res[0]["cli"][1]  # one prompt: rank 0 decodes and streams it, rank 1 steps along unprinted
+    assert one[0] == generate(model, [list(b"hey")], 5).tokens and one[1].startswith("hey")
+
+
 def test_offload_settings_and_config():
     with pytest.raises(ValueError, match="offload='gpu': allowed values are cpu, nvme"):
         OffloadConfig("gpu")

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from ..model.transformer import Transformer
 from .decode import DecodeStep, sync_free_reason
@@ -121,7 +122,7 @@ def generate(
 
     t0 = time.perf_counter()
     for _ in range(max_new_tokens - 1):
-        if all(done):
+        if _all_done(done, model.collective, device):
             break
         nxt = sample(step(nxt), sampling, gen)
         before = sum(len(t) for t in result.tokens)
@@ -129,6 +130,16 @@ def generate(
         result.decode_tokens += sum(len(t) for t in result.tokens) - before
     result.decode_seconds = time.perf_counter() - t0
     return result
+
+
+def _all_done(done: list[bool], group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether decoding stops: every row here is done and, where the model's forwards are collectives over
+    several ranks (weights spread over them), every row of every rank (one small all-reduce a step)."""
+    if group is None:
+        return all(done)
+    flag = torch.tensor([int(all(done))], device=device)
+    dist.all_reduce(flag, dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 def _keep(

@@ -19,6 +19,7 @@ the absorbed path reads kv_b_proj's weight directly, the looped experts index th
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..model.dispatch import LocalDispatcher
@@ -76,6 +77,9 @@ class InferenceModel(nn.Module):
         self.device: torch.device = ref.device
         self.dtype: torch.dtype = ref.dtype
         self.offload: str | None = None
+        # ranks whose every forward is one collective call, whatever each one's inputs (weights spread
+        # over them: infer/offload.py); `generate` keeps them stepping together. None: this process alone
+        self.collective: dist.ProcessGroup | None = None
         self.eval()
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:

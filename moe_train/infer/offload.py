@@ -27,10 +27,19 @@ copy) into a device buffer all layers share (`ExpertStage`), then runs the same 
 large batch nearly every expert is chosen and the copies stream the layer's experts at the link's rate.
 DeepSpeed's ZeRO-Inference has no expert-aware fetch; NVMe offload keeps whole layers (`experts="layer"`),
 since holding the experts in CPU memory is what NVMe offload exists to avoid.
+
+Several GPUs (one process each, `torchrun`, no tensor or expert parallelism) decode their own prompts with
+the weights spread over them: ZeRO-3 keeps 1/W of every parameter in each rank's CPU memory and gathers a
+layer as W copies over the ranks' own PCIe links plus an all-gather between the GPUs, and `ChosenExperts`
+does the same for the routed experts: each rank holds a 1/W slice of every expert, the layer fetches the
+experts any rank chose (the union, one small all-reduce), each rank copies its slices of them, and an
+all-gather assembles them on every GPU. Every forward is then a collective, whatever each rank's prompts:
+`generate` keeps every rank stepping until all are done (`InferenceModel.collective`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -93,52 +102,88 @@ class ExpertStage:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.gate_up: torch.Tensor | None = None
-        self.down: torch.Tensor | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
         self.fetched = 0
 
-    def buffers(self, n: int, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Room for `n` experts shaped like rows of the host tensors `gate_up` and `down`."""
-        if self.gate_up is None or self.down is None or self.gate_up.shape[0] < n:
-            self.gate_up = self.down = None  # free the smaller pair first
-            self.gate_up = torch.empty(n, *gate_up.shape[1:], dtype=gate_up.dtype, device=self.device)
-            self.down = torch.empty(n, *down.shape[1:], dtype=down.dtype, device=self.device)
-        return self.gate_up[:n], self.down[:n]
+    def buffer(self, name: str, n: int, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Room for `n` rows shaped `row_shape` under `name`, reused by every layer."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != row_shape or buf.dtype != dtype:
+            self._buffers.pop(name, None)  # free the smaller one first
+            buf = self._buffers[name] = torch.empty(n, *row_shape, dtype=dtype, device=self.device)
+        return buf[:n]
 
 
 class ChosenExperts(nn.Module):
     """A MoE layer's routed experts with their weights in (pinned) CPU memory: each call copies only the
     experts with rows (`counts` > 0) to the shared `ExpertStage` and runs the grouped GEMM over them. Rows
     arrive sorted by expert, so dropping the experts without rows keeps their order. Reads the chosen
-    experts on the host (offload is never captured in a CUDA graph)."""
+    experts on the host (offload is never captured in a CUDA graph).
 
-    def __init__(self, experts: RoutedExperts, stage: ExpertStage, pin: bool) -> None:
+    group: the ranks the experts are spread over (None or one rank: this process holds them whole). Each
+    rank then keeps columns [r·c, (r+1)·c) of every expert's flattened weights (zero-padded to W·c), fetches
+    them for the experts any rank chose and all-gathers the rest; an expert chosen elsewhere only runs with
+    no rows here."""
+
+    def __init__(
+        self, experts: RoutedExperts, stage: ExpertStage, pin: bool, group: dist.ProcessGroup | None = None
+    ) -> None:
         super().__init__()
         self.first_expert, self.num_local, self.impl = experts.first_expert, experts.num_local, experts.impl
-        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self.shapes = (tuple(experts.gate_up_proj.shape[1:]), tuple(experts.down_proj.shape[1:]))
+        host = []
+        for w in (experts.gate_up_proj.detach(), experts.down_proj.detach()):
+            if self.group is not None:
+                world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+                flat = w.reshape(w.shape[0], -1)
+                c = -(-flat.shape[1] // world)
+                padded = torch.nn.functional.pad(flat, (0, world * c - flat.shape[1]))
+                w = padded[:, rank * c : (rank + 1) * c].contiguous()
+            host.append(w.pin_memory() if pin else w)
         # a tuple, so neither a parameter nor a buffer: DeepSpeed and `.to(device)` leave them where they are
-        self.host = (gate_up.pin_memory(), down.pin_memory()) if pin else (gate_up, down)
+        self.host = tuple(host)
         self.stage = stage
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
-        chosen = counts.nonzero().flatten()
+        chosen_mask = counts > 0
+        if self.group is not None:  # the union over the ranks: every rank fetches the same experts
+            chosen_mask = chosen_mask.to(torch.int32)
+            dist.all_reduce(chosen_mask, dist.ReduceOp.MAX, group=self.group)
+        chosen = chosen_mask.nonzero().flatten()
         ids = chosen.cpu()
-        host_gate_up, host_down = self.host
-        gate_up, down = self.stage.buffers(len(ids), host_gate_up, host_down)
-        for start, at, length in index_runs(ids, torch.arange(len(ids))):
-            for dst, src in ((gate_up, host_gate_up), (down, host_down)):
-                dst[at : at + length].copy_(src[start : start + length], non_blocking=True)
+        weights = [
+            self._fetch(name, src, shape, ids)
+            for name, src, shape in zip(("gate_up", "down"), self.host, self.shapes, strict=True)
+        ]
         self.stage.fetched += len(ids)
-        return expert_swiglu(x, counts[chosen], gate_up, down, self.impl, taps=taps)
+        return expert_swiglu(x, counts[chosen], *weights, self.impl, taps=taps)
+
+    def _fetch(self, name: str, src: torch.Tensor, shape: tuple[int, ...], ids: torch.Tensor) -> torch.Tensor:
+        """Experts `ids` of the host tensor `src` on the device, whole ([n, *shape])."""
+        n = len(ids)
+        part = self.stage.buffer(name, n, tuple(src.shape[1:]), src.dtype)
+        for start, at, length in index_runs(ids, torch.arange(n)):
+            part[at : at + length].copy_(src[start : start + length], non_blocking=True)
+        if self.group is None:
+            return part
+        world, c = dist.get_world_size(self.group), src.shape[1]
+        full = self.stage.buffer(name + " gathered", world * n, (c,), src.dtype)
+        dist.all_gather_into_tensor(full, part, group=self.group)
+        numel = math.prod(shape)
+        return full.view(world, n, c).transpose(0, 1).reshape(n, world * c)[:, :numel].reshape(n, *shape)
 
 
-def fetch_chosen_experts(model: InferenceModel, device: torch.device, pin: bool) -> ExpertStage:
-    """Replace every MoE layer's routed experts by `ChosenExperts` over one shared stage on `device`."""
+def fetch_chosen_experts(
+    model: InferenceModel, device: torch.device, pin: bool, group: dist.ProcessGroup | None = None
+) -> ExpertStage:
+    """Replace every MoE layer's routed experts by `ChosenExperts` over one shared stage on `device`,
+    spread over `group`'s ranks where it has several."""
     stage = ExpertStage(device)
     for step in model.layers:
         mlp = step.layer.mlp
         if isinstance(mlp, MoE) and isinstance(mlp.experts, RoutedExperts):
-            mlp.experts = ChosenExperts(mlp.experts, stage, pin)
+            mlp.experts = ChosenExperts(mlp.experts, stage, pin, group)
     return stage
 
 
@@ -211,26 +256,24 @@ def ds_config(model: InferenceModel, cfg: OffloadConfig) -> dict:
     return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}
 
 
-def _one_process_group(device: torch.device) -> None:
-    """ZeRO needs a process group; a lone process gets a world of one (no ports: an in-memory store)."""
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            raise ValueError(
-                f"offload runs in one process; this one is rank {dist.get_rank()} of {dist.get_world_size()}"
-            )
-    else:
+def _process_group(device: torch.device) -> dist.ProcessGroup | None:
+    """The ranks the weights are spread over: those of the process group already started (torchrun), or a
+    world of one made here (ZeRO needs a process group; no ports: an in-memory store). None for one."""
+    if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     # zero.Init places gathered weights on the accelerator device named by LOCAL_RANK
     index = device.index if device.index is not None else 0
     os.environ.setdefault("LOCAL_RANK", str(index if device.type == "cuda" else 0))
+    return dist.group.WORLD if dist.get_world_size() > 1 else None
 
 
 def offload_model(
     model: Transformer, cfg: OffloadConfig, device: str | torch.device = "cuda"
 ) -> InferenceModel:
     """An InferenceModel computing on `device` whose weights live where `cfg` says (the model must sit on
-    the CPU; its parameters become DeepSpeed-managed in place)."""
+    the CPU; its parameters become DeepSpeed-managed in place). Under a process group of several ranks
+    the weights are spread over them (the module docstring) and every rank must call the model alike."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_module
 
@@ -249,21 +292,21 @@ def offload_model(
         problem = nvme_dtype_problem(im)
         if problem is not None:
             raise ValueError(problem)
+    group = _process_group(device)
     if cfg.chosen_experts:  # before DeepSpeed sees the parameters: the experts stay out of ZeRO
-        im.expert_stage = fetch_chosen_experts(im, device, cfg.pin_memory and device.type == "cuda")
+        im.expert_stage = fetch_chosen_experts(im, device, cfg.pin_memory and device.type == "cuda", group)
     for step in im.layers:
         set_z3_leaf_module(step, True)
     for module in model.modules():  # buffers only: rotary tables, router biases
         for name, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[name] = buf.to(device)
-    _one_process_group(device)
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo", dist_init_required=False
     )
     config = ds_config(im, cfg)
     deepspeed.zero.Init(module=im, config_dict_or_path=config)
     engine, *_ = deepspeed.initialize(model=im, config=config)
-    im.device, im.offload = device, cfg.device
+    im.device, im.offload, im.collective = device, cfg.device, group
     im.ds_engine = (engine,)  # keeps the hooks' owner alive; a tuple, so not registered as a submodule
     return im
