@@ -144,9 +144,9 @@ def test_offload_spread_over_two_ranks_decodes_each_ranks_prompts_as_resident(tm
         assert r["got"] == r["ref"] and r["collective"]
     assert len(res[1]["got"][0]) == 1 and len(res[0]["got"][0]) == 8  # rank 1 stopped at its first token
     assert res[0]["fetched"] == res[1]["fetched"] > 0  # the same experts fetched on both: the union
-    for r in res:  # half the routed experts' weights in host memory here (each expert padded to even)
+    for r in res:  # half the routed experts' rows in host memory here (an odd count padded by one row)
         half = r["experts_numel"] / 2
-        assert half <= r["host_numel"] <= half + 2 * BASE["n_routed_experts"] * BASE["num_hidden_layers"]
+        assert half <= r["host_numel"] <= half + 2 * BASE["n_routed_experts"] * BASE["num_hidden_layers"] * 64
         matrices = {n: v for n, v in r["partitions"].items() if "norm" not in n}
         assert matrices and all(part == -(-whole // 2) for part, whole in matrices.values()), matrices
     # the CLI: rank 0 decodes prompts 0 and 2, rank 1 prompt 1; rank 0 prints all three in order

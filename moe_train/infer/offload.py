@@ -31,7 +31,7 @@ since holding the experts in CPU memory is what NVMe offload exists to avoid.
 Several GPUs (one process each, `torchrun`, no tensor or expert parallelism) decode their own prompts with
 the weights spread over them: ZeRO-3 keeps 1/W of every parameter in each rank's CPU memory and gathers a
 layer as W copies over the ranks' own PCIe links plus an all-gather between the GPUs, and `ChosenExperts`
-does the same for the routed experts: each rank holds a 1/W slice of every expert, the layer fetches the
+does the same for the routed experts: each rank holds 1/W of every expert's rows, the layer fetches the
 experts any rank chose (the union, one small all-reduce), each rank copies its slices of them, and an
 all-gather assembles them on every GPU. Every forward is then a collective, whatever each rank's prompts:
 `generate` keeps every rank stepping until all are done (`InferenceModel.collective`).
@@ -39,7 +39,6 @@ all-gather assembles them on every GPU. Every forward is then a collective, what
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -121,9 +120,9 @@ class ChosenExperts(nn.Module):
     experts on the host (offload is never captured in a CUDA graph).
 
     group: the ranks the experts are spread over (None or one rank: this process holds them whole). Each
-    rank then keeps columns [r·c, (r+1)·c) of every expert's flattened weights (zero-padded to W·c), fetches
-    them for the experts any rank chose and all-gathers the rest; an expert chosen elsewhere only runs with
-    no rows here."""
+    rank then keeps rows [r·c, (r+1)·c) of every expert's two matrices (c = ⌈rows / W⌉, the last rank's
+    zero-padded: row ranges, as a loader that reads only a rank's part would cut them), fetches them for
+    the experts any rank chose and all-gathers the rest; an expert chosen elsewhere runs with no rows here."""
 
     def __init__(
         self, experts: RoutedExperts, stage: ExpertStage, pin: bool, group: dist.ProcessGroup | None = None
@@ -134,12 +133,11 @@ class ChosenExperts(nn.Module):
         self.shapes = (tuple(experts.gate_up_proj.shape[1:]), tuple(experts.down_proj.shape[1:]))
         host = []
         for w in (experts.gate_up_proj.detach(), experts.down_proj.detach()):
-            if self.group is not None:
+            if self.group is not None:  # this rank's rows of every expert's matrix, the last rank's padded
                 world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-                flat = w.reshape(w.shape[0], -1)
-                c = -(-flat.shape[1] // world)
-                padded = torch.nn.functional.pad(flat, (0, world * c - flat.shape[1]))
-                w = padded[:, rank * c : (rank + 1) * c].contiguous()
+                rows = -(-w.shape[1] // world)
+                w = w[:, rank * rows : (rank + 1) * rows]
+                w = torch.nn.functional.pad(w, (0, 0, 0, rows - w.shape[1])).contiguous()
             host.append(w.pin_memory() if pin else w)
         # a tuple, so neither a parameter nor a buffer: DeepSpeed and `.to(device)` leave them where they are
         self.host = tuple(host)
@@ -167,11 +165,10 @@ class ChosenExperts(nn.Module):
             part[at : at + length].copy_(src[start : start + length], non_blocking=True)
         if self.group is None:
             return part
-        world, c = dist.get_world_size(self.group), src.shape[1]
-        full = self.stage.buffer(name + " gathered", world * n, (c,), src.dtype)
+        world, rows, cols = dist.get_world_size(self.group), src.shape[1], src.shape[2]
+        full = self.stage.buffer(name + " gathered", world * n, (rows, cols), src.dtype)
         dist.all_gather_into_tensor(full, part, group=self.group)
-        numel = math.prod(shape)
-        return full.view(world, n, c).transpose(0, 1).reshape(n, world * c)[:, :numel].reshape(n, *shape)
+        return full.view(world, n, rows, cols).transpose(0, 1).reshape(n, world * rows, cols)[:, : shape[0]]
 
 
 def fetch_chosen_experts(
