@@ -164,8 +164,10 @@ def main(
     run_prompts = [prompts[i] for i in mine] or [prompts[0][:1]]
     stops = list(args.stop) + ([] if args.no_eod_stop else [tok.eod_id])
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    stream = TextStream(tok.decode, out if len(prompts) == 1 else io.StringIO(), len(run_prompts))
-    if len(prompts) == 1:
+    # one prompt streams as its tokens come; a batch prints at the end (rows would interleave)
+    single = len(prompts) == 1
+    stream = TextStream(tok.decode, out, len(prompts))
+    if single:
         out.write(args.prompt[0])
     with warnings.catch_warnings():  # report() prints the reason as one line
         warnings.simplefilter("ignore", GraphFallbackWarning)
@@ -176,23 +178,22 @@ def main(
             sampling,
             stops,
             absorb=not args.plain,
-            on_token=stream,
+            on_token=stream if single else None,
             cuda_graph=args.cuda_graph,
         )
-    if len(prompts) == 1:
+    if single:
         stream.flush(0, final=True)
         out.write("\n")
-    else:  # a batch streams nothing (rows interleave); print each prompt with its continuation
+    else:  # each prompt with its continuation
         tokens = dict(zip(mine, result.tokens, strict=False))
         if spread:  # every rank's continuations, for rank 0 to print in the prompts' order
             parts: list[dict[int, list[int]]] = [{} for _ in range(world)]
             dist.all_gather_object(parts, tokens)
             tokens = {i: t for part in parts for i, t in part.items()}
-        printed = TextStream(tok.decode, out, len(prompts))
-        printed.tokens = [tokens[i] for i in range(len(prompts))]
+        stream.tokens = [tokens[i] for i in range(len(prompts))]
         for row, prompt in enumerate(args.prompt):
             out.write(f"--- [{row}] {prompt}")
-            printed.flush(row, final=True)
+            stream.flush(row, final=True)
             out.write("\n")
     report(result, err)
     return result
