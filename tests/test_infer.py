@@ -280,6 +280,27 @@ def test_stop_tokens_end_a_row_but_not_the_batch():
     assert stopped.stopped == [True, False]
 
 
+def test_decode_queues_the_next_step_before_reading_a_token_and_stops_one_step_later():
+    """The host reads step i's tokens after step i+1 is queued, so the device never waits on the host's
+    read; streamed tokens stay in order and equal the free run's, and a batch that stops costs one step."""
+    model = InferenceModel(tiny())
+    prompts = [ids((1, 5), seed=5)[0].tolist()]
+    free = generate(model, prompts, max_new_tokens=8).tokens[0]
+    forwards, seen = [], []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+
+    def on_token(row: int, tok: int) -> None:
+        seen.append((tok, len(forwards)))
+
+    stop = free[4]
+    cut = free.index(stop) + 1
+    out = generate(model, prompts, max_new_tokens=8, stop_tokens=[stop], on_token=on_token)
+    assert out.tokens == [free[:cut]] and [t for t, _ in seen] == free[:cut]
+    # token j (0: the prefill's) is read after forward j+1 (the prefill is forward 0) has been queued
+    assert [n for _, n in seen] == [1] + [j + 2 for j in range(1, cut)]
+    assert len(forwards) == cut + 1  # the prefill, cut - 1 kept steps, one step past the stop
+
+
 def test_sampling_filters_and_is_reproducible():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 3.0, 2.9, -5.0]])
     kept = filter_logits(logits, top_k=2, top_p=1.0).isfinite()

@@ -103,7 +103,7 @@ def generate(
     logits = model(ids, positions, cache, absorb=False, last=lengths - 1)  # matrix-matrix: the plain path
     cache.lengths.copy_(lengths)
     nxt = sample(logits[:, 0], sampling, gen)
-    done = _keep(result, nxt, stops, on_token, [False] * B)
+    done = _keep(result, nxt.tolist(), stops, on_token, [False] * B)
     result.prefill_tokens, result.prefill_seconds = int(lengths.sum()), time.perf_counter() - t0
 
     static = sync_free_reason(model) is None
@@ -120,16 +120,61 @@ def generate(
                 f"cuda_graph: decoding eagerly: {result.graph_fallback}", GraphFallbackWarning, stacklevel=3
             )
 
+    # The host reads each step's tokens one step late: step i is queued before step i-1's tokens are read,
+    # so the device runs step i while the host keeps, streams and checks stops for step i-1, instead of
+    # idling on every read. The price is one wasted step after the last row stops.
+    reader = _TokenReader(B, device)
+    unread: _Pending | None = None
     t0 = time.perf_counter()
     for _ in range(max_new_tokens - 1):
         if _all_done(done, model.collective, device):
             break
         nxt = sample(step(nxt), sampling, gen)
-        before = sum(len(t) for t in result.tokens)
-        done = _keep(result, nxt, stops, on_token, done)
-        result.decode_tokens += sum(len(t) for t in result.tokens) - before
+        queued = reader.put(nxt)
+        if unread is not None:
+            done = _keep(result, reader.get(unread), stops, on_token, done)
+        unread = queued
+    if unread is not None:
+        done = _keep(result, reader.get(unread), stops, on_token, done)
+    result.decode_tokens = sum(len(t) for t in result.tokens) - B  # the prefill kept one a row
     result.decode_seconds = time.perf_counter() - t0
     return result
+
+
+@dataclass
+class _Pending:
+    """Tokens copied (or being copied) to the host; `event` marks the copy's end on the device."""
+
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+
+
+class _TokenReader:
+    """Reads a step's tokens without waiting for the steps queued after it: on CUDA an asynchronous copy
+    into one of two pinned buffers (two, since step i+1's copy is queued while step i's is unread),
+    awaited through its own event; elsewhere a plain read."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.buffers = (
+            [torch.empty(batch, dtype=torch.long, pin_memory=True) for _ in range(2)] if self.cuda else []
+        )
+        self.turn = 0
+
+    def put(self, tokens: torch.Tensor) -> _Pending:
+        if not self.cuda:
+            return _Pending(tokens, None)
+        host = self.buffers[self.turn]
+        self.turn ^= 1
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Pending(host, event)
+
+    def get(self, pending: _Pending) -> list[int]:
+        if pending.event is not None:
+            pending.event.synchronize()
+        return pending.host.tolist()
 
 
 def _all_done(done: list[bool], group: dist.ProcessGroup | None, device: torch.device) -> bool:
@@ -144,14 +189,14 @@ def _all_done(done: list[bool], group: dist.ProcessGroup | None, device: torch.d
 
 def _keep(
     result: GenerationResult,
-    nxt: torch.Tensor,
+    nxt: list[int],
     stops: set[int],
     on_token: TokenCallback | None,
     done: list[bool],
 ) -> list[bool]:
     """Append each unfinished row's token; a row is done at a stop token (kept) or nothing (next call)."""
     out = list(done)
-    for b, tok in enumerate(nxt.tolist()):
+    for b, tok in enumerate(nxt):
         if out[b]:
             continue
         result.tokens[b].append(tok)
