@@ -200,6 +200,28 @@ def test_static_decode_step_equals_dynamic_decode(absorb):
         assert rel_err(sta_cache.kv[layer], dyn_cache.kv[layer]) <= TOL
 
 
+@torch.no_grad()
+def test_greedy_step_ends_in_the_argmax_and_feeds_itself():
+    """greedy=True: the step returns the argmax of the logits step's output, held in its own input buffer, so
+    feeding it back runs the next step with no copy, and the chain equals logits steps sampled greedily."""
+    model = InferenceModel(tiny())
+    x, lengths = ids((2, 6), seed=8), torch.tensor([6, 4])
+    runs = {}
+    for greedy in (False, True):
+        cache = model.new_cache(2, 6 + 5)
+        model(x, torch.arange(6).expand(2, 6), cache, absorb=False)
+        cache.lengths.copy_(lengths)
+        step, tok, seq = DecodeStep(model, cache, True, True, greedy), x[torch.arange(2), lengths - 1], []
+        for _ in range(5):
+            out = step(tok)
+            tok = out if greedy else out.argmax(-1)
+            seq.append(tok.clone())
+        runs[greedy] = torch.stack(seq)
+        if greedy:
+            assert out.data_ptr() == step.ids.data_ptr()
+    assert torch.equal(runs[True], runs[False])
+
+
 @pytest.mark.slow
 def test_compiled_phases_decode_like_eager_with_one_attention_graph_for_all_layers():
     """Compiled decode on CUDA: each block's phases compiled (model/compile.py, as `generate --compile` does),

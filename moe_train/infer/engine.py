@@ -107,7 +107,8 @@ def generate(
     result.prefill_tokens, result.prefill_seconds = int(lengths.sum()), time.perf_counter() - t0
 
     static = sync_free_reason(model) is None
-    step = DecodeStep(model, cache, absorb, static)
+    greedy = sampling.temperature == 0.0  # the argmax then runs inside the step (and its graph)
+    step = DecodeStep(model, cache, absorb, static, greedy)
     result.decode_path = "eager, static" if static else "eager"
     if cuda_graph and max_new_tokens > 1 and not all(done):
         t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def generate(
     for _ in range(max_new_tokens - 1):
         if _all_done(done, model.collective, device):
             break
-        nxt = sample(step(nxt), sampling, gen)
+        nxt = step(nxt) if greedy else sample(step(nxt), sampling, gen)
         queued = reader.put(nxt)
         if unread is not None:
             done = _keep(result, reader.get(unread), stops, on_token, done)
@@ -162,8 +163,8 @@ class _TokenReader:
         self.turn = 0
 
     def put(self, tokens: torch.Tensor) -> _Pending:
-        if not self.cuda:
-            return _Pending(tokens, None)
+        if not self.cuda:  # a copy, since a greedy step's tokens are its next input, overwritten by it
+            return _Pending(tokens.clone(), None)
         host = self.buffers[self.turn]
         self.turn ^= 1
         host.copy_(tokens, non_blocking=True)
