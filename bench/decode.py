@@ -11,7 +11,8 @@ Sections (every number comes from `moe_train.infer.generate`, the API the CLI us
    (asserted: same kernels, launched differently), prefill tokens/s of the same runs; with --compile also
    the graph of a copy whose phases are compiled with tuned kernels (`generate --compile`; its tokens are
    reported against eager's, not asserted: fused kernels round differently), without and with the
-   direct-experts path (ops/direct_experts.py), and their steps under the profiler;
+   direct-experts path (ops/direct_experts.py; --compiled-paths picks either or both), and their steps
+   under the profiler;
 2. KV-cache bytes of the latent cache (allocated, measured) against a standard MHA cache of the same heads
    (2·n_h·d_h values per token per layer, computed);
 3. ZeRO-Inference with the weights in CPU memory, the GPU capped at --budget-gib by
@@ -116,7 +117,7 @@ def decode_section(
             runs[graph] = r
         eager = runs[False]
         extra: list[tuple[GenerationResult, bool]] = []  # (run, its tokens equal eager's)
-        for direct in (False, True) if compiled is not None else ():
+        for direct in args.compiled_paths if compiled is not None else ():
             direct_experts(compiled, direct)
             generate(compiled, ps, args.new, cuda_graph=True)  # compiles this batch's shapes
             r = best_of(args.repeats, lambda: generate(compiled, ps, args.new, cuda_graph=True))  # noqa: B023
@@ -364,11 +365,21 @@ def main() -> None:
         "--offload-experts", default="chosen,layer", help="offload modes to run (OffloadConfig.experts)"
     )
     ap.add_argument("--compile", action="store_true", help="also decode with compiled phases")
+    ap.add_argument(
+        "--compiled-paths",
+        default="phases,direct",
+        help="with --compile: the compiled decode paths to run, of phases (grouped experts) and direct "
+        "(direct experts: what `generate --compile` runs); each compiles its own kernels per batch",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a tiny model of the same structure (CPU smoke test)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where the table goes")
     args = ap.parse_args()
     args.batch_list = [int(b) for b in args.batches.split(",")]
+    paths = args.compiled_paths.split(",")
+    if not paths or any(p not in ("phases", "direct") for p in paths):
+        ap.error(f"--compiled-paths={args.compiled_paths}: a comma-separated list of phases, direct")
+    args.compiled_paths = [p == "direct" for p in paths]
     if args.tiny:
         args.prompt, args.new = min(args.prompt, 12), min(args.new, 6)
         args.offload_prompt, args.offload_new = min(args.offload_prompt, 8), min(args.offload_new, 4)
