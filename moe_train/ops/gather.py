@@ -48,16 +48,16 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-# A Triton launch costs far more host time than a torch op, so below these sizes the torch ops finish
-# first; above them the kernels' single pass wins (bag_sum reads each row once instead of embedding_bag's
-# several passes; gather_rows writes copies from the source side, saving the re-reads of rows copied several
-# times). The thresholds and the bandwidths behind them: docs/performance.md, "Expert-parallel dispatch".
-TRITON_SUM_BYTES = 64 << 20
-TRITON_SCATTER_BYTES = 512 << 20
+# A Triton launch costs far more host time than a torch op, so below this size the torch ops finish first;
+# above it the kernels' single pass wins (bag_sum reads each row once instead of embedding_bag's several
+# passes; gather_rows writes copies from the source side, where index_select re-reads a row copied several
+# times), and a step captured in a CUDA graph pays no launch at all. The bandwidths behind it:
+# docs/performance.md, "Expert-parallel dispatch" and "Sync-free dispatch on one GPU".
+TRITON_BYTES = 64 << 20
 
 
-def _triton_ok(t: torch.Tensor, nbytes: int, threshold: int) -> bool:
-    if not t.is_cuda or nbytes < threshold:
+def _triton_ok(t: torch.Tensor, nbytes: int) -> bool:
+    if not t.is_cuda or nbytes < TRITON_BYTES:
         return False
     from . import gather_triton
 
@@ -74,7 +74,7 @@ def _bag_sum(src: torch.Tensor, bags: Bags, weight: torch.Tensor | None) -> torc
     hidden = src.shape[1]
     if bags.index.shape[0] == 0 or src.shape[0] == 0:
         return src.new_zeros(bags.n_bags, hidden)
-    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES):
+    if _triton_ok(src, _nbytes(bags.index.shape[0], src)):
         from .gather_triton import bag_sum
 
         return bag_sum(src, bags.index, bags.offsets, weight, bags.pad)
@@ -96,7 +96,7 @@ def _scaled_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | 
         return src.index_select(0, index)
     if index.shape[0] == 0 or src.shape[0] == 0:
         return src.new_zeros(index.shape[0], src.shape[1])
-    if _triton_ok(src, _nbytes(index.shape[0], src), TRITON_SUM_BYTES):
+    if _triton_ok(src, _nbytes(index.shape[0], src)):
         from .gather_triton import bag_sum
 
         return bag_sum(src, index, None, weight)
@@ -108,7 +108,7 @@ def _bag_dots(g: torch.Tensor, src: torch.Tensor, bags: Bags) -> torch.Tensor:
     position i."""
     if bags.index.shape[0] == 0 or src.shape[0] == 0:
         return torch.zeros(bags.index.shape[0], dtype=_acc(src).dtype, device=src.device)
-    if _triton_ok(src, _nbytes(bags.index.shape[0], src), TRITON_SUM_BYTES):
+    if _triton_ok(src, _nbytes(bags.index.shape[0], src)):
         from .gather_triton import bag_dots
 
         return bag_dots(g, src, bags.index, bags.offsets, bags.pad)
@@ -125,7 +125,9 @@ class _GatherRows(torch.autograd.Function):
         ctx.rows = x.shape[0]
         if x.shape[0] == 0:  # nothing to copy (only an empty output can point into an empty source)
             return x.new_zeros(index.shape[0], *x.shape[1:])
-        if _triton_ok(x, _nbytes(index.shape[0], x), TRITON_SCATTER_BYTES):  # each source row read once
+        # each source row read once; only where every position is in a bag (padding positions would stay
+        # unwritten)
+        if back.pad is None and _triton_ok(x, _nbytes(index.shape[0], x)):
             from .gather_triton import bag_scatter
 
             flat = x.flatten(1) if x.dim() > 1 else x.unsqueeze(1)
