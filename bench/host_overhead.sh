@@ -6,7 +6,8 @@
 # each run's last losses (graphs on and off should agree; compiled ones round differently) and median
 # tokens/s after step 20.
 # Usage, from the repository root on the GPU machine, the old checkout unpacked in OLD_DIR as for
-# compare_commits.sh:   bash bench/host_overhead.sh OLD_DIR      (LAST: default 60; ROUNDS: default 1)
+# compare_commits.sh:   bash bench/host_overhead.sh OLD_DIR      (LAST: default 60; ROUNDS: default 1;
+# RUNS: which runs, default "graphs old eager compiled")
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 fi
@@ -24,10 +25,14 @@ run() { tag=$1; tree=$2; shift 2
     trainer.progress=false hydra.run.dir=$R/$tag "$@" > $R/$tag.log 2>&1) && report $tag || { echo "$tag FAILED"; tail -5 $R/$tag.log; }
   rm -rf $R/$tag/checkpoints; }
 for round in $(seq 1 "${ROUNDS:-1}"); do
-  run graphs_$round $NEW trainer.cuda_graph=true
-  run old_$round $OLD
-  run eager_$round $NEW trainer.cuda_graph=false
-  run compiled_$round $NEW trainer.cuda_graph=true trainer.compile=phases
+  for kind in ${RUNS:-graphs old eager compiled}; do
+    case $kind in
+      graphs) run graphs_$round $NEW trainer.cuda_graph=true ;;
+      old) run old_$round $OLD ;;
+      eager) run eager_$round $NEW trainer.cuda_graph=false ;;
+      compiled) run compiled_$round $NEW trainer.cuda_graph=true trainer.compile=phases ;;
+    esac
+  done
 done
 for extra in "" trainer.compile=phases; do
   PYTHONPATH=$NEW:/tmp/site timeout 200 python bench/step_profile.py model=small trainer.cuda_graph=true $extra --steps 5 2>&1 | grep -v Warning | head -24
