@@ -78,5 +78,5 @@ def deep_gemm_twin(monkeypatch):
 
     twin = DeepGEMMTwin()
     monkeypatch.setattr(fp8_experts, "_deep_gemm", lambda: twin)
-    monkeypatch.setattr(fp8_experts, "deep_gemm_available", lambda x: True)
+    monkeypatch.setattr(fp8_experts, "deep_gemm_available", lambda x, *ks: True)
     return twin

@@ -248,7 +248,7 @@ def test_deep_gemm_grouped_experts_equal_the_per_expert_loop(monkeypatch):
     counts, x, wgu, wd, go = _experts_case(6)
     results = []
     for available in (True, False):
-        monkeypatch.setattr(fp8_experts, "deep_gemm_available", lambda x, on=available: on)
+        monkeypatch.setattr(fp8_experts, "deep_gemm_available", lambda x, *ks, on=available: on)
         leaves = [t.clone().requires_grad_() for t in (x, wgu, wd)]
         y = fp8_experts.expert_swiglu_fp8(leaves[0], counts, leaves[1], leaves[2], act=swiglu_fp8_cached)
         results.append([y.detach(), *torch.autograd.grad(y, leaves, go)])

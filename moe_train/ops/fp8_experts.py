@@ -68,10 +68,16 @@ def _deep_gemm() -> Any:
         return None
 
 
-def deep_gemm_available(x: torch.Tensor) -> bool:
+def deep_gemm_available(x: torch.Tensor, *ks: int) -> bool:
     """Whether DeepGEMM runs x's grouped FP8 GEMMs: bf16 rows (its outputs are bf16) on an SM90 GPU with
-    `deep_gemm` installed, whose contiguous layout's group alignment divides the recipe's 128-row groups."""
+    `deep_gemm` installed, whose contiguous layout's group alignment divides the recipe's 128-row groups, and
+    every reduction width in `ks` (the projections' input widths and the gate-up output width) a multiple of
+    4·128. Narrower multiples of 128 gave wrong results on the GPU against the per-expert GEMMs on the same
+    FP8 operands (widths 1408 and 2816: docs/performance.md, "FP8 GEMMs"): the scales' layout those calls
+    are given is then not the one DeepGEMM reads, so the per-expert GEMMs serve them."""
     if not (x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9):
+        return False
+    if any(k % (4 * TILE) for k in ks):
         return False
     dg = _deep_gemm()
     return dg is not None and TILE % dg.get_mk_alignment_for_contiguous_layout() == 0
@@ -159,7 +165,8 @@ def expert_swiglu_fp8(
     dest = torch.arange(x.shape[0]) + torch.tensor(shifts).repeat_interleave(torch.tensor(sizes))
     dest = dest.to(x.device)
     x_p = x.new_zeros(start, x.shape[1]).index_copy(0, dest, x)
-    linear = _DeepGEMMGroupedLinear if deep_gemm_available(x) else _FP8GroupedLinear
+    widths = (x.shape[1], w_gate_up.shape[1], w_down.shape[2])  # the GEMMs' K: Fprop and Dgrad of both
+    linear = _DeepGEMMGroupedLinear if deep_gemm_available(x, *widths) else _FP8GroupedLinear
     gu = linear.apply(x_p, w_gate_up, bounds)
     g, u = gu.chunk(2, dim=-1)
     y = linear.apply(act(g, u), w_down, bounds)
