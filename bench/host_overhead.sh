@@ -7,7 +7,7 @@
 # tokens/s after step 20.
 # Usage, from the repository root on the GPU machine, the old checkout unpacked in OLD_DIR as for
 # compare_commits.sh:   bash bench/host_overhead.sh OLD_DIR      (LAST: default 60; ROUNDS: default 1;
-# RUNS: which runs, default "graphs old eager compiled")
+# RUNS: which runs, default "graphs old eager compiled"; PROFILES: which profiles, default "plain compiled")
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 fi
@@ -34,6 +34,7 @@ for round in $(seq 1 "${ROUNDS:-1}"); do
     esac
   done
 done
-for extra in "" trainer.compile=phases; do
+for kind in ${PROFILES:-plain compiled}; do
+  extra=; [ "$kind" = compiled ] && extra=trainer.compile=phases
   PYTHONPATH=$NEW:/tmp/site timeout 200 python bench/step_profile.py model=small trainer.cuda_graph=true $extra --steps 5 2>&1 | grep -v Warning | head -24
 done
