@@ -137,6 +137,12 @@ def _compare(ref: dict, got: dict, what: str, bf16_rel: float | None = None) -> 
     got_norm = torch.stack([got["grads"][n].float().norm() for n in ref["grads"]]).norm()
     assert float(norm) > 0, what  # the gradients were found (under masters they live on the masters)
     assert float(got_norm) == pytest.approx(float(norm), rel=rel), (what, float(norm), float(got_norm))
+    # Per tensor only a coarse bound, which a missing or doubled reduction still breaks (a rank's own half of
+    # a gradient: 0.7-0.9 off); routing moved by rounding stays below it (FP8 ep=2: at most 0.23 measured).
+    for name, g in ref["grads"].items():
+        want, have = g.float(), got["grads"][name].float()
+        err = float((have - want).norm() / want.norm().clamp_min(1e-12))
+        assert err <= 0.4, (what, name, err)
 
 
 @pytest.fixture(scope="module")
