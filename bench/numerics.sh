@@ -5,14 +5,14 @@
 # seeds, so the old path's seed-to-seed spread stands beside the difference. Each run's metrics.jsonl is copied to $OUT (or
 # OUT_DIR) as numerics_<precision>_<seed>.jsonl; `python bench/compare_curves.py DIR` then prints the final
 # validation losses and plots the curves. Usage, from the repository root on the GPU machine:
-#   bash bench/numerics.sh        (STEPS overrides 1000)
+#   bash bench/numerics.sh        (STEPS overrides 1000; SEEDS "1234 1235" and PRECISIONS "auto bf16" pick runs)
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 DEST=${OUT_DIR:-${OUT:?set OUT or OUT_DIR}}; R=/tmp/numerics; mkdir -p $R $DEST
-for seed in 1234 1235; do
-  for precision in auto bf16; do
+for seed in ${SEEDS:-1234 1235}; do
+  for precision in ${PRECISIONS:-auto bf16}; do
     tag=${precision}_$seed; SECONDS=0
     PYTHONPATH=$PWD:/tmp/site python train.py model=small trainer.max_steps=${STEPS:-1000} \
       trainer.seed=$seed \
