@@ -236,6 +236,22 @@ def test_grouped_fp8_experts_equal_the_per_expert_loop():
     assert y.shape == (0, 2 * TILE) and all(g is not None and not g.any() for g in grads)
 
 
+def test_deep_gemm_is_asked_about_every_gemm_width(monkeypatch):
+    """The experts ask `deep_gemm_available` about each of their GEMMs' reduction widths (hidden, the gate-up
+    output, the expert width), and DeepGEMM serves only widths it computed right on the GPU: multiples of 512
+    (1408 and 2816 gave wrong results, docs/performance.md)."""
+    from moe_train.ops import fp8_experts
+    from moe_train.ops.fp8 import swiglu_fp8_cached
+
+    asked = []
+    monkeypatch.setattr(fp8_experts, "deep_gemm_available", lambda x, *ks: asked.append(ks) or False)
+    counts, x, wgu, wd, _ = _experts_case(7)
+    fp8_experts.expert_swiglu_fp8(x, counts, wgu, wd, act=swiglu_fp8_cached)
+    assert asked == [(x.shape[1], wgu.shape[1], wd.shape[2])]
+    assert fp8_experts.deep_gemm_widths(2048, 4096, 2048, 7168)
+    assert not fp8_experts.deep_gemm_widths(2048, 2816, 1408)
+
+
 @pytest.mark.usefixtures("deep_gemm_twin")
 def test_deep_gemm_grouped_experts_equal_the_per_expert_loop(monkeypatch):
     """The FP8 experts through DeepGEMM's grouped GEMMs (here its CPU twin: tests/deep_gemm_twin.py) give the

@@ -68,6 +68,11 @@ def _deep_gemm() -> Any:
         return None
 
 
+def deep_gemm_widths(*ks: int) -> bool:
+    """The reduction widths DeepGEMM's grouped FP8 GEMMs computed right on the GPU: multiples of 4·128."""
+    return all(k % (4 * TILE) == 0 for k in ks)
+
+
 def deep_gemm_available(x: torch.Tensor, *ks: int) -> bool:
     """Whether DeepGEMM runs x's grouped FP8 GEMMs: bf16 rows (its outputs are bf16) on an SM90 GPU with
     `deep_gemm` installed, whose contiguous layout's group alignment divides the recipe's 128-row groups, and
@@ -77,7 +82,7 @@ def deep_gemm_available(x: torch.Tensor, *ks: int) -> bool:
     are given is then not the one DeepGEMM reads, so the per-expert GEMMs serve them."""
     if not (x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9):
         return False
-    if any(k % (4 * TILE) for k in ks):
+    if not deep_gemm_widths(*ks):
         return False
     dg = _deep_gemm()
     return dg is not None and TILE % dg.get_mk_alignment_for_contiguous_layout() == 0
