@@ -9,7 +9,9 @@ Builds the trainer from the same overrides `train.py` takes, runs warm-up steps,
                taken as a `cudaMemcpyAsync` over 50 µs): the time it spent issuing work. Host ms above
                GPU-busy ms means the GPU waits on the host (launch-bound).
   syncs        how many of those blocking calls a step makes
-and the top ops by self CPU time and, on CUDA, by self device time. The profiler adds a few µs per op, so
+and the top ops by self CPU time and, on CUDA, by self device time. --sites N adds, from another profiled
+window with Python stacks on, the N call sites that issue the most ops per step (what the host launches
+outside a captured graph). The profiler adds a few µs per op, so
 host ms under it is an upper bound; the wall time without it is printed beside.
 
 Usage (repository root, GPU machine): python bench/step_profile.py model=small [more overrides] [--steps 5]
@@ -19,6 +21,7 @@ CPU smoke test: python bench/step_profile.py --steps 2 --warmup 1 model.num_hidd
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import tempfile
@@ -45,6 +48,20 @@ def union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def op_sites(events: list) -> collections.Counter:
+    """Ops Python issued (aten ops whose parent is not an aten op) by (op, innermost moe_train frame): the
+    profiler's Python tracer makes each Python call a parent event named `path(line): function`."""
+    sites: collections.Counter = collections.Counter()
+    for e in events:
+        parent = e.cpu_parent
+        if not e.name.startswith("aten::") or (parent is not None and parent.name.startswith("aten::")):
+            continue
+        while parent is not None and "moe_train/" not in parent.name:
+            parent = parent.cpu_parent
+        sites[(e.name, parent.name.split("moe_train/")[-1] if parent is not None else "?")] += 1
+    return sites
+
+
 def run_steps(t: Trainer, first: int, n: int) -> float:
     """Seconds for steps first..first+n-1, the device drained before and after, their records read back."""
     sync = torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
@@ -62,13 +79,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--top", type=int, default=15, help="host-side ops listed")
+    ap.add_argument("--sites", type=int, default=0, help="call sites listed by ops issued (0: none)")
     a, overrides = ap.parse_known_args()
     from torch.profiler import ProfilerActivity, profile
 
     run_dir = tempfile.mkdtemp(prefix="step_profile_")
     base = ["trainer.progress=false", "trainer.resume=none", "trainer.eval_every=100000"]
     base.append("logger.console=false")
-    cfg = to_object(load_config([*base, *overrides, f"trainer.max_steps={2 * a.warmup + 2 * a.steps}"]))
+    cfg = to_object(load_config([*base, *overrides, f"trainer.max_steps={2 * a.warmup + 3 * a.steps}"]))
     cfg.run_dir = run_dir
     t = Trainer(cfg, run_dir)
     run_steps(t, 0, a.warmup)
@@ -100,6 +118,12 @@ def main() -> None:
     print(averages.table(sort_by="self_cpu_time_total", row_limit=a.top, max_name_column_width=50))
     if cuda:  # where the device time goes, for the same steps
         print(averages.table(sort_by="self_cuda_time_total", row_limit=a.top, max_name_column_width=50))
+    if a.sites:
+        with profile(activities=acts, with_stack=True) as prof:
+            run_steps(t, a.warmup + 2 * a.steps, a.steps)
+        print(f"| ops/step | op | call site (innermost moe_train frame) |\n|---:|---|---|")
+        for (op, where), n in op_sites(prof.events()).most_common(a.sites):
+            print(f"| {n / a.steps:.1f} | {op} | {where} |")
 
 
 if __name__ == "__main__":

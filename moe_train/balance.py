@@ -64,18 +64,28 @@ class BiasController:
         keep: torch.Tensor | None = None,
     ) -> float:
         """keep: a device flag (1.0 or 0.0) the update is multiplied by, for a step whose skip is decided on
-        the device (the trainer's deferred reads); None: applied."""
+        the device (the trainer's deferred reads); None: applied. reduce: sums a (layers, experts) load
+        table over ranks.
+
+        Every layer moves in the same few kernels (one table of loads, one multi-tensor add into the
+        biases): after a step replayed from a CUDA graph, a handful of kernels per layer here would be most
+        of what the host still launches."""
         gamma = self.gamma(step)
         if gamma == 0.0:
             return gamma
-        for moe in layers:
-            load = counts.get(moe.layer_id)
-            if load is None:
-                continue
-            load = load.to(torch.float32)
-            if reduce is not None:
-                load = reduce(load)
-            bias = moe.gate.e_score_correction_bias
-            move = gamma * torch.sign(load.mean() - load).to(bias.device)
-            bias += move if keep is None else move * keep
+        pairs = [
+            (moe.gate.e_score_correction_bias, counts[moe.layer_id])
+            for moe in layers
+            if moe.layer_id in counts
+        ]
+        if not pairs:
+            return gamma
+        biases = [b for b, _ in pairs]
+        load = torch.stack([c for _, c in pairs]).to(device=biases[0].device, dtype=torch.float32)
+        if reduce is not None:
+            load = reduce(load)
+        move = gamma * torch.sign(load.mean(dim=1, keepdim=True) - load)
+        if keep is not None:
+            move = move * keep
+        torch._foreach_add_(biases, list(move.to(biases[0].dtype).unbind(0)))
         return gamma

@@ -3,10 +3,12 @@ eager trainer's losses and gradient norms, under the same parameter names (induc
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from moe_train.model.compile import compile_phases
+from moe_train.model.compile import compile_mode, compile_phases
 from moe_train.model.moe import MoE
 from moe_train.train.trainer import Trainer
 from tiny_cfg import tiny_cfg
@@ -39,3 +41,17 @@ def test_compile_phases_counts_every_phase_callable():
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     shared = sum(m.shared_experts is not None for m in moes)
     assert compile_phases(model) == 3 * len(blocks) + 2 * len(moes) + shared
+
+
+def test_compile_auto_is_phases_on_cuda_and_none_on_cpu(tmp_path):
+    """The default (`trainer.compile=auto`) compiles each block's phases where a step is replayed from a
+    CUDA graph, and leaves CPU runs (tests, short jobs) uncompiled; run_info.json records what ran."""
+    assert compile_mode("auto", torch.device("cuda")) == "phases"
+    assert compile_mode("auto", torch.device("cpu")) == "none"
+    assert compile_mode("phases", torch.device("cpu")) == "phases"
+    assert compile_mode("none", torch.device("cuda")) == "none"
+    cfg = tiny_cfg(str(tmp_path), "trainer.resume=none", steps=1)
+    assert cfg.trainer.compile == "auto"
+    Trainer(cfg, str(tmp_path)).run()
+    with open(tmp_path / "run_info.json", encoding="utf-8") as f:
+        assert json.load(f)["compile"] == "none"

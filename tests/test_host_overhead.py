@@ -3,13 +3,20 @@ launched op costs host time, so per-parameter loops of small ops are what keep a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from moe_train.balance import BiasController
+from moe_train.config import BalanceConfig
+from moe_train.model.moe import MoE
 from moe_train.optim.adamw import StoredMomentsAdamW
 from moe_train.parallel.grads import clip_gradients
 from moe_train.parallel.mesh import build_mesh
+from moe_train.parallel.pipeline.graphed import _copies
+from tiny_cfg import TINY_MODEL
 
 
 class _Count(TorchDispatchMode):
@@ -57,3 +64,39 @@ def test_adamw_with_stored_moments_launches_as_many_ops_for_ten_or_a_hundred_par
             opt.step()
         counts.append(c.ops)
     assert counts[0] == counts[1], counts
+
+
+def test_bias_update_launches_as_many_ops_for_two_or_eight_layers_and_moves_each_by_its_own_loads():
+    """The aux-free bias update runs after every optimizer step, outside a captured step: one table of
+    loads for every layer, not a few kernels per layer."""
+    counts = []
+    for n in (2, 8):
+        cfg = replace(TINY_MODEL, num_hidden_layers=n, first_k_dense_replace=0)
+        moes = [MoE(cfg, layer_id=i) for i in range(n)]
+        gen = torch.Generator().manual_seed(n)
+        loads = {m.layer_id: torch.randint(0, 9, (cfg.n_routed_experts,), generator=gen) for m in moes}
+        before = [m.gate.e_score_correction_bias.clone() for m in moes]
+        bias = BiasController(BalanceConfig(mode="aux_free", bias_update_rate=0.25), max_steps=10)
+        with _Count() as c:
+            bias.update(moes, loads, step=0, keep=torch.tensor(1.0))
+        counts.append(c.ops)
+        for m, b in zip(moes, before, strict=True):  # γ·sign(mean load − load), layer by layer
+            load = loads[m.layer_id].float()
+            want = b + 0.25 * torch.sign(load.mean() - load)
+            torch.testing.assert_close(m.gate.e_score_correction_bias, want)
+    assert counts[0] == counts[1], counts
+
+
+def test_a_replays_outputs_are_kept_in_one_copy_per_kind():
+    """After each replay the step keeps copies of the graph's outputs (losses, router counts): one
+    stacked copy per dtype and shape, not one per output; the copies are values, not views of the graph's
+    buffers that the next replay overwrites."""
+    outs = [torch.arange(8) + i for i in range(6)] + [torch.tensor(float(i)) for i in range(3)]
+    with _Count() as c:
+        copies = _copies(outs)
+    assert c.ops <= 2 * 3, c.ops  # a stack and its unbind per kind
+    want = [o.clone() for o in outs]
+    for o in outs:
+        o.zero_()  # the next replay
+    for got, w in zip(copies, want, strict=True):
+        assert torch.equal(got, w)

@@ -247,7 +247,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.dtype", t.dtype, ("auto", "fp32", "bf16", "bf16_master", "fp8"))
     _choice("trainer.recompute", t.recompute, ("none", "selective", "full"))
-    _choice("trainer.compile", t.compile, ("none", "phases"))
+    _choice("trainer.compile", t.compile, ("auto", "none", "phases"))
     if t.ckpt_every < 0:
         _fail("trainer.ckpt_every", t.ckpt_every, ">= 0 (0: no checkpoints by step count)")
     if t.ckpt_every_minutes < 0:

@@ -158,7 +158,8 @@ class TrainerConfig:
     log_expert_load: bool = True  # per-layer load vectors in metrics.jsonl (for the load heatmap)
     profile: bool = False  # Chrome trace of a few steps into <run dir>/profile/
     recompute: str = "none"  # none | selective (norms, MLA up-projections, SwiGLU act) | full (blocks)
-    compile: str = "none"  # none | phases: torch.compile each block's phase callables (model/compile.py)
+    # none | phases: torch.compile each block's phase callables (model/compile.py); auto: phases on CUDA
+    compile: str = "auto"
     # each micro-batch's forward and backward replayed from a CUDA graph (parallel/pipeline/graphed.py);
     # None: wherever the step qualifies (one CUDA process, one stage); true: an error where it does not
     cuda_graph: bool | None = None

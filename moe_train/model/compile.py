@@ -22,6 +22,16 @@ METHODS = ("attention", "finish", "_dense")  # DecoderLayer's phase callables
 MODULES = ("gate", "shared_experts", "experts")  # MoE's phase modules
 
 
+def compile_mode(setting: str, device: torch.device) -> str:
+    """What `trainer.compile` means on `device`: `auto` becomes `phases` on CUDA, where Inductor's fused
+    kernels take the step's many small memory-bound ops off a step that is replayed from a CUDA graph, and
+    `none` elsewhere (on CPU compiling costs more than it saves in short runs and tests); any other value
+    stands as given."""
+    if setting != "auto":
+        return setting
+    return "phases" if device.type == "cuda" else "none"
+
+
 def compile_phases(model: nn.Module, direct_experts: bool = False, tuned: bool = False) -> int:
     """Compile every block's phase callables in `model`, in place; returns how many were compiled.
 

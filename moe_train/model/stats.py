@@ -36,5 +36,5 @@ class MoEStats:
         """Sum the counts of every record of each layer (several forwards may share one collector)."""
         out: dict[int, torch.Tensor] = {}
         for r in self.records:
-            out[r.layer] = out[r.layer] + r.counts if r.layer in out else r.counts.clone()
+            out[r.layer] = out[r.layer] + r.counts if r.layer in out else r.counts  # sums make new tensors
         return out

@@ -26,7 +26,7 @@ from ..data.mixture import MixtureDataset, MixtureSampler, load_mixture
 from ..data.sampler import rank_rows
 from ..model import Transformer, is_moe_layer, train_flops_per_token
 from ..model.accounting import attention_flops_per_pair
-from ..model.compile import compile_phases
+from ..model.compile import compile_mode, compile_phases
 from ..model.documents import Documents
 from ..model.fp8 import convert_to_fp8
 from ..model.memory import MemoryEstimate, estimate_memory
@@ -187,7 +187,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         )
         print(f"rank {mesh.rank}: FP8 ({how}) runs {share:.0%} of its GEMMs", flush=True)
         after_step.append(lambda step, loads, keep: {"fp8_gemm_share": share})
-    if t.compile == "phases":
+    if compile_mode(t.compile, mesh.device) == "phases":
         compile_phases(model)
     model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses
     apply_expert_parallel(
@@ -354,6 +354,7 @@ def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> 
         "autocast": str(amp) if amp else "fp32",
         "dtype": precision(cfg.trainer.dtype, mesh.device),  # `auto` resolved
         "recompute": cfg.trainer.recompute,
+        "compile": compile_mode(cfg.trainer.compile, mesh.device),  # `auto` resolved
         "cuda_graph": facts["cuda_graph"],
         "memory_estimate_rank0": facts["memory"].as_dict(),
     }

@@ -63,6 +63,18 @@ def _variant(docs: Documents | None, ragged: bool) -> tuple:
     return ("masked", docs.positions is not None, docs.capacity if ragged else None)
 
 
+def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors`, in order: one stacked copy per (dtype, shape), the copies views into it."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.shape, t.device), []).append(i)
+    out: list[torch.Tensor] = list(tensors)
+    for idx in groups.values():
+        for i, copy in zip(idx, torch.stack([tensors[i] for i in idx]).unbind(0), strict=True):
+            out[i] = copy
+    return out
+
+
 @dataclass
 class _Captured:
     """One graph and the static run it reads and writes."""
@@ -152,9 +164,14 @@ class GraphedMicroBatch:
             if docs is not None:
                 t.docs[0] = replace(t.docs[0], _masks={})  # a graph rebuilds the mask from the ids too
             self._body(t, 0)
-        # a graph's outputs are overwritten by its next replay: the step keeps copies
-        for key, _, value in t.out.pending:
-            run.out.add(key, run.weights[mb], value.clone())
-        run.out.stats.records += [RouterRecord(r.layer, r.counts.clone(), None) for r in t.out.stats.records]
+        # a graph's outputs are overwritten by its next replay: the step keeps copies, one stacked copy per
+        # kind (a copy per output would be most of the kernels the host launches around a replay)
+        values = _copies([v for _, _, v in t.out.pending])
+        for (key, _, _), value in zip(t.out.pending, values, strict=True):
+            run.out.add(key, run.weights[mb], value)
+        counts = _copies([r.counts for r in t.out.stats.records])
+        run.out.stats.records += [
+            RouterRecord(r.layer, c, None) for r, c in zip(t.out.stats.records, counts, strict=True)
+        ]
         if 0 in t.out.rows:
             run.out.rows[mb] = t.out.rows[0].detach().clone()
