@@ -1,16 +1,19 @@
 """The sync-free (bounded) dispatcher's one-GPU checks, on a one-rank process group.
 
-    python bench/dispatch_v2.py                 # CUDA: NCCL group of one rank; nvshmem where available
+    python bench/dispatch_v2.py                 # CUDA: NCCL group of one rank; symmetric-memory transports
     python bench/dispatch_v2.py --smoke         # CPU check of the script (gloo, small shape)
 
 One MoE layer at the DeepSeek-V2-Lite proxy's shape (64 experts top-6, hidden 2048, expert width 1408,
 8192 tokens: 2 sequences of 4096; bf16, grouped experts) with each dispatcher: `local` (one device, the
-reference), `flat` (host-read split sizes), `bounded` over the all-to-all with equal splits and `bounded`
-through symmetric memory (NVSHMEM's `all_to_all_vdev`). For each:
-(1) outputs and input, expert and router gradients against `local` (max relative error);
+reference), `flat` (host-read split sizes), `bounded` over the all-to-all with equal splits (the CPU twin's
+path) and `bounded` through symmetric memory: `peer_write` (writes into the peers' buffers, torch's CUDA
+symmetric memory) and `nvshmem` (NVSHMEM's `all_to_all_vdev`, where its rendezvous takes a one-rank group).
+For each:
+(1) outputs and input, expert and router gradients against `local`, and against `bounded` on the same
+    inputs (max relative error);
 (2) a profiled forward+backward: host syncs (`cudaStreamSynchronize`, `cudaDeviceSynchronize`,
     `_local_scalar_dense`, `item`, host copies) and launches (kernels and memcpys) per MoE layer; the
-    NVSHMEM kernel names seen in the trace;
+    symmetric-memory kernels seen in the trace (NVSHMEM's, the barrier's);
 (3) capture of the layer's forward in a CUDA graph, replayed on new inputs, against eager;
 (4) row movement: the layer with its experts replaced by the identity (route, dispatch, combine, forward
     and backward) minus the router alone, against copying the N·k rows (read plus write). The issue's goal:
@@ -36,8 +39,13 @@ from moe_train.config import ModelConfig  # noqa: E402
 from moe_train.model.dispatch import LocalDispatcher  # noqa: E402
 from moe_train.model.init import init_weights  # noqa: E402
 from moe_train.model.moe import MoE, MoEOptions  # noqa: E402
-from moe_train.parallel.dispatch import AllToAllDispatcher, BoundedDispatcher, CommCounters  # noqa: E402
-from moe_train.parallel.dispatch.symm import SymmTransport, nvshmem_missing  # noqa: E402
+from moe_train.parallel.dispatch import (  # noqa: E402
+    TRANSPORTS,  # noqa: E402
+    AllToAllDispatcher,
+    BoundedDispatcher,
+    CommCounters,
+)
+from moe_train.parallel.dispatch.symm import transport_missing  # noqa: E402
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "aten::item")
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaMemcpyAsync")
@@ -88,8 +96,9 @@ def _profile(moe: MoE, x: torch.Tensor, up: torch.Tensor, device: str) -> dict[s
     names = [e.name for e in prof.events()]
     syncs = {n: names.count(n) for n in SYNC_EVENTS if names.count(n)}
     launches = sum(names.count(n) for n in LAUNCH_EVENTS)
-    kernels = sorted({e.name for e in prof.events() if any(w in e.name.lower() for w in ("nvshmem", "a2a"))})
-    return {"syncs": syncs, "launches": launches, "symm_kernels": kernels[:4]}
+    symm = ("nvshmem", "a2a", "symmetric_memory", "barrier")
+    kernels = sorted({e.name for e in prof.events() if any(w in e.name.lower() for w in symm)})
+    return {"syncs": syncs, "launches": launches, "symm_kernels": [k[:60] for k in kernels[:4]]}
 
 
 def _capture(moe: MoE, x: torch.Tensor) -> float | str:
@@ -179,36 +188,42 @@ def main() -> None:
         "flat": AllToAllDispatcher(group, 1, 0, CommCounters()),
         "bounded": BoundedDispatcher(group, 1, 0, CommCounters()),
     }
-    missing = nvshmem_missing(torch.device(device))
-    if missing is None:
+    for name in ("peer_write", "nvshmem"):
+        missing = transport_missing(name, torch.device(device))
+        if missing is not None:
+            print(f"{name} transport skipped: {missing}")
+            continue
         try:
-            transport = SymmTransport(group, torch.device(device))
-            symm = BoundedDispatcher(group, 1, 0, CommCounters(), transport=transport)
-            dispatchers["bounded+nvshmem"] = symm
+            transport = TRANSPORTS[name](group, torch.device(device))
+            bounded = BoundedDispatcher(group, 1, 0, CommCounters(), transport=transport)
+            dispatchers[f"bounded+{name}"] = bounded
         except Exception as e:  # noqa: BLE001
-            print(f"nvshmem transport unavailable: {type(e).__name__}: {e}")
-    else:
-        print(f"nvshmem transport skipped: {missing}")
+            print(f"{name} transport unavailable: {type(e).__name__}: {e}")
 
     ref = _run(_layer(cfg, dispatchers["local"], device, dtype), x, up)
+    twin = _run(_layer(cfg, dispatchers["bounded"], device, dtype), x, up)
     rows = []
     for name, d in dispatchers.items():
         moe = _layer(cfg, d, device, dtype)
         try:
             got = _run(moe, x, up)
             err = max(_rel(a, b) for a, b in zip(got, ref, strict=True))
+            err_twin = max(_rel(a, b) for a, b in zip(got, twin, strict=True))
             prof = _profile(moe, x, up, device)
             cap = _capture(moe, x)
         except Exception as e:  # noqa: BLE001 - one broken path must not hide the others' numbers
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue
-        rows.append((name, err, prof, cap))
-    print("| dispatcher | rel err vs local | host syncs (fwd+bwd) | launches | symm kernels | graph replay |")
-    print("|---|---|---|---|---|---|")
-    for name, err, prof, cap in rows:
+        rows.append((name, err, err_twin, prof, cap))
+    print(
+        "| dispatcher | rel err vs local | vs bounded (all-to-all) | host syncs (fwd+bwd) | launches "
+        "| symm kernels | graph replay |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, err, err_twin, prof, cap in rows:
         cap_s = cap if isinstance(cap, str) else f"{cap:.1e}"
         syncs, launches, kernels = prof["syncs"] or 0, prof["launches"], prof["symm_kernels"]
-        print(f"| {name} | {err:.1e} | {syncs} | {launches} | {kernels} | {cap_s} |")
+        print(f"| {name} | {err:.1e} | {err_twin:.1e} | {syncs} | {launches} | {kernels} | {cap_s} |")
 
     # (4) row movement: identity experts, forward+backward, minus the router alone; against two copies of the
     # N·k rows. Device time (the kernels' sum in a profile): a captured step pays no launches, and this
@@ -252,7 +267,7 @@ def main() -> None:
             continue
         moved = dev_ms - router_dev
         print(f"| {name} | {ms:.3f} / {dev_ms:.3f} | {moved:.3f} | {moved / (2 * copy_ms):.2f}× |")
-        if name == "local":
+        if name in ("local", "bounded+peer_write"):
             for ms_k, count, key in kernels[:16]:
                 print(f"    {ms_k:.3f} ms  x{count}  {key[:100]}")
     dist.destroy_process_group()

@@ -121,7 +121,7 @@ def main() -> None:
     if a.sites:
         with profile(activities=acts, with_stack=True) as prof:
             run_steps(t, a.warmup + 2 * a.steps, a.steps)
-        print(f"| ops/step | op | call site (innermost moe_train frame) |\n|---:|---|---|")
+        print("| ops/step | op | call site (innermost moe_train frame) |\n|---:|---|---|")
         for (op, where), n in op_sites(prof.events()).most_common(a.sites):
             print(f"| {n / a.steps:.1f} | {op} | {where} |")
 

@@ -246,19 +246,26 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
         "transport",
         ["parallel.dispatch_transport=ibgda"],
         2,
-        "parallel.dispatch_transport='ibgda' is not allowed: one of alltoall, nvshmem",
+        "parallel.dispatch_transport='ibgda' is not allowed: one of alltoall, peer_write, nvshmem",
     ),
     (
         "transport without bounded",
         ["parallel.dispatch_transport=nvshmem"],
         2,
-        "parallel.dispatch_transport='nvshmem' is not allowed: alltoall unless parallel.dispatcher=bounded",
+        "parallel.dispatch_transport='nvshmem' is not allowed: alltoall unless parallel.dispatcher is one of "
+        "bounded, hierarchical_bounded",
     ),
     (
         "nvshmem on cpu",
         ["parallel.dispatcher=bounded", "parallel.dispatch_transport=nvshmem"],
         2,
         "parallel.dispatch_transport=nvshmem is not allowed here: symmetric memory needs CUDA",
+    ),
+    (
+        "peer_write on cpu",
+        ["parallel.dispatcher=hierarchical_bounded", "parallel.dispatch_transport=peer_write"],
+        2,
+        "parallel.dispatch_transport=peer_write is not allowed here: symmetric memory needs CUDA",
     ),
     (
         "bound zero",

@@ -22,6 +22,7 @@ from moe_train.ops.fp8 import packed_row_bytes
 from moe_train.ops.gather import Bags, bag_sum, gather_rows
 from moe_train.parallel.dispatch import AllToAllDispatcher, BoundedDispatcher, CommCounters, build_dispatcher
 from moe_train.parallel.dispatch.bounded import rows_bound
+from moe_train.parallel.dispatch.symm import CollectiveTransport
 from moe_train.parallel.mesh import Layout, MeshError, build_mesh
 
 CFG = ModelConfig(
@@ -51,13 +52,15 @@ def _case(
     seed: int,
     fp8: bool = False,
     bound: float | None | str = "flat",
+    twin: bool = False,
 ) -> dict:
     """Tokens per rank = sizes; `masked_rank`'s experts get no tokens. Asserts equality with the reference.
 
     fp8: FP8 experts in both, and FP8 dispatch rows: the experts' own 1×128 tiles of their input are those
     the dispatch sent, so the one-process FP8 MoE is matched as closely as without FP8.
     bound: "flat" for the flat dispatcher, else the bounded one with this `dispatch_bound` (its results
-    must equal the flat one's bit for bit; a bound too small for the routing raises the overflow flag)."""
+    must equal the flat one's bit for bit; a bound too small for the routing raises the overflow flag).
+    twin: the bounded dispatcher's blocks through a transport (symm.py), its CPU twin over gloo."""
     mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
     rank, ep = mesh.rank, mesh.layout.ep
     cfg = dataclasses.replace(CFG, hidden_size=128, moe_intermediate_size=128) if fp8 else CFG
@@ -72,8 +75,9 @@ def _case(
     if bound == "flat":
         moe.dispatcher = AllToAllDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters, fp8_rows=fp8)
     else:
+        transport = CollectiveTransport(mesh.group("ep")) if twin else None
         moe.dispatcher = BoundedDispatcher(
-            mesh.group("ep"), ep, mesh.ep_rank, counters, None, None, fp8, bound
+            mesh.group("ep"), ep, mesh.ep_rank, counters, None, None, fp8, bound, transport
         )
 
     g = torch.Generator().manual_seed(seed)
@@ -93,6 +97,8 @@ def _case(
     if bound != "flat":
         over = counters.take_overflows()
         assert over is not None and int(over) == 0, "no overflow expected at this bound"
+    if twin:  # dispatch and combine, forward and backward
+        assert moe.dispatcher.transport.exchanges == 6, moe.dispatcher.transport.exchanges
 
     torch.testing.assert_close(y, y_ref[:, lo:hi].detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad[:, lo:hi], rtol=1e-5, atol=1e-5)
@@ -184,6 +190,7 @@ def _dispatch_suite() -> list[dict]:
     out.append(_case([24] * world, None, 0, bound=2.0))
     out.append(_case([24] * world, world - 1, 1, bound=None))
     out.append(_case([24] * world, None, 4, fp8=True, bound=None))
+    out.append(_case([24] * world, None, 4, fp8=True, bound=None, twin=True))  # through a transport
     _overflow_case(5)
     out.append(_host_reads_case())
     return out

@@ -18,6 +18,7 @@ from moe_train.config import ConfigError, ModelConfig, load_config, to_object
 from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
 from moe_train.parallel.dispatch import AllToAllDispatcher, CommCounters, build_dispatcher
+from moe_train.parallel.dispatch.symm import CollectiveTransport
 from moe_train.parallel.layout import check_layout
 from moe_train.parallel.mesh import Layout, MeshError, build_mesh, check_expert_groups
 
@@ -159,13 +160,15 @@ def _bounded_intra(cfg: ModelConfig, gpus_per_node: int, seed: int) -> dict:
     x_all = torch.randn(1, 24 * world, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
     x = x_all[:, 24 * mesh.rank : 24 * (mesh.rank + 1)]
     out, flags = [], []
-    for name, bound in (
-        ("hierarchical", None),
-        ("hierarchical_bounded", None),
-        ("hierarchical_bounded", 0.2),
+    twin = CollectiveTransport(mesh.group("intra_node"))  # stage 2's blocks through a transport
+    for name, bound, transport in (
+        ("hierarchical", None, None),
+        ("hierarchical_bounded", None, None),
+        ("hierarchical_bounded", 0.2, None),
+        ("hierarchical_bounded", None, twin),
     ):
         moe, counters = _moe(cfg, mesh, seed), CommCounters()
-        moe.dispatcher = build_dispatcher(name, mesh, counters, bound=bound)
+        moe.dispatcher = build_dispatcher(name, mesh, counters, bound=bound, transport=transport)
         xi = x.clone().requires_grad_(True)
         y = moe(xi)
         (y * y).sum().backward()
@@ -174,12 +177,13 @@ def _bounded_intra(cfg: ModelConfig, gpus_per_node: int, seed: int) -> dict:
         flag = torch.tensor([0 if over is None else int(over)])
         dist.all_reduce(flag)
         flags.append(int(flag))
-    (y0, g0, p0), (y1, g1, p1) = out[0], out[1]
-    _assert_rel(y1, y0, "bounded output")
-    _assert_rel(g1, g0, "bounded input grad")
-    for name, g in p0.items():
-        _assert_rel(p1[name], g, f"bounded {name}")
-    return {"flags": flags}
+    (y0, g0, p0) = out[0]
+    for what, (y1, g1, p1) in (("bounded", out[1]), ("bounded through a transport", out[3])):
+        _assert_rel(y1, y0, f"{what} output")
+        _assert_rel(g1, g0, f"{what} input grad")
+        for name, g in p0.items():
+            _assert_rel(p1[name], g, f"{what} {name}")
+    return {"flags": flags, "twin_exchanges": twin.exchanges}
 
 
 def _dispatch_cases(cfg: ModelConfig, gpus_per_node: int) -> list[dict]:
@@ -281,7 +285,7 @@ def _check_suite(results: list[dict], hidden: int, topk_group: int) -> None:
 def test_hierarchical_matches_flat_on_4_processes(tmp_path):
     """2 nodes × 2 and 4 × 1: outputs and gradients equal flat (rel ≤ 1e-5), each stage on its link, same
     training losses and gradients as the flat run; the same with the intra-node stage in fixed-size blocks
-    (`hierarchical_bounded`), overflow and exact rerun included."""
+    (`hierarchical_bounded`), overflow and exact rerun included, and through a transport (its CPU twin)."""
     results = run_world(4, _suite4, str(tmp_path))
     _check_suite(results, CFG.hidden_size, CFG.topk_group)
     r = results[0]["2x2"][0]
@@ -289,6 +293,7 @@ def test_hierarchical_matches_flat_on_4_processes(tmp_path):
     # the bounded intra-node stage: never overflows with worst-case blocks; a small bound does, and the
     # training steps it overflowed were redone (their losses equal the flat run's, checked above)
     assert results[0]["bounded_intra"]["flags"][1] == 0 and results[0]["bounded_intra"]["flags"][2] > 0
+    assert all(r["bounded_intra"]["twin_exchanges"] == 6 for r in results)  # stage 2's hops, both ways
     redone = [r.get("dispatch_redone_steps") for r in results[0]["train"]["2x2+bounded"]["records"]]
     assert max(x for x in redone if x is not None) > 0, redone
 

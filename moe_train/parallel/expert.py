@@ -42,7 +42,7 @@ def apply_expert_parallel(
     mesh's ep group; the layout checks of that kind run first. fp8_rows: dispatch rows travel in FP8;
     bound, transport: `parallel.dispatch_bound` and `parallel.dispatch_transport` (one transport, and its
     buffers, for all the layers)."""
-    shared = build_transport(transport, mesh)
+    shared = build_transport(transport, mesh, dispatcher)
     if mesh.layout.ep == 1:
         return
     for m in model.modules():

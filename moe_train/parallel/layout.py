@@ -65,9 +65,11 @@ def check_layout(cfg: TrainConfig, world_size: int) -> Schedule:
         )
     if p.dispatch_transport not in TRANSPORTS:
         _fail("parallel.dispatch_transport", p.dispatch_transport, f"one of {', '.join(TRANSPORTS)}")
-    if p.dispatch_transport != "alltoall" and p.dispatcher != "bounded":
+    if p.dispatch_transport != "alltoall" and p.dispatcher not in BOUNDED:
         _fail(
-            "parallel.dispatch_transport", p.dispatch_transport, "alltoall unless parallel.dispatcher=bounded"
+            "parallel.dispatch_transport",
+            p.dispatch_transport,
+            f"alltoall unless parallel.dispatcher is one of {', '.join(BOUNDED)}",
         )
     if cfg.data.batch_size % (dp * p.microbatches):
         _fail(

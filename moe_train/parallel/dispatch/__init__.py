@@ -22,19 +22,20 @@ from .bounded import BoundedDispatcher
 from .counters import CommCounters
 from .flat import AllToAllDispatcher
 from .hierarchical import HierarchicalDispatcher
-from .symm import SymmTransport, nvshmem_missing
+from .symm import BlockTransport, NvshmemTransport, PeerWriteTransport, transport_missing
 
 
 @dataclass(frozen=True)
 class DispatchOptions:
     """What every factory gets beside the mesh: byte and overflow counters, the exchange-order log (tests),
-    FP8 dispatch rows, `parallel.dispatch_bound` and the symmetric-memory transport (None: the all-to-all)."""
+    FP8 dispatch rows, `parallel.dispatch_bound` and the symmetric-memory transport of the fixed-size blocks
+    (None: the all-to-all)."""
 
     counters: CommCounters | None = None
     event_log: list[str] | None = None
     fp8_rows: bool = False
     bound: float | None = None
-    transport: SymmTransport | None = None
+    transport: BlockTransport | None = None
 
 
 def _ep_peer_nodes(mesh: Mesh) -> list[int]:
@@ -72,6 +73,7 @@ def _hierarchical(mesh: Mesh, o: DispatchOptions, bounded_intra: bool = False) -
         o.fp8_rows,
         bounded_intra,
         o.bound,
+        o.transport if bounded_intra else None,
     )
 
 
@@ -96,21 +98,33 @@ DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], Non
     "hierarchical_bounded": (_hierarchical_bounded, _check_hierarchical),
 }
 # the dispatchers with fixed-size buffers (whole, or the intra-node stage), the only ones
-# `parallel.dispatch_bound` applies to; `parallel.dispatch_transport=nvshmem` serves `bounded`
+# `parallel.dispatch_bound` and a symmetric-memory `parallel.dispatch_transport` apply to
 BOUNDED = ("bounded", "hierarchical_bounded")
-TRANSPORTS = ("alltoall", "nvshmem")
+# parallel.dispatch_transport -> how its fixed-size blocks move (None: the all-to-all with equal splits)
+TRANSPORTS: dict[str, Callable[[Any, Any], BlockTransport] | None] = {
+    "alltoall": None,
+    "peer_write": PeerWriteTransport,
+    "nvshmem": NvshmemTransport,
+}
 
 
-def build_transport(name: str, mesh: Mesh) -> SymmTransport | None:
-    """The bounded dispatchers' transport of `parallel.dispatch_transport` on this rank, shared by its
-    layers: None for the all-to-all with equal splits; symmetric memory for nvshmem (ConfigError naming the
-    key where it cannot run)."""
-    if name == "alltoall":
+def build_transport(name: str, mesh: Mesh, dispatcher: str = "bounded") -> BlockTransport | None:
+    """The transport of `parallel.dispatch_transport` for `dispatcher`'s fixed-size blocks on this rank,
+    shared by its layers: over the ep group (`bounded`) or the node's ep ranks (`hierarchical_bounded`'s
+    stage 2); None for the all-to-all, or where that group has one rank (no blocks move). ConfigError naming
+    the key where it cannot run."""
+    make = TRANSPORTS[name]
+    if make is None:
         return None
-    missing = nvshmem_missing(mesh.device)
+    missing = transport_missing(name, mesh.device)
     if missing is not None:
-        raise ConfigError(f"parallel.dispatch_transport=nvshmem is not allowed here: {missing}")
-    return SymmTransport(mesh.group("ep"), mesh.device) if mesh.layout.ep > 1 else None
+        raise ConfigError(f"parallel.dispatch_transport={name} is not allowed here: {missing}")
+    if mesh.layout.ep == 1:
+        return None
+    if dispatcher == "hierarchical_bounded":
+        local = mesh.layout.ep_node_shape()[1]
+        return make(mesh.group("intra_node"), mesh.device) if local > 1 else None
+    return make(mesh.group("ep"), mesh.device)
 
 
 def check_dispatcher(name: str, layout: Layout, n_experts: int, n_group: int) -> None:
@@ -129,7 +143,7 @@ def build_dispatcher(
     event_log: list[str] | None = None,
     fp8_rows: bool = False,
     bound: float | None = None,
-    transport: SymmTransport | None = None,
+    transport: BlockTransport | None = None,
 ) -> Any:
     """One dispatcher of kind `name` over this rank's ep group; `fp8_rows`: its dispatch rows travel as FP8
     tiles (`trainer.dtype=fp8`, parallel/comm.py); `bound`: a bounded dispatcher's buffers (bounded.py)."""

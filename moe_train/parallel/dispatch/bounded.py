@@ -46,7 +46,7 @@ from ..comm import A2AHop
 from .counters import CommCounters, row_bytes, sends_fp8
 from .flat import AllToAllDispatcher, FlatPlan
 from .rows import Route, Slots, expand_to_slots, meta_experts, rows_with_meta, slot_meta, slot_weighted_sums
-from .symm import SymmHop, SymmTransport
+from .symm import BlockTransport, SymmHop
 
 
 def rows_bound(tokens: int, k: int, peers: int, bound: float | None) -> int:
@@ -212,7 +212,7 @@ class BoundedDispatcher(AllToAllDispatcher):
         event_log: list[str] | None = None,
         fp8_rows: bool = False,
         bound: float | None = None,
-        transport: SymmTransport | None = None,
+        transport: BlockTransport | None = None,
     ) -> None:
         counters = CommCounters() if counters is None else counters  # overflow flags must land somewhere
         super().__init__(group, ep, ep_rank, counters, peer_nodes, event_log, fp8_rows)

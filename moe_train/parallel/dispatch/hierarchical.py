@@ -26,7 +26,8 @@ stage-1 count exchange; dispatch = stage-1 hop, then (once it arrived) the stage
 combine = stage-2 hop back, the node's sum, stage-1 hop back.
 
 `hierarchical_bounded` (`bounded_intra`) runs stage 2 in fixed-size blocks instead (bounded.py): no count
-exchange and no host read inside the node, overflow flagged for the trainer's exact rerun.
+exchange and no host read inside the node, overflow flagged for the trainer's exact rerun; its blocks move
+through symmetric memory with `parallel.dispatch_transport` (symm.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .rows import (
     sum_over_route,
     unpack_for_experts,
 )
+from .symm import BlockTransport, SymmHop
 
 
 @dataclass
@@ -87,8 +89,10 @@ class HierarchicalDispatcher:
         fp8_rows: bool = False,
         bounded_intra: bool = False,
         bound: float | None = None,
+        transport: BlockTransport | None = None,
     ) -> None:
         self.inter_group, self.intra_group = inter_group, intra_group
+        self.transport = transport  # stage 2's fixed-size blocks through symmetric memory (symm.py)
         # bounded_intra: stage 2 in fixed-size blocks with no count exchange (bounded.py), `bound` sizing
         # them; `exact` (the trainer's overflow path) switches it back to the host-synced stage 2
         self.bounded_intra, self.bound, self.exact = bounded_intra, bound, False
@@ -104,10 +108,19 @@ class HierarchicalDispatcher:
         self.intra_peer_nodes = intra_peer_nodes or [0] * local
         self.event_log = event_log
 
-    def _hop(self, kind: str, stage: str, send: list[int], recv: list[int], rows: torch.Tensor) -> A2AHop:
+    def _hop(
+        self,
+        kind: str,
+        stage: str,
+        send: list[int],
+        recv: list[int],
+        rows: torch.Tensor,
+        blocks: bool = False,
+    ) -> A2AHop:
         """A hop of `stage` ("inter" | "intra"), added to the byte counters under the flat dispatcher's keys
         (so both compare on one run) and per-stage keys (`<kind>_stage_inter*`, `<kind>_stage_intra*`)
-        that show which link each stage used (`rows`: one of the rows it moves)."""
+        that show which link each stage used (`rows`: one of the rows it moves). blocks: stage 2's
+        fixed-size blocks, which move through the transport where there is one."""
         inter = stage == "inter"
         fp8 = sends_fp8(self.fp8_rows, kind, rows)
         if self.counters is not None:
@@ -118,6 +131,8 @@ class HierarchicalDispatcher:
             self.counters.add(kind, send, size, me, peer_nodes)
             self.counters.add(f"{kind}_stage_{stage}", send, size, me, peer_nodes)
         group = self.inter_group if inter else self.intra_group
+        if blocks and self.transport is not None:
+            return SymmHop(f"{kind}_{stage}", send, recv, group, self.event_log, fp8, self.transport)
         return A2AHop(f"{kind}_{stage}", send, recv, group, self.event_log, fp8)
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
@@ -186,7 +201,8 @@ class HierarchicalDispatcher:
         self.counters.note_overflow(overflow)
         plan.intra = r
         send, meta = yield Compute("forward", lambda x, m: pack_blocks(x, m, r, real), (rows, meta))
-        handle = yield Issue(self._hop("dispatch", "intra", r.send_splits, r.recv_splits, send), (send, meta))
+        hop = self._hop("dispatch", "intra", r.send_splits, r.recv_splits, send, blocks=True)
+        handle = yield Issue(hop, (send, meta))
         rows, meta = yield Wait(handle)
         cap = slots_bound(rows.shape[0], k, plan.per_rank, n, self.bound)
 
@@ -201,7 +217,8 @@ class HierarchicalDispatcher:
         """Each stage-2 row's gate-weighted sum over its slots, sent back inside the node."""
         r = plan.intra
         partial = yield Compute("weigh", lambda y: slot_weighted_sums(y, plan.slots), (y,), join=True)
-        return (yield Issue(self._hop("combine", "intra", r.recv_splits, r.send_splits, partial), (partial,)))
+        hop = self._hop("combine", "intra", r.recv_splits, r.send_splits, partial, blocks=plan.bounded)
+        return (yield Issue(hop, (partial,)))
 
     def combine_wait(self, plan: HierPlan, handle: Any) -> Program:
         """The partial sums of each stage-1 row added on its forwarding rank (the intra-node reduction

@@ -1,19 +1,27 @@
-"""The bounded dispatcher's blocks through symmetric memory: NVSHMEM's all-to-all-v, splits on the device.
+"""The bounded dispatchers' blocks through symmetric memory: no NCCL, split sizes never on the host.
 
-The bounded dispatcher (bounded.py) sends every peer a block of the same size, so on CUDA its hops can move
-through symmetric memory instead of NCCL: each rank copies its blocks into a symmetric input buffer and one
-NVSHMEM kernel (`torch.ops.symm_mem.all_to_all_vdev`) puts block p into peer p's symmetric output buffer,
-reading the split sizes from a device tensor. Nothing is read on the host, and the kernel is captured like
-any other. The result is copied out of the output buffer before the next hop reuses it (hops run on the
-current stream, one after another), so a rank's layers share one set of buffers per shape:
-`SymmTransport`, made once for the model's dispatchers.
+A bounded dispatcher (bounded.py, and `hierarchical_bounded`'s intra-node stage) sends every peer a block of
+the same size, so on CUDA its hops can move through symmetric memory instead of NCCL. Two transports
+(`parallel.dispatch_transport`), both exchanging equal blocks with the layout of `comm.A2AHop`:
 
-The all-to-all with equal splits (`comm.A2AHop`) is the same transfer with the same layout: the CPU twin
-the tests run, and the fallback wherever NVSHMEM is missing.
+- `peer_write` (`PeerWriteTransport`): torch's CUDA symmetric memory. Each rank's receive buffer is mapped
+  into every peer's address space, and each rank writes its block for peer p straight into rows
+  `rank·B …` of p's buffer, between two barriers (every peer has copied out what it last received; every
+  block has landed). Ordinary copy kernels and the barrier's signal kernel, nothing read on the host, all
+  captured like any other kernel; it runs on a one-rank group too.
+- `nvshmem` (`NvshmemTransport`): each rank copies its blocks into a symmetric input buffer and one NVSHMEM
+  kernel (`torch.ops.symm_mem.all_to_all_vdev`) puts block p into peer p's symmetric output buffer, reading
+  the split sizes from a device tensor. torch 2.11's NVSHMEM rendezvous refuses a one-rank group.
+
+Either copies the result out of its buffer before the next hop reuses it (hops run on the current stream,
+one after another), so a rank's layers share one set of buffers per shape, made once for the model's
+dispatchers. The all-to-all with equal splits (`comm.A2AHop`) is the same transfer with the same layout:
+the CPU twin the tests run, and the portable path.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,15 +39,94 @@ class _Done:
         return None
 
 
-def nvshmem_missing(device: torch.device) -> str | None:
-    """Why symmetric-memory transfers cannot run on `device`; None when they can."""
+def transport_missing(name: str, device: torch.device) -> str | None:
+    """Why symmetric-memory transport `name` (peer_write, nvshmem) cannot run on `device`; None if it can."""
     if device.type != "cuda":
         return f"symmetric memory needs CUDA, the mesh is on {device.type}"
     import torch.distributed._symmetric_memory as symm_mem
 
-    if not symm_mem.is_nvshmem_available():
+    if name == "nvshmem" and not symm_mem.is_nvshmem_available():
         return "this torch build or machine has no NVSHMEM"
     return None
+
+
+def _byte_rows(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as bytes (a view where x is contiguous)."""
+    return x.contiguous().view(x.shape[0], -1).view(torch.uint8)
+
+
+class BlockTransport(ABC):
+    """Equal blocks between the ranks of a group: block p of a tensor's rows to peer p."""
+
+    @abstractmethod
+    def exchange(self, x: torch.Tensor) -> torch.Tensor:
+        """Block p of x's rows (x.shape[0] / peers each) to peer p; the received blocks, in peer order,
+        queued on the current stream."""
+
+
+@dataclass
+class CollectiveTransport(BlockTransport):
+    """The same equal blocks through `all_to_all_single` on the group's own backend (gloo on CPU): the
+    symmetric-memory transports' twin, which runs a bounded dispatcher's hops through the transport path
+    (`SymmHop`: the exchange queued at issue, FP8 rows packed) where no symmetric memory exists. `exchanges`
+    counts its calls."""
+
+    group: Any
+    exchanges: int = 0
+
+    def exchange(self, x: torch.Tensor) -> torch.Tensor:
+        self.exchanges += 1
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=self.group)
+        return out
+
+
+@dataclass
+class _PeerBuffer:
+    buf: torch.Tensor  # this rank's receive buffer (bytes)
+    handle: Any  # its symmetric-memory handle: peers' views and the barrier
+    dests: list[torch.Tensor]  # where this rank's block lands in each peer's buffer, in peer order
+
+
+@dataclass
+class PeerWriteTransport(BlockTransport):
+    """Each rank writes its blocks straight into its peers' symmetric receive buffers (module docstring);
+    one buffer per (rows, row bytes)."""
+
+    group: Any
+    device: torch.device
+    buffers: dict[tuple[int, int], _PeerBuffer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.name = self.group.group_name
+
+    def _get(self, rows: int, width: int) -> _PeerBuffer:
+        """The buffer for `rows` rows of `width` bytes; allocating it is collective (every rank of the group
+        makes the same hops in the same order)."""
+        key = (rows, width)
+        if key not in self.buffers:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buf = symm_mem.empty(rows, width, dtype=torch.uint8, device=self.device)
+            handle = symm_mem.rendezvous(buf, self.name)
+            block = rows // self.size
+            mine = slice(self.rank * block, (self.rank + 1) * block)
+            dests = [handle.get_buffer(p, (rows, width), torch.uint8)[mine] for p in range(self.size)]
+            self.buffers[key] = _PeerBuffer(buf, handle, dests)
+        return self.buffers[key]
+
+    def exchange(self, x: torch.Tensor) -> torch.Tensor:
+        flat = _byte_rows(x)
+        b = self._get(*flat.shape)
+        block = flat.shape[0] // self.size
+        b.handle.barrier(channel=0)  # every peer has copied out what it last received in this buffer
+        for p, dest in enumerate(b.dests):
+            dest.copy_(flat[p * block : (p + 1) * block])
+        b.handle.barrier(channel=0)  # every peer's block has landed here (the barrier orders the writes)
+        return b.buf.clone().view(x.dtype).view(x.shape)
 
 
 @dataclass
@@ -51,8 +138,8 @@ class _Buffers:
 
 
 @dataclass
-class SymmTransport:
-    """Symmetric buffers over `group`, one set per (rows, row bytes), and the exchange of equal blocks."""
+class NvshmemTransport(BlockTransport):
+    """NVSHMEM's all-to-all-v over `group` (module docstring); one set of buffers per (rows, row bytes)."""
 
     group: Any
     device: torch.device
@@ -96,9 +183,9 @@ class SymmTransport:
         return self.buffers[key]
 
     def exchange(self, x: torch.Tensor) -> torch.Tensor:
-        """Block p of x's rows (x.shape[0] / peers each) to peer p; the received blocks, in peer order. Rows
-        travel as their bytes, viewed as bf16 pairs (NVSHMEM's kernel moves floating-point elements)."""
-        flat = x.contiguous().view(x.shape[0], -1).view(torch.uint8)
+        """Rows travel as their bytes, viewed as bf16 pairs (NVSHMEM's kernel moves floating-point
+        elements)."""
+        flat = _byte_rows(x)
         if flat.shape[1] % 2:
             raise ValueError(f"symmetric-memory rows need an even byte count, got {flat.shape[1]}")
         b = self._get(flat.shape[0], flat.shape[1] // 2)
@@ -114,7 +201,7 @@ class SymmTransport:
 class SymmHop(A2AHop):
     """An equal-splits hop through `transport` (same blocks and layout as `A2AHop`'s all-to-all)."""
 
-    transport: SymmTransport | None = field(default=None, repr=False)
+    transport: BlockTransport | None = field(default=None, repr=False)
 
     def forward_exchange(self, k: int, x: torch.Tensor) -> Exchange:
         x = x.detach()
