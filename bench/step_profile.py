@@ -9,6 +9,9 @@ Builds the trainer from the same overrides `train.py` takes, runs warm-up steps,
                taken as a `cudaMemcpyAsync` over 50 µs): the time it spent issuing work. Host ms above
                GPU-busy ms means the GPU waits on the host (launch-bound).
   syncs        how many of those blocking calls a step makes
+  host ms to issue (CUDA)  the host's time to issue a step while a sleep kernel queued ahead keeps the GPU
+               busy: no launch then waits for the device or for launch-queue space (a graph launch behind a
+               busy GPU blocks on that, which the host ms above counts), so this is the host's own work
 and the top ops by self CPU time and, on CUDA, by self device time. --sites N adds, from another profiled
 window with Python stacks on, the N call sites that issue the most ops per step (what the host launches
 outside a captured graph). The profiler adds a few µs per op, so
@@ -35,6 +38,7 @@ from moe_train.train.trainer import Trainer  # noqa: E402
 
 # runtime calls the host waits in (a device-to-host copy into pageable memory blocks until the copy is done)
 BLOCKING = ("Synchronize", "cudaMemcpy")
+ISSUED = 3  # steps issued behind a sleep kernel (few enough for CUDA's launch queue)
 
 
 def union_ms(intervals: list[tuple[float, float]]) -> float:
@@ -56,10 +60,30 @@ def op_sites(events: list) -> collections.Counter:
         parent = e.cpu_parent
         if not e.name.startswith("aten::") or (parent is not None and parent.name.startswith("aten::")):
             continue
-        while parent is not None and "moe_train/" not in parent.name:
+        frames = [f for f in (e.stack or []) if "moe_train/" in f]  # where the profiler records stacks
+        while not frames and parent is not None:
+            frames = [parent.name] if "moe_train/" in parent.name else []
             parent = parent.cpu_parent
-        sites[(e.name, parent.name.split("moe_train/")[-1] if parent is not None else "?")] += 1
+        sites[(e.name, frames[0].split("moe_train/")[-1] if frames else "?")] += 1
     return sites
+
+
+def issue_ms(t: Trainer, first: int, n: int) -> tuple[float, float]:
+    """Host ms per step to issue steps first..first+n-1 while a sleep kernel queued ahead holds the GPU, so
+    no launch waits for the device or for queue space and only the host's own work is timed; and the
+    sleep's ms. A step that waited on the device inside would take about as long as the sleep."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1_000_000_000)  # cycles: about half a second
+    end.record()
+    t0 = time.perf_counter()
+    for s in range(first, first + n):
+        t.train_step(s)
+    issued = time.perf_counter() - t0
+    t.settle()
+    torch.cuda.synchronize()
+    return issued / n * 1e3, start.elapsed_time(end)
 
 
 def run_steps(t: Trainer, first: int, n: int) -> float:
@@ -86,7 +110,8 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="step_profile_")
     base = ["trainer.progress=false", "trainer.resume=none", "trainer.eval_every=100000"]
     base.append("logger.console=false")
-    cfg = to_object(load_config([*base, *overrides, f"trainer.max_steps={2 * a.warmup + 3 * a.steps}"]))
+    base.append(f"trainer.max_steps={2 * a.warmup + 3 * a.steps + ISSUED}")
+    cfg = to_object(load_config([*base, *overrides]))
     cfg.run_dir = run_dir
     t = Trainer(cfg, run_dir)
     run_steps(t, 0, a.warmup)
@@ -118,6 +143,12 @@ def main() -> None:
     print(averages.table(sort_by="self_cpu_time_total", row_limit=a.top, max_name_column_width=50))
     if cuda:  # where the device time goes, for the same steps
         print(averages.table(sort_by="self_cuda_time_total", row_limit=a.top, max_name_column_width=50))
+    if cuda:
+        host, slept = issue_ms(t, a.warmup + 3 * a.steps, ISSUED)
+        print(
+            f"host ms to issue a step with the GPU held busy (no waits on the device): {host:.1f} "
+            f"(GPU-busy {gpu_ms:.1f}; the sleep ahead {slept:.0f} ms)"
+        )
     if a.sites:
         with profile(activities=acts, with_stack=True) as prof:
             run_steps(t, a.warmup + 2 * a.steps, a.steps)

@@ -99,6 +99,11 @@ class PeerWriteTransport(BlockTransport):
     buffers: dict[tuple[int, int], _PeerBuffer] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        # the process's symmetric-memory backend holds from its first allocation on: CUDA's own here
+        if symm_mem.get_backend(self.device) != "CUDA":
+            symm_mem.set_backend("CUDA")
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.name = self.group.group_name
