@@ -18,13 +18,12 @@ from .config import BalanceConfig
 from .model.moe import BalanceLoss, MoE
 
 
-def maxvio(counts: torch.Tensor) -> float:
-    """(max_i load_i − mean load) / mean load; 0 is perfect balance."""
+def maxvio(counts: torch.Tensor) -> torch.Tensor:
+    """(max_i load_i − mean load) / mean load over the last dimension (one value per row of a (layers,
+    experts) table: a few ops for every layer at once); 0 is perfect balance, and a row with no load."""
     c = counts.double()
-    mean = c.mean()
-    if mean <= 0:
-        return 0.0
-    return float((c.max() - mean) / mean)
+    mean = c.mean(-1)
+    return torch.where(mean > 0, (c.amax(-1) - mean) / mean.clamp(min=torch.finfo(c.dtype).tiny), 0.0)
 
 
 def balance_loss_spec(cfg: BalanceConfig) -> BalanceLoss:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,6 +17,7 @@ from moe_train.optim.adamw import StoredMomentsAdamW
 from moe_train.parallel.grads import clip_gradients
 from moe_train.parallel.mesh import build_mesh
 from moe_train.parallel.pipeline.graphed import _copies
+from moe_train.train.totals import maxvio_record
 from tiny_cfg import TINY_MODEL
 
 
@@ -100,3 +102,23 @@ def test_a_replays_outputs_are_kept_in_one_copy_per_kind():
         o.zero_()  # the next replay
     for got, w in zip(copies, want, strict=True):
         assert torch.equal(got, w)
+
+
+def test_load_metrics_take_as_many_ops_for_two_or_eight_layers():
+    """MaxVio per layer (each logged step's record) from one table of loads: the same values as the formula
+    layer by layer, a layer without load at 0."""
+    counts = []
+    for n in (2, 8):
+        gen = torch.Generator().manual_seed(n)
+        loads = {i: torch.randint(0, 3, (16,), generator=gen) for i in range(n)}
+        loads[0] = torch.zeros(16, dtype=torch.long)
+        loads[1] = torch.tensor([1] + [0] * 15)  # mean 1/16: far below one row a expert
+        with _Count() as c:
+            record = maxvio_record(loads, "maxvio_batch")
+        counts.append(c.ops)
+        for i, load in loads.items():
+            mean = load.double().mean()
+            want = 0.0 if mean == 0 else float((load.double().max() - mean) / mean)
+            assert record["maxvio_batch_per_layer"][str(i)] == pytest.approx(want, rel=1e-12)
+        assert record["maxvio_batch"] == pytest.approx(sum(record["maxvio_batch_per_layer"].values()) / n)
+    assert counts[0] == counts[1], counts

@@ -76,7 +76,9 @@ def on_host(counts: dict[K, torch.Tensor]) -> dict[K, torch.Tensor]:
 
 def maxvio_record(counts: dict[int, torch.Tensor], key: str) -> dict[str, Any]:
     """MaxVio per MoE layer of these loads and their mean, as `<key>` and `<key>_per_layer`."""
-    per_layer = {str(k): maxvio(v) for k, v in sorted(counts.items())}
+    keys = sorted(counts)
+    values = maxvio(torch.stack([counts[k] for k in keys])).tolist() if keys else []
+    per_layer = {str(k): v for k, v in zip(keys, values, strict=True)}
     return {
         key: float(np.mean(list(per_layer.values()))) if per_layer else 0.0,
         f"{key}_per_layer": per_layer,

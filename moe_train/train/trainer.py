@@ -286,7 +286,9 @@ class Trainer:
     def _load_entries(self, record: dict[str, Any], host: dict[int, torch.Tensor]) -> None:
         record.update(maxvio_record(host, "maxvio_batch"), skipped_steps=self.skipped_steps)
         if self.cfg.trainer.log_expert_load:
-            record["expert_load"] = {str(k): v.tolist() for k, v in sorted(host.items())}
+            keys = sorted(host)
+            loads = torch.stack([host[k] for k in keys]).tolist() if keys else []
+            record["expert_load"] = {str(k): v for k, v in zip(keys, loads, strict=True)}
 
     def evaluate(self) -> dict[str, Any]:
         """This step's eval record: the validation set through the training forward (train/evaluation.py)."""
