@@ -45,11 +45,14 @@ def test_compile_phases_counts_every_phase_callable():
 
 def test_compile_auto_is_phases_on_cuda_and_none_on_cpu(tmp_path):
     """The default (`trainer.compile=auto`) compiles each block's phases where a step is replayed from a
-    CUDA graph, and leaves CPU runs (tests, short jobs) uncompiled; run_info.json records what ran."""
+    CUDA graph, and leaves CPU runs (tests, short jobs) and FP8 training uncompiled; run_info.json records
+    what ran."""
     assert compile_mode("auto", torch.device("cuda")) == "phases"
     assert compile_mode("auto", torch.device("cpu")) == "none"
     assert compile_mode("phases", torch.device("cpu")) == "phases"
     assert compile_mode("none", torch.device("cuda")) == "none"
+    assert compile_mode("auto", torch.device("cuda"), fp8=True) == "none"  # not yet run compiled on a GPU
+    assert compile_mode("phases", torch.device("cuda"), fp8=True) == "phases"
     cfg = tiny_cfg(str(tmp_path), "trainer.resume=none", steps=1)
     assert cfg.trainer.compile == "auto"
     Trainer(cfg, str(tmp_path)).run()

@@ -22,14 +22,15 @@ METHODS = ("attention", "finish", "_dense")  # DecoderLayer's phase callables
 MODULES = ("gate", "shared_experts", "experts")  # MoE's phase modules
 
 
-def compile_mode(setting: str, device: torch.device) -> str:
+def compile_mode(setting: str, device: torch.device, fp8: bool = False) -> str:
     """What `trainer.compile` means on `device`: `auto` becomes `phases` on CUDA, where Inductor's fused
     kernels take the step's many small memory-bound ops off a step that is replayed from a CUDA graph, and
-    `none` elsewhere (on CPU compiling costs more than it saves in short runs and tests); any other value
-    stands as given."""
+    `none` elsewhere (on CPU compiling costs more than it saves in short runs and tests) and under FP8
+    training (`fp8`: its quantising linears have not been run compiled on a GPU; `phases` asks for it); any
+    other value stands as given."""
     if setting != "auto":
         return setting
-    return "phases" if device.type == "cuda" else "none"
+    return "phases" if device.type == "cuda" and not fp8 else "none"
 
 
 def compile_phases(model: nn.Module, direct_experts: bool = False, tuned: bool = False) -> int:

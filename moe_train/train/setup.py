@@ -187,7 +187,7 @@ def build_stages(cfg: TrainConfig, mesh: Mesh, counters: CommCounters, data: Dat
         )
         print(f"rank {mesh.rank}: FP8 ({how}) runs {share:.0%} of its GEMMs", flush=True)
         after_step.append(lambda step, loads, keep: {"fp8_gemm_share": share})
-    if compile_mode(t.compile, mesh.device) == "phases":
+    if compile_mode(t.compile, mesh.device, fp8=resolved == "fp8") == "phases":
         compile_phases(model)
     model.row_losses = cfg.data.name == "mixture"  # for Data.source_losses
     apply_expert_parallel(
@@ -342,6 +342,7 @@ def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> 
     """run_info.json: data, sizes, layout, precision, the memory estimate (`facts`: data, params, flops,
     amp, memory, cuda_graph)."""
     lay, params, amp = mesh.layout, facts["params"], facts["amp"]
+    resolved = precision(cfg.trainer.dtype, mesh.device)
     info = {
         "data": facts["data"],
         "params_total": params.total,
@@ -352,9 +353,9 @@ def write_run_info(run_dir: str, cfg: TrainConfig, mesh: Mesh, **facts: Any) -> 
         "world_size": mesh.world,
         "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep},
         "autocast": str(amp) if amp else "fp32",
-        "dtype": precision(cfg.trainer.dtype, mesh.device),  # `auto` resolved
+        "dtype": resolved,  # `auto` resolved
         "recompute": cfg.trainer.recompute,
-        "compile": compile_mode(cfg.trainer.compile, mesh.device),  # `auto` resolved
+        "compile": compile_mode(cfg.trainer.compile, mesh.device, fp8=resolved == "fp8"),  # resolved
         "cuda_graph": facts["cuda_graph"],
         "memory_estimate_rank0": facts["memory"].as_dict(),
     }
