@@ -24,6 +24,7 @@ CPU smoke test: python bench/step_profile.py --steps 2 --warmup 1 model.num_hidd
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import os
 import sys
@@ -53,8 +54,25 @@ def union_ms(intervals: list[tuple[float, float]]) -> float:
 
 
 def op_sites(events: list) -> collections.Counter:
-    """Ops Python issued (aten ops whose parent is not an aten op) by (op, innermost moe_train frame): the
-    profiler's Python tracer makes each Python call a parent event named `path(line): function`."""
+    """Ops Python issued (aten ops whose parent is not an aten op) by (op, innermost moe_train frame). The
+    frame comes from the op's recorded stack, else from its parents (the profiler's Python tracer makes each
+    Python call an event named `path(line): function`), else from the innermost such event of the same
+    thread whose time span holds the op's start (where the tracer's events are not linked as parents)."""
+    calls = sorted(
+        (e for e in events if "moe_train/" in e.name and not e.name.startswith("aten::")),
+        key=lambda e: e.time_range.start,
+    )
+    starts = [e.time_range.start for e in calls]
+
+    def enclosing(e) -> str | None:  # noqa: ANN001
+        i = bisect.bisect_right(starts, e.time_range.start)
+        while i > 0:  # nested spans: the latest-starting one that holds the op is the innermost
+            i -= 1
+            c = calls[i]
+            if c.thread == e.thread and c.time_range.end >= e.time_range.start:
+                return c.name
+        return None
+
     sites: collections.Counter = collections.Counter()
     for e in events:
         parent = e.cpu_parent
@@ -64,7 +82,8 @@ def op_sites(events: list) -> collections.Counter:
         while not frames and parent is not None:
             frames = [parent.name] if "moe_train/" in parent.name else []
             parent = parent.cpu_parent
-        sites[(e.name, frames[0].split("moe_train/")[-1] if frames else "?")] += 1
+        where = frames[0] if frames else enclosing(e)
+        sites[(e.name, where.split("moe_train/")[-1] if where else "?")] += 1
     return sites
 
 
