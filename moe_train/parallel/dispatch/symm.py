@@ -90,23 +90,32 @@ class _PeerBuffer:
 
 
 @dataclass
-class PeerWriteTransport(BlockTransport):
-    """Each rank writes its blocks straight into its peers' symmetric receive buffers (module docstring);
-    one buffer per (rows, row bytes)."""
+class _SymmGroup(BlockTransport):
+    """A symmetric-memory transport over `group` on `device`, on the backend `BACKEND` names."""
 
     group: Any
     device: torch.device
-    buffers: dict[tuple[int, int], _PeerBuffer] = field(default_factory=dict)
+    BACKEND = ""
 
     def __post_init__(self) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        # the process's symmetric-memory backend holds from its first allocation on: CUDA's own here
-        if symm_mem.get_backend(self.device) != "CUDA":
-            symm_mem.set_backend("CUDA")
+        # one backend per process, and the choice holds from its first symmetric allocation on: CUDA's own
+        # (the device's default) and NVSHMEM's buffers are not interchangeable
+        if symm_mem.get_backend(self.device) != self.BACKEND:
+            symm_mem.set_backend(self.BACKEND)
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.name = self.group.group_name
+
+
+@dataclass
+class PeerWriteTransport(_SymmGroup):
+    """Each rank writes its blocks straight into its peers' symmetric receive buffers (module docstring);
+    one buffer per (rows, row bytes)."""
+
+    buffers: dict[tuple[int, int], _PeerBuffer] = field(default_factory=dict)
+    BACKEND = "CUDA"
 
     def _get(self, rows: int, width: int) -> _PeerBuffer:
         """The buffer for `rows` rows of `width` bytes; allocating it is collective (every rank of the group
@@ -143,22 +152,14 @@ class _Buffers:
 
 
 @dataclass
-class NvshmemTransport(BlockTransport):
+class NvshmemTransport(_SymmGroup):
     """NVSHMEM's all-to-all-v over `group` (module docstring); one set of buffers per (rows, row bytes)."""
 
-    group: Any
-    device: torch.device
     buffers: dict[tuple[int, int], _Buffers] = field(default_factory=dict)
+    BACKEND = "NVSHMEM"
 
     def __post_init__(self) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        # the device's default backend is CUDA's own, whose buffers NVSHMEM's kernels cannot use; the choice
-        # holds from the first symmetric allocation on
-        if symm_mem.get_backend(self.device) != "NVSHMEM":
-            symm_mem.set_backend("NVSHMEM")
-        self.size = dist.get_world_size(self.group)
-        self.name = self.group.group_name
+        super().__post_init__()
         # torch 2.11 (the GPU image) takes the input splits and the output splits with offsets apart; earlier
         # releases took one (3, peers) tensor [in splits; out splits; out offsets]
         schema = torch.ops.symm_mem.all_to_all_vdev.default._schema
