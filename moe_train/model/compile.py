@@ -25,9 +25,11 @@ MODULES = ("gate", "shared_experts", "experts")  # MoE's phase modules
 def compile_mode(setting: str, device: torch.device, fp8: bool = False) -> str:
     """What `trainer.compile` means on `device`: `auto` becomes `phases` on CUDA, where Inductor's fused
     kernels take the step's many small memory-bound ops off a step that is replayed from a CUDA graph, and
-    `none` elsewhere (on CPU compiling costs more than it saves in short runs and tests) and under FP8
-    training (`fp8`: its quantising linears have not been run compiled on a GPU; `phases` asks for it); any
-    other value stands as given."""
+    `none` elsewhere (on CPU compiling costs more than it saves in short runs and tests, and the CPU
+    experts' loop reads its row counts on the host, which recompiles a phase for every new set of counts)
+    and under FP8 training (`fp8`: its experts read their counts on the host too, and its quantising
+    linears have not been run compiled on a GPU; `phases` asks for it); any other value stands as given.
+    Evaluation compiles each phase once more (no gradients: another graph)."""
     if setting != "auto":
         return setting
     return "phases" if device.type == "cuda" and not fp8 else "none"
