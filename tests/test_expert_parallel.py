@@ -373,7 +373,8 @@ def test_triton_bag_kernels_match_references_in_the_interpreter():
 
 def test_bounded_buffers_enter_the_memory_estimate():
     """The estimate keeps a bounded dispatcher's slot buffer (C + 1 rows per MoE layer) in place of k rows
-    per token, and adds its send and receive blocks; a bound shrinks both, never below the balanced load."""
+    per token, and adds its send and receive blocks and its transport's symmetric buffers; a bound shrinks
+    them, never below the balanced load."""
     from moe_train.model.memory import mlp_bytes
     from moe_train.parallel.dispatch.bounded import bounded_memory
 
@@ -384,6 +385,14 @@ def test_bounded_buffers_enter_the_memory_estimate():
     assert worst_blocks == 2 * ep * tokens * (CFG.hidden_size * 4 + 2 * k * 4)
     rows, blocks = bounded_memory(tokens, CFG.hidden_size, k, per_rank, ep, 1.5, 4)
     assert k <= rows < worst_rows and blocks <= worst_blocks
+    # a symmetric-memory transport holds its buffers for the whole run: one received set of blocks (rows and
+    # metadata) for peer writes, an input and an output set for NVSHMEM; FP8 rows add their packed bytes
+    received = worst_blocks // 2
+    for transport, copies in (("alltoall", 0), ("peer_write", 1), ("nvshmem", 2)):
+        args = (tokens, CFG.hidden_size, k, per_rank, ep, None, 4, None, transport)
+        assert bounded_memory(*args)[1] == worst_blocks + copies * received, transport
+        packed = ep * tokens * packed_row_bytes(CFG.hidden_size)
+        assert bounded_memory(*args, True)[1] == worst_blocks + copies * (received + packed), transport
     layer = 1  # a MoE layer of CFG
     assert mlp_bytes(CFG, layer, 4, "none", routed=k) == mlp_bytes(CFG, layer, 4, "none")
     assert mlp_bytes(CFG, layer, 4, "none", routed=rows) > mlp_bytes(CFG, layer, 4, "none")

@@ -308,7 +308,11 @@ def estimate_stage_memory(
         k, per_rank, ep = m.num_experts_per_tok, m.n_routed_experts // mesh.layout.ep, mesh.layout.ep
         nodes, local = mesh.layout.ep_node_shape() if p.dispatcher != "bounded" else (1, ep)
         arriving = nodes * tokens  # the intra-node stage forwards what stage 1 brought from every node
-        dispatch = bounded_memory(tokens, m.hidden_size, k, per_rank, local, p.dispatch_bound, a, arriving)
+        fp8 = precision(cfg.trainer.dtype, mesh.device) == "fp8"
+        moved = p.dispatch_transport if local > 1 else "alltoall"  # a one-rank group moves no blocks
+        dispatch = bounded_memory(
+            tokens, m.hidden_size, k, per_rank, local, p.dispatch_bound, a, arriving, moved, fp8
+        )
     return estimate_memory(
         stages.model,
         m,

@@ -41,12 +41,13 @@ from typing import Any
 import torch
 
 from ...model.phases import Compute, Issue, Program, Wait
+from ...ops.fp8 import packed_row_bytes
 from ...ops.gather import Bags, bag_sum
 from ..comm import A2AHop
 from .counters import CommCounters, row_bytes, sends_fp8
 from .flat import AllToAllDispatcher, FlatPlan
 from .rows import Route, Slots, expand_to_slots, meta_experts, rows_with_meta, slot_meta, slot_weighted_sums
-from .symm import BlockTransport, SymmHop
+from .symm import BlockTransport, SymmHop, held_bytes
 
 
 def rows_bound(tokens: int, k: int, peers: int, bound: float | None) -> int:
@@ -73,16 +74,22 @@ def bounded_memory(
     bound: float | None,
     act_bytes: int,
     arriving: int | None = None,
+    transport: str = "alltoall",
+    fp8_rows: bool = False,
 ) -> tuple[float, int]:
     """For the memory estimate, a MoE layer over `tokens` tokens of this rank whose bounded exchange has
     `peers` ranks and at most `arriving` rows to send (this rank's tokens; nodes × them for the hierarchical
     dispatcher's intra-node stage): the expert rows it keeps per token (the slot buffer, `C + 1` rows, where
     a token's k slots would be kept without fixed sizes), and the bytes of its send and receive blocks with
-    their slot metadata (fp32 ids and weights), each way."""
+    their slot metadata (fp32 ids and weights), each way, plus the symmetric buffers a `transport` holds for
+    those blocks (and for FP8 rows' packed bytes, `fp8_rows`)."""
     block = rows_bound(tokens if arriving is None else arriving, k, peers, bound)
     cap = slots_bound(peers * block, k, per_rank, tokens, bound)
     blocks = 2 * peers * block * (hidden * act_bytes + 2 * k * 4)  # sent and received, rows and metadata
-    return (cap + 1) / max(1, tokens), blocks
+    shapes = {(peers * block, hidden * act_bytes), (peers * block, 2 * k * 4)}  # rows (both ways), metadata
+    if fp8_rows:
+        shapes.add((peers * block, packed_row_bytes(hidden)))
+    return (cap + 1) / max(1, tokens), blocks + held_bytes(transport, shapes)
 
 
 def bounded_route(owner: torch.Tensor, peers: int, block: int) -> tuple[Route, torch.Tensor, torch.Tensor]:

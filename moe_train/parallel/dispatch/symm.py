@@ -50,6 +50,14 @@ def transport_missing(name: str, device: torch.device) -> str | None:
     return None
 
 
+def held_bytes(transport: str, shapes: set[tuple[int, int]]) -> int:
+    """Bytes a transport keeps allocated for the whole run: its symmetric buffers for exchanges of `shapes`
+    ((rows, row bytes) each; one buffer set per distinct shape, shared by every layer). The all-to-all
+    keeps none."""
+    make = {"peer_write": PeerWriteTransport, "nvshmem": NvshmemTransport}.get(transport)
+    return 0 if make is None else make.COPIES * sum(rows * width for rows, width in shapes)
+
+
 def _byte_rows(x: torch.Tensor) -> torch.Tensor:
     """x's rows as bytes (a view where x is contiguous)."""
     return x.contiguous().view(x.shape[0], -1).view(torch.uint8)
@@ -96,6 +104,7 @@ class _SymmGroup(BlockTransport):
     group: Any
     device: torch.device
     BACKEND = ""
+    COPIES = 1  # symmetric buffers held per exchanged shape (the memory estimate's `held_bytes`)
 
     def __post_init__(self) -> None:
         import torch.distributed._symmetric_memory as symm_mem
@@ -116,6 +125,7 @@ class PeerWriteTransport(_SymmGroup):
 
     buffers: dict[tuple[int, int], _PeerBuffer] = field(default_factory=dict)
     BACKEND = "CUDA"
+    COPIES = 1  # the receive buffer
 
     def _get(self, rows: int, width: int) -> _PeerBuffer:
         """The buffer for `rows` rows of `width` bytes; allocating it is collective (every rank of the group
@@ -157,6 +167,7 @@ class NvshmemTransport(_SymmGroup):
 
     buffers: dict[tuple[int, int], _Buffers] = field(default_factory=dict)
     BACKEND = "NVSHMEM"
+    COPIES = 2  # an input and an output buffer
 
     def __post_init__(self) -> None:
         super().__post_init__()
