@@ -15,11 +15,17 @@ from tiny_cfg import tiny_cfg
 
 
 @pytest.mark.slow  # inductor compiles each phase on the CPU: about a minute
-def test_compiled_phases_train_like_the_eager_ones(tmp_path):
+@pytest.mark.parametrize("recompute", ["none", "full"])  # compiled phases inside recomputed blocks too
+def test_compiled_phases_train_like_the_eager_ones(tmp_path, recompute):
     runs = {}
     for mode in ("none", "phases"):
         run = tmp_path / mode
-        overrides = ("trainer.resume=none", "model.num_nextn_predict_layers=0", f"trainer.compile={mode}")
+        overrides = (
+            "trainer.resume=none",
+            "model.num_nextn_predict_layers=0",
+            f"trainer.compile={mode}",
+            f"trainer.recompute={recompute}",
+        )
         t = Trainer(tiny_cfg(str(run), *overrides, steps=2), str(run))
         runs[mode] = (t, [t.train_step(s) for s in range(2)])
     (eager, want), (compiled, got) = runs["none"], runs["phases"]
