@@ -302,13 +302,12 @@ def estimate_stage_memory(
     graphs: whether micro-batches replay from CUDA graphs (None: whether the executor's do)."""
     rows = cfg.data.batch_size // (mesh.layout.dp * cfg.parallel.microbatches)
     tokens, m, p = rows * cfg.data.seq_len, cfg.model, cfg.parallel
-    dispatch = None
+    dispatch, fp8 = None, precision(cfg.trainer.dtype, mesh.device) == "fp8"
     if p.dispatcher in BOUNDED and mesh.layout.ep > 1:  # fixed-size buffers, whatever the routing
         a = 2 if amp == torch.bfloat16 else 4
         k, per_rank, ep = m.num_experts_per_tok, m.n_routed_experts // mesh.layout.ep, mesh.layout.ep
         nodes, local = mesh.layout.ep_node_shape() if p.dispatcher != "bounded" else (1, ep)
         arriving = nodes * tokens  # the intra-node stage forwards what stage 1 brought from every node
-        fp8 = precision(cfg.trainer.dtype, mesh.device) == "fp8"
         moved = p.dispatch_transport if local > 1 else "alltoall"  # a one-rank group moves no blocks
         dispatch = bounded_memory(
             tokens, m.hidden_size, k, per_rank, local, p.dispatch_bound, a, arriving, moved, fp8
@@ -322,7 +321,7 @@ def estimate_stage_memory(
         cfg.trainer.recompute,
         amp == torch.bfloat16,
         engine.state_sharding(),
-        fp8=precision(cfg.trainer.dtype, mesh.device) == "fp8",
+        fp8=fp8,
         graphs=stages.executor.graphed is not None if graphs is None else graphs,
         dispatch=dispatch,
     )

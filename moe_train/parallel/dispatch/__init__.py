@@ -22,7 +22,7 @@ from .bounded import BoundedDispatcher
 from .counters import CommCounters
 from .flat import AllToAllDispatcher
 from .hierarchical import HierarchicalDispatcher
-from .symm import BlockTransport, NvshmemTransport, PeerWriteTransport, transport_missing
+from .symm import TRANSPORTS, BlockTransport, transport_missing
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,6 @@ DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], Non
 # the dispatchers with fixed-size buffers (whole, or the intra-node stage), the only ones
 # `parallel.dispatch_bound` and a symmetric-memory `parallel.dispatch_transport` apply to
 BOUNDED = ("bounded", "hierarchical_bounded")
-# parallel.dispatch_transport -> how its fixed-size blocks move (None: the all-to-all with equal splits)
-TRANSPORTS: dict[str, Callable[[Any, Any], BlockTransport] | None] = {
-    "alltoall": None,
-    "peer_write": PeerWriteTransport,
-    "nvshmem": NvshmemTransport,
-}
 
 
 def build_transport(name: str, mesh: Mesh, dispatcher: str = "bounded") -> BlockTransport | None:

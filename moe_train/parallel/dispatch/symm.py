@@ -54,7 +54,7 @@ def held_bytes(transport: str, shapes: set[tuple[int, int]]) -> int:
     """Bytes a transport keeps allocated for the whole run: its symmetric buffers for exchanges of `shapes`
     ((rows, row bytes) each; one buffer set per distinct shape, shared by every layer). The all-to-all
     keeps none."""
-    make = {"peer_write": PeerWriteTransport, "nvshmem": NvshmemTransport}.get(transport)
+    make = TRANSPORTS[transport]
     return 0 if make is None else make.COPIES * sum(rows * width for rows, width in shapes)
 
 
@@ -212,6 +212,14 @@ class NvshmemTransport(_SymmGroup):
         else:
             torch.ops.symm_mem.all_to_all_vdev(b.inp, b.out, b.splits, b.out_splits, self.name)
         return b.out.view(torch.uint8).clone().view(x.dtype).view(x.shape)
+
+
+# parallel.dispatch_transport -> how the fixed-size blocks move (None: the all-to-all with equal splits)
+TRANSPORTS: dict[str, type[_SymmGroup] | None] = {
+    "alltoall": None,
+    "peer_write": PeerWriteTransport,
+    "nvshmem": NvshmemTransport,
+}
 
 
 @dataclass
