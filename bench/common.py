@@ -117,14 +117,16 @@ def print_row(header: str | None, row: str, out: str | None) -> None:
 
 
 def dispatch_combine(disp: Any, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, n_experts: int) -> Any:
-    """A dispatcher's phases run eagerly back to back: dispatch x's rows, double the expert rows (a stand-in
-    for the experts), combine; returns (combined rows, the plan)."""
+    """A dispatcher's phases run eagerly back to back: dispatch x's rows, double the expert rows and weigh
+    them by their gates (a stand-in for the experts), combine; returns (combined rows, the plan)."""
     from moe_train.model.phases import run
 
     def program():
         plan = yield from disp.plan(idx, n_experts)
-        rows, _ = yield from disp.dispatch_wait(plan, (yield from disp.dispatch_start(plan, x, w)))
-        y = yield from disp.combine_wait(plan, (yield from disp.combine_start(plan, rows * 2)))
+        rows, _, gates = yield from disp.dispatch_wait(plan, (yield from disp.dispatch_start(plan, x, w)))
+        y = yield from disp.combine_wait(
+            plan, (yield from disp.combine_start(plan, rows * 2 * gates[:, None]))
+        )
         return y, plan
 
     return run(program())

@@ -157,9 +157,14 @@ class _PassRows(torch.autograd.Function):
 
 
 class _Identity(torch.nn.Module):
-    """Experts that return their rows: the layer then moves rows and nothing else (router aside)."""
+    """Experts that return their rows: the layer then moves rows and nothing else (router aside). Real experts
+    weigh each row by its gate inside their SwiGLU, a pass they make anyway, so these leave the gates out."""
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: object = None) -> torch.Tensor:
+    weighs_rows = True  # the layer hands them the gates (and leaves them out of the combine)
+
+    def forward(
+        self, x: torch.Tensor, counts: torch.Tensor, gates: object = None, taps: object = None
+    ) -> torch.Tensor:
         return _PassRows.apply(x)
 
 

@@ -43,7 +43,7 @@ from moe_train.ops.gather import gather_rows  # noqa: E402
 from moe_train.parallel.dispatch import AllToAllDispatcher  # noqa: E402
 from moe_train.parallel.dispatch.rows import (  # noqa: E402
     expand_to_slots,
-    slot_weighted_sums,
+    slot_sums,
     sum_over_route,
 )
 from moe_train.parallel.mesh import build_mesh  # noqa: E402
@@ -223,7 +223,7 @@ def bench_dispatch(mesh, rows: list[str], profile: bool) -> None:
                 with torch.no_grad():
                     gather_rows(x, plan.route.pair_row, plan.route.rows)
                     expand_to_slots(b, plan.slots)
-                    slot_weighted_sums(y, plan.slots)
+                    slot_sums(y, plan.slots)
                     sum_over_route(a, plan.route)
 
             biggest = hidden == SIZES["hidden"][-1] and tokens == SIZES["tokens"][-1]

@@ -207,22 +207,27 @@ def _experts_case(seed: int) -> tuple[torch.Tensor, ...]:
     return counts, x, wgu, wd, torch.randn(x.shape, generator=g).bfloat16()
 
 
-def test_grouped_fp8_experts_equal_the_per_expert_loop():
+@pytest.mark.parametrize("gated", [False, True])
+def test_grouped_fp8_experts_equal_the_per_expert_loop(gated):
     """`expert_swiglu_fp8` (every cast once over all rows, groups padded to 128) gives the per-expert loop of
-    `fp8_linear` products on rows as FP8 dispatch delivers them bit for bit — outputs, input and weight
-    gradients — with empty experts, groups of fewer and more than 128 rows, and the FP8-cached SwiGLU."""
+    `fp8_linear` products on rows as FP8 dispatch delivers them bit for bit — outputs, input, weight and
+    (gated) the rows' gate gradients — with empty experts, groups of fewer and more than 128 rows, and the
+    FP8-cached SwiGLU."""
     from moe_train.ops.fp8 import fp8_roundtrip, swiglu_fp8_cached
     from moe_train.ops.fp8_experts import expert_swiglu_fp8
     from moe_train.ops.grouped_gemm import expert_swiglu_reference
 
     counts, x, wgu, wd, go = _experts_case(5)
+    gates = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(6))
     results = []
     for fn in (
-        lambda *t: expert_swiglu_fp8(*t, act=swiglu_fp8_cached),
-        lambda x, *t: expert_swiglu_reference(fp8_roundtrip(x), *t, act=swiglu_fp8_cached, linear=fp8_linear),
+        lambda *t, gates=None: expert_swiglu_fp8(*t, act=swiglu_fp8_cached, gates=gates),
+        lambda x, *t, gates=None: expert_swiglu_reference(
+            fp8_roundtrip(x), *t, act=swiglu_fp8_cached, linear=fp8_linear, gates=gates
+        ),
     ):
-        leaves = [t.clone().requires_grad_() for t in (x, wgu, wd)]
-        y = fn(leaves[0], counts, leaves[1], leaves[2])
+        leaves = [t.clone().requires_grad_() for t in (x, wgu, wd, *([gates] if gated else []))]
+        y = fn(leaves[0], counts, leaves[1], leaves[2], gates=leaves[3] if gated else None)
         results.append([y.detach(), *torch.autograd.grad(y, leaves, go)])
     for got, want in zip(*results, strict=True):
         assert torch.equal(got, want)
@@ -272,6 +277,28 @@ def test_deep_gemm_grouped_experts_equal_the_per_expert_loop(monkeypatch):
     assert fp8_experts._deep_gemm().calls == {"m_grouped": 4, "k_grouped": 2}
     for got, want in zip(*results, strict=True):
         assert torch.equal(got, want)
+
+
+def test_fp8_cached_swiglu_weighs_rows_by_their_gates():
+    """With gates, the FP8-cached SwiGLU gives the plain weighted SwiGLU, and its backward — recomputed
+    from the FP8 tiles of gate and up — is the plain op's gradient at those tiles' values, the gates' included
+    (the row sums of dh·silu(gate)·up)."""
+    from moe_train.ops.fp8 import swiglu_fp8_cached
+    from moe_train.ops.fused import swiglu_plain
+
+    g = torch.Generator().manual_seed(3)
+    gate, up, dh = (torch.randn(7, 2 * TILE, generator=g).bfloat16() for _ in range(3))
+    gates = torch.rand(7, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (gate, up, gates)]
+    h = swiglu_fp8_cached(*leaves)
+    assert torch.equal(h, swiglu_plain(gate, up, gates))
+    got = torch.autograd.grad(h, leaves, dh)
+    ref = [dequantize_tiles(*quantize_tiles(t)).requires_grad_() for t in (gate, up)]
+    ref.append(gates.clone().requires_grad_())
+    want = torch.autograd.grad(swiglu_plain(*ref), ref, dh.float())
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b.to(a.dtype))
+    assert got[2].abs().min() > 0
 
 
 # Layout invariance with FP8 on: 128-wide expert and hidden dims so that the experts and most dense linears

@@ -163,6 +163,41 @@ def test_direct_experts_layer_equals_the_dispatched_one():
     torch.testing.assert_close(layer(x), want["y"], rtol=0, atol=0)
 
 
+def test_gates_in_the_experts_activation_equal_the_weighted_combine(monkeypatch):
+    """The routed experts weigh each row by its gate inside their activation, so the combine is a plain sum
+    and its backward a plain gather: no pass of per-row dot products over the N·k rows (the gates' gradient
+    comes from the activation's backward). The layer's output and every gradient, the router's included,
+    equal the combine-weighted form's (what FP8 experts keep, `RoutedExperts.weighs_rows`)."""
+    from moe_train.model.moe import MoE, RoutedExperts
+    from moe_train.ops import gather
+
+    torch.manual_seed(0)
+    cfg = tiny(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3)
+    layer = MoE(cfg, 0).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    dots = []
+    real_dots = gather._bag_dots
+    monkeypatch.setattr(gather, "_bag_dots", lambda *a: dots.append(1) or real_dots(*a))
+    results = {}
+    for weighs in (True, False):
+        monkeypatch.setattr(RoutedExperts, "weighs_rows", property(lambda self, w=weighs: w))
+        dots.clear()
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.pow(2).sum().backward()
+        results[weighs] = dict(y=y, x=xi.grad, **{n: p.grad.clone() for n, p in layer.named_parameters()})
+        results[weighs]["dot passes"] = len(dots)
+        layer.zero_grad()
+    assert results[True].pop("dot passes") == 0 and results[False].pop("dot passes") == 1
+    assert layer.gate.weight.grad is None and results[True]["gate.weight"].abs().sum() > 0
+    for k, want in results[False].items():
+        torch.testing.assert_close(
+            results[True][k], want, rtol=1e-12, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
 def test_reference_experts_with_no_tokens_still_connect_weights():
     w_gu = torch.randn(2, 8, 4, requires_grad=True)
     w_d = torch.randn(2, 4, 4, requires_grad=True)

@@ -124,6 +124,8 @@ class ChosenExperts(nn.Module):
     zero-padded: row ranges, as a loader that reads only a rank's part would cut them), fetches them for
     the experts any rank chose and all-gathers the rest; an expert chosen elsewhere runs with no rows here."""
 
+    weighs_rows = RoutedExperts.weighs_rows  # the same rule: it reads `impl` alone
+
     def __init__(
         self, experts: RoutedExperts, stage: ExpertStage, pin: bool, group: dist.ProcessGroup | None = None
     ) -> None:
@@ -143,7 +145,13 @@ class ChosenExperts(nn.Module):
         self.host = tuple(host)
         self.stage = stage
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        gates: torch.Tensor | None = None,
+        taps: Taps | None = None,
+    ) -> torch.Tensor:
         chosen_mask = counts > 0
         if self.group is not None:  # the union over the ranks: every rank fetches the same experts
             chosen_mask = chosen_mask.to(torch.int32)
@@ -155,7 +163,7 @@ class ChosenExperts(nn.Module):
             for name, src, shape in zip(("gate_up", "down"), self.host, self.shapes, strict=True)
         ]
         self.stage.fetched += len(ids)
-        return expert_swiglu(x, counts[chosen], *weights, self.impl, taps=taps)
+        return expert_swiglu(x, counts[chosen], *weights, self.impl, taps=taps, gates=gates)
 
     def _fetch(self, name: str, src: torch.Tensor, shape: tuple[int, ...], ids: torch.Tensor) -> torch.Tensor:
         """Experts `ids` of the host tensor `src` on the device, whole ([n, *shape])."""

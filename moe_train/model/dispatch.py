@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..ops.gather import Bags, bag_sum, gather_rows
+from ..ops.gather import Bags, bag_sum, gather_rows, sort_keys
 from .phases import Compute, Program, done
 
 
@@ -37,9 +37,12 @@ class Dispatcher(Protocol):
     """Phases of moving (N, H) token rows to their top-k experts and the expert outputs back.
 
     plan(topk_idx, n_experts) -> plan; dispatch_start(plan, x, topk_weight) -> handle, after which the
-    caller may compute; dispatch_wait(plan, handle) -> (expert-sorted rows, rows per local expert);
-    combine_start(plan, y) -> handle; combine_wait(plan, handle) -> (N, H), each token's gate-weighted sum
-    of its experts' rows. Every phase is a program (yields ops, returns the value).
+    caller may compute; dispatch_wait(plan, handle) -> (expert-sorted rows, rows per local expert, each
+    row's gate weight (fp32, carrying the router's gradient)); combine_start(plan, y, gates) -> handle;
+    combine_wait(plan, handle) -> (N, H), each token's sum of its experts' rows, each weighted by its gate:
+    by the experts (then `gates` is None: they weigh in their activation, a pass they make anyway) or by the
+    combine (`gates` given: the rows' gates, as dispatch_wait returned them). Every phase is a program
+    (yields ops, returns the value).
 
     An optional attribute, read by inference through `getattr`: `serves_expert_slice` (True: it serves a
     model that holds only some experts, e.g. parallel/tensor.py's).
@@ -51,7 +54,7 @@ class Dispatcher(Protocol):
 
     def dispatch_wait(self, plan: Any, handle: Any) -> Program: ...
 
-    def combine_start(self, plan: Any, y: torch.Tensor) -> Program: ...
+    def combine_start(self, plan: Any, y: torch.Tensor, gates: torch.Tensor | None = None) -> Program: ...
 
     def combine_wait(self, plan: Any, handle: Any) -> Program: ...
 
@@ -62,8 +65,7 @@ class LocalPlan:
     tokens: Bags  # bag t = token t's K sorted rows, in k order (the inverse of token_of)
     order: torch.Tensor  # (N*K,) (token, k) position of each expert-sorted row
     counts: torch.Tensor  # (E,) rows per expert
-    weight: torch.Tensor | None = None  # (N*K,) gate weights in token order (with grad), once dispatched
-    sorted_weight: torch.Tensor | None = None  # the same in expert-sorted order (no grad)
+    gates: torch.Tensor | None = None  # (N*K,) gate weight of each expert-sorted row (with grad), once sorted
 
 
 class LocalDispatcher:
@@ -72,39 +74,38 @@ class LocalDispatcher:
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
         n, k = topk_idx.shape
         flat = topk_idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        order = sort_keys(flat, n_experts)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         dev = flat.device
         tokens = Bags(inverse, torch.arange(n + 1, device=dev) * k, torch.arange(n * k, device=dev) // k)
         return done(LocalPlan(order // k, tokens, order, expert_counts(flat, n_experts)))
 
     def dispatch_start(self, plan: LocalPlan, x: torch.Tensor, topk_weight: torch.Tensor) -> Program:
-        def sort(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def sort(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # rows = x[token_of], but not through autograd's scatter-add backward (duplicate indices:
-            # atomics, not deterministic): the backward sums each token's K rows, in k order.
-            weight = w.reshape(-1)
-            return gather_rows(x, plan.token_of, plan.tokens), weight, weight.detach()[plan.order]
+            # atomics, not deterministic): the backward sums each token's K rows, in k order. The gates are
+            # a permutation (each index once), so theirs is exact in any order.
+            return gather_rows(x, plan.token_of, plan.tokens), w.reshape(-1).index_select(0, plan.order)
 
-        rows, plan.weight, plan.sorted_weight = yield Compute("sort", sort, (x, topk_weight), join=True)
+        rows, plan.gates = yield Compute("sort", sort, (x, topk_weight), join=True)
         return rows
 
     def dispatch_wait(self, plan: LocalPlan, handle: torch.Tensor) -> Program:
-        return done((handle, plan.counts))
+        return done((handle, plan.counts, plan.gates))
 
-    def combine_start(self, plan: LocalPlan, y: torch.Tensor) -> Program:
-        return done(y)
+    def combine_start(self, plan: LocalPlan, y: torch.Tensor, gates: torch.Tensor | None = None) -> Program:
+        return done((y, gates))
 
-    def combine_wait(self, plan: LocalPlan, handle: torch.Tensor) -> Program:
-        """Σ_k gate·row per token, in one pass over y (`bag_sum`: fp32 products and sum, y's dtype out).
+    def combine_wait(self, plan: LocalPlan, handle: tuple[torch.Tensor, torch.Tensor | None]) -> Program:
+        """Σ_k (gate·)row per token, in one pass over y (`bag_sum`: fp32 products and sum, y's dtype out).
 
-        Why not a weighted index_add_ into the tokens: that made and kept (for backward) an fp32 copy of all
-        N·K rows and added them with atomics. Why not gather to (N, K, H), multiply and sum over K: on a GPU
-        that writes and re-reads the N·K rows three times. Here each row is read once, the reduction over k
-        runs in a fixed order (deterministic), and the backward is one scaled gather plus per-slot dot
-        products.
+        Why not an index_add_ into the tokens: atomics, and on CPU a thread-dependent order. Why not gather
+        to (N, K, H) and sum over K: on a GPU that writes and re-reads the N·K rows. Here each row is read
+        once, the reduction over k runs in a fixed order (deterministic), and the backward is one gather
+        (scaled, plus per-row dot products for the gates, where the combine weighs).
         """
 
-        def weigh(y: torch.Tensor, weight: torch.Tensor, sorted_weight: torch.Tensor) -> torch.Tensor:
-            return bag_sum(y, plan.tokens, plan.token_of, weight, sorted_weight)
+        def total(y: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+            return bag_sum(y, plan.tokens, plan.token_of, gates)
 
-        return (yield Compute("weigh", weigh, (handle, plan.weight, plan.sorted_weight), join=True))
+        return (yield Compute("sum", total, handle, join=True))

@@ -123,13 +123,28 @@ class RoutedExperts(Recomputable, nn.Module):
         self.impl = "auto"  # auto | grouped | reference (tests force one) | fp8 (model/fp8.py sets it)
         self.act: Activation = swiglu_act  # FP8 training's keeps FP8 inputs (model/fp8.py sets it)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, taps: Taps | None = None) -> torch.Tensor:
-        """taps: receives (projection output, weight) pairs (see grouped_gemm.Taps)."""
+    @property
+    def weighs_rows(self) -> bool:
+        """Whether the layer hands these experts each row's gate, for their activation (else the combine
+        weighs the rows). FP8 experts leave it to the combine: weighing the rows before the down projection's
+        FP8 cast changes which tokens sit near a routing tie under expert parallelism, and the FP8 layout
+        check (rel 1e-3 at ep=2) then fails; docs/architecture.md, "The gate in the experts' activation"."""
+        return self.impl != "fp8"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        gates: torch.Tensor | None = None,
+        taps: Taps | None = None,
+    ) -> torch.Tensor:
+        """gates: (rows,) each row's gate weight, applied in the activation (None: unweighted rows); taps:
+        receives (projection output, weight) pairs (see grouped_gemm.Taps)."""
         act = self.act
         # selective recomputation checkpoints the activation; FP8's recomputes it from its FP8 cache itself
         if self.recompute == "selective" and self.training and act is swiglu_act:
             act = functools.partial(maybe_checkpoint, True, act)
-        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, act, taps)
+        return expert_swiglu(x, counts, self.gate_up_proj, self.down_proj, self.impl, act, taps, gates)
 
     def direct(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """(N, H) token rows → their gate-weighted routed output, each chosen expert straight from its weights
@@ -194,7 +209,9 @@ class MoE(nn.Module):
 
     def program(self, x: torch.Tensor, stats: MoEStats | None = None) -> Program:
         """The layer's phases (model/phases.py): route, plan, dispatch with the shared experts computed while
-        it is in flight, routed experts (weight gradients deferrable), combine. Returns (routed, shared):
+        it is in flight, routed experts (each row weighted by its gate in their activation; weight gradients
+        deferrable), combine (a token's sum of its rows; their gates weigh them in the experts' activation, or
+        in the combine where the experts say so). Returns (routed, shared):
         (B·T, H) token rows each, shared None without shared experts; the decoder block's `finish` adds
         them to the residual."""
         d = self.dispatcher
@@ -212,9 +229,11 @@ class MoE(nn.Module):
         shared = None
         if self.shared_experts is not None:
             shared = yield Compute("shared", self.shared_experts, (flat,))
-        rows, counts = yield from d.dispatch_wait(plan, handle)
-        y = yield Compute("experts", self.experts, (rows, counts), join=True, deferred_w=True)
-        handle = yield from d.combine_start(plan, y)
+        rows, counts, gates = yield from d.dispatch_wait(plan, handle)
+        weighs = self.experts.weighs_rows
+        expert_gates, combine_gates = (gates, None) if weighs else (None, gates)
+        y = yield Compute("experts", self.experts, (rows, counts, expert_gates), join=True, deferred_w=True)
+        handle = yield from d.combine_start(plan, y, combine_gates)
         routed = yield from d.combine_wait(plan, handle)
         return routed, shared
 

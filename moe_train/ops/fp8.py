@@ -314,27 +314,31 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class _SwiGLUFromFP8(torch.autograd.Function):
-    """silu(gate)·up whose backward recomputes it from gate and up held as FP8 tiles: the recipe caches the
-    routed experts' SwiGLU input in FP8 and recomputes the output in backward."""
+    """`swiglu_plain(gate, up, gates)` whose backward recomputes it from gate and up held as FP8 tiles: the
+    recipe caches the routed experts' SwiGLU input in FP8 and recomputes the output in backward."""
 
     @staticmethod
-    def forward(ctx, gate, up):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(*cast_tiles(gate), *cast_tiles(up))
+    def forward(ctx, gate, up, gates):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(*cast_tiles(gate), *cast_tiles(up), gates)
         ctx.dtype = gate.dtype
-        return swiglu_act(gate, up)
+        return swiglu_act(gate, up, gates)
 
     @staticmethod
     def backward(ctx, dh):  # noqa: ANN001, ANN205
-        qg, sg, qu, su = ctx.saved_tensors
+        qg, sg, qu, su, gates = ctx.saved_tensors
         with torch.enable_grad():
             g, u = (dequantize_tiles(q.float(), s).requires_grad_() for q, s in ((qg, sg), (qu, su)))
-            dg, du = torch.autograd.grad(swiglu_plain(g, u), (g, u), dh.float())
-        return dg.to(ctx.dtype), du.to(ctx.dtype)
+            leaves = (g, u) if gates is None else (g, u, gates.detach().requires_grad_())
+            grads = torch.autograd.grad(swiglu_plain(*leaves), leaves, dh.float())
+        dg_gates = None if gates is None else grads[2].to(gates.dtype)
+        return grads[0].to(ctx.dtype), grads[1].to(ctx.dtype), dg_gates
 
 
-def swiglu_fp8_cached(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_fp8_cached(
+    gate: torch.Tensor, up: torch.Tensor, gates: torch.Tensor | None = None
+) -> torch.Tensor:
     """`swiglu_act` keeping only the FP8 tiles of its inputs for backward (`_SwiGLUFromFP8`); widths that
     128 does not divide keep their inputs as they are."""
     if gate.shape[-1] % TILE:
-        return swiglu_act(gate, up)
-    return _SwiGLUFromFP8.apply(gate, up)
+        return swiglu_act(gate, up, gates)
+    return _SwiGLUFromFP8.apply(gate, up, gates)

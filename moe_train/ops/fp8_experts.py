@@ -153,6 +153,7 @@ def expert_swiglu_fp8(
     w_down: torch.Tensor,
     act: Callable = swiglu_act,
     taps: list | None = None,
+    gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`ops.grouped_gemm.expert_swiglu` with both projections in FP8 (`_DeepGEMMGroupedLinear` where DeepGEMM
     runs, else `_FP8GroupedLinear`). The rows (sorted by expert) are taken as FP8 dispatch delivers them
@@ -170,11 +171,13 @@ def expert_swiglu_fp8(
     dest = torch.arange(x.shape[0]) + torch.tensor(shifts).repeat_interleave(torch.tensor(sizes))
     dest = dest.to(x.device)
     x_p = x.new_zeros(start, x.shape[1]).index_copy(0, dest, x)
+    if gates is not None:  # the padding rows' gates are 0: they add nothing, and get no gradient
+        gates = gates.new_zeros(start).index_copy(0, dest, gates)
     widths = (x.shape[1], w_gate_up.shape[1], w_down.shape[2])  # the GEMMs' K: Fprop and Dgrad of both
     linear = _DeepGEMMGroupedLinear if deep_gemm_available(x, *widths) else _FP8GroupedLinear
     gu = linear.apply(x_p, w_gate_up, bounds)
     g, u = gu.chunk(2, dim=-1)
-    y = linear.apply(act(g, u), w_down, bounds)
+    y = linear.apply(act(g, u, gates), w_down, bounds)
     if taps is not None:
         taps += [(gu, w_gate_up), (y, w_down)]
     return y[dest]

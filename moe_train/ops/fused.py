@@ -41,8 +41,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms_norm_mixed(x, weight, eps)
 
 
-def swiglu_plain(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+def swiglu_plain(gate: torch.Tensor, up: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate)·up; with `gates` ((rows,) fp32, a routed row's gate weight) also times each row's gate, in
+    fp32 (fp64 for fp64 rows) and rounded once. The routed experts weigh their rows here, inside a pass the
+    activation makes anyway, so that the combine is a plain sum and its backward a plain gather: the gate's
+    gradient is a row reduction of this op's backward instead of a pass of dot products over the N·k rows."""
+    if gates is None:
+        return F.silu(gate) * up
+    acc = torch.promote_types(gate.dtype, torch.float32)
+    return (F.silu(gate.to(acc)) * up.to(acc) * gates.to(acc).unsqueeze(-1)).to(gate.dtype)
 
 
 def rotate_pairs_plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,14 @@ class Bags:
         return self.offsets.shape[0] - 1
 
 
+def sort_keys(key: torch.Tensor, bound: int) -> torch.Tensor:
+    """argsort(key, stable=True) for integer keys in [0, bound]: the keys sorted as int16 where they fit
+    (expert ids), int32 else. A GPU radix sort makes one pass per digit of the key's width, so narrow keys
+    take a fraction of int64's passes; the order is the same."""
+    narrow = torch.int16 if bound < 2**15 else torch.int32 if bound < 2**31 else torch.int64
+    return torch.argsort(key.to(narrow), stable=True)
+
+
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """t in its accumulation dtype: fp32, or fp64 for fp64 inputs."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -90,10 +98,22 @@ def _bag_sum(src: torch.Tensor, bags: Bags, weight: torch.Tensor | None) -> torc
     )
 
 
-def _scaled_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """out[j] = weight[j]·src[index[j]] (no autograd): a gather, scaled in fp32 when weighted."""
-    if weight is None:
-        return src.index_select(0, index)
+def _gather(x: torch.Tensor, index: torch.Tensor, back: Bags) -> torch.Tensor:
+    """x[index] (rows, no autograd); back: the inverse map (see `gather_rows`). Where every position is in a
+    bag it writes from the source side, each source row read once (padding positions would stay unwritten)."""
+    if x.shape[0] == 0:  # nothing to copy (only an empty output can point into an empty source)
+        return x.new_zeros(index.shape[0], *x.shape[1:])
+    if back.pad is None and _triton_ok(x, _nbytes(index.shape[0], x)):
+        from .gather_triton import bag_scatter
+
+        flat = x.flatten(1) if x.dim() > 1 else x.unsqueeze(1)
+        out = bag_scatter(flat, back.index, back.offsets, index.shape[0])
+        return out.view(index.shape[0], *x.shape[1:])
+    return x.index_select(0, index)
+
+
+def _scaled_rows(src: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out[j] = weight[j]·src[index[j]] (no autograd): a gather, scaled in fp32."""
     if index.shape[0] == 0 or src.shape[0] == 0:
         return src.new_zeros(index.shape[0], src.shape[1])
     if _triton_ok(src, _nbytes(index.shape[0], src)):
@@ -123,17 +143,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, index: torch.Tensor, back: Bags) -> torch.Tensor:  # type: ignore[override]
         ctx.back = back
         ctx.rows = x.shape[0]
-        if x.shape[0] == 0:  # nothing to copy (only an empty output can point into an empty source)
-            return x.new_zeros(index.shape[0], *x.shape[1:])
-        # each source row read once; only where every position is in a bag (padding positions would stay
-        # unwritten)
-        if back.pad is None and _triton_ok(x, _nbytes(index.shape[0], x)):
-            from .gather_triton import bag_scatter
-
-            flat = x.flatten(1) if x.dim() > 1 else x.unsqueeze(1)
-            out = bag_scatter(flat, back.index, back.offsets, index.shape[0])
-            return out.view(index.shape[0], *x.shape[1:])
-        return x.index_select(0, index)
+        return _gather(x, index, back)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -162,7 +172,14 @@ class _BagSum(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (src,) = ctx.saved_tensors
         grad = grad.contiguous()
-        g_src = _scaled_rows(grad, ctx.src_bag, ctx.src_weight) if ctx.needs_input_grad[0] else None
+        g_src = None
+        if ctx.needs_input_grad[0]:  # row j gets its bag's gradient: a gather whose inverse map is `bags`
+            unweighted = ctx.src_weight is None
+            g_src = (
+                _gather(grad, ctx.src_bag, ctx.bags)
+                if unweighted
+                else _scaled_rows(grad, ctx.src_bag, ctx.src_weight)
+            )
         g_w = None
         if src is not None and ctx.needs_input_grad[1]:
             g_w = _bag_dots(grad, src, ctx.bags).to(ctx.weight_dtype)
@@ -180,19 +197,16 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, back: Bags) -> torch.Tenso
 
 
 def bag_sum(
-    src: torch.Tensor,
-    bags: Bags,
-    src_bag: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    src_weight: torch.Tensor | None = None,
+    src: torch.Tensor, bags: Bags, src_bag: torch.Tensor, src_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """out[b] = Σ_{i in bag b} weight[i]·src[bags.index[i]] (weight None: 1), fp32 inside, src's dtype out.
+    """out[b] = Σ_{i in bag b} w[j]·src[j] with j = bags.index[i] and w = src_weight, each src row's own
+    weight (None: 1), fp32 inside, src's dtype out.
 
     Every row of src must sit in exactly one bag position (the plans build such bags): then its gradient is
-    one scaled row, grad_src[j] = src_weight[j]·grad_out[src_bag[j]], with src_bag[j] the bag holding row j
-    and src_weight[j] its weight (the same values as `weight`, in src's row order; None when unweighted).
-    weight's gradient at position i is <grad_out[bag], src[index[i]]>.
+    one scaled row, grad_src[j] = w[j]·grad_out[src_bag[j]], with src_bag[j] the bag holding row j; and w[j]'s
+    gradient is <grad_out[src_bag[j]], src[j]>. With `Bags.pad`, src_weight has a row for the padding index.
     """
-    if (weight is None) != (src_weight is None):
-        raise ValueError("bag_sum: give both weight and src_weight, or neither")
-    return _BagSum.apply(src, weight, bags, src_bag, None if src_weight is None else src_weight.detach())
+    if src_weight is None:
+        return _BagSum.apply(src, None, bags, src_bag, None)
+    weight = src_weight.index_select(0, bags.index)  # per position; its gradient goes back to w
+    return _BagSum.apply(src, weight, bags, src_bag, src_weight.detach())

@@ -20,7 +20,8 @@ from .fused import swiglu_act
 # (projection output, its weight) pairs a caller may ask for: a deferred weight-gradient pass starts from
 # these outputs' gradients, so it runs only the weight-gradient GEMMs (parallel/overlap.py, `SubStep`).
 Taps = list[tuple[torch.Tensor, torch.Tensor]]
-Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# act(gate, up, gates): silu(gate)·up, times each row's gate weight where gates ((rows,) fp32) is given
+Activation = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, weight [out, in]) -> x @ weight.T
 
 
@@ -41,11 +42,13 @@ def expert_swiglu_grouped(
     w_down: torch.Tensor,
     act: Activation = swiglu_act,
     taps: Taps | None = None,
+    gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: (M, H) sorted by expert; counts: (E,) rows per expert; w_gate_up: (E, 2I, H); w_down: (E, H, I).
 
-    act: act(gate, up), silu(gate)·up; the model passes a checkpointed one for selective recomputation.
+    act: `Activation`; the model passes a checkpointed one for selective recomputation.
     taps: receives (projection output, weight) for both projections.
+    gates: (M,) each row's gate weight, applied inside the activation (None: unweighted rows).
     """
     dtype = _compute_dtype(x)
     if x.is_cuda and dtype != torch.bfloat16:
@@ -54,7 +57,7 @@ def expert_swiglu_grouped(
     xa = x.to(dtype)
     gu = torch._grouped_mm(xa, w_gate_up.to(dtype).transpose(-2, -1), offs=offs)
     g, u = gu.chunk(2, dim=-1)
-    h = act(g, u)
+    h = act(g, u, gates)
     y = torch._grouped_mm(h, w_down.to(dtype).transpose(-2, -1), offs=offs)
     if taps is not None:
         taps += [(gu, w_gate_up), (y, w_down)]
@@ -69,6 +72,7 @@ def expert_swiglu_reference(
     act: Activation = swiglu_act,
     taps: Taps | None = None,
     linear: Linear = F.linear,
+    gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same math as `expert_swiglu_grouped`, one matmul pair per expert (host reads `counts`); `linear`
     computes each product (with `ops.fp8.fp8_linear`: the per-expert semantics `expert_swiglu_fp8` is held
@@ -78,17 +82,20 @@ def expert_swiglu_reference(
     # unbind, not w[e] per expert: a select's backward writes a zero tensor of the whole weight stack, so E
     # selects cost E whole stacks of writes; unbind's backward stacks the E expert gradients once
     gate_ups, downs = w_gate_up.unbind(0), w_down.unbind(0)
-    for e, xe in enumerate(torch.split(x, counts.tolist(), dim=0)):
+    sizes = counts.tolist()
+    row_gates = [None] * len(sizes) if gates is None else torch.split(gates, sizes)
+    for e, xe in enumerate(torch.split(x, sizes, dim=0)):
         if xe.shape[0] == 0:
             continue
         gu = linear(xe, gate_ups[e])
         g, u = gu.chunk(2, dim=-1)
-        outs.append(linear(act(g, u), downs[e]))
+        outs.append(linear(act(g, u, row_gates[e]), downs[e]))
         found += [(gu, w_gate_up), (outs[-1], w_down)]
     if not outs:
         # Keep the graph connected to the weights (every expert gets a zero gradient) and to x: under
         # expert parallelism x arrived by an all-to-all whose backward every rank must run, tokens or not.
-        y = x.new_zeros(0, w_down.shape[1]) + 0 * (x.sum() + w_gate_up.sum() + w_down.sum())
+        held = x.sum() + w_gate_up.sum() + w_down.sum() + (0 if gates is None else gates.sum())
+        y = x.new_zeros(0, w_down.shape[1]) + 0 * held
         found = [(y, w_gate_up), (y, w_down)]
     else:
         y = torch.cat(outs, dim=0)
@@ -105,6 +112,7 @@ def expert_swiglu(
     impl: str = "auto",
     act: Activation = swiglu_act,
     taps: Taps | None = None,
+    gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference | fp8 (both projections as FP8
     GEMMs by DeepSeek-V3's recipe, `ops.fp8_experts.expert_swiglu_fp8`, on any device).
@@ -115,13 +123,15 @@ def expert_swiglu(
     if impl == "grouped" or (
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
     ):
-        return expert_swiglu_grouped(x, counts, w_gate_up, w_down, act, taps)
+        return expert_swiglu_grouped(x, counts, w_gate_up, w_down, act, taps, gates)
     used = int(counts.sum())  # these paths read the counts on the host anyway
     rows, tail = x[:used] if used < x.shape[0] else x, x.shape[0] - used
+    if gates is not None:
+        gates = gates[:used]
     if impl != "fp8":
-        y = expert_swiglu_reference(rows, counts, w_gate_up, w_down, act, taps)
+        y = expert_swiglu_reference(rows, counts, w_gate_up, w_down, act, taps, gates=gates)
     elif rows.shape[0] == 0:  # the loop keeps every weight in the graph, as expert parallelism needs
-        y = expert_swiglu_reference(rows, counts, w_gate_up, w_down, act, taps, fp8_linear)
+        y = expert_swiglu_reference(rows, counts, w_gate_up, w_down, act, taps, fp8_linear, gates)
     else:
-        y = expert_swiglu_fp8(rows, counts, w_gate_up, w_down, act, taps)
+        y = expert_swiglu_fp8(rows, counts, w_gate_up, w_down, act, taps, gates)
     return torch.cat([y, y.new_zeros(tail, y.shape[1])]) if tail else y

@@ -58,7 +58,7 @@ from ..model.moe import MoE
 from ..model.phases import Program, done
 from ..model.transformer import DecoderLayer, Transformer
 from .dispatch.bounded import bounded_slots
-from .dispatch.rows import Slots, expand_to_slots, slot_meta, slot_weighted_sums
+from .dispatch.rows import Slots, expand_to_slots, slot_meta, slot_sums
 
 
 @dataclass
@@ -69,8 +69,8 @@ class SlicePlan:
 
 class ExpertSliceDispatcher:
     """Experts [first, first + num_local) on this rank, the tokens on every rank: each rank runs the slots
-    routed to its experts; its gate-weighted rows are a partial sum, which the block's finish completes over
-    every rank (see the module docstring).
+    routed to its experts; its rows, gate-weighted by the experts, are a partial sum, which the block's
+    finish completes over every rank (see the module docstring).
 
     Nothing is read on the host, so a decode step with it can be captured in a CUDA graph: the local slots
     are sorted as the bounded dispatcher's receiver sorts them (`dispatch.bounded.bounded_slots`), into a
@@ -96,15 +96,16 @@ class ExpertSliceDispatcher:
 
     def dispatch_wait(self, plan: SlicePlan, handle: torch.Tensor) -> Program:
         assert plan.slots is not None
-        return done((handle, plan.slots.local_counts))
+        return done((handle, plan.slots.local_counts, plan.slots.gates))
 
-    def combine_start(self, plan: SlicePlan, y: torch.Tensor) -> Program:
-        return done(y)
+    def combine_start(self, plan: SlicePlan, y: torch.Tensor, gates: torch.Tensor | None = None) -> Program:
+        return done((y, gates))
 
-    def combine_wait(self, plan: SlicePlan, handle: torch.Tensor) -> Program:
-        """Σ gate·row per token over the local slots (fp32 inside): this rank's part of the routed rows."""
+    def combine_wait(self, plan: SlicePlan, handle: tuple[torch.Tensor, torch.Tensor | None]) -> Program:
+        """Σ (gate·)row per token over the local slots (fp32 inside): this rank's part of the routed rows."""
         assert plan.slots is not None
-        return done(slot_weighted_sums(handle, plan.slots))
+        y, gates = handle
+        return done(slot_sums(y, plan.slots, gates))
 
 
 def _reduce_output(group: Any) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:

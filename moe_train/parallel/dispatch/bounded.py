@@ -13,14 +13,14 @@ the number of tokens alone, so the host issues a MoE layer without reading anyth
   counts rows per expert on the device, and the grouped GEMM computes only the counted rows. `C` is the
   worst case (every received row with `min(k, experts per rank)` slots here) or `dispatch_bound` times the
   balanced load (k slots per token).
-- Combine is the reverse: each received row's gate-weighted sum over its slots goes back in its block
-  position, and the sender adds a token's partial sums over its peers, in peer order.
+- Combine is the reverse: each received row's sum over its slots (the experts weighed them by their gates)
+  goes back in its block position, and the sender adds a token's partial sums over its peers, in peer
+  order.
 
 The padding rows of the send blocks are copies of the rank's last token (gather_rows' inverse map then
 covers every position) whose gradient comes back as exact zeros; the receiver's padding entries are
 `Bags.pad` positions, excluded from sums and gradients. A real row or slot is therefore handled in the same
-order, with the same sums, as by the flat dispatcher (the weighted sums with padding entries take
-another CPU kernel of `embedding_bag`, without fused multiply-adds: the two agree to rounding).
+order, with the same sums, as by the flat dispatcher.
 
 Overflow (`dispatch_bound` set, and a peer's rows beyond `B` or a rank's slots beyond `C`) is never dropped
 silently: the layer raises a device flag in `CommCounters`, the trainer reads the flags of the step once it
@@ -42,11 +42,11 @@ import torch
 
 from ...model.phases import Compute, Issue, Program, Wait
 from ...ops.fp8 import packed_row_bytes
-from ...ops.gather import Bags, bag_sum
+from ...ops.gather import Bags, bag_sum, sort_keys
 from ..comm import A2AHop
 from .counters import CommCounters, row_bytes, sends_fp8
 from .flat import AllToAllDispatcher, FlatPlan
-from .rows import Route, Slots, expand_to_slots, meta_experts, rows_with_meta, slot_meta, slot_weighted_sums
+from .rows import Route, Slots, expand_to_slots, meta_experts, rows_with_meta, slot_meta, slot_sums
 from .symm import BlockTransport, SymmHop, held_bytes
 
 
@@ -140,13 +140,13 @@ def bounded_slots(
     name no expert. Returns the slots and a device flag: more than `cap` slots (those past it are left out).
 
     The bags are fixed: k entries per received row, its slots' sorted positions and `pad` (= cap) for the
-    others, with the gate weights straight from the metadata in the same (row, k) order."""
+    others."""
     rows, k = meta.shape[0], meta.shape[1] // 2
     dev = meta.device
     experts = meta_experts(meta)
     valid = (experts // per_rank == first_expert // per_rank) & (experts >= 0)
     key = torch.where(valid, experts - first_expert, per_rank).view(-1)
-    order = torch.argsort(key, stable=True)
+    order = sort_keys(key, per_rank)
     counts = torch.zeros(per_rank + 1, dtype=torch.long, device=dev).scatter_add_(
         0, key, torch.ones_like(key)
     )
@@ -161,16 +161,14 @@ def bounded_slots(
     slot_order = order[:cap]
     pad_row = torch.zeros(1, dtype=torch.long, device=dev)
     slot_row = torch.cat([slot_order // k, pad_row])
-    flat_w = meta[:, k:].reshape(-1)
     in_use = torch.arange(cap, device=dev) < m
-    sorted_w = torch.where(in_use, flat_w.detach().index_select(0, slot_order), 0.0)
+    gates = torch.where(in_use, meta[:, k:].reshape(-1).index_select(0, slot_order), 0.0)
     slots = Slots(
         slot_row=slot_row,
         rows=Bags(
             entry, torch.arange(rows + 1, device=dev) * k, torch.arange(rows * k, device=dev) // k, pad=cap
         ),
-        weight=flat_w,
-        sorted_weight=torch.cat([sorted_w, sorted_w.new_zeros(1)]),
+        gates=torch.cat([gates, gates.new_zeros(1)]),  # unused slots and the padding row weigh 0
         local_counts=counts,
     )
     return slots, m > cap
@@ -271,18 +269,19 @@ class BoundedDispatcher(AllToAllDispatcher):
         per, k = plan.per_rank, plan.topk_idx.shape[1]
         cap = slots_bound(rows.shape[0], k, per, plan.route.n_rows, self.bound)
 
-        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
             plan.slots, overflow = bounded_slots(meta, self.ep_rank * per, per, cap)
             self.counters.note_overflow(overflow)
-            return expand_to_slots(rows, plan.slots), plan.slots.local_counts
+            return expand_to_slots(rows, plan.slots), plan.slots.local_counts, plan.slots.gates
 
         return (yield Compute("unpack", unpack, (rows, meta), join=True))
 
-    def combine_start(self, plan: Any, y: torch.Tensor) -> Program:
-        """Each received row's gate-weighted sum over its slots goes back to its block position."""
+    def combine_start(self, plan: Any, y: torch.Tensor, gates: torch.Tensor | None = None) -> Program:
+        """Each received row's sum over its slots (gate-weighted by the experts) goes back to its block
+        position."""
         if isinstance(plan, FlatPlan):
-            return (yield from super().combine_start(plan, y))
-        partial = yield Compute("weigh", lambda y: slot_weighted_sums(y, plan.slots), (y,), join=True)
+            return (yield from super().combine_start(plan, y, gates))
+        partial = yield Compute("sum", lambda y, g: slot_sums(y, plan.slots, g), (y, gates), join=True)
         return (yield Issue(self._block_hop("combine", plan.route.send_splits[0], partial), (partial,)))
 
     def combine_wait(self, plan: Any, handle: Any) -> Program:

@@ -9,8 +9,8 @@ Per MoE layer:
 2. dispatch: rows leave in (rank, token) order, `all_to_all_single` with uneven splits, each with its slot
    metadata (global expert ids and gate weights of its k slots) in the same exchange; the receiver expands
    each row to the slots its experts serve and sorts them by local expert for the grouped GEMM.
-3. combine: the receiver forms each row's gate-weighted partial sum over its valid slots, so one row per
-   (token, rank) travels back; the sender adds the partial sums of a token's ranks.
+3. combine: the receiver forms each row's partial sum over its valid slots (gate-weighted by the experts),
+   so one row per (token, rank) travels back; the sender adds the partial sums of a token's ranks.
 Rows move with `gather_rows` and are summed with `bag_sum` (ops/gather.py): each pass reads only the rows
 that exist, backward passes are gathers (no scatter-add), and summation order is fixed (deterministic on
 CPU, see docs/architecture.md). Why this shape: docs/performance.md, "Expert-parallel dispatch".
@@ -33,7 +33,7 @@ from .rows import (
     route_start,
     rows_with_meta,
     slot_meta,
-    slot_weighted_sums,
+    slot_sums,
     sum_over_route,
     unpack_for_experts,
 )
@@ -100,16 +100,16 @@ class AllToAllDispatcher:
         rows, meta = yield Wait(handle)
         r, per = plan.route, plan.per_rank
 
-        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
             plan.slots, expert_rows = unpack_for_experts(rows, meta, self.ep_rank * per, per, r)
-            return expert_rows, plan.slots.local_counts
+            return expert_rows, plan.slots.local_counts, plan.slots.gates
 
         return (yield Compute("unpack", unpack, (rows, meta), join=True))
 
-    def combine_start(self, plan: FlatPlan, y: torch.Tensor) -> Program:
-        """Each received row's gate-weighted sum over its slots goes back once."""
+    def combine_start(self, plan: FlatPlan, y: torch.Tensor, gates: torch.Tensor | None = None) -> Program:
+        """Each received row's sum over its slots (gate-weighted by the experts) goes back once."""
         r = plan.route
-        partial = yield Compute("weigh", lambda y: slot_weighted_sums(y, plan.slots), (y,), join=True)
+        partial = yield Compute("sum", lambda y, g: slot_sums(y, plan.slots, g), (y, gates), join=True)
         return (yield Issue(self._hop("combine", r.recv_splits, r.send_splits, partial), (partial,)))
 
     def combine_wait(self, plan: FlatPlan, handle: Any) -> Program:

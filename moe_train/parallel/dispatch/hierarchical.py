@@ -13,9 +13,10 @@ nodes × `local` ranks (ep rank = node · local + local index):
    stage: split sizes size the buffers; stage 2's exchange also brings the slot counts per expert).
 2. dispatch: stage 1 moves token rows between nodes, stage 2 forwards them inside the node; the expert
    rank expands each row to its valid slots, sorted by local expert (as the flat dispatcher does).
-3. combine, in reverse: the expert rank sends each stage-2 row's gate-weighted partial sum back inside the
-   node; the forwarding rank adds the partial sums of one stage-1 row (the intra-node reduction happens
-   before the slow link), and one row per (token, node) crosses back; the source adds its nodes' sums.
+3. combine, in reverse: the expert rank sends each stage-2 row's partial sum (of its gate-weighted slots)
+   back inside the node; the forwarding rank adds the partial sums of one stage-1 row (the intra-node
+   reduction happens before the slow link), and one row per (token, node) crosses back; the source adds
+   its nodes' sums.
 
 With node-limited routing (experts form `n_group` groups, whole groups per node, `topk_group` groups per
 token; see `mesh.check_expert_groups`) a token reaches at most `topk_group` nodes, so it crosses the slow
@@ -50,7 +51,7 @@ from .rows import (
     route_start,
     rows_with_meta,
     slot_meta,
-    slot_weighted_sums,
+    slot_sums,
     sum_over_route,
     unpack_for_experts,
 )
@@ -182,9 +183,9 @@ class HierarchicalDispatcher:
         handle = yield Issue(self._hop("dispatch", "intra", r.send_splits, r.recv_splits, send), (send, meta))
         rows, meta = yield Wait(handle)
 
-        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
             plan.slots, expert_rows = unpack_for_experts(rows, meta, first, per_rank, r)
-            return expert_rows, plan.slots.local_counts
+            return expert_rows, plan.slots.local_counts, plan.slots.gates
 
         return (yield Compute("unpack", unpack, (rows, meta), join=True))
 
@@ -206,17 +207,17 @@ class HierarchicalDispatcher:
         rows, meta = yield Wait(handle)
         cap = slots_bound(rows.shape[0], k, plan.per_rank, n, self.bound)
 
-        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def unpack(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
             plan.slots, full = bounded_slots(meta, first, plan.per_rank, cap)
             self.counters.note_overflow(full)
-            return expand_to_slots(rows, plan.slots), plan.slots.local_counts
+            return expand_to_slots(rows, plan.slots), plan.slots.local_counts, plan.slots.gates
 
         return (yield Compute("unpack", unpack, (rows, meta), join=True))
 
-    def combine_start(self, plan: HierPlan, y: torch.Tensor) -> Program:
-        """Each stage-2 row's gate-weighted sum over its slots, sent back inside the node."""
+    def combine_start(self, plan: HierPlan, y: torch.Tensor, gates: torch.Tensor | None = None) -> Program:
+        """Each stage-2 row's sum over its (gate-weighted) slots, sent back inside the node."""
         r = plan.intra
-        partial = yield Compute("weigh", lambda y: slot_weighted_sums(y, plan.slots), (y,), join=True)
+        partial = yield Compute("sum", lambda y, g: slot_sums(y, plan.slots, g), (y, gates), join=True)
         hop = self._hop("combine", "intra", r.recv_splits, r.send_splits, partial, blocks=plan.bounded)
         return (yield Issue(hop, (partial,)))
 

@@ -3,10 +3,11 @@
 `route` turns "which peer holds each of a row's k slots" into send/receive lists and split sizes, with one
 small count exchange the host reads (split sizes must be known to size buffers; the receiver's slot count
 and rows per key come with it). `slot_meta` is what travels beside each row: its global expert ids and gate
-weights. `receiver_slots` sorts the received slots of this rank's experts by expert; `expand_to_slots`,
-`slot_weighted_sums` and `sum_over_route` move and add the rows with `gather_rows` / `bag_sum`
-(ops/gather.py): each pass reads only the rows that exist, backward passes are gathers (no scatter-add), and
-summation order is fixed (deterministic on CPU, see docs/architecture.md).
+weights. `receiver_slots` sorts the received slots of this rank's experts by expert, with each slot's gate
+for the experts' activation; `expand_to_slots`, `slot_sums` and `sum_over_route` move and add the rows
+with `gather_rows` / `bag_sum` (ops/gather.py): each pass reads only the rows that exist, backward passes
+are gathers (no scatter-add), and summation order is fixed (deterministic on CPU, see
+docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ...ops.gather import Bags, bag_sum, gather_rows
+from ...ops.gather import Bags, bag_sum, gather_rows, sort_keys
 
 
 @dataclass
@@ -157,13 +158,12 @@ class Slots:
     """The received (row, slot) pairs served by this rank's experts, sorted by local expert.
 
     Sorted slot s copies received row slot_row[s]; bag r of `rows` lists row r's slots (in k order) by
-    sorted position — the inverse map for the expansion's backward and the bags of the weighted combine.
+    sorted position — the inverse map for the expansion's backward and the bags of the combine's sums.
     """
 
     slot_row: torch.Tensor  # (M,)
     rows: Bags
-    weight: torch.Tensor  # (M,) gate weight of each slot, in bag order (carries the gradient)
-    sorted_weight: torch.Tensor  # (M,) the same weights in sorted order (no gradient)
+    gates: torch.Tensor  # (M,) gate weight of each sorted slot (carries the gradient to the metadata)
     local_counts: torch.Tensor  # (experts_per_rank,) slots per local expert
 
 
@@ -180,16 +180,14 @@ def receiver_slots(
     experts = meta_experts(meta)
     valid = experts // per_rank == first_expert // per_rank
     key = torch.where(valid, experts - first_expert, per_rank).view(-1)  # other ranks' slots sort last
-    slot_order = torch.argsort(key, stable=True)[:m]  # (row, k) positions, by expert
+    slot_order = sort_keys(key, per_rank)[:m]  # (row, k) positions, by expert
     valid_pos, bag_index = torch.sort(slot_order)  # row-major valid positions; their sorted positions
     offsets = torch.zeros(rows + 1, dtype=torch.long, device=meta.device)
     torch.cumsum(valid.sum(1), 0, out=offsets[1:])
-    flat_w = meta[:, k:].reshape(-1)
     return Slots(
         slot_row=slot_order // k,
         rows=Bags(bag_index, offsets, valid_pos // k),
-        weight=flat_w.index_select(0, valid_pos),
-        sorted_weight=flat_w.detach().index_select(0, slot_order),
+        gates=meta[:, k:].reshape(-1).index_select(0, slot_order),
         local_counts=local_counts,
     )
 
@@ -213,10 +211,11 @@ def expand_to_slots(rows: torch.Tensor, slots: Slots) -> torch.Tensor:
     return gather_rows(rows, slots.slot_row, slots.rows)
 
 
-def slot_weighted_sums(y: torch.Tensor, slots: Slots) -> torch.Tensor:
-    """Each received row's gate-weighted sum over its slots (fp32 inside, y's dtype out): what one row
-    carries back. One pass over the M slot rows (`bag_sum`)."""
-    return bag_sum(y, slots.rows, slots.slot_row, slots.weight, slots.sorted_weight)
+def slot_sums(y: torch.Tensor, slots: Slots, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """Each received row's sum over its slots' expert rows, weighted by `gates` (the slots' gates, where the
+    experts did not weigh them), fp32 inside, y's dtype out: what one row carries back. One pass over the M
+    slot rows (`bag_sum`)."""
+    return bag_sum(y, slots.rows, slots.slot_row, gates)
 
 
 def sum_over_route(back: torch.Tensor, r: Route) -> torch.Tensor:
