@@ -8,7 +8,8 @@
 # step 20, and each run's wall seconds (start-up and compiling included).
 # Usage, from the repository root on the GPU machine, the old checkout unpacked in OLD_DIR as for
 # compare_commits.sh:   bash bench/host_overhead.sh OLD_DIR      (LAST: default 60; ROUNDS: default 1;
-# RUNS: which runs, default "default old graphs eager"; PROFILES: which profiles, default "default graphs")
+# RUNS: which runs, default "default old graphs eager"; PROFILES: which profiles, default "default graphs",
+# empty for none)
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 fi
@@ -36,7 +37,7 @@ for round in $(seq 1 "${ROUNDS:-1}"); do
     esac
   done
 done
-for kind in ${PROFILES:-default graphs}; do
+for kind in ${PROFILES-default graphs}; do
   extra=; [ "$kind" = graphs ] && extra="trainer.cuda_graph=true trainer.compile=none"
   PYTHONPATH=$NEW:/tmp/site timeout 200 python bench/step_profile.py model=small $extra --steps 5 --top 8 --sites 25 2>&1 \
     | grep -v Warning | grep -v "^USDT" | head -${PROFILE_LINES:-80}

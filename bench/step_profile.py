@@ -12,6 +12,8 @@ Builds the trainer from the same overrides `train.py` takes, runs warm-up steps,
   host ms to issue (CUDA)  the host's time to issue a step while a sleep kernel queued ahead keeps the GPU
                busy: no launch then waits for the device or for launch-queue space (a graph launch behind a
                busy GPU blocks on that, which the host ms above counts), so this is the host's own work
+  syncs by site (CUDA)  where each host synchronisation of a few steps comes from: CUDA's sync debug mode
+               warns at every synchronising call, and the warning's Python stack names the moe_train frames
 and the top ops by self CPU time and, on CUDA, by self device time. --sites N adds, from another profiled
 window with Python stacks on, the N call sites that issue the most ops per step (what the host launches
 outside a captured graph). The profiler adds a few µs per op, so
@@ -105,6 +107,33 @@ def issue_ms(t: Trainer, first: int, n: int) -> tuple[float, float]:
     return issued / n * 1e3, start.elapsed_time(end)
 
 
+def sync_sites(t: Trainer, first: int, n: int) -> collections.Counter:
+    """Host synchronisations of steps first..first+n-1 by call site (the innermost three moe_train frames):
+    `torch.cuda.set_sync_debug_mode` warns at each synchronising CUDA call (a scalar read, a blocking copy),
+    from the Python frame that made it."""
+    import traceback
+    import warnings
+
+    sites: collections.Counter = collections.Counter()
+
+    def note(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        frames = [f for f in traceback.extract_stack()[:-1] if "moe_train/" in f.filename]
+        where = " < ".join(f"{f.filename.split('moe_train/')[-1]}:{f.lineno}" for f in frames[::-1][:3])
+        sites[where or "?"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for s in range(first, first + n):
+                t.train_step(s)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    t.settle()
+    return sites
+
+
 def run_steps(t: Trainer, first: int, n: int) -> float:
     """Seconds for steps first..first+n-1, the device drained before and after, their records read back."""
     sync = torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
@@ -129,7 +158,7 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="step_profile_")
     base = ["trainer.progress=false", "trainer.resume=none", "trainer.eval_every=100000"]
     base.append("logger.console=false")
-    base.append(f"trainer.max_steps={2 * a.warmup + 3 * a.steps + ISSUED}")
+    base.append(f"trainer.max_steps={2 * a.warmup + 3 * a.steps + 2 * ISSUED}")
     cfg = to_object(load_config([*base, *overrides]))
     cfg.run_dir = run_dir
     t = Trainer(cfg, run_dir)
@@ -168,8 +197,14 @@ def main() -> None:
             f"host ms to issue a step with the GPU held busy (no waits on the device): {host:.1f} "
             f"(GPU-busy {gpu_ms:.1f}; the sleep ahead {slept:.0f} ms)"
         )
+        sites = sync_sites(t, a.warmup + 3 * a.steps + ISSUED, ISSUED)
+        print(f"| syncs/step | where (innermost moe_train frames, {ISSUED} steps) |\n|---:|---|")
+        for where, n in sites.most_common():
+            print(f"| {n / ISSUED:.1f} | {where} |")
     if a.sites:
-        with profile(activities=acts, with_stack=True) as prof:
+        # verbose: keep the Python tracer's call events among the events (op_sites' fallback reads them)
+        verbose = torch._C._profiler._ExperimentalConfig(verbose=True)
+        with profile(activities=acts, with_stack=True, experimental_config=verbose) as prof:
             run_steps(t, a.warmup + 2 * a.steps, a.steps)
         print("| ops/step | op | call site (innermost moe_train frame) |\n|---:|---|---|")
         for (op, where), n in op_sites(prof.events()).most_common(a.sites):
