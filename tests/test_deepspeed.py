@@ -411,9 +411,12 @@ def test_layouts_follow_the_one_process_torch_run(tmp_path):
         edp = dp // cfg.parallel.ep
         for rank, res in enumerate(results):
             r = res[name]
+            # the first step's norm: under ep=2 the combine's per-rank bf16 partial sums can move a token
+            # near a routing tie to another expert even at equal weights (measured against one process,
+            # torch engine, trainer.seed=0..3: rel 4e-5 to 3.7e-4), so 1e-3, as for the later steps' 2e-3
             for i, ((la, na), (lb, nb)) in enumerate(zip(ref_bf16, r["traj"], strict=True)):
                 assert lb == pytest.approx(la, rel=1e-5 if i == 0 else 1e-4), (name, rank, i, "loss", la, lb)
-                assert nb == pytest.approx(na, rel=1e-4 if i == 0 else 2e-3), (name, rank, i, "norm", na, nb)
+                assert nb == pytest.approx(na, rel=1e-3 if i == 0 else 2e-3), (name, rank, i, "norm", na, nb)
             (md, me), (nd, ne) = r["masters"], r["params"]
             assert md == pytest.approx(4 * nd / dp, rel=0.02), (name, rank, "dense masters over dp")
             assert me == pytest.approx(4 * ne / edp, rel=0.02), (name, rank, "expert masters over expert-dp")
