@@ -7,8 +7,8 @@ One MoE layer at the DeepSeek-V2-Lite proxy's shape (64 experts top-6, hidden 20
 8192 tokens: 2 sequences of 4096; bf16, grouped experts) with each dispatcher: `local` (one device, the
 reference), `flat` (host-read split sizes), `bounded` over the all-to-all with equal splits (the CPU twin's
 path) and `bounded` through symmetric memory: `peer_write` (writes into the peers' buffers, torch's CUDA
-symmetric memory) and `nvshmem` (NVSHMEM's `all_to_all_vdev`, where its rendezvous takes a one-rank group).
-For each:
+symmetric memory) and `nvshmem` (NVSHMEM's `all_to_all_vdev`, where its rendezvous takes a one-rank group);
+and `direct` (slots placed in the owner's buffer) over its all-to-all twin. For each:
 (1) outputs and input, expert and router gradients against `local`, and against `bounded` on the same
     inputs (max relative error);
 (2) a profiled forward+backward: host syncs (`cudaStreamSynchronize`, `cudaDeviceSynchronize`,
@@ -44,6 +44,7 @@ from moe_train.parallel.dispatch import (  # noqa: E402
     AllToAllDispatcher,
     BoundedDispatcher,
     CommCounters,
+    DirectDispatcher,
 )
 from moe_train.parallel.dispatch.symm import transport_missing  # noqa: E402
 
@@ -145,27 +146,30 @@ def _timed(fn, iters: int, groups: int, device: str) -> tuple[float, float, list
 
 
 class _PassRows(torch.autograd.Function):
-    """rows → rows: no pass over them, and the gradient straight back."""
+    """(rows, gates) → rows: no pass over them, the rows' gradient straight back, and the gates a zero one, so
+    that the router's backward runs as in a real layer (real experts form the gates' gradient inside their
+    SwiGLU's backward, a pass they make anyway)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.gates = gates.shape, gates.dtype, gates.device
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
-        return grad
+        shape, dtype, device = ctx.gates
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
 class _Identity(torch.nn.Module):
-    """Experts that return their rows: the layer then moves rows and nothing else (router aside). Real experts
-    weigh each row by its gate inside their SwiGLU, a pass they make anyway, so these leave the gates out."""
+    """Experts that return their rows: the layer then moves rows and nothing else (router aside)."""
 
     weighs_rows = True  # the layer hands them the gates (and leaves them out of the combine)
 
     def forward(
-        self, x: torch.Tensor, counts: torch.Tensor, gates: object = None, taps: object = None
+        self, x: torch.Tensor, counts: torch.Tensor, gates: torch.Tensor, taps: object = None
     ) -> torch.Tensor:
-        return _PassRows.apply(x)
+        return _PassRows.apply(x, gates)
 
 
 def main() -> None:
@@ -192,6 +196,7 @@ def main() -> None:
         "local": LocalDispatcher(),
         "flat": AllToAllDispatcher(group, 1, 0, CommCounters()),
         "bounded": BoundedDispatcher(group, 1, 0, CommCounters()),
+        "direct": DirectDispatcher(group, 1, 0, CommCounters()),  # its all-to-all twin
     }
     for name in ("peer_write", "nvshmem"):
         missing = transport_missing(name, torch.device(device))
@@ -274,7 +279,7 @@ def main() -> None:
             continue
         moved = dev_ms - router_dev
         print(f"| {name} | {ms:.3f} / {dev_ms:.3f} | {moved:.3f} | {moved / (2 * copy_ms):.2f}× |")
-        if name in ("local", "bounded+peer_write"):
+        if name in ("local", "bounded+peer_write", "direct"):
             for ms_k, count, key in kernels[:16]:
                 print(f"    {ms_k:.3f} ms  x{count}  {key[:100]}")
     dist.destroy_process_group()

@@ -22,6 +22,7 @@ from moe_train.ops.fp8 import packed_row_bytes
 from moe_train.ops.gather import Bags, bag_sum, gather_rows
 from moe_train.parallel.dispatch import AllToAllDispatcher, BoundedDispatcher, CommCounters, build_dispatcher
 from moe_train.parallel.dispatch.bounded import rows_bound
+from moe_train.parallel.dispatch.direct import DirectDispatcher, slot_block
 from moe_train.parallel.dispatch.symm import CollectiveTransport
 from moe_train.parallel.mesh import Layout, MeshError, build_mesh
 
@@ -53,6 +54,7 @@ def _case(
     fp8: bool = False,
     bound: float | None | str = "flat",
     twin: bool = False,
+    direct: bool = False,
 ) -> dict:
     """Tokens per rank = sizes; `masked_rank`'s experts get no tokens. Asserts equality with the reference.
 
@@ -60,7 +62,8 @@ def _case(
     the dispatch sent, so the one-process FP8 MoE is matched as closely as without FP8.
     bound: "flat" for the flat dispatcher, else the bounded one with this `dispatch_bound` (its results
     must equal the flat one's bit for bit; a bound too small for the routing raises the overflow flag).
-    twin: the bounded dispatcher's blocks through a transport (symm.py), its CPU twin over gloo."""
+    twin: the bounded dispatcher's blocks through a transport (symm.py), its CPU twin over gloo.
+    direct: the direct-placement dispatcher with this `dispatch_bound` in place of the bounded one."""
     mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
     rank, ep = mesh.rank, mesh.layout.ep
     cfg = dataclasses.replace(CFG, hidden_size=128, moe_intermediate_size=128) if fp8 else CFG
@@ -74,6 +77,10 @@ def _case(
     counters = CommCounters()
     if bound == "flat":
         moe.dispatcher = AllToAllDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters, fp8_rows=fp8)
+    elif direct:
+        moe.dispatcher = DirectDispatcher(
+            mesh.group("ep"), ep, mesh.ep_rank, counters, None, None, fp8, bound
+        )
     else:
         transport = CollectiveTransport(mesh.group("ep")) if twin else None
         moe.dispatcher = BoundedDispatcher(
@@ -126,6 +133,8 @@ def _case(
     row = packed_row_bytes(cfg.hidden_size) if fp8 else cfg.hidden_size * 4
     if bound != "flat":  # fixed blocks: the wire carries every block position, padding included
         block = rows_bound(sizes[rank], cfg.num_experts_per_tok, ep, bound)
+        if direct:  # a row per slot, and each block's padding row
+            block = slot_block(sizes[rank], cfg.num_experts_per_tok, per, ep, bound)
         assert got["dispatch"] == ep * block * row and got["combine"] == ep * block * cfg.hidden_size * 4
         return {"pairs": pairs, "rows_in": sizes[rank]}
     assert got.get("dispatch", 0) == pairs * row, (got, pairs)
@@ -141,7 +150,7 @@ def _case(
     return {"pairs": pairs, "rows_in": sizes[rank]}
 
 
-def _overflow_case(seed: int) -> None:
+def _overflow_case(seed: int, kind: type = BoundedDispatcher) -> None:
     """A bound far below the load raises the overflow flag on the ranks that overflow (and only there)."""
     mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
     ep = mesh.layout.ep
@@ -150,7 +159,7 @@ def _overflow_case(seed: int) -> None:
     # every token picks rank 0's experts first: rank 0 receives far more than the balanced load
     moe.gate.e_score_correction_bias[:per] = 10.0
     counters = CommCounters()
-    moe.dispatcher = BoundedDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters, None, None, False, 0.25)
+    moe.dispatcher = kind(mesh.group("ep"), ep, mesh.ep_rank, counters, None, None, False, 0.25)
     x = torch.randn(1, 24, CFG.hidden_size, generator=torch.Generator().manual_seed(seed))
     moe(x).sum().backward()
     flags = torch.tensor([int(counters.take_overflows())])
@@ -160,11 +169,11 @@ def _overflow_case(seed: int) -> None:
 
 def _host_reads_case() -> dict[str, list[str]]:
     """The host reads of a MoE layer's forward and backward (grouped experts in bf16, CUDA's path) with
-    each dispatcher: the flat one reads its split sizes, the bounded one nothing."""
+    each dispatcher: the flat one reads its split sizes, the bounded and direct ones nothing."""
     mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
     ep = mesh.layout.ep
     out = {}
-    for kind in ("flat", "bounded"):
+    for kind in ("flat", "bounded", "direct"):
         _, moe = _moe_pair(CFG, mesh.ep_rank, ep)
         moe.to(torch.bfloat16).experts.impl = "grouped"
         # through the registry, as the trainer builds them
@@ -191,7 +200,14 @@ def _dispatch_suite() -> list[dict]:
     out.append(_case([24] * world, world - 1, 1, bound=None))
     out.append(_case([24] * world, None, 4, fp8=True, bound=None))
     out.append(_case([24] * world, None, 4, fp8=True, bound=None, twin=True))  # through a transport
+    # direct placement: worst-case buffers, a bound the load fits, an empty rank's experts, FP8 rows (the
+    # combine weighs: FP8 experts do not)
+    out.append(_case([24] * world, None, 0, bound=None, direct=True))
+    out.append(_case([24] * world, None, 0, bound=2.0, direct=True))
+    out.append(_case([24] * world, world - 1, 1, bound=None, direct=True))
+    out.append(_case([24] * world, None, 4, fp8=True, bound=None, direct=True))
     _overflow_case(5)
+    _overflow_case(5, DirectDispatcher)
     out.append(_host_reads_case())
     return out
 
@@ -207,8 +223,8 @@ def test_dispatch_combine_matches_single_process(world):
     assert len(results) == world
     # 24 tokens × top-3: a token whose slots share a rank ships one row there, so pairs < 72 per rank
     assert all(r[0]["pairs"] < 24 * 3 for r in results)
-    for r in results:  # a MoE layer with the bounded dispatcher reads nothing on the host; the flat one does
-        assert r[-1]["bounded"] == [] and r[-1]["flat"], r[-1]
+    for r in results:  # a MoE layer with the bounded or direct dispatcher reads nothing on the host
+        assert r[-1]["bounded"] == r[-1]["direct"] == [] and r[-1]["flat"], r[-1]
 
 
 def test_layout_errors_name_the_keys():
@@ -402,3 +418,19 @@ def test_bounded_buffers_enter_the_memory_estimate():
     layer = 1  # a MoE layer of CFG
     assert mlp_bytes(CFG, layer, 4, "none", routed=k) == mlp_bytes(CFG, layer, 4, "none")
     assert mlp_bytes(CFG, layer, 4, "none", routed=rows) > mlp_bytes(CFG, layer, 4, "none")
+
+
+def test_direct_buffers_enter_the_memory_estimate():
+    """The direct dispatcher's estimate: its buffer (C + 1 rows per MoE layer, every rank's slots at worst)
+    and its blocks (a row per slot with its place and gate, each way), shrunk by a bound to no less than the
+    balanced load."""
+    from moe_train.parallel.dispatch.direct import direct_memory
+
+    k, tokens, ep = CFG.num_experts_per_tok, 64, 2
+    per_rank = CFG.n_routed_experts // ep
+    slots = tokens * min(k, per_rank)
+    worst_rows, worst_blocks = direct_memory(tokens, CFG.hidden_size, k, per_rank, ep, None, 4)
+    assert worst_rows == (ep * slots + 1) / tokens
+    assert worst_blocks == 2 * 2 * ep * (slots + 1) * (CFG.hidden_size * 4 + 2 * 4)
+    rows, blocks = direct_memory(tokens, CFG.hidden_size, k, per_rank, ep, 1.5, 4)
+    assert k <= rows < worst_rows and blocks < worst_blocks

@@ -169,21 +169,32 @@ def test_ep2_on_2_processes_and_its_checkpoint_in_one_process(reference, tmp_pat
 
 
 BOUNDED = ("parallel.dispatcher=bounded",)
+DIRECT = ("parallel.dispatcher=direct",)
 
 
 @pytest.mark.slow
 def test_ep4_and_dp4_ep2_on_4_processes(reference, tmp_path):
-    """ep=4 and dp=4·ep=2 with the flat dispatcher, and with the bounded one: worst-case buffers at ep=4, and
-    at ep=2 a bound far below the load, so steps and evaluations overflow and run again exactly."""
+    """ep=4 and dp=4·ep=2 with the flat dispatcher, and with the bounded and direct ones: worst-case buffers
+    at ep=4 (and pp=2×ep=2 for direct), and at ep=2 a bound far below the load, so steps and evaluations
+    overflow and run again exactly."""
     small = ("parallel.ep=2", *BOUNDED, "parallel.dispatch_bound=0.3")
+    direct_small = ("parallel.ep=2", *DIRECT, "parallel.dispatch_bound=0.3")
+    direct_pp = ("parallel.pp=2", "parallel.ep=2", "parallel.microbatches=2", *DIRECT)
     layouts = [("parallel.ep=4",), ("parallel.ep=2",), ("parallel.ep=4", *BOUNDED), small]
+    layouts += [("parallel.ep=4", *DIRECT), direct_small, direct_pp]
     results = run_world(4, _worker, str(tmp_path), layouts)
     for result, layout in zip(results[0], layouts, strict=True):
         _compare(reference, result, " ".join(layout))
-    redone = [r.get("dispatch_redone_steps") for r in results[0][3]["records"] if r["kind"] == "train"]
-    assert redone == [1, 2, 3], redone  # every step overflowed the small bound and was redone
-    worst = [r.get("dispatch_redone_steps") for r in results[0][2]["records"] if r["kind"] == "train"]
-    assert worst == [0, 0, 0], worst  # worst-case buffers never overflow
+    for small_at in (3, 5):  # every step overflowed the small bound and was redone
+        redone = [
+            r.get("dispatch_redone_steps") for r in results[0][small_at]["records"] if r["kind"] == "train"
+        ]
+        assert redone == [1, 2, 3], (small_at, redone)
+    for worst_at in (2, 4):  # worst-case buffers never overflow
+        worst = [
+            r.get("dispatch_redone_steps") for r in results[0][worst_at]["records"] if r["kind"] == "train"
+        ]
+        assert worst == [0, 0, 0], (worst_at, worst)
 
 
 PIPELINES_2 = [

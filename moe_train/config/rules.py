@@ -276,11 +276,11 @@ def validate(cfg: TrainConfig) -> None:
     if p.gpus_per_node is not None and p.gpus_per_node < 1:
         _fail("parallel.gpus_per_node", p.gpus_per_node, "a positive number, or null for LOCAL_WORLD_SIZE")
     if p.dispatch_bound is not None:
-        if p.dispatcher not in ("bounded", "hierarchical_bounded"):
+        if p.dispatcher not in ("bounded", "hierarchical_bounded", "direct"):
             _fail(
                 "parallel.dispatch_bound",
                 p.dispatch_bound,
-                "null unless parallel.dispatcher=bounded or hierarchical_bounded",
+                "null unless parallel.dispatcher=bounded, hierarchical_bounded or direct",
             )
         if not p.dispatch_bound > 0:
             _fail(

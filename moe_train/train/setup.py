@@ -35,6 +35,7 @@ from ..ops.fp8 import scaled_mm_available
 from ..optim.master import param_dtype, precision
 from ..parallel.dispatch import BOUNDED, CommCounters
 from ..parallel.dispatch.bounded import bounded_memory
+from ..parallel.dispatch.direct import direct_memory
 from ..parallel.expert import apply_expert_parallel, expert_slice
 from ..parallel.mesh import Mesh
 from ..parallel.overlap import OverlapEngine
@@ -309,9 +310,12 @@ def estimate_stage_memory(
         nodes, local = mesh.layout.ep_node_shape() if p.dispatcher != "bounded" else (1, ep)
         arriving = nodes * tokens  # the intra-node stage forwards what stage 1 brought from every node
         moved = p.dispatch_transport if local > 1 else "alltoall"  # a one-rank group moves no blocks
-        dispatch = bounded_memory(
-            tokens, m.hidden_size, k, per_rank, local, p.dispatch_bound, a, arriving, moved, fp8
-        )
+        if p.dispatcher == "direct":
+            dispatch = direct_memory(tokens, m.hidden_size, k, per_rank, ep, p.dispatch_bound, a)
+        else:
+            dispatch = bounded_memory(
+                tokens, m.hidden_size, k, per_rank, local, p.dispatch_bound, a, arriving, moved, fp8
+            )
     return estimate_memory(
         stages.model,
         m,

@@ -20,6 +20,7 @@ from ...model.dispatch import Dispatcher
 from ..mesh import Layout, Mesh, check_expert_groups
 from .bounded import BoundedDispatcher
 from .counters import CommCounters
+from .direct import DirectDispatcher
 from .flat import AllToAllDispatcher
 from .hierarchical import HierarchicalDispatcher
 from .symm import TRANSPORTS, BlockTransport, transport_missing
@@ -54,6 +55,12 @@ def _bounded(mesh: Mesh, o: DispatchOptions) -> Dispatcher:
     return BoundedDispatcher(
         group, ep, ep_rank, o.counters, peers, o.event_log, o.fp8_rows, o.bound, o.transport
     )
+
+
+def _direct(mesh: Mesh, o: DispatchOptions) -> Dispatcher:
+    ep, ep_rank, peers = mesh.layout.ep, mesh.ep_rank, _ep_peer_nodes(mesh)
+    group = mesh.group("ep")
+    return DirectDispatcher(group, ep, ep_rank, o.counters, peers, o.event_log, o.fp8_rows, o.bound)
 
 
 def _hierarchical(mesh: Mesh, o: DispatchOptions, bounded_intra: bool = False) -> Dispatcher:
@@ -94,12 +101,14 @@ DispatcherFactory = Callable[[Mesh, DispatchOptions], Dispatcher]
 DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], None] | None]] = {
     "alltoall": (_flat, None),
     "bounded": (_bounded, None),
+    "direct": (_direct, None),
     "hierarchical": (_hierarchical, _check_hierarchical),
     "hierarchical_bounded": (_hierarchical_bounded, _check_hierarchical),
 }
 # the dispatchers with fixed-size buffers (whole, or the intra-node stage), the only ones
-# `parallel.dispatch_bound` and a symmetric-memory `parallel.dispatch_transport` apply to
-BOUNDED = ("bounded", "hierarchical_bounded")
+# `parallel.dispatch_bound` applies to; and those a symmetric-memory `parallel.dispatch_transport` moves
+BOUNDED = ("bounded", "hierarchical_bounded", "direct")
+TRANSPORTED = ("bounded", "hierarchical_bounded")
 
 
 def build_transport(name: str, mesh: Mesh, dispatcher: str = "bounded") -> BlockTransport | None:
@@ -147,10 +156,12 @@ def build_dispatcher(
 __all__ = [
     "DISPATCHERS",
     "BOUNDED",
+    "TRANSPORTED",
     "TRANSPORTS",
     "AllToAllDispatcher",
     "BoundedDispatcher",
     "CommCounters",
+    "DirectDispatcher",
     "DispatchOptions",
     "HierarchicalDispatcher",
     "build_dispatcher",
