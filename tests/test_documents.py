@@ -259,3 +259,12 @@ def test_mfu_counts_the_pairs_the_masks_allow(tmp_path):
     mfu = [meter.take(torch.device("cpu"))["mfu"] for meter in (one, two)]
     assert mfu[1] == pytest.approx(mfu[0] / 2, rel=1e-3)
     assert mfu[0] == pytest.approx(flops(3) / 100.0 / 100e12, rel=1e-3)
+
+
+def test_inputs_bound_for_the_cpu_stay_where_they_are():
+    """`staged` pins a micro-batch's host tensors only for a CUDA device (pinning needs one); for the CPU the
+    tensor itself is used, no copy."""
+    from moe_train.model.documents import staged
+
+    t = torch.arange(12).view(3, 4)
+    assert staged(t, torch.device("cpu")) is t

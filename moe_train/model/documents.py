@@ -20,6 +20,14 @@ from ..ops.attention import Mask, block_mask, dense_mask, flex_available, ragged
 from ..ops.cudnn_attention import capacity_for, ragged_docs
 
 
+def staged(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor bound for `device`, in page-locked memory where that is a CUDA device: a copy from
+    pageable memory waits for the device to reach it, so the host could not issue a step ahead of the GPU."""
+    if device.type != "cuda" or t.is_cuda or t.is_pinned():
+        return t
+    return t.pin_memory()
+
+
 @dataclass
 class Documents:
     """ids [B, T]: each position's document within its row (0 first, counting up). positions [B, T]: RoPE
@@ -51,8 +59,8 @@ class Documents:
     def to(self, device: torch.device) -> Documents:
         if self.ids.device == device:
             return self
-        pos = None if self.positions is None else self.positions.to(device, non_blocking=True)
-        ids = self.ids.to(device, non_blocking=True)
+        pos = None if self.positions is None else staged(self.positions, device).to(device, non_blocking=True)
+        ids = staged(self.ids, device).to(device, non_blocking=True)
         return Documents(ids, pos, self.single, self.pairs, self.capacity)
 
     def prefix(self, n: int) -> Documents:

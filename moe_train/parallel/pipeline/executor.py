@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ...model import MoEStats, Transformer
-from ...model.documents import Documents
+from ...model.documents import Documents, staged
 from ...model.loss import training_loss
 from ..overlap import OverlapEngine, StageTape, drain, pair, within
 from .schedules import Action, Kind, Schedule
@@ -165,12 +165,17 @@ class PipelineExecutor:
         return buf
 
     # --------------------------------------------------------------------------------------- running
+    def _staged(self, micro: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The micro-batches where their copies to this rank's device need not wait (`staged`)."""
+        device = next(next(iter(self.stages.values())).parameters()).device
+        return [staged(m, device) for m in micro]
+
     def run(
         self, micro: list[torch.Tensor], weights: list[float], mtp_weight: float, read: bool = True
     ) -> StepOutput:
         """micro[m]: tokens [b, T+1] of micro-batch m; weights[m]: its share of the global batch; read=False:
         the loss sums stay on the device (`StepOutput.finish`)."""
-        run = _Run(micro, weights, mtp_weight, segment=self.documents)
+        run = _Run(self._staged(micro), weights, mtp_weight, segment=self.documents)
         if self.graphed is not None:  # the one-stage order: each micro-batch's forward, then its backward
             for mb in range(len(micro)):
                 self.graphed(run, mb)
@@ -188,7 +193,7 @@ class PipelineExecutor:
     @torch.no_grad()
     def forward_only(self, micro: list[torch.Tensor], weights: list[float]) -> StepOutput:
         """Evaluation: every micro-batch forward through the first pipeline, no backward, no stash."""
-        run = _Run(micro, weights, 0.0, segment=self.documents)
+        run = _Run(self._staged(micro), weights, 0.0, segment=self.documents)
         mine = [s for s in self.schedule.pipelines[0] if self.schedule.rank_of(s) == self.rank]
         for mb in range(len(micro)):
             for stage in mine:
