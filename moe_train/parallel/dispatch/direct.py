@@ -38,9 +38,8 @@ import torch.distributed as dist
 from ...model.dispatch import expert_counts
 from ...model.phases import Compute, Issue, Program, Wait
 from ...ops.gather import Bags, bag_sum, gather_rows, sort_keys
-from ..comm import A2AHop
-from .counters import CommCounters, row_bytes, sends_fp8
-from .flat import AllToAllDispatcher, FlatPlan
+from .bounded import BoundedDispatcher
+from .flat import FlatPlan
 
 
 def slot_block(tokens: int, k: int, per_rank: int, peers: int, bound: float | None) -> int:
@@ -171,32 +170,10 @@ def receive_slots(meta: torch.Tensor, cap: int) -> Arrived:
     )
 
 
-class DirectDispatcher(AllToAllDispatcher):
-    """Direct placement (module docstring); `exact` switches it to the flat dispatcher's host-synced phases
-    (the trainer's path for a step whose buffers overflowed)."""
-
-    def __init__(
-        self,
-        group: Any,
-        ep: int,
-        ep_rank: int,
-        counters: CommCounters | None = None,
-        peer_nodes: list[int] | None = None,
-        event_log: list[str] | None = None,
-        fp8_rows: bool = False,
-        bound: float | None = None,
-    ) -> None:
-        counters = CommCounters() if counters is None else counters  # overflow flags must land somewhere
-        super().__init__(group, ep, ep_rank, counters, peer_nodes, event_log, fp8_rows)
-        self.counters: CommCounters = counters
-        self.bound, self.exact = bound, False
-
-    def _block_hop(self, name: str, block: int, rows: torch.Tensor) -> A2AHop:
-        """An equal-splits hop of `block` rows per peer, added to the byte counters (padding included)."""
-        fp8 = sends_fp8(self.fp8_rows, name, rows)
-        splits = [block] * self.ep
-        self.counters.add(name, splits, row_bytes(rows, fp8), self.ep_rank, self.peer_nodes)
-        return A2AHop(name, splits, splits, self.group, self.event_log, fp8)
+class DirectDispatcher(BoundedDispatcher):
+    """Direct placement (module docstring): the bounded dispatcher's fixed-size blocks, bound, overflow flag
+    and `exact` path (the flat dispatcher's host-synced phases, for a step whose buffers overflowed), with
+    a row per slot placed in its owner's buffer. Its blocks move by the all-to-all (no transport yet)."""
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
         """Every slot's place (one fixed-size count exchange; device work only)."""
