@@ -321,9 +321,9 @@ def fp8_reference(tmp_path_factory):
 
 @pytest.mark.slow  # 2 processes, 4 runs: the fast tier keeps test_expert_parallel's FP8 dispatch case
 def test_fp8_layout_invariance_ep2_flat_and_hierarchical_overlapped(fp8_reference, tmp_path):
-    """ep=2 with FP8 dispatch (flat, and hierarchical across two 'nodes' under the overlap engine) gives the
-    one-process FP8 run's losses and gradients at rel ≤ 1e-3: activation tiles are per token and weight
-    blocks per expert, so no layout changes them."""
+    """ep=2 with FP8 dispatch (flat, hierarchical across two 'nodes' under the overlap engine, and direct)
+    gives the one-process FP8 run's losses and gradients at rel ≤ 1e-3: activation tiles are per token and
+    weight blocks per expert, so no layout changes them."""
     from test_layout_invariance import _compare
 
     from distributed import run_world
@@ -337,6 +337,7 @@ def test_fp8_layout_invariance_ep2_flat_and_hierarchical_overlapped(fp8_referenc
             "parallel.overlap=true",
             "parallel.microbatches=2",
         ),
+        ("parallel.ep=2", "parallel.dispatcher=direct"),
     ]
     results = run_world(2, _fp8_layouts, str(tmp_path), layouts)
     for got, layout in zip(results[0], layouts, strict=True):
