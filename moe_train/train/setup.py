@@ -307,12 +307,12 @@ def estimate_stage_memory(
     if p.dispatcher in BOUNDED and mesh.layout.ep > 1:  # fixed-size buffers, whatever the routing
         a = 2 if amp == torch.bfloat16 else 4
         k, per_rank, ep = m.num_experts_per_tok, m.n_routed_experts // mesh.layout.ep, mesh.layout.ep
-        nodes, local = mesh.layout.ep_node_shape() if p.dispatcher != "bounded" else (1, ep)
-        arriving = nodes * tokens  # the intra-node stage forwards what stage 1 brought from every node
-        moved = p.dispatch_transport if local > 1 else "alltoall"  # a one-rank group moves no blocks
         if p.dispatcher == "direct":
             dispatch = direct_memory(tokens, m.hidden_size, k, per_rank, ep, p.dispatch_bound, a)
         else:
+            nodes, local = mesh.layout.ep_node_shape() if p.dispatcher != "bounded" else (1, ep)
+            arriving = nodes * tokens  # the intra-node stage forwards what stage 1 brought from every node
+            moved = p.dispatch_transport if local > 1 else "alltoall"  # a one-rank group moves no blocks
             dispatch = bounded_memory(
                 tokens, m.hidden_size, k, per_rank, local, p.dispatch_bound, a, arriving, moved, fp8
             )
