@@ -246,14 +246,28 @@ BAD_INPUTS: list[tuple[str, list[str], int, str]] = [
         "transport",
         ["parallel.dispatch_transport=ibgda"],
         2,
-        "parallel.dispatch_transport='ibgda' is not allowed: one of alltoall, peer_write, nvshmem",
+        "parallel.dispatch_transport='ibgda' is not allowed: one of alltoall, collective, peer_write, "
+        "nvshmem",
     ),
     (
         "transport without bounded",
         ["parallel.dispatch_transport=nvshmem"],
         2,
         "parallel.dispatch_transport='nvshmem' is not allowed: alltoall unless parallel.dispatcher is one of "
-        "bounded, hierarchical_bounded",
+        "bounded, hierarchical_bounded, direct",
+    ),
+    (
+        "nvshmem with direct",
+        ["parallel.dispatcher=direct", "parallel.dispatch_transport=nvshmem"],
+        2,
+        "parallel.dispatch_transport='nvshmem' is not allowed: one of alltoall, peer_write, collective with "
+        "parallel.dispatcher=direct",
+    ),
+    (
+        "peer_write with direct on cpu",
+        ["parallel.dispatcher=direct", "parallel.dispatch_transport=peer_write"],
+        2,
+        "parallel.dispatch_transport=peer_write is not allowed here: symmetric memory needs CUDA",
     ),
     (
         "nvshmem on cpu",

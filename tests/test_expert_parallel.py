@@ -20,7 +20,14 @@ from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
 from moe_train.ops.fp8 import packed_row_bytes
 from moe_train.ops.gather import Bags, bag_sum, gather_rows
-from moe_train.parallel.dispatch import AllToAllDispatcher, BoundedDispatcher, CommCounters, build_dispatcher
+from moe_train.parallel.dispatch import (
+    AllToAllDispatcher,
+    BoundedDispatcher,
+    CommCounters,
+    build_dispatcher,
+    build_transport,
+)
+from moe_train.parallel.dispatch.board import GatherBoard
 from moe_train.parallel.dispatch.bounded import rows_bound
 from moe_train.parallel.dispatch.direct import DirectDispatcher, slot_block
 from moe_train.parallel.dispatch.symm import CollectiveTransport
@@ -55,6 +62,7 @@ def _case(
     bound: float | None | str = "flat",
     twin: bool = False,
     direct: bool = False,
+    board: bool = False,
 ) -> dict:
     """Tokens per rank = sizes; `masked_rank`'s experts get no tokens. Asserts equality with the reference.
 
@@ -63,7 +71,9 @@ def _case(
     bound: "flat" for the flat dispatcher, else the bounded one with this `dispatch_bound` (its results
     must equal the flat one's bit for bit; a bound too small for the routing raises the overflow flag).
     twin: the bounded dispatcher's blocks through a transport (symm.py), its CPU twin over gloo.
-    direct: the direct-placement dispatcher with this `dispatch_bound` in place of the bounded one."""
+    direct: the direct-placement dispatcher with this `dispatch_bound` in place of the bounded one.
+    board: the direct dispatcher reading through a board (board.py), its CPU twin over gloo: the same
+    placement maps, gathers and sums over peers as on CUDA symmetric memory."""
     mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
     rank, ep = mesh.rank, mesh.layout.ep
     cfg = dataclasses.replace(CFG, hidden_size=128, moe_intermediate_size=128) if fp8 else CFG
@@ -79,8 +89,9 @@ def _case(
         moe.dispatcher = AllToAllDispatcher(mesh.group("ep"), ep, mesh.ep_rank, counters, fp8_rows=fp8)
     elif direct:
         moe.dispatcher = DirectDispatcher(
-            mesh.group("ep"), ep, mesh.ep_rank, counters, None, None, fp8, bound
-        )
+            mesh.group("ep"), ep, mesh.ep_rank, counters, None, None, fp8, bound,
+            GatherBoard(mesh.group("ep")) if board else None,
+        )  # fmt: skip
     else:
         transport = CollectiveTransport(mesh.group("ep")) if twin else None
         moe.dispatcher = BoundedDispatcher(
@@ -173,11 +184,13 @@ def _host_reads_case() -> dict[str, list[str]]:
     mesh = build_mesh(ep=int(os.environ["WORLD_SIZE"]))
     ep = mesh.layout.ep
     out = {}
-    for kind in ("flat", "bounded", "direct"):
+    for kind in ("flat", "bounded", "direct", "direct_board"):
         _, moe = _moe_pair(CFG, mesh.ep_rank, ep)
         moe.to(torch.bfloat16).experts.impl = "grouped"
         # through the registry, as the trainer builds them
-        moe.dispatcher = build_dispatcher("alltoall" if kind == "flat" else kind, mesh, CommCounters())
+        name = {"flat": "alltoall", "direct_board": "direct"}.get(kind, kind)
+        board = build_transport("collective", mesh, name) if kind == "direct_board" else None
+        moe.dispatcher = build_dispatcher(name, mesh, CommCounters(), transport=board)
         x = torch.randn(2, 12, CFG.hidden_size, dtype=torch.bfloat16, requires_grad=True)
         with host_copies() as host, HostReads() as r:
             moe(x).float().sum().backward()
@@ -206,6 +219,11 @@ def _dispatch_suite() -> list[dict]:
     out.append(_case([24] * world, None, 0, bound=2.0, direct=True))
     out.append(_case([24] * world, world - 1, 1, bound=None, direct=True))
     out.append(_case([24] * world, None, 4, fp8=True, bound=None, direct=True))
+    # the same through a board: rows read in place by their owners and senders
+    out.append(_case([24] * world, None, 0, bound=None, direct=True, board=True))
+    out.append(_case([24] * world, None, 0, bound=2.0, direct=True, board=True))
+    out.append(_case([24] * world, world - 1, 1, bound=None, direct=True, board=True))
+    out.append(_case([24] * world, None, 4, fp8=True, bound=None, direct=True, board=True))
     _overflow_case(5)
     _overflow_case(5, DirectDispatcher)
     out.append(_host_reads_case())
@@ -224,7 +242,7 @@ def test_dispatch_combine_matches_single_process(world):
     # 24 tokens × top-3: a token whose slots share a rank ships one row there, so pairs < 72 per rank
     assert all(r[0]["pairs"] < 24 * 3 for r in results)
     for r in results:  # a MoE layer with the bounded or direct dispatcher reads nothing on the host
-        assert r[-1]["bounded"] == r[-1]["direct"] == [] and r[-1]["flat"], r[-1]
+        assert r[-1]["bounded"] == r[-1]["direct"] == r[-1]["direct_board"] == [] and r[-1]["flat"], r[-1]
 
 
 def test_layout_errors_name_the_keys():
@@ -434,3 +452,10 @@ def test_direct_buffers_enter_the_memory_estimate():
     assert worst_blocks == 2 * 2 * ep * (slots + 1) * (CFG.hidden_size * 4 + 2 * 4)
     rows, blocks = direct_memory(tokens, CFG.hidden_size, k, per_rank, ep, 1.5, 4)
     assert k <= rows < worst_rows and blocks < worst_blocks
+    # over a board: what a rank publishes (token rows with a zero row, expert rows and their gradients, gate
+    # gradients) and its posted map, held once (symmetric memory) or gathered from every peer (collective)
+    cap = ep * slots
+    one = (tokens + 1) * CFG.hidden_size * 4 + (cap + 1) * (CFG.hidden_size * 8 + 4 + 12)
+    args = (tokens, CFG.hidden_size, k, per_rank, ep, None, 4)
+    assert direct_memory(*args, "peer_write") == (worst_rows, one)
+    assert direct_memory(*args, "collective") == (worst_rows, ep * one)

@@ -176,21 +176,24 @@ DIRECT = ("parallel.dispatcher=direct",)
 def test_ep4_and_dp4_ep2_on_4_processes(reference, tmp_path):
     """ep=4 and dp=4·ep=2 with the flat dispatcher, and with the bounded and direct ones: worst-case buffers
     at ep=4 (and pp=2×ep=2 for direct), and at ep=2 a bound far below the load, so steps and evaluations
-    overflow and run again exactly."""
+    overflow and run again exactly; the direct one also through its board's collective twin (the rows read
+    in place, as over symmetric memory) at ep=4 and with the small bound."""
     small = ("parallel.ep=2", *BOUNDED, "parallel.dispatch_bound=0.3")
     direct_small = ("parallel.ep=2", *DIRECT, "parallel.dispatch_bound=0.3")
     direct_pp = ("parallel.pp=2", "parallel.ep=2", "parallel.microbatches=2", *DIRECT)
     layouts = [("parallel.ep=4",), ("parallel.ep=2",), ("parallel.ep=4", *BOUNDED), small]
     layouts += [("parallel.ep=4", *DIRECT), direct_small, direct_pp]
+    board = ("parallel.dispatch_transport=collective",)
+    layouts += [("parallel.ep=4", *DIRECT, *board), (*direct_small, *board)]
     results = run_world(4, _worker, str(tmp_path), layouts)
     for result, layout in zip(results[0], layouts, strict=True):
         _compare(reference, result, " ".join(layout))
-    for small_at in (3, 5):  # every step overflowed the small bound and was redone
+    for small_at in (3, 5, 8):  # every step overflowed the small bound and was redone
         redone = [
             r.get("dispatch_redone_steps") for r in results[0][small_at]["records"] if r["kind"] == "train"
         ]
         assert redone == [1, 2, 3], (small_at, redone)
-    for worst_at in (2, 4):  # worst-case buffers never overflow
+    for worst_at in (2, 4, 7):  # worst-case buffers never overflow
         worst = [
             r.get("dispatch_redone_steps") for r in results[0][worst_at]["records"] if r["kind"] == "train"
         ]

@@ -235,6 +235,13 @@ def _slow_suite(base: str) -> dict:
         ),
         # slots placed straight in the owners' buffers, one count exchange inside the plan
         "direct": ("parallel.ep=2", "parallel.dispatcher=direct", "parallel.microbatches=2"),
+        # and reading its rows in place through the board's collective twin (hops that gather and sum)
+        "direct_board": (
+            "parallel.ep=2",
+            "parallel.dispatcher=direct",
+            "parallel.dispatch_transport=collective",
+            "parallel.microbatches=2",
+        ),
         # a dispatcher of two hops each way (2 simulated nodes × 2 ranks): overlapped without engine code
         "hier": (
             "parallel.ep=4",
@@ -289,12 +296,13 @@ def test_block_finish_is_written_once(ep2_world, monkeypatch):
 def test_overlap_equals_plain_4_processes(tmp_path):
     """4 processes: dp=4·ep=2 (pp=1, micro-batch i's forward paired with i−1's backward), pp=2×ep=2
     (DualPipeV), the bounded dispatcher (worst-case buffers, and a bound that overflows so that the step
-    runs again exactly), the direct one and the hierarchical dispatcher at ep=4 on 2 simulated nodes
-    through the Trainer; through the executor DualPipeV at pp=1 (FB pairs and B/W split through the sub-step
-    cuts), DualPipe, overlapped 1F1B and interleaved 1F1B (F&B pairs of different chunks) at pp=2×ep=2:
-    overlap on and off give the same losses and gradients (rel ≤ 1e-5)."""
+    runs again exactly), the direct one (over its all-to-all twin and its board's) and the hierarchical
+    dispatcher at ep=4 on 2 simulated nodes through the Trainer; through the executor DualPipeV at pp=1 (FB
+    pairs and B/W split through the sub-step cuts), DualPipe, overlapped 1F1B and interleaved 1F1B (F&B
+    pairs of different chunks) at pp=2×ep=2: overlap on and off give the same losses and gradients
+    (rel ≤ 1e-5)."""
     results = run_world(4, _slow_suite, str(tmp_path))
-    for key in ("ep2", "pp2ep2", "bounded", "bounded_small", "direct", "hier"):
+    for key in ("ep2", "pp2ep2", "bounded", "bounded_small", "direct", "direct_board", "hier"):
         off, on = results[0][key][False], results[0][key][True]
         for k, v in off["sums"].items():
             assert (on["sums"][k] is None) == (v is None), (key, k)

@@ -197,8 +197,10 @@ class ParallelConfig:
     # bounded dispatcher only: buffers of this many times the balanced load; null = the worst case (no
     # overflow possible). A step that overflows runs again on the exact path (parallel/dispatch/bounded.py)
     dispatch_bound: float | None = None
-    # bounded dispatcher only: how its blocks move — alltoall (equal splits, gloo and NCCL) or nvshmem
-    # (symmetric memory, CUDA with NVSHMEM: parallel/dispatch/symm.py)
+    # bounded, hierarchical_bounded and direct dispatchers: how their rows move — alltoall (equal-split
+    # blocks, gloo and NCCL), peer_write (CUDA symmetric memory; the direct dispatcher's rows read in
+    # place, dispatch/board.py), nvshmem (bounded ones, NVSHMEM), collective (the symmetric-memory paths
+    # over the group's collectives: their CPU twin; dispatch/symm.py)
     dispatch_transport: str = "alltoall"
     gpus_per_node: int | None = None  # None: LOCAL_WORLD_SIZE
     overlap: bool = False

@@ -47,8 +47,8 @@ class Hop(Protocol):
     def forward_exchange(self, k: int, x: torch.Tensor) -> Any:
         """The forward exchange of the k-th tensor outside autograd (the overlap engine's)."""
 
-    def backward_exchange(self, grad: torch.Tensor) -> Any:
-        """The reverse exchange of a received tensor's gradient outside autograd."""
+    def backward_exchange(self, k: int, grad: torch.Tensor) -> Any:
+        """The reverse exchange of the k-th received tensor's gradient outside autograd."""
 
     def wait(self, handle: Any) -> tuple[torch.Tensor, ...]: ...
 

@@ -77,8 +77,9 @@ def _nbytes(rows: int, like: torch.Tensor) -> int:
     return rows * math.prod(like.shape[1:]) * like.element_size()
 
 
-def _bag_sum(src: torch.Tensor, bags: Bags, weight: torch.Tensor | None) -> torch.Tensor:
-    """out[b] = Σ_{i in bag b} weight[i]·src[index[i]] (no autograd), fp32 products and sum."""
+def sum_bags(src: torch.Tensor, bags: Bags, weight: torch.Tensor | None) -> torch.Tensor:
+    """out[b] = Σ_{i in bag b} weight[i]·src[index[i]], fp32 products and sum; no autograd (`bag_sum` is the
+    autograd form; a transport whose hops move the gradients themselves calls this)."""
     hidden = src.shape[1]
     if bags.index.shape[0] == 0 or src.shape[0] == 0:
         return src.new_zeros(bags.n_bags, hidden)
@@ -149,7 +150,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         back: Bags = ctx.back
         flat = grad.flatten(1) if grad.dim() > 1 else grad.unsqueeze(1)
-        out = _bag_sum(flat, back, None).view(ctx.rows, *grad.shape[1:])
+        out = sum_bags(flat, back, None).view(ctx.rows, *grad.shape[1:])
         return out, None, None
 
 
@@ -166,7 +167,7 @@ class _BagSum(torch.autograd.Function):
         ctx.bags, ctx.src_bag, ctx.src_weight = bags, src_bag, src_weight
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.save_for_backward(src if weight is not None and ctx.needs_input_grad[1] else None)
-        return _bag_sum(src, bags, weight)
+        return sum_bags(src, bags, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]

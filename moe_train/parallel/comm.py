@@ -96,8 +96,8 @@ class A2AHop:
         """Launch the forward exchange of the hop's k-th tensor."""
         return exchange_start(x, self.recv_splits, self.send_splits, self.group, self.fp8_rows and k == 0)
 
-    def backward_exchange(self, grad: torch.Tensor) -> Exchange:
-        """Launch the reverse exchange of a received tensor's gradient (in its own dtype)."""
+    def backward_exchange(self, k: int, grad: torch.Tensor) -> Exchange:
+        """Launch the reverse exchange of the k-th received tensor's gradient (in its own dtype)."""
         return exchange_start(grad, self.send_splits, self.recv_splits, self.group)
 
     def note(self, event: str) -> None:
@@ -150,7 +150,7 @@ class _Wait(torch.autograd.Function):
         state: _InFlight = ctx.state
         hop = state.hop
         # every rank takes part in the reverse exchange, whatever reached this node's outputs
-        state.backward = [hop.backward_exchange(g) for g in grads]
+        state.backward = [hop.backward_exchange(k, g) for k, g in enumerate(grads)]
         hop.note("bwd_start")
         # the values handed to _Start.backward are placeholders: it waits and returns the received rows
         return (None, *(g.new_empty(0) if p else g for g, p in zip(grads, ctx.placeholders, strict=True)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from ..config import ConfigError, TrainConfig
-from .dispatch import BOUNDED, TRANSPORTED, TRANSPORTS, check_dispatcher
+from .dispatch import BOUNDED, TRANSPORTS, check_dispatcher, transport_refused
 from .mesh import Layout, MeshError
 from .pipeline.actions import Kind, Schedule
 from .pipeline.schedules import schedule_for
@@ -65,12 +65,9 @@ def check_layout(cfg: TrainConfig, world_size: int) -> Schedule:
         )
     if p.dispatch_transport not in TRANSPORTS:
         _fail("parallel.dispatch_transport", p.dispatch_transport, f"one of {', '.join(TRANSPORTS)}")
-    if p.dispatch_transport != "alltoall" and p.dispatcher not in TRANSPORTED:
-        _fail(
-            "parallel.dispatch_transport",
-            p.dispatch_transport,
-            f"alltoall unless parallel.dispatcher is one of {', '.join(TRANSPORTED)}",
-        )
+    refused = transport_refused(p.dispatch_transport, p.dispatcher)
+    if refused is not None:
+        _fail("parallel.dispatch_transport", p.dispatch_transport, refused)
     if cfg.data.batch_size % (dp * p.microbatches):
         _fail(
             "data.batch_size",

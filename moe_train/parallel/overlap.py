@@ -315,7 +315,7 @@ class OverlapEngine:
                     torch.zeros_like(o) if g is None else g for o, g in zip(rec.outs, grads, strict=True)
                 ]
                 hop = rec.hop
-                in_flight[index] = [hop.backward_exchange(g) for g in grads]
+                in_flight[index] = [hop.backward_exchange(k, g) for k, g in enumerate(grads)]
                 self._issued(side, rec.name, rec.layer)
                 flush_w()
                 state["computed"] = False

@@ -308,7 +308,9 @@ def estimate_stage_memory(
         a = 2 if amp == torch.bfloat16 else 4
         k, per_rank, ep = m.num_experts_per_tok, m.n_routed_experts // mesh.layout.ep, mesh.layout.ep
         if p.dispatcher == "direct":
-            dispatch = direct_memory(tokens, m.hidden_size, k, per_rank, ep, p.dispatch_bound, a)
+            dispatch = direct_memory(
+                tokens, m.hidden_size, k, per_rank, ep, p.dispatch_bound, a, p.dispatch_transport
+            )
         else:
             nodes, local = mesh.layout.ep_node_shape() if p.dispatcher != "bounded" else (1, ep)
             arriving = nodes * tokens  # the intra-node stage forwards what stage 1 brought from every node

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ...config import ConfigError
 from ...model.dispatch import Dispatcher
 from ..mesh import Layout, Mesh, check_expert_groups
+from .board import Board, GatherBoard, SymmBoard
 from .bounded import BoundedDispatcher
 from .counters import CommCounters
 from .direct import DirectDispatcher
@@ -36,7 +37,7 @@ class DispatchOptions:
     event_log: list[str] | None = None
     fp8_rows: bool = False
     bound: float | None = None
-    transport: BlockTransport | None = None
+    transport: BlockTransport | Board | None = None
 
 
 def _ep_peer_nodes(mesh: Mesh) -> list[int]:
@@ -60,7 +61,8 @@ def _bounded(mesh: Mesh, o: DispatchOptions) -> Dispatcher:
 def _direct(mesh: Mesh, o: DispatchOptions) -> Dispatcher:
     ep, ep_rank, peers = mesh.layout.ep, mesh.ep_rank, _ep_peer_nodes(mesh)
     group = mesh.group("ep")
-    return DirectDispatcher(group, ep, ep_rank, o.counters, peers, o.event_log, o.fp8_rows, o.bound)
+    board = o.transport if isinstance(o.transport, Board) else None
+    return DirectDispatcher(group, ep, ep_rank, o.counters, peers, o.event_log, o.fp8_rows, o.bound, board)
 
 
 def _hierarchical(mesh: Mesh, o: DispatchOptions, bounded_intra: bool = False) -> Dispatcher:
@@ -108,14 +110,27 @@ DISPATCHERS: dict[str, tuple[DispatcherFactory, Callable[[Layout, int, int], Non
 # the dispatchers with fixed-size buffers (whole, or the intra-node stage), the only ones
 # `parallel.dispatch_bound` applies to; and those a symmetric-memory `parallel.dispatch_transport` moves
 BOUNDED = ("bounded", "hierarchical_bounded", "direct")
-TRANSPORTED = ("bounded", "hierarchical_bounded")
+TRANSPORTED = ("bounded", "hierarchical_bounded", "direct")
+# the transports the direct dispatcher reads through (a board, board.py), beside its all-to-all twin
+BOARDS: dict[str, type[Board]] = {"peer_write": SymmBoard, "collective": GatherBoard}
 
 
-def build_transport(name: str, mesh: Mesh, dispatcher: str = "bounded") -> BlockTransport | None:
-    """The transport of `parallel.dispatch_transport` for `dispatcher`'s fixed-size blocks on this rank,
-    shared by its layers: over the ep group (`bounded`) or the node's ep ranks (`hierarchical_bounded`'s
-    stage 2); None for the all-to-all, or where that group has one rank (no blocks move). ConfigError naming
-    the key where it cannot run."""
+def transport_refused(name: str, dispatcher: str) -> str | None:
+    """Why `parallel.dispatch_transport=name` cannot move `dispatcher`'s rows (None: it can)."""
+    if name == "alltoall":
+        return None
+    if dispatcher not in TRANSPORTED:
+        return f"alltoall unless parallel.dispatcher is one of {', '.join(TRANSPORTED)}"
+    if dispatcher == "direct" and name not in BOARDS:
+        return f"one of alltoall, {', '.join(BOARDS)} with parallel.dispatcher=direct"
+    return None
+
+
+def build_transport(name: str, mesh: Mesh, dispatcher: str = "bounded") -> BlockTransport | Board | None:
+    """The transport of `parallel.dispatch_transport` for `dispatcher` on this rank, shared by its layers:
+    `bounded`'s blocks over the ep group, `hierarchical_bounded`'s stage 2 over the node's ep ranks, or the
+    direct dispatcher's board over the ep group; None for the all-to-all, or where that group has one rank
+    (nothing moves). ConfigError naming the key where it cannot run."""
     make = TRANSPORTS[name]
     if make is None:
         return None
@@ -124,6 +139,8 @@ def build_transport(name: str, mesh: Mesh, dispatcher: str = "bounded") -> Block
         raise ConfigError(f"parallel.dispatch_transport={name} is not allowed here: {missing}")
     if mesh.layout.ep == 1:
         return None
+    if dispatcher == "direct":
+        return BOARDS[name](mesh.group("ep"), mesh.device)
     if dispatcher == "hierarchical_bounded":
         local = mesh.layout.ep_node_shape()[1]
         return make(mesh.group("intra_node"), mesh.device) if local > 1 else None
@@ -155,6 +172,7 @@ def build_dispatcher(
 
 __all__ = [
     "DISPATCHERS",
+    "BOARDS",
     "BOUNDED",
     "TRANSPORTED",
     "TRANSPORTS",
@@ -166,5 +184,6 @@ __all__ = [
     "HierarchicalDispatcher",
     "build_dispatcher",
     "build_transport",
+    "transport_refused",
     "check_dispatcher",
 ]

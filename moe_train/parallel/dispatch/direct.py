@@ -21,6 +21,18 @@ way in and read once on its way out — the two passes over the N·k rows that t
    rounded (the bounded and flat dispatchers round one per rank). Rows come back per slot, so combine moves
    up to k rows per token where those move one per (token, peer).
 
+Over a board (board.py; `parallel.dispatch_transport=peer_write`: CUDA symmetric memory) no block is built
+and nothing is placed twice. The senders post each buffer row's source (rank, token) and gate into its
+owner's small map, every rank publishes its tokens' rows (one zero row appended), and each owner gathers its
+buffer rows straight from the senders' published rows; in combine each owner publishes its expert rows and
+each sender sums a token's k rows straight from the owners' (in k order, fp32). Backward is the same with the
+roles swapped: the senders publish their output gradients and the owners gather them by the map; the owners
+publish their input and gate gradients and the senders read them at their places. A row crosses once each
+way, like the local dispatcher's two passes, plus a copy of the token rows (a kth of the slot rows) and of
+the expert rows into the published buffers. Where the experts leave the weighing to the combine (FP8), the
+owner weighs its rows by their gates in fp32 and publishes those fp32 products, so the sender's sum is the
+twin's: the same fp32 products, summed in the same order, rounded once.
+
 `B` and `C` are worst cases (a peer gets all of a rank's slots; a rank gets all slots of every rank), or
 `parallel.dispatch_bound` times the balanced load. Overflow is never dropped silently: a device flag, the step
 redone on the exact (flat) path, as the bounded dispatcher does.
@@ -29,7 +41,7 @@ redone on the exact (flat) path, as the bounded dispatcher does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,9 +49,14 @@ import torch.distributed as dist
 
 from ...model.dispatch import expert_counts
 from ...model.phases import Compute, Issue, Program, Wait
-from ...ops.gather import Bags, bag_sum, gather_rows, sort_keys
+from ...ops.fp8 import pack_rows, unpack_rows
+from ...ops.gather import Bags, bag_sum, gather_rows, sort_keys, sum_bags
+from ..comm import A2AHop, Exchange
+from .board import Board
 from .bounded import BoundedDispatcher
+from .counters import CommCounters, row_bytes, sends_fp8
 from .flat import FlatPlan
+from .symm import Done
 
 
 def slot_block(tokens: int, k: int, per_rank: int, peers: int, bound: float | None) -> int:
@@ -58,13 +75,29 @@ def slot_capacity(tokens: int, k: int, per_rank: int, peers: int, bound: float |
 
 
 def direct_memory(
-    tokens: int, hidden: int, k: int, per_rank: int, peers: int, bound: float | None, act_bytes: int
+    tokens: int,
+    hidden: int,
+    k: int,
+    per_rank: int,
+    peers: int,
+    bound: float | None,
+    act_bytes: int,
+    transport: str = "alltoall",
 ) -> tuple[float, int]:
     """For the memory estimate: the expert rows kept per token (the buffer, C + 1 rows) and the bytes of the
-    send and receive blocks with their places and gates (fp32), each way."""
+    exchange — the all-to-all twin's send and receive blocks with their places and gates (fp32), each way;
+    over a board what a rank publishes (its tokens' rows with a zero row, its expert rows, fp32 where the
+    combine weighs, their gate gradients) and its posted map, held once in symmetric memory (`peer_write`)
+    or gathered from every peer (`collective`)."""
     block = slot_block(tokens, k, per_rank, peers, bound)
     cap = slot_capacity(tokens, k, per_rank, peers, bound)
-    return (cap + 1) / max(1, tokens), 2 * 2 * peers * block * (hidden * act_bytes + 2 * 4)
+    rows = (cap + 1) / max(1, tokens)
+    if transport == "alltoall":
+        return rows, 2 * 2 * peers * block * (hidden * act_bytes + 2 * 4)
+    # rows: tokens (and their gradients); expert rows (fp32 where the combine weighs) and their gradients;
+    # the gates' gradients (fp32); the map (rank, token, gate: fp32)
+    published = (tokens + 1) * hidden * act_bytes + (cap + 1) * (hidden * (4 + act_bytes) + 4 + 3 * 4)
+    return rows, published * (peers if transport == "collective" else 1)
 
 
 @dataclass
@@ -83,6 +116,33 @@ class DirectPlan:
     weight: torch.Tensor | None = None  # (n, k) the gates, once dispatched (the combine may weigh with them)
     arrived: Arrived | None = None  # the receiver's map, once the rows arrived
     weigh: bool = False  # the combine weighs (the experts did not)
+    send_gates: torch.Tensor | None = None  # (peers·B,) the send rows' gates, for a board's post
+    pulled: Pulled | None = None  # over a board: the owner's map of its buffer rows, once posted
+    rows_dtype: torch.dtype = torch.float32  # the dispatched rows' (a weighing combine's sums round to it)
+
+    def board_places(self) -> torch.Tensor:
+        """(peers·B,) each send row's place in its owner's buffer, C (the padding row) for padding and for
+        places past the buffer (an overflowing step's, redone)."""
+        inside = (self.send_place >= 0) & (self.send_place < self.cap)
+        return torch.where(inside, self.send_place, self.cap)
+
+    def owner_places(self) -> tuple[torch.Tensor, Bags]:
+        """Over a board: each (token, k) slot's owner, and bag t = token t's k places in their owners'
+        buffers (`pad` C for a slot left out by overflow), for a sender's reads."""
+        at = self.slots.index  # each slot's send position
+        place = self.board_places().index_select(0, at)
+        return at // self.block, Bags(place, self.slots.offsets, self.slots.owner, self.cap)
+
+
+@dataclass
+class Pulled:
+    """An owner's map of its buffer of C + 1 rows, from the senders' posts: row j holds token `token[j]` of
+    rank `rank[j]`, with gate `gates[j]`; rows past the filled ones name this rank's published zero row."""
+
+    rank: torch.Tensor  # (C + 1,) long
+    token: torch.Tensor  # (C + 1,) long
+    gates: torch.Tensor  # (C + 1,) fp32, 0 past the filled rows
+    filled: torch.Tensor  # (C + 1,) bool
 
 
 @dataclass
@@ -170,10 +230,125 @@ def receive_slots(meta: torch.Tensor, cap: int) -> Arrived:
     )
 
 
+def pull_rows(views: list[torch.Tensor], rank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Row j = views[rank[j]][index[j]] (no autograd): one gather where one rank publishes, else one per
+    rank, selected."""
+    out = views[0].index_select(0, index)
+    for p in range(1, len(views)):
+        out = torch.where((rank == p).unsqueeze(1), views[p].index_select(0, index), out)
+    return out
+
+
+def sum_pulled(views: list[torch.Tensor], owner: torch.Tensor, bags: Bags) -> torch.Tensor:
+    """Bag b's sum of its positions' rows views[owner[i]][bags.index[i]] (no autograd; padding positions
+    add nothing), in bag order, fp32 inside: read in place where one rank publishes."""
+    if len(views) == 1:
+        return sum_bags(views[0], bags, None)
+    real = bags.index != bags.pad
+    rows = pull_rows(views, owner, torch.where(real, bags.index, 0))
+    rows = torch.where(real.unsqueeze(1), rows, 0)
+    every = torch.arange(rows.shape[0], device=rows.device)
+    return sum_bags(rows, Bags(every, bags.offsets, bags.owner), None)
+
+
+@dataclass
+class PullHop(A2AHop):
+    """The dispatch over a board (module docstring): tensors (the tokens' rows, the send rows' gates) in,
+    (the owner's buffer rows, their gates) out; the board's reads, gradients included, in place of the
+    twin's blocks."""
+
+    board: Board | None = field(default=None, repr=False)
+    plan: DirectPlan | None = field(default=None, repr=False)
+
+    def forward_exchange(self, k: int, x: torch.Tensor) -> Exchange:
+        assert self.board is not None and self.plan is not None
+        plan, board = self.plan, self.board
+        if k == 1:  # the gates came with the map
+            assert plan.pulled is not None
+            return Exchange(plan.pulled.gates, Done())
+        n, dev = x.shape[0], x.device
+        me = torch.full_like(plan.send_place, board.rank, dtype=torch.float32)
+        token = plan.send_token.float()
+        meta = torch.stack([me, token, plan.send_gates.float()], dim=1).view(board.size, plan.block, 3)
+        places = plan.board_places().view(board.size, plan.block)
+        got = board.post(plan.cap + 1, places, meta)
+        filled = torch.arange(plan.cap + 1, device=dev) < plan.local_counts.sum()
+        src, tok = got[:, 0], got[:, 1]
+        # a row a step's overflow left unposted holds anything (that step is redone): read the zero row
+        ok = filled & (src >= 0) & (src < board.size) & (tok >= 0) & (tok < n)
+        plan.pulled = Pulled(
+            torch.where(ok, src.long(), board.rank),
+            torch.where(ok, tok.long(), n),  # n: the published zero row
+            torch.where(ok, got[:, 2], 0.0),
+            filled,
+        )
+        x = x.detach()
+        sent = pack_rows(x) if self.fp8_rows else x
+        rows = pull_rows(board.publish(sent, zero_rows=1), plan.pulled.rank, plan.pulled.token)
+        return Exchange(unpack_rows(rows, x.dtype) if self.fp8_rows else rows, Done())
+
+    def backward_exchange(self, k: int, grad: torch.Tensor) -> Exchange:
+        assert self.board is not None and self.plan is not None
+        plan = self.plan
+        owner, bags = plan.owner_places()
+        if k == 0:  # a token's gradient: the sum of its slots' rows at their owners
+            views = self.board.publish(grad.contiguous())
+            return Exchange(sum_pulled(views, owner, bags), Done())
+        # a send row's gate gradient: its owner's at its place (padding rows get 0)
+        views = self.board.publish(grad.float().unsqueeze(1))
+        at = plan.board_places()
+        rows = pull_rows(views, torch.arange(at.shape[0], device=at.device) // plan.block, at)
+        return Exchange(torch.where(at < plan.cap, rows[:, 0], 0.0), Done())
+
+
+@dataclass
+class ReturnHop(A2AHop):
+    """The combine over a board: the owner's expert rows in, each of this rank's tokens' sum of its k rows
+    out (in the rows' dtype); backward gathers the tokens' gradients by the owner's map."""
+
+    board: Board | None = field(default=None, repr=False)
+    plan: DirectPlan | None = field(default=None, repr=False)
+
+    def forward_exchange(self, k: int, y: torch.Tensor) -> Exchange:
+        assert self.board is not None and self.plan is not None
+        owner, bags = self.plan.owner_places()
+        return Exchange(sum_pulled(self.board.publish(y.detach()), owner, bags), Done())
+
+    def backward_exchange(self, k: int, grad: torch.Tensor) -> Exchange:
+        assert self.board is not None and self.plan is not None and self.plan.pulled is not None
+        pulled = self.plan.pulled
+        views = self.board.publish(grad.contiguous(), zero_rows=1)
+        return Exchange(pull_rows(views, pulled.rank, pulled.token), Done())
+
+
 class DirectDispatcher(BoundedDispatcher):
     """Direct placement (module docstring): the bounded dispatcher's fixed-size blocks, bound, overflow flag
     and `exact` path (the flat dispatcher's host-synced phases, for a step whose buffers overflowed), with
-    a row per slot placed in its owner's buffer. Its blocks move by the all-to-all (no transport yet)."""
+    a row per slot placed in its owner's buffer. `transport`: a board (board.py), whose reads replace the
+    blocks; None: the blocks move by the all-to-all (the twin)."""
+
+    def __init__(
+        self,
+        group: Any,
+        ep: int,
+        ep_rank: int,
+        counters: CommCounters | None = None,
+        peer_nodes: list[int] | None = None,
+        event_log: list[str] | None = None,
+        fp8_rows: bool = False,
+        bound: float | None = None,
+        transport: Board | None = None,
+    ) -> None:
+        super().__init__(group, ep, ep_rank, counters, peer_nodes, event_log, fp8_rows, bound)
+        self.board = transport
+
+    def _board_hop(self, kind: type[A2AHop], name: str, plan: DirectPlan, rows: torch.Tensor) -> A2AHop:
+        """A hop over the board, counted as the twin's blocks (what may cross: the bound; the rows that do
+        are known on the device only)."""
+        fp8 = sends_fp8(self.fp8_rows, name, rows)
+        splits = [plan.block] * self.ep
+        self.counters.add(name, splits, row_bytes(rows, fp8), self.ep_rank, self.peer_nodes)
+        return kind(name, splits, splits, self.group, self.event_log, fp8, board=self.board, plan=plan)
 
     def plan(self, topk_idx: torch.Tensor, n_experts: int) -> Program:
         """Every slot's place (one fixed-size count exchange; device work only)."""
@@ -198,11 +373,21 @@ class DirectDispatcher(BoundedDispatcher):
         if isinstance(plan, FlatPlan):
             return (yield from super().dispatch_start(plan, x, topk_weight))
 
+        plan.weight, plan.rows_dtype = topk_weight, x.dtype
+        if self.board is not None:
+
+            def gates(w: torch.Tensor) -> torch.Tensor:
+                send = _send_gates(w, plan)
+                plan.send_gates = send.detach()
+                return send
+
+            send_gates = yield Compute("gates", gates, (topk_weight,), join=True)
+            return (yield Issue(self._board_hop(PullHop, "dispatch", plan, x), (x, send_gates)))
+
         def pack(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             meta = torch.stack([plan.send_place.to(w.dtype), _send_gates(w, plan)], dim=1)
             return gather_rows(x, plan.send_token, plan.slots), meta
 
-        plan.weight = topk_weight
         send, meta = yield Compute("pack", pack, (x, topk_weight), join=True)
         return (yield Issue(self._block_hop("dispatch", plan.block, send), (send, meta)))
 
@@ -210,6 +395,9 @@ class DirectDispatcher(BoundedDispatcher):
         """Received rows at their places: the buffer sorted by local expert, and each row's gate."""
         if isinstance(plan, FlatPlan):
             return (yield from super().dispatch_wait(plan, handle))
+        if self.board is not None:
+            rows, gates = yield Wait(handle)
+            return rows, plan.local_counts, gates
         rows, meta = yield Wait(handle)
 
         def put(rows: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -225,6 +413,10 @@ class DirectDispatcher(BoundedDispatcher):
         if isinstance(plan, FlatPlan):
             return (yield from super().combine_start(plan, y, gates))
         plan.weigh = gates is not None
+        if self.board is not None:
+            if plan.weigh:  # fp32 products, summed by the sender as the twin's combine sums them
+                y = yield Compute("weigh", lambda y, g: _weighed(y, g, plan), (y, gates), join=True)
+            return (yield Issue(self._board_hop(ReturnHop, "combine", plan, y), (y,)))
 
         def take(y: torch.Tensor) -> torch.Tensor:
             return gather_rows(y, plan.arrived.place, plan.arrived.to_rows)
@@ -237,6 +429,10 @@ class DirectDispatcher(BoundedDispatcher):
         if isinstance(plan, FlatPlan):
             return (yield from super().combine_wait(plan, handle))
         (back,) = yield Wait(handle)
+        if self.board is not None:
+            if not plan.weigh:
+                return back
+            return (yield Compute("round", lambda b: b.to(plan.rows_dtype), (back,), join=True))
 
         def total(back: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
             return bag_sum(back, plan.slots, plan.send_token, None if w is None else _send_gates(w, plan))
@@ -247,3 +443,10 @@ class DirectDispatcher(BoundedDispatcher):
 def _send_gates(w: torch.Tensor, plan: DirectPlan) -> torch.Tensor:
     """(peers·B,) the gate of each send row's slot (0 for padding), with its gradient."""
     return torch.cat([w.reshape(-1), w.new_zeros(1)]).index_select(0, plan.send_slot)
+
+
+def _weighed(y: torch.Tensor, gates: torch.Tensor, plan: DirectPlan) -> torch.Tensor:
+    """The owner's rows times their gates, in fp32 (rows nobody filled: 0, whatever the experts left)."""
+    assert plan.pulled is not None
+    filled = plan.pulled.filled.unsqueeze(1)
+    return torch.where(filled, y, 0).float() * gates.float().unsqueeze(1)

@@ -32,7 +32,7 @@ from ...ops.fp8 import pack_rows
 from ..comm import A2AHop, Exchange
 
 
-class _Done:
+class Done:
     """The work handle of a transfer already queued on the current stream."""
 
     def wait(self) -> None:
@@ -40,7 +40,9 @@ class _Done:
 
 
 def transport_missing(name: str, device: torch.device) -> str | None:
-    """Why symmetric-memory transport `name` (peer_write, nvshmem) cannot run on `device`; None if it can."""
+    """Why transport `name` cannot run on `device`; None if it can (the collective one runs anywhere)."""
+    if name == "collective":
+        return None
     if device.type != "cuda":
         return f"symmetric memory needs CUDA, the mesh is on {device.type}"
     import torch.distributed._symmetric_memory as symm_mem
@@ -58,7 +60,7 @@ def held_bytes(transport: str, shapes: set[tuple[int, int]]) -> int:
     return 0 if make is None else make.COPIES * sum(rows * width for rows, width in shapes)
 
 
-def _byte_rows(x: torch.Tensor) -> torch.Tensor:
+def byte_rows(x: torch.Tensor) -> torch.Tensor:
     """x's rows as bytes (a view where x is contiguous)."""
     return x.contiguous().view(x.shape[0], -1).view(torch.uint8)
 
@@ -76,11 +78,13 @@ class BlockTransport(ABC):
 class CollectiveTransport(BlockTransport):
     """The same equal blocks through `all_to_all_single` on the group's own backend (gloo on CPU): the
     symmetric-memory transports' twin, which runs a bounded dispatcher's hops through the transport path
-    (`SymmHop`: the exchange queued at issue, FP8 rows packed) where no symmetric memory exists. `exchanges`
-    counts its calls."""
+    (`SymmHop`: the exchange queued at issue, FP8 rows packed) where no symmetric memory exists
+    (`parallel.dispatch_transport=collective`). `exchanges` counts its calls."""
 
     group: Any
+    device: torch.device | None = None
     exchanges: int = 0
+    COPIES = 0  # no buffer outlives an exchange
 
     def exchange(self, x: torch.Tensor) -> torch.Tensor:
         self.exchanges += 1
@@ -98,8 +102,9 @@ class _PeerBuffer:
 
 
 @dataclass
-class _SymmGroup(BlockTransport):
-    """A symmetric-memory transport over `group` on `device`, on the backend `BACKEND` names."""
+class SymmGroup:
+    """Symmetric memory over `group` on `device`, on the backend `BACKEND` names: the base of the
+    transports here and of the direct dispatcher's board (board.py)."""
 
     group: Any
     device: torch.device
@@ -119,7 +124,7 @@ class _SymmGroup(BlockTransport):
 
 
 @dataclass
-class PeerWriteTransport(_SymmGroup):
+class PeerWriteTransport(SymmGroup, BlockTransport):
     """Each rank writes its blocks straight into its peers' symmetric receive buffers (module docstring);
     one buffer per (rows, row bytes)."""
 
@@ -143,7 +148,7 @@ class PeerWriteTransport(_SymmGroup):
         return self.buffers[key]
 
     def exchange(self, x: torch.Tensor) -> torch.Tensor:
-        flat = _byte_rows(x)
+        flat = byte_rows(x)
         b = self._get(*flat.shape)
         block = flat.shape[0] // self.size
         b.handle.barrier(channel=0)  # every peer has copied out what it last received in this buffer
@@ -162,7 +167,7 @@ class _Buffers:
 
 
 @dataclass
-class NvshmemTransport(_SymmGroup):
+class NvshmemTransport(SymmGroup, BlockTransport):
     """NVSHMEM's all-to-all-v over `group` (module docstring); one set of buffers per (rows, row bytes)."""
 
     buffers: dict[tuple[int, int], _Buffers] = field(default_factory=dict)
@@ -202,7 +207,7 @@ class NvshmemTransport(_SymmGroup):
     def exchange(self, x: torch.Tensor) -> torch.Tensor:
         """Rows travel as their bytes, viewed as bf16 pairs (NVSHMEM's kernel moves floating-point
         elements)."""
-        flat = _byte_rows(x)
+        flat = byte_rows(x)
         if flat.shape[1] % 2:
             raise ValueError(f"symmetric-memory rows need an even byte count, got {flat.shape[1]}")
         b = self._get(flat.shape[0], flat.shape[1] // 2)
@@ -214,9 +219,11 @@ class NvshmemTransport(_SymmGroup):
         return b.out.view(torch.uint8).clone().view(x.dtype).view(x.shape)
 
 
-# parallel.dispatch_transport -> how the fixed-size blocks move (None: the all-to-all with equal splits)
-TRANSPORTS: dict[str, type[_SymmGroup] | None] = {
+# parallel.dispatch_transport -> how the fixed-size blocks move (None: the all-to-all with equal splits;
+# collective: the same blocks through the transport path, the symmetric-memory transports' CPU twin)
+TRANSPORTS: dict[str, type[SymmGroup] | type[CollectiveTransport] | None] = {
     "alltoall": None,
+    "collective": CollectiveTransport,
     "peer_write": PeerWriteTransport,
     "nvshmem": NvshmemTransport,
 }
@@ -231,11 +238,11 @@ class SymmHop(A2AHop):
     def forward_exchange(self, k: int, x: torch.Tensor) -> Exchange:
         x = x.detach()
         if self.fp8_rows and k == 0:
-            return Exchange(self._send(pack_rows(x)), _Done(), x.dtype)
-        return Exchange(self._send(x), _Done())
+            return Exchange(self._send(pack_rows(x)), Done(), x.dtype)
+        return Exchange(self._send(x), Done())
 
-    def backward_exchange(self, grad: torch.Tensor) -> Exchange:
-        return Exchange(self._send(grad), _Done())
+    def backward_exchange(self, k: int, grad: torch.Tensor) -> Exchange:
+        return Exchange(self._send(grad), Done())
 
     def _send(self, x: torch.Tensor) -> torch.Tensor:
         assert self.transport is not None
