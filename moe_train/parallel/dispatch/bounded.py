@@ -44,6 +44,7 @@ from ...model.phases import Compute, Issue, Program, Wait
 from ...ops.fp8 import packed_row_bytes
 from ...ops.gather import Bags, bag_sum, sort_keys
 from ..comm import A2AHop
+from .board import Board
 from .counters import CommCounters, row_bytes, sends_fp8
 from .flat import AllToAllDispatcher, FlatPlan
 from .rows import Route, Slots, expand_to_slots, meta_experts, rows_with_meta, slot_meta, slot_sums
@@ -217,13 +218,15 @@ class BoundedDispatcher(AllToAllDispatcher):
         event_log: list[str] | None = None,
         fp8_rows: bool = False,
         bound: float | None = None,
-        transport: BlockTransport | None = None,
+        transport: BlockTransport | Board | None = None,
     ) -> None:
         counters = CommCounters() if counters is None else counters  # overflow flags must land somewhere
         super().__init__(group, ep, ep_rank, counters, peer_nodes, event_log, fp8_rows)
         self.counters: CommCounters = counters
         self.bound, self.exact = bound, False
-        self.transport = transport  # symmetric memory (symm.py); None: the all-to-all with equal splits
+        # how the blocks move (symm.py; None: the all-to-all with equal splits), or the direct dispatcher's
+        # board (board.py), which replaces its blocks
+        self.transport = transport
 
     def _block_hop(self, name: str, block: int, rows: torch.Tensor) -> A2AHop:
         """An equal-splits hop of `block` rows per peer, added to the byte counters (what the wire carries,

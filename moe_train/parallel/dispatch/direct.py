@@ -54,7 +54,7 @@ from ...ops.gather import Bags, bag_sum, gather_rows, sort_keys, sum_bags
 from ..comm import A2AHop, Exchange
 from .board import Board
 from .bounded import BoundedDispatcher
-from .counters import CommCounters, row_bytes, sends_fp8
+from .counters import row_bytes, sends_fp8
 from .flat import FlatPlan
 from .symm import Done
 
@@ -327,20 +327,10 @@ class DirectDispatcher(BoundedDispatcher):
     a row per slot placed in its owner's buffer. `transport`: a board (board.py), whose reads replace the
     blocks; None: the blocks move by the all-to-all (the twin)."""
 
-    def __init__(
-        self,
-        group: Any,
-        ep: int,
-        ep_rank: int,
-        counters: CommCounters | None = None,
-        peer_nodes: list[int] | None = None,
-        event_log: list[str] | None = None,
-        fp8_rows: bool = False,
-        bound: float | None = None,
-        transport: Board | None = None,
-    ) -> None:
-        super().__init__(group, ep, ep_rank, counters, peer_nodes, event_log, fp8_rows, bound)
-        self.board = transport
+    @property
+    def board(self) -> Board | None:
+        """The board its rows are read through (its `transport`); None: the all-to-all twin's blocks."""
+        return self.transport if isinstance(self.transport, Board) else None
 
     def _board_hop(self, kind: type[A2AHop], name: str, plan: DirectPlan, rows: torch.Tensor) -> A2AHop:
         """A hop over the board, counted as the twin's blocks (what may cross: the bound; the rows that do
