@@ -19,7 +19,7 @@ from moe_train.config import ModelConfig
 from moe_train.model.init import init_weights
 from moe_train.model.moe import MoE, MoEOptions
 from moe_train.ops.fp8 import packed_row_bytes
-from moe_train.ops.gather import Bags, bag_sum, gather_rows
+from moe_train.ops.gather import Bags, Sources, bag_sum, gather_from, gather_rows, sum_bags_from
 from moe_train.parallel.dispatch import (
     AllToAllDispatcher,
     BoundedDispatcher,
@@ -397,6 +397,23 @@ def triton_interpreter_checks() -> None:
         torch.testing.assert_close(gt.bag_sum(nan, bags.index, bags.offsets, w, pad), want)
         want = (grad[bags.owner] * gathered * real).sum(1)
         torch.testing.assert_close(gt.bag_dots(grad, nan, bags.index, bags.offsets, pad), want)
+        # rows read from several tensors through a table of their addresses (a board's peer buffers): equal to
+        # the torch path's pass per tensor, padding positions (NaN rows) adding nothing
+        srcs = [torch.randn(n, hidden, generator=g) for _ in range(3)]
+        srcs[1][pad] = float("nan")
+        table = torch.tensor([t.data_ptr() for t in srcs], dtype=torch.int64)
+        source = torch.randint(0, 3, (n,), generator=g)
+        plain = Sources(srcs)
+        want = torch.stack([srcs[int(s)][int(i)] for s, i in zip(source, bags.index, strict=True)])
+        got = gt.bag_sum_from(table, srcs[0], source, bags.index, None)
+        torch.testing.assert_close(got, want, equal_nan=True)
+        torch.testing.assert_close(gather_from(plain, source, bags.index), want, equal_nan=True)
+        real_rows = torch.where(real.bool(), want, 0.0)
+        want = torch.zeros(bags.n_bags, hidden).index_add(0, bags.owner, real_rows)
+        padded = Bags(bags.index, bags.offsets, bags.owner, pad)
+        torch.testing.assert_close(sum_bags_from(plain, source, padded), want)
+        got = gt.bag_sum_from(table, srcs[0], source, bags.index, bags.offsets, pad)
+        torch.testing.assert_close(got, want)
 
 
 def test_triton_bag_kernels_match_references_in_the_interpreter():

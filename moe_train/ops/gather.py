@@ -139,6 +139,51 @@ def _bag_dots(g: torch.Tensor, src: torch.Tensor, bags: Bags) -> torch.Tensor:
     return torch.where(bags.index == bags.pad, 0.0, d)  # `where`: the padding row may hold NaN
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Tensors of one shape to read rows from (every rank's buffer, say), and, for tensors on CUDA, a device
+    table of their addresses (int64), with which one Triton kernel reads rows from any of them in one pass
+    (else: a pass per tensor)."""
+
+    tensors: list[torch.Tensor]
+    table: torch.Tensor | None = None
+
+    def _kernel(self) -> bool:
+        if self.table is None or not self.tensors[0].is_cuda:
+            return False
+        from . import gather_triton
+
+        return gather_triton.available()
+
+
+def gather_from(src: Sources, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Row j = src.tensors[source[j]][index[j]] (no autograd)."""
+    if src._kernel():
+        from .gather_triton import bag_sum_from
+
+        return bag_sum_from(src.table, src.tensors[0], source, index, None)
+    out = src.tensors[0].index_select(0, index)
+    for s in range(1, len(src.tensors)):
+        out = torch.where((source == s).unsqueeze(1), src.tensors[s].index_select(0, index), out)
+    return out
+
+
+def sum_bags_from(src: Sources, source: torch.Tensor, bags: Bags) -> torch.Tensor:
+    """Bag b's sum of its positions' rows src.tensors[source[i]][bags.index[i]] in bag order, fp32 inside,
+    the sources' dtype out; padding positions add nothing (no autograd)."""
+    if src._kernel():
+        from .gather_triton import bag_sum_from
+
+        return bag_sum_from(src.table, src.tensors[0], source, bags.index, bags.offsets, bags.pad)
+    if len(src.tensors) == 1:
+        return sum_bags(src.tensors[0], bags, None)
+    real = bags.index != bags.pad
+    rows = gather_from(src, source, torch.where(real, bags.index, 0))
+    rows = torch.where(real.unsqueeze(1), rows, 0)
+    every = torch.arange(rows.shape[0], device=rows.device)
+    return sum_bags(rows, Bags(every, bags.offsets, bags.owner), None)
+
+
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor, back: Bags) -> torch.Tensor:  # type: ignore[override]

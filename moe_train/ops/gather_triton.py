@@ -6,6 +6,10 @@ docs/performance.md, "Expert-parallel dispatch"). Here each program reads the ro
 block) once, with 16-byte loads, multiplies and adds in fp32 in bag order, and writes one row:
 deterministic, no atomics. `gather.py` holds the reference (`embedding_bag`) and the autograd;
 bench/ep_dispatch.py compares the two on the GPU.
+
+The bag sum also reads its rows from several tensors of one shape through a table of their addresses
+(`bag_sum_from`): each position names its source too. Peers' buffers mapped by CUDA symmetric memory are
+such tensors, so one kernel reads every peer's rows in one pass.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ def _kernels():
         src_stride,
         out_stride,
         PAD,
+        from_ptr,
         HAS_W: tl.constexpr,
         HAS_OFF: tl.constexpr,
+        FROM_TABLE: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         bag = tl.program_id(0).to(tl.int64)
@@ -57,7 +63,11 @@ def _kernels():
         for i in range(start, end):
             row = tl.load(idx_ptr + i)
             keep = cmask & (cols * 0 + row != PAD)  # a padding position adds nothing; its row is never read
-            v = tl.load(src_ptr + row * src_stride + cols, mask=keep, other=0.0).to(tl.float32)
+            if FROM_TABLE:  # src_ptr: the sources' addresses; from_ptr: each position's source
+                at = tl.load(src_ptr + tl.load(from_ptr + i)).to(tl.pointer_type(out_ptr.dtype.element_ty))
+            else:
+                at = src_ptr
+            v = tl.load(at + row * src_stride + cols, mask=keep, other=0.0).to(tl.float32)
             if HAS_W:
                 v = v * tl.load(w_ptr + i).to(tl.float32)
             acc += v
@@ -143,8 +153,54 @@ def bag_sum(
         src.stride(0),
         out.stride(0),
         -1 if pad is None else pad,
+        index,
         HAS_W=weight is not None,
         HAS_OFF=offsets is not None,
+        FROM_TABLE=False,
+        BLOCK=block,
+        num_warps=warps,
+    )
+    return out
+
+
+def bag_sum_from(
+    table: torch.Tensor,
+    like: torch.Tensor,
+    source: torch.Tensor,
+    index: torch.Tensor,
+    offsets: torch.Tensor | None,
+    pad: int | None = None,
+) -> torch.Tensor:
+    """out[b] = Σ_{i in bag b} S[source[i]][index[i]], where table[s] (int64, on the device) is the address
+    of source tensor S[s], each shaped like `like` (a contiguous (rows, hidden) tensor); offsets None: bag b
+    is position b (a gather). Positions naming row `pad` add nothing. The sum is fp32, written in `like`'s
+    dtype."""
+    import triton
+
+    like = _rows(like, "bag_sum_from like")
+    if not like.is_contiguous():
+        raise ValueError("bag_sum_from: the sources must be contiguous")
+    index = index.contiguous()
+    n_bags = index.shape[0] if offsets is None else offsets.shape[0] - 1
+    hidden = like.shape[1]
+    out = torch.empty(n_bags, hidden, dtype=like.dtype, device=like.device)
+    if n_bags == 0 or hidden == 0:
+        return out
+    block, warps = _block(hidden)
+    _kernels()[0][(n_bags, triton.cdiv(hidden, block))](
+        table,
+        index,
+        index,
+        index if offsets is None else offsets.contiguous(),
+        out,
+        hidden,
+        like.stride(0),
+        out.stride(0),
+        -1 if pad is None else pad,
+        source.contiguous(),
+        HAS_W=False,
+        HAS_OFF=offsets is not None,
+        FROM_TABLE=True,
         BLOCK=block,
         num_warps=warps,
     )

@@ -12,9 +12,10 @@ buffer. Over a board it moves them without send blocks (the all-to-all twin's pa
 
 `SymmBoard` runs them on torch's CUDA symmetric memory: `publish` copies x into this rank's symmetric buffer
 between two barriers (every peer is done reading what this buffer held; every peer's copy has landed) and
-hands out the peers' buffers mapped into this process, so the readers' kernels load rows straight from
-peer memory; `post` writes into the peers' mapped buffers between two barriers. Nothing is read on the
-host, and the barrier is a kernel, so a layer over it can be captured in a CUDA graph; it runs on a
+hands out the peers' buffers mapped into this process with a device table of their addresses, so one
+kernel (`ops.gather.gather_from`, `sum_bags_from`) loads rows straight from every peer's memory; `post`
+writes into the peers' mapped buffers between two barriers. Nothing is read on the host, and the barrier
+is a kernel, so a layer over it can be captured in a CUDA graph; it runs on a
 one-rank group too. Results stay valid until the board's next use for the same shape: a caller consumes
 them at once (nothing that autograd saves may point into them).
 
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ...ops.gather import Sources
 from .symm import SymmGroup, byte_rows
 
 
@@ -44,7 +46,7 @@ class Board(ABC):
     rank: int
 
     @abstractmethod
-    def publish(self, x: torch.Tensor, zero_rows: int = 0) -> list[torch.Tensor]:
+    def publish(self, x: torch.Tensor, zero_rows: int = 0) -> Sources:
         """Every rank's `x` (the same shape on each) followed by `zero_rows` rows of zeros, in rank order;
         read them before this board's next use for that shape."""
 
@@ -66,12 +68,12 @@ class GatherBoard(Board):
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
 
-    def publish(self, x: torch.Tensor, zero_rows: int = 0) -> list[torch.Tensor]:
+    def publish(self, x: torch.Tensor, zero_rows: int = 0) -> Sources:
         x = x.detach()
         x = torch.cat([x, x.new_zeros(zero_rows, *x.shape[1:])]) if zero_rows else x.contiguous()
         out = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(out, x, group=self.group)
-        return out
+        return Sources(out)
 
     def post(self, rows: int, places: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         got_places, got_vals = torch.empty_like(places), torch.empty_like(vals)
@@ -86,6 +88,7 @@ class _Mapped:
     buf: torch.Tensor  # this rank's symmetric buffer (bytes)
     handle: Any  # its symmetric-memory handle: the barrier
     peers: list[torch.Tensor]  # every rank's buffer mapped here, in rank order (this rank's is `buf`)
+    table: torch.Tensor  # their addresses on the device (int64), for the one-pass reads
 
 
 @dataclass
@@ -105,10 +108,11 @@ class SymmBoard(SymmGroup, Board):
             buf = symm_mem.empty(rows, width, dtype=torch.uint8, device=self.device)
             handle = symm_mem.rendezvous(buf, self.name)
             peers = [handle.get_buffer(p, (rows, width), torch.uint8) for p in range(self.size)]
-            self.buffers[key] = _Mapped(buf, handle, peers)
+            table = torch.tensor([t.data_ptr() for t in peers], dtype=torch.int64, device=self.device)
+            self.buffers[key] = _Mapped(buf, handle, peers, table)
         return self.buffers[key]
 
-    def publish(self, x: torch.Tensor, zero_rows: int = 0) -> list[torch.Tensor]:
+    def publish(self, x: torch.Tensor, zero_rows: int = 0) -> Sources:
         flat = byte_rows(x.detach())
         n = flat.shape[0]
         b = self._get("publish", n + zero_rows, flat.shape[1])
@@ -116,7 +120,7 @@ class SymmBoard(SymmGroup, Board):
         b.buf[:n].copy_(flat)
         b.buf[n:].zero_()
         b.handle.barrier(channel=0)  # every peer's rows have landed
-        return [p.view(x.dtype).view(n + zero_rows, *x.shape[1:]) for p in b.peers]
+        return Sources([p.view(x.dtype).view(n + zero_rows, *x.shape[1:]) for p in b.peers], b.table)
 
     def post(self, rows: int, places: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         block = vals.shape[1]

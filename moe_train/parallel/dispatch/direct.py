@@ -50,7 +50,7 @@ import torch.distributed as dist
 from ...model.dispatch import expert_counts
 from ...model.phases import Compute, Issue, Program, Wait
 from ...ops.fp8 import pack_rows, unpack_rows
-from ...ops.gather import Bags, bag_sum, gather_rows, sort_keys, sum_bags
+from ...ops.gather import Bags, bag_sum, gather_from, gather_rows, sort_keys, sum_bags_from
 from ..comm import A2AHop, Exchange
 from .board import Board
 from .bounded import BoundedDispatcher
@@ -230,27 +230,6 @@ def receive_slots(meta: torch.Tensor, cap: int) -> Arrived:
     )
 
 
-def pull_rows(views: list[torch.Tensor], rank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Row j = views[rank[j]][index[j]] (no autograd): one gather where one rank publishes, else one per
-    rank, selected."""
-    out = views[0].index_select(0, index)
-    for p in range(1, len(views)):
-        out = torch.where((rank == p).unsqueeze(1), views[p].index_select(0, index), out)
-    return out
-
-
-def sum_pulled(views: list[torch.Tensor], owner: torch.Tensor, bags: Bags) -> torch.Tensor:
-    """Bag b's sum of its positions' rows views[owner[i]][bags.index[i]] (no autograd; padding positions
-    add nothing), in bag order, fp32 inside: read in place where one rank publishes."""
-    if len(views) == 1:
-        return sum_bags(views[0], bags, None)
-    real = bags.index != bags.pad
-    rows = pull_rows(views, owner, torch.where(real, bags.index, 0))
-    rows = torch.where(real.unsqueeze(1), rows, 0)
-    every = torch.arange(rows.shape[0], device=rows.device)
-    return sum_bags(rows, Bags(every, bags.offsets, bags.owner), None)
-
-
 @dataclass
 class PullHop(A2AHop):
     """The dispatch over a board (module docstring): tensors (the tokens' rows, the send rows' gates) in,
@@ -284,7 +263,7 @@ class PullHop(A2AHop):
         )
         x = x.detach()
         sent = pack_rows(x) if self.fp8_rows else x
-        rows = pull_rows(board.publish(sent, zero_rows=1), plan.pulled.rank, plan.pulled.token)
+        rows = gather_from(board.publish(sent, zero_rows=1), plan.pulled.rank, plan.pulled.token)
         return Exchange(unpack_rows(rows, x.dtype) if self.fp8_rows else rows, Done())
 
     def backward_exchange(self, k: int, grad: torch.Tensor) -> Exchange:
@@ -293,11 +272,11 @@ class PullHop(A2AHop):
         owner, bags = plan.owner_places()
         if k == 0:  # a token's gradient: the sum of its slots' rows at their owners
             views = self.board.publish(grad.contiguous())
-            return Exchange(sum_pulled(views, owner, bags), Done())
+            return Exchange(sum_bags_from(views, owner, bags), Done())
         # a send row's gate gradient: its owner's at its place (padding rows get 0)
         views = self.board.publish(grad.float().unsqueeze(1))
         at = plan.board_places()
-        rows = pull_rows(views, torch.arange(at.shape[0], device=at.device) // plan.block, at)
+        rows = gather_from(views, torch.arange(at.shape[0], device=at.device) // plan.block, at)
         return Exchange(torch.where(at < plan.cap, rows[:, 0], 0.0), Done())
 
 
@@ -312,13 +291,13 @@ class ReturnHop(A2AHop):
     def forward_exchange(self, k: int, y: torch.Tensor) -> Exchange:
         assert self.board is not None and self.plan is not None
         owner, bags = self.plan.owner_places()
-        return Exchange(sum_pulled(self.board.publish(y.detach()), owner, bags), Done())
+        return Exchange(sum_bags_from(self.board.publish(y.detach()), owner, bags), Done())
 
     def backward_exchange(self, k: int, grad: torch.Tensor) -> Exchange:
         assert self.board is not None and self.plan is not None and self.plan.pulled is not None
         pulled = self.plan.pulled
         views = self.board.publish(grad.contiguous(), zero_rows=1)
-        return Exchange(pull_rows(views, pulled.rank, pulled.token), Done())
+        return Exchange(gather_from(views, pulled.rank, pulled.token), Done())
 
 
 class DirectDispatcher(BoundedDispatcher):
