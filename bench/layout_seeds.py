@@ -2,6 +2,9 @@
 
     python bench/layout_seeds.py --seeds 0 1 2 3 --precision fp8 --dispatchers alltoall direct
 
+A dispatcher may name its transport after a `+` (`direct+collective`: the direct dispatcher's board path,
+through its CPU twin).
+
 For each seed: the one-process run and, in a 2-process world, ep=2 with each dispatcher, through the trainer
 (tests/test_layout_invariance.py's `run_layout`, the layout tests' tiny model); prints the relative
 difference of step 1's gradient norm and loss. The layout tests compare these at one seed; this shows how
@@ -34,6 +37,13 @@ def _layouts(base: str, layouts: list[tuple[str, ...]]) -> list[dict]:
     return [run_layout(f"{base}/{i}", layout) for i, layout in enumerate(layouts)]
 
 
+def _dispatcher(spec: str) -> tuple[str, ...]:
+    """`name` or `name+transport` as overrides."""
+    name, _, transport = spec.partition("+")
+    moved = (f"parallel.dispatch_transport={transport}",) if transport else ()
+    return (f"parallel.dispatcher={name}", *moved)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -46,7 +56,7 @@ def main() -> None:
         base = (*PRECISION[a.precision], f"trainer.seed={seed}")
         out = tempfile.mkdtemp(prefix="layout_seeds_")
         want = run_layout(f"{out}/one", base)["records"][0]
-        layouts = [(*base, "parallel.ep=2", f"parallel.dispatcher={d}") for d in a.dispatchers]
+        layouts = [(*base, "parallel.ep=2", *_dispatcher(d)) for d in a.dispatchers]
         for name, got in zip(a.dispatchers, run_world(2, _layouts, f"{out}/ep2", layouts)[0], strict=True):
             r = got["records"][0]
             norm = abs(r["grad_norm"] - want["grad_norm"]) / want["grad_norm"]

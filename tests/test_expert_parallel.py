@@ -272,6 +272,20 @@ def _bags(seed: int, n_bags: int = 9) -> Bags:
     return Bags(torch.randperm(n, generator=g), F.pad(counts.cumsum(0), (1, 0)), owner)
 
 
+def test_weighted_bf16_bag_sums_keep_the_weights_fp32():
+    """bf16 rows weighed by fp32 weights: fp32 products summed in fp32, rounded once — the gate weights are
+    not rounded to bf16 first (which moved FP8 experts' combined rows by up to a bf16 step)."""
+    bags = _bags(4, n_bags=64)
+    g = torch.Generator().manual_seed(4)
+    n = bags.index.shape[0]
+    src = torch.randn(n, 32, generator=g).to(torch.bfloat16)
+    w = torch.rand(n, generator=g) * 0.9 + 0.05  # gate-like fp32 values, rarely bf16-exact
+    src_bag = torch.empty_like(bags.index).index_copy_(0, bags.index, bags.owner)
+    got = bag_sum(src, bags, src_bag, w)
+    want = torch.zeros(bags.n_bags, 32).index_add(0, src_bag, src.float() * w.unsqueeze(1)).to(torch.bfloat16)
+    assert torch.equal(got, want)
+
+
 def test_bag_sum_and_gather_rows_match_indexing_with_autograd():
     """bag_sum (weighted by each source row's own weight, and not) and gather_rows: values and gradients
     equal plain indexing and index_add (fp64, empty bags included). Row index[i] of src sits at position i,

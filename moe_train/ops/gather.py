@@ -10,7 +10,7 @@ token's expert outputs, a token's partial sums from several ranks — reading on
 pass (no (rows, K, hidden) intermediate, no masked slots, no broadcast multiply). Products and sums are in
 fp32 and the result is rounded once to the rows' dtype. On CUDA with Triton, for tensors large enough to
 repay a Triton launch, small kernels do it (`gather_triton.py`); elsewhere `embedding_bag` (the same sums in
-the same order; it takes the weights in the rows' dtype, which changes nothing in fp32).
+the same order; it takes the weights in the rows' dtype, so weighted bf16 rows go through it in fp32).
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ def sum_bags(src: torch.Tensor, bags: Bags, weight: torch.Tensor | None) -> torc
         from .gather_triton import bag_sum
 
         return bag_sum(src, bags.index, bags.offsets, weight, bags.pad)
+    if weight is not None and src.element_size() < 4:
+        # embedding_bag takes its weights in the rows' dtype: rounding fp32 gate weights to bf16 would break
+        # the fp32 products the kernels compute, so reduced-precision rows are weighed in fp32
+        return sum_bags(src.float(), bags, weight.float()).to(src.dtype)
     w = None if weight is None else weight.to(src.dtype)
     return F.embedding_bag(
         bags.index,
