@@ -123,6 +123,46 @@ def _rows(t: torch.Tensor, what: str) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
+def _bag_sum(
+    src: torch.Tensor,
+    like: torch.Tensor,
+    index: torch.Tensor,
+    offsets: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    pad: int | None,
+    source: torch.Tensor | None,
+) -> torch.Tensor:
+    """The bag-sum kernel's launch: rows of `src`, or (with `source`) of the tensors whose addresses `src`
+    holds; `like`: a (rows, hidden) tensor shaped as they are, whose dtype the sums are written in."""
+    import triton
+
+    index = index.contiguous()
+    n_bags = index.shape[0] if offsets is None else offsets.shape[0] - 1
+    hidden = like.shape[1]
+    out = torch.empty(n_bags, hidden, dtype=like.dtype, device=like.device)
+    if n_bags == 0 or hidden == 0:
+        return out
+    block, warps = _block(hidden)
+    _kernels()[0][(n_bags, triton.cdiv(hidden, block))](
+        src,
+        index,
+        index if weight is None else weight.contiguous(),
+        index if offsets is None else offsets.contiguous(),
+        out,
+        hidden,
+        like.stride(0),
+        out.stride(0),
+        -1 if pad is None else pad,
+        index if source is None else source.contiguous(),
+        HAS_W=weight is not None,
+        HAS_OFF=offsets is not None,
+        FROM_TABLE=source is not None,
+        BLOCK=block,
+        num_warps=warps,
+    )
+    return out
+
+
 def bag_sum(
     src: torch.Tensor,
     index: torch.Tensor,
@@ -132,35 +172,8 @@ def bag_sum(
 ) -> torch.Tensor:
     """out[b] = Σ_{i in bag b} weight[i]·src[index[i]]; offsets None: bag b is position b (scaled gather);
     positions naming row `pad` add nothing (`gather.Bags.pad`)."""
-    import triton
-
     src = _rows(src, "bag_sum src")
-    index = index.contiguous()
-    n_bags = index.shape[0] if offsets is None else offsets.shape[0] - 1
-    hidden = src.shape[1]
-    out = torch.empty(n_bags, hidden, dtype=src.dtype, device=src.device)
-    if n_bags == 0 or hidden == 0:
-        return out
-    block, warps = _block(hidden)
-    kernel = _kernels()[0]
-    kernel[(n_bags, triton.cdiv(hidden, block))](
-        src,
-        index,
-        index if weight is None else weight.contiguous(),
-        index if offsets is None else offsets.contiguous(),
-        out,
-        hidden,
-        src.stride(0),
-        out.stride(0),
-        -1 if pad is None else pad,
-        index,
-        HAS_W=weight is not None,
-        HAS_OFF=offsets is not None,
-        FROM_TABLE=False,
-        BLOCK=block,
-        num_warps=warps,
-    )
-    return out
+    return _bag_sum(src, src, index, offsets, weight, pad, None)
 
 
 def bag_sum_from(
@@ -175,36 +188,9 @@ def bag_sum_from(
     of source tensor S[s], each shaped like `like` (a contiguous (rows, hidden) tensor); offsets None: bag b
     is position b (a gather). Positions naming row `pad` add nothing. The sum is fp32, written in `like`'s
     dtype."""
-    import triton
-
-    like = _rows(like, "bag_sum_from like")
-    if not like.is_contiguous():
-        raise ValueError("bag_sum_from: the sources must be contiguous")
-    index = index.contiguous()
-    n_bags = index.shape[0] if offsets is None else offsets.shape[0] - 1
-    hidden = like.shape[1]
-    out = torch.empty(n_bags, hidden, dtype=like.dtype, device=like.device)
-    if n_bags == 0 or hidden == 0:
-        return out
-    block, warps = _block(hidden)
-    _kernels()[0][(n_bags, triton.cdiv(hidden, block))](
-        table,
-        index,
-        index,
-        index if offsets is None else offsets.contiguous(),
-        out,
-        hidden,
-        like.stride(0),
-        out.stride(0),
-        -1 if pad is None else pad,
-        source.contiguous(),
-        HAS_W=False,
-        HAS_OFF=offsets is not None,
-        FROM_TABLE=True,
-        BLOCK=block,
-        num_warps=warps,
-    )
-    return out
+    if like.dim() != 2 or not like.is_contiguous():
+        raise ValueError(f"bag_sum_from: sources must be contiguous (rows, hidden), got {tuple(like.shape)}")
+    return _bag_sum(table, like, index, offsets, None, pad, source)
 
 
 def bag_dots(
