@@ -15,15 +15,14 @@ between two barriers (every peer is done reading what this buffer held; every pe
 hands out the peers' buffers mapped into this process with a device table of their addresses, so one
 kernel (`ops.gather.gather_from`, `sum_bags_from`) loads rows straight from every peer's memory; `post`
 writes into the peers' mapped buffers between two barriers. Nothing is read on the host, and the barrier
-is a kernel, so a layer over it can be captured in a CUDA graph; it runs on a
-one-rank group too. Results stay valid until the board's next use for the same shape: a caller consumes
-them at once (nothing that autograd saves may point into them).
+is a kernel, so a layer over it can be captured in a CUDA graph; it runs on a one-rank group too. Results
+stay valid until the board's next use for the same shape: a caller consumes them at once (nothing that
+autograd saves may point into them).
 
 `GatherBoard` runs the same two operations with collectives (`all_gather`, and an equal-splits
 `all_to_all` of the posted values; `parallel.dispatch_transport=collective`): the CPU twin the tests run on
-gloo, so the placement maps, the gathers
-and the sums over peers are checked in several processes. Rows nobody posted hold NaN there (on CUDA:
-whatever the buffer held), so a reader that used one would show it.
+gloo, so the placement maps, the gathers and the sums over peers are checked in several processes. Rows
+nobody posted hold NaN there (on CUDA: whatever the buffer held), so a reader that used one would show it.
 """
 
 from __future__ import annotations
@@ -131,9 +130,3 @@ class SymmBoard(SymmGroup, Board):
             dest.index_copy_(0, places[p], flat[p * block : (p + 1) * block])
         b.handle.barrier(channel=0)  # every peer's writes have landed
         return b.buf.view(vals.dtype).view(rows, *vals.shape[2:])
-
-
-def board_bytes(shapes: set[tuple[str, int, int]]) -> int:
-    """Bytes a `SymmBoard` keeps for the whole run: one buffer per (use, rows, row bytes), shared by every
-    layer."""
-    return sum(rows * width for _, rows, width in shapes)
