@@ -107,19 +107,32 @@ def issue_ms(t: Trainer, first: int, n: int) -> tuple[float, float]:
     return issued / n * 1e3, start.elapsed_time(end)
 
 
+def _short(path: str) -> str:
+    """A file outside moe_train by its last two path parts (torch/cuda/graphs.py → cuda/graphs.py)."""
+    return "/".join(path.split(os.sep)[-2:])
+
+
 def sync_sites(t: Trainer, first: int, n: int) -> collections.Counter:
-    """Host synchronisations of steps first..first+n-1 by call site (the innermost three moe_train frames):
-    `torch.cuda.set_sync_debug_mode` warns at each synchronising CUDA call (a scalar read, a blocking copy),
-    from the Python frame that made it."""
+    """Host synchronisations of steps first..first+n-1 by call site (the innermost three moe_train frames, or
+    where none is on the stack the innermost three of any file, with the thread when it is not the main
+    one): `torch.cuda.set_sync_debug_mode` warns at each synchronising CUDA call (a scalar read, a blocking
+    copy), from the Python frame that made it."""
+    import threading
     import traceback
     import warnings
 
     sites: collections.Counter = collections.Counter()
 
     def note(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        frames = [f for f in traceback.extract_stack()[:-1] if "moe_train/" in f.filename]
-        where = " < ".join(f"{f.filename.split('moe_train/')[-1]}:{f.lineno}" for f in frames[::-1][:3])
-        sites[where or "?"] += 1
+        stack = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        frames = [f for f in stack if "moe_train/" in f.filename] or stack
+        where = " < ".join(
+            f"{f.filename.split('moe_train/')[-1] if 'moe_train/' in f.filename else _short(f.filename)}:"
+            f"{f.lineno}"
+            for f in frames[::-1][:3]
+        )
+        thread = threading.current_thread().name
+        sites[(where or "?") + ("" if thread == "MainThread" else f" [{thread}]")] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
