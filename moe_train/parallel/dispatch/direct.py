@@ -119,19 +119,28 @@ class DirectPlan:
     send_gates: torch.Tensor | None = None  # (peers·B,) the send rows' gates, for a board's post
     pulled: Pulled | None = None  # over a board: the owner's map of its buffer rows, once posted
     rows_dtype: torch.dtype = torch.float32  # the dispatched rows' (a weighing combine's sums round to it)
+    reads: SenderReads | None = None  # over a board: where this rank's reads go, made once per call
 
-    def board_places(self) -> torch.Tensor:
-        """(peers·B,) each send row's place in its owner's buffer, C (the padding row) for padding and for
-        places past the buffer (an overflowing step's, redone)."""
-        inside = (self.send_place >= 0) & (self.send_place < self.cap)
-        return torch.where(inside, self.send_place, self.cap)
+    def sender_reads(self) -> SenderReads:
+        """Where this rank's slots sit in their owners' buffers (made on first use, then kept: the layer's
+        forward and backward read through it several times)."""
+        if self.reads is None:
+            inside = (self.send_place >= 0) & (self.send_place < self.cap)
+            places = torch.where(inside, self.send_place, self.cap)
+            at = self.slots.index  # each slot's send position
+            bags = Bags(places.index_select(0, at), self.slots.offsets, self.slots.owner, self.cap)
+            self.reads = SenderReads(places, at // self.block, bags)
+        return self.reads
 
-    def owner_places(self) -> tuple[torch.Tensor, Bags]:
-        """Over a board: each (token, k) slot's owner, and bag t = token t's k places in their owners'
-        buffers (`pad` C for a slot left out by overflow), for a sender's reads."""
-        at = self.slots.index  # each slot's send position
-        place = self.board_places().index_select(0, at)
-        return at // self.block, Bags(place, self.slots.offsets, self.slots.owner, self.cap)
+
+@dataclass
+class SenderReads:
+    """Over a board, where a sender's slots sit in their owners' buffers."""
+
+    places: torch.Tensor  # (peers·B,) each send row's place, C (the padding row) for padding and for places
+    # past the buffer (an overflowing step's, redone)
+    owner: torch.Tensor  # (n·k,) each (token, k) slot's owner
+    bags: Bags  # bag t = token t's k places in their owners' buffers (`pad` C for a slot left out)
 
 
 @dataclass
@@ -249,7 +258,7 @@ class PullHop(A2AHop):
         me = torch.full_like(plan.send_place, board.rank, dtype=torch.float32)
         token = plan.send_token.float()
         meta = torch.stack([me, token, plan.send_gates.float()], dim=1).view(board.size, plan.block, 3)
-        places = plan.board_places().view(board.size, plan.block)
+        places = plan.sender_reads().places.view(board.size, plan.block)
         got = board.post(plan.cap + 1, places, meta)
         filled = torch.arange(plan.cap + 1, device=dev) < plan.local_counts.sum()
         src, tok = got[:, 0], got[:, 1]
@@ -269,13 +278,13 @@ class PullHop(A2AHop):
     def backward_exchange(self, k: int, grad: torch.Tensor) -> Exchange:
         assert self.board is not None and self.plan is not None
         plan = self.plan
-        owner, bags = plan.owner_places()
+        reads = plan.sender_reads()
         if k == 0:  # a token's gradient: the sum of its slots' rows at their owners
             views = self.board.publish(grad.contiguous())
-            return Exchange(sum_bags_from(views, owner, bags), Done())
+            return Exchange(sum_bags_from(views, reads.owner, reads.bags), Done())
         # a send row's gate gradient: its owner's at its place (padding rows get 0)
         views = self.board.publish(grad.float().unsqueeze(1))
-        at = plan.board_places()
+        at = reads.places
         rows = gather_from(views, torch.arange(at.shape[0], device=at.device) // plan.block, at)
         return Exchange(torch.where(at < plan.cap, rows[:, 0], 0.0), Done())
 
@@ -290,8 +299,8 @@ class ReturnHop(A2AHop):
 
     def forward_exchange(self, k: int, y: torch.Tensor) -> Exchange:
         assert self.board is not None and self.plan is not None
-        owner, bags = self.plan.owner_places()
-        return Exchange(sum_bags_from(self.board.publish(y.detach()), owner, bags), Done())
+        reads = self.plan.sender_reads()
+        return Exchange(sum_bags_from(self.board.publish(y.detach()), reads.owner, reads.bags), Done())
 
     def backward_exchange(self, k: int, grad: torch.Tensor) -> Exchange:
         assert self.board is not None and self.plan is not None and self.plan.pulled is not None
