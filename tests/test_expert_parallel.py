@@ -428,6 +428,11 @@ def triton_interpreter_checks() -> None:
         torch.testing.assert_close(sum_bags_from(plain, source, padded), want)
         got = gt.bag_sum_from(table, srcs[0], source, bags.index, bags.offsets, pad)
         torch.testing.assert_close(got, want)
+        # FP8 dispatch rows travel as packed bytes: a gather of uint8 rows is exact through the fp32 sum
+        packed = [torch.randint(0, 256, (n, hidden), dtype=torch.uint8, generator=g) for _ in range(3)]
+        table = torch.tensor([t.data_ptr() for t in packed], dtype=torch.int64)
+        want = torch.stack([packed[int(s)][int(i)] for s, i in zip(source, bags.index, strict=True)])
+        assert torch.equal(gt.bag_sum_from(table, packed[0], source, bags.index, None), want)
 
 
 def test_triton_bag_kernels_match_references_in_the_interpreter():

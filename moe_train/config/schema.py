@@ -194,8 +194,9 @@ class ParallelConfig:
     ep: int = 1
     schedule: str = "1f1b"  # a key of parallel/pipeline/schedules.py's SCHEDULES
     dispatcher: str = "alltoall"  # a key of parallel/dispatch's DISPATCHERS
-    # bounded dispatcher only: buffers of this many times the balanced load; null = the worst case (no
-    # overflow possible). A step that overflows runs again on the exact path (parallel/dispatch/bounded.py)
+    # bounded, hierarchical_bounded and direct dispatchers: buffers of this many times the balanced load;
+    # null = the worst case (no overflow possible). A step that overflows runs again on the exact path
+    # (parallel/dispatch/bounded.py)
     dispatch_bound: float | None = None
     # bounded, hierarchical_bounded and direct dispatchers: how their rows move — alltoall (equal-split
     # blocks, gloo and NCCL), peer_write (CUDA symmetric memory; the direct dispatcher's rows read in
