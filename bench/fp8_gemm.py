@@ -10,7 +10,9 @@
    expert i getting rows ∝ 1/√(i+1), fixed seed), forward + backward: bf16 `torch._grouped_mm` (the bf16
    path) against FP8 with the recipe's scaling: the per-expert loop of `fp8_linear` (the reference
    semantics) and `expert_swiglu_fp8` (every cast once over all rows; what FP8 training runs) with a
-   GEMM per expert, and with DeepGEMM's grouped GEMMs where `deep_gemm` is installed (ops/fp8_experts.py).
+   GEMM per expert, with the grouped Triton GEMMs (ops/fp8_grouped_triton.py) where Triton runs FP8, and
+   with DeepGEMM's grouped GEMMs where `deep_gemm` is installed (ops/fp8_experts.py). `--experts
+   H,I,E,ROWS` sets another shape (the V2-Lite proxy's: 2048,1408,64,49152).
    `--grouped` adds torch's `_scaled_grouped_mm` with row-wise scales, forward only, as a raw kernel rate;
    `--profile` prints torch.profiler's top ops for one step of `expert_swiglu_fp8`. `--parts` picks sections.
 4. `--parts shapes`: every distinct GEMM shape FP8 runs in a model (`--model`, train.py overrides), its FP8
@@ -257,33 +259,29 @@ def experts(
     def fp8_loop(x, c, a, b):  # noqa: ANN001, ANN202 - the semantics the grouped path is held to
         return expert_swiglu_reference(x, c, a, b, linear=fp8_linear)
 
-    def fp8(x, c, a, b):  # noqa: ANN001, ANN202 - what FP8 training runs
-        return fp8_experts.expert_swiglu_fp8(x, c, a, b, act=swiglu_fp8_cached)
+    def fp8_with(kernel: str):  # noqa: ANN202 - what FP8 training runs, with the grouped linear's kernel named
+        return lambda x, c, a, b: fp8_experts.expert_swiglu_fp8(x, c, a, b, swiglu_fp8_cached, kernel=kernel)
 
+    fp8 = fp8_with("auto")
     deep_gemm = fp8_experts.deep_gemm_available(x, hidden, 2 * width, width)
-
-    def fp8_per_expert(x, c, a, b):  # noqa: ANN001, ANN202 - the grouped casts with a GEMM per expert
-        chosen = fp8_experts.deep_gemm_available
-        fp8_experts.deep_gemm_available = lambda t, *ks: False
-        try:
-            return fp8(x, c, a, b)
-        finally:
-            fp8_experts.deep_gemm_available = chosen
 
     flops = 6 * rows * 3 * hidden * width
     out = [
-        f"| experts {n_exp}×({hidden}→2×{width}→{hidden}), {rows} rows, fwd+bwd | ms | TFLOP/s | y rel |",
-        "|---|---|---|---|",
+        f"| experts {n_exp}×({hidden}→2×{width}→{hidden}), {rows} rows, fwd+bwd | ms | TFLOP/s | y rel |"
+        " y, dx, dw rel to the grouped per-expert GEMMs |",
+        "|---|---|---|---|---|",
     ]
     ref = run(bf16)
     times = {}
     variants = [
         ("bf16 grouped_mm", bf16),
         ("fp8 per-expert loop", fp8_loop),
-        ("fp8 grouped casts, a GEMM per expert", fp8_per_expert),
+        ("fp8 grouped casts, a GEMM per expert", fp8_with("per_expert")),
     ]
+    if fp8_experts.fp8_experts_on_device(x):
+        variants.append(("fp8 grouped casts, Triton grouped GEMMs", fp8_with("triton")))
     if deep_gemm:
-        variants.append(("fp8 grouped casts, DeepGEMM grouped GEMMs", fp8))
+        variants.append(("fp8 grouped casts, DeepGEMM grouped GEMMs", fp8_with("deep_gemm")))
     if device == "cuda":
         try:
             from torchao.prototype.moe_training.fp8_grouped_mm import (
@@ -300,17 +298,21 @@ def experts(
             variants.append(("fp8 torchao row-wise grouped", ao_rowwise))
         except Exception as e:  # noqa: BLE001
             print(f"torchao grouped FP8 not available: {e}")
+    same = None  # the grouped casts with a GEMM per expert: the FP8 values every grouped kernel must match
     for name, fn in variants:
         try:
             got = run(fn)
             times[name] = median_ms(lambda fn=fn: run(fn), iters, 1, device)
         except Exception as e:  # noqa: BLE001 - a row says what failed
-            out.append(f"| {name} | failed: {str(e).splitlines()[0][:160]} | | |")
+            out.append(f"| {name} | failed: {str(e).splitlines()[0][:160]} | | | |")
             continue
-        err = rel(got[0], ref[0])
-        out.append(f"| {name} | {times[name]:.2f} | {flops / times[name] / 1e9:.0f} | {err:.2e} |")
+        same = got if name.endswith("a GEMM per expert") else same
+        pairs = [] if same is None else zip(got, same, strict=True)
+        to_same = ", ".join(f"{rel(a, b):.1e}" for a, b in pairs)
+        err, rate = rel(got[0], ref[0]), flops / times[name] / 1e9
+        out.append(f"| {name} | {times[name]:.2f} | {rate:.0f} | {err:.2e} | {to_same} |")
     for name in times:
-        out.append(f"| speed-up {name} / bf16 | {times['bf16 grouped_mm'] / times[name]:.2f}× | | |")
+        out.append(f"| speed-up {name} / bf16 | {times['bf16 grouped_mm'] / times[name]:.2f}× | | | |")
     if grouped and device == "cuda":
         out += scaled_grouped(x, wgu, counts, iters)
     if profile:
@@ -368,6 +370,7 @@ def main() -> None:
     ap.add_argument(
         "--model", default="model=deepseek_v2_lite model.num_hidden_layers=6", help="for --parts shapes"
     )
+    ap.add_argument("--experts", help="H,I,E,ROWS: hidden, expert width, experts, rows (default V3's)")
     ap.add_argument("--out")
     a = ap.parse_args()
     dev = a.device
@@ -377,6 +380,8 @@ def main() -> None:
     else:
         shapes = {"check": (1024, 1536, 2048), "dense": (16384, 7168, 7168, a.iters)}
         shapes["experts"] = (7168, 2048, 32, 65536, a.iters)
+    if a.experts:
+        shapes["experts"] = (*(int(v) for v in a.experts.split(",")), shapes["experts"][-1])
     parts = a.parts.split(",")
     if "check" in parts:
         lines += kernel_check(dev, *shapes["check"])

@@ -4,6 +4,9 @@ tile and block scales, and the blockwise GEMM with fp32 promotion every 128 elem
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -277,6 +280,96 @@ def test_deep_gemm_grouped_experts_equal_the_per_expert_loop(monkeypatch):
     assert fp8_experts._deep_gemm().calls == {"m_grouped": 4, "k_grouped": 2}
     for got, want in zip(*results, strict=True):
         assert torch.equal(got, want)
+
+
+def test_device_group_layout_pads_every_group_to_128_rows_without_host_reads():
+    """`group_layout` (the grouped Triton kernels' groups): each expert's rows in order in its own
+    128-aligned group, the groups back to back, a tail past the counts' sum after every group in tiles of no
+    expert, each tile naming its group's expert — all made without reading a value on the host."""
+    from host_reads import HostReads, host_copies
+    from moe_train.ops.fp8_experts import group_layout
+
+    counts = torch.tensor([100, 0, 200, 1, 120])
+    m = int(counts.sum()) + 9
+    with HostReads() as mode, host_copies() as copies:
+        lay = group_layout(counts, m)
+    assert mode.reads == [] and copies == []
+    assert lay.starts.tolist() == [0, 128, 128, 384, 512] and lay.ends.tolist() == [128, 128, 384, 512, 640]
+    assert lay.rows >= 640 + 9 and lay.rows % TILE == 0 and lay.dest.unique().numel() == m
+    first = torch.cumsum(counts, 0) - counts
+    for e, (n, start) in enumerate(zip(counts.tolist(), lay.starts.tolist(), strict=True)):
+        assert lay.dest[int(first[e]) : int(first[e]) + n].tolist() == list(range(start, start + n))
+    assert lay.dest[-9:].tolist() == list(range(640, 649))
+    assert lay.tile_expert.tolist() == [0, 2, 2, 3, 4] + [-1] * (lay.rows // TILE - 5)
+
+
+def triton_grouped_checks() -> None:
+    """The grouped FP8 Triton kernels on CPU tensors (TRITON_INTERPRET=1) against the reference.
+
+    The kernels alone, against `blockwise_mm` per group, on operands cast from bf16, fp32 out (the
+    interpreter converts fp32 to bf16 toward zero where the GPU rounds to nearest, so bf16 outputs are
+    compared on the GPU: bench/fp8_gemm.py); then the routed experts with fp32 rows — gates, an empty expert,
+    groups under and over 128 rows, tail rows past the counts' sum — against the grouped casts with a GEMM
+    per expert: outputs and every gradient."""
+    from moe_train.ops import fp8_grouped_triton as fgt
+    from moe_train.ops.fp8 import blockwise_mm, cast_blocks, cast_tiles, swiglu_fp8_cached
+    from moe_train.ops.fp8_experts import expert_swiglu_fp8, fp8_experts_on_device, group_layout
+
+    g = torch.Generator().manual_seed(3)
+    counts = torch.tensor([100, 0, 200, 1])
+    lay = group_layout(counts, int(counts.sum()))
+    e, n, k = 4, 384, 256
+    a = torch.randn(lay.rows, k, generator=g).bfloat16()
+    w = torch.randn(e, n, k, generator=g).bfloat16()
+    qa, sa = cast_tiles(a)
+    qw, sw = cast_blocks(w.reshape(e * n, k))
+    qw, sw = qw.view(e, n, k), sw.view(e, n // TILE, k // TILE)
+    got = fgt.m_grouped_mm(qa, sa, qw, sw, lay.tile_expert, torch.float32)
+    want = torch.zeros_like(got)
+    for x, (r0, r1) in enumerate(zip(lay.starts.tolist(), lay.ends.tolist(), strict=True)):
+        want[r0:r1] = blockwise_mm(qa[r0:r1].float(), sa[r0:r1], qw[x].float(), sw[x])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(lay.rows, n, generator=g).bfloat16()
+    qt, st = cast_tiles(dy.t().contiguous())
+    qx, sx = cast_tiles(a.t().contiguous())
+    got = fgt.k_grouped_mm(qt, st, qx, sx, lay.starts, lay.ends, torch.float32)
+    for x, (r0, r1) in enumerate(zip(lay.starts.tolist(), lay.ends.tolist(), strict=True)):
+        t0, t1 = r0 // TILE, r1 // TILE
+        want = blockwise_mm(qt[:, r0:r1].float(), st[:, t0:t1], qx[:, r0:r1].float(), sx[:, t0:t1])
+        torch.testing.assert_close(got[x], want, rtol=1e-5, atol=1e-5)
+
+    m = int(counts.sum())
+    x = torch.randn(m + 7, 2 * TILE, generator=g)
+    x[m:] = float("nan")  # a fixed-size buffer's tail: never read into a group
+    wgu = torch.randn(4, 2 * TILE, 2 * TILE, generator=g) / 16
+    wd = torch.randn(4, 2 * TILE, TILE, generator=g) / 16
+    gates, go = torch.rand(m + 7, generator=g), torch.randn(m + 7, 2 * TILE, generator=g)
+    assert fp8_experts_on_device(x)
+    results = []
+    for kernel in ("triton", "per_expert"):
+        leaves = [t.clone().requires_grad_() for t in (x, wgu, wd, gates)]
+        rows, row_gates = (leaves[0], leaves[3]) if kernel == "triton" else (leaves[0][:m], leaves[3][:m])
+        y = expert_swiglu_fp8(rows, counts, leaves[1], leaves[2], swiglu_fp8_cached, None, row_gates, kernel)
+        if kernel != "triton":
+            y = torch.cat([y, y.new_zeros(7, y.shape[1])])
+        grads = torch.autograd.grad(y, leaves, go, allow_unused=True)
+        grads = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads, strict=True)]
+        results.append([y.detach(), *grads])
+    assert not results[0][0][m:].any() and not results[0][1][m:].any()  # the tail: zeros out and back
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_grouped_fp8_kernels_match_the_reference_in_the_interpreter():
+    """Needs Triton (the `cputest` extra, as in CI); bench/fp8_gemm.py compares them on the GPU. Triton picks
+    the interpreter when kernels are defined: the checks run in a new process."""
+    pytest.importorskip("triton")
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
+    code = "import test_fp8 as t; t.triton_grouped_checks()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_fp8_cached_swiglu_weighs_rows_by_their_gates():

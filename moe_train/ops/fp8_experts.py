@@ -1,9 +1,12 @@
 """The routed experts in FP8 (DeepSeek-V3's recipe, ops/fp8.py): rows grouped by expert, each group padded to
 128 rows, both projections' three GEMMs per group.
 
-Two implementations of a grouped FP8 linear, with the same operands and the same semantics:
+Three implementations of a grouped FP8 linear, with the same operands and the same semantics:
 - `_FP8GroupedLinear`: one block-scaled GEMM per expert (`fp8_kernels(x).mm`: `torch._scaled_mm` on SM90,
   `blockwise_mm` elsewhere), every cast made once over all rows. It runs everywhere and is the reference.
+- `_TritonGroupedLinear`: one Triton kernel per GEMM for all experts (ops/fp8_grouped_triton.py), the groups
+  laid out on the device (`group_layout`), so nothing is read on the host and a layer with FP8 experts can be
+  captured. It runs on FP8 GPUs with Triton, and on CPU under Triton's interpreter (the tests).
 - `_DeepGEMMGroupedLinear`: one kernel per GEMM for all experts, through DeepGEMM (deepseek-ai/DeepGEMM,
   DeepSeek's kernel library for this recipe), where it is installed on an SM90 GPU. Neither torch nor torchao
   has a grouped GEMM with the recipe's 1×128 / 128×128 scales for SM90, and the per-expert loop's GEMMs are
@@ -19,11 +22,12 @@ import functools
 import importlib
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .fp8 import REFERENCE, TILE, cast_blocks, fp8_kernels, fp8_roundtrip
+from .fp8 import REFERENCE, TILE, FP8Kernels, cast_blocks, fp8_kernels, fp8_roundtrip
 from .fused import swiglu_act
 
 
@@ -146,6 +150,96 @@ class _DeepGEMMGroupedLinear(torch.autograd.Function):
         return dx, dw.to(w.dtype), None
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """Rows sorted by expert, spread to groups padded to multiples of 128 rows in a buffer whose size depends
+    on the row count only (not on the routing), every index made on the device: what the grouped Triton
+    kernels (ops/fp8_grouped_triton.py) take, with no host read."""
+
+    dest: torch.Tensor  # (M,) each sorted row's place in the buffer
+    rows: int  # the buffer's rows: room for every group's padding whatever the counts
+    tile_expert: torch.Tensor  # (rows/128,) int32: each 128-row tile's expert, -1 past every group
+    starts: torch.Tensor  # (E,) int32: each group's first row
+    ends: torch.Tensor  # (E,) int32: each group's end (start + its rows rounded up to 128)
+
+
+def group_layout(counts: torch.Tensor, m: int) -> GroupLayout:
+    """The padded layout of m rows sorted by expert, counts[e] of them expert e's. Rows past the counts' sum
+    (a fixed-size dispatch buffer's tail) go after every group, into tiles of no expert: they come out 0."""
+    n_exp, dev = counts.shape[0], counts.device
+    padded = (counts + TILE - 1) // TILE * TILE
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    last = torch.cumsum(counts, 0)
+    rows = -(-(m + (TILE - 1) * n_exp) // TILE) * TILE  # Σ ceil(c/128)·128 ≤ Σ c + 127 per group
+    r = torch.arange(m, device=dev)
+    expert = torch.searchsorted(last, r, right=True)  # n_exp for a tail row
+    tail = expert >= n_exp
+    expert = expert.clamp(max=n_exp - 1)
+    dest = r - (last - counts)[expert] + starts[expert]
+    dest = torch.where(tail, ends[-1] + r - last[-1], dest)
+    tile_expert = torch.searchsorted(ends, torch.arange(0, rows, TILE, device=dev), right=True)
+    tile_expert = torch.where(tile_expert < n_exp, tile_expert, -1).to(torch.int32)
+    return GroupLayout(dest, rows, tile_expert, starts.to(torch.int32), ends.to(torch.int32))
+
+
+def _stack_blocks(k: FP8Kernels, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's w [E, N, K] in 128×128 blocks by the kernel set's cast: values [E, N, K] (K contiguous)
+    and scales [E, N/128, K/128]. torchao's block cast writes w.T column-major, which is w row-major."""
+    e, n, kk = w.shape
+    q, s = k.weight(w.reshape(e * n, kk))
+    if k.name == "torchao":
+        q, s = q.t(), s.t()
+    return q.reshape(e, n, kk), s.reshape(e, n // TILE, kk // TILE)
+
+
+def _token_tiles(k: FP8Kernels, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] tiled by 128 along the rows, as Wgrad's b: values [K, M] (M contiguous), scales [K, M/128]."""
+    q, s = k.act_tokens(x)
+    return (q.t(), s.t()) if k.name == "torchao" else (q, s)
+
+
+class _TritonGroupedLinear(torch.autograd.Function):
+    """`_FP8GroupedLinear` with each of its three GEMMs one Triton launch for all experts
+    (`fp8_grouped_triton`), the groups given by a `GroupLayout` on the device: no host read, no per-expert
+    launches. The casts are the kernel set's, made once over all rows; the weights' blocks are cast per call
+    (and transposed for Dgrad), never kept."""
+
+    @staticmethod
+    def forward(ctx, x, w, layout):  # noqa: ANN001, ANN205 - x [rows, K], w [E, N, K]
+        from . import fp8_grouped_triton as fgt
+
+        k = ctx.kernels = fp8_kernels(x)
+        qa, sa = k.act(x)
+        ctx.save_for_backward(*_token_tiles(k, x), w)
+        ctx.layout, ctx.x_dtype = layout, x.dtype
+        return fgt.m_grouped_mm(qa, sa, *_stack_blocks(k, w), layout.tile_expert, x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        from . import fp8_grouped_triton as fgt
+
+        qx, sx, w = ctx.saved_tensors
+        k, layout = ctx.kernels, ctx.layout
+        dy = dy.contiguous()
+        qw, sw = _stack_blocks(k, w)  # Dgrad's b: w[e].T's blocks are w[e]'s blocks transposed
+        qd, sd = k.act(dy)
+        dx = fgt.m_grouped_mm(
+            qd, sd, qw.transpose(1, 2).contiguous(), sw.transpose(1, 2), layout.tile_expert, ctx.x_dtype
+        )
+        qt, st = k.act_tokens_t(dy)
+        dw = fgt.k_grouped_mm(qt, st, qx, sx, layout.starts, layout.ends, w.dtype)
+        return dx, dw, None
+
+
+def fp8_experts_on_device(x: torch.Tensor) -> bool:
+    """Whether `expert_swiglu_fp8` runs x's experts with every index on the device (the grouped Triton
+    kernels): then it reads nothing on the host and takes a fixed-size buffer's tail rows as they are."""
+    from . import fp8_grouped_triton as fgt
+
+    return fgt.runs_on(x)
+
+
 def expert_swiglu_fp8(
     x: torch.Tensor,
     counts: torch.Tensor,
@@ -154,30 +248,47 @@ def expert_swiglu_fp8(
     act: Callable = swiglu_act,
     taps: list | None = None,
     gates: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """`ops.grouped_gemm.expert_swiglu` with both projections in FP8 (`_DeepGEMMGroupedLinear` where DeepGEMM
-    runs, else `_FP8GroupedLinear`). The rows (sorted by expert) are taken as FP8 dispatch delivers them
-    (`fp8_roundtrip`) in every layout, so that Wgrad's token tiles are cut from the same values with or
-    without an exchange, and are spread to groups padded to multiples of 128, so that each expert's token
-    tiles are its own: this equals the per-expert loop (`expert_swiglu_reference` with `fp8_linear`) on those
-    rows."""
-    sizes = counts.tolist()
+    """`ops.grouped_gemm.expert_swiglu` with both projections in FP8. The rows (sorted by expert) are taken as
+    FP8 dispatch delivers them (`fp8_roundtrip`) in every layout, so that Wgrad's token tiles are cut from the
+    same values with or without an exchange, and are spread to groups padded to multiples of 128, so that each
+    expert's token tiles are its own: this equals the per-expert loop (`expert_swiglu_reference` with
+    `fp8_linear`) on those rows.
+
+    kernel: `triton` (`_TritonGroupedLinear`: the groups laid out on the device, nothing read on the host, x
+    may end in tail rows past the counts' sum), `deep_gemm` (`_DeepGEMMGroupedLinear`), `per_expert`
+    (`_FP8GroupedLinear`), or `auto`: triton where it runs (`fp8_experts_on_device`), else DeepGEMM where it
+    runs, else per expert. The last two read the counts on the host and take exactly their sum of rows.
+    """
+    if kernel == "auto":
+        widths = (x.shape[1], w_gate_up.shape[1], w_down.shape[2])  # the GEMMs' K: Fprop and Dgrad of both
+        if fp8_experts_on_device(x):
+            kernel = "triton"
+        else:
+            kernel = "deep_gemm" if deep_gemm_available(x, *widths) else "per_expert"
     x = fp8_roundtrip(x)
-    bounds, start, shifts = [], 0, []
-    for size, taken in zip(sizes, itertools.accumulate([0, *sizes]), strict=False):
-        bounds.append((start, start + -(-size // TILE) * TILE))
-        shifts.append(start - taken)  # how far this expert's rows move
-        start = bounds[-1][1]
-    dest = torch.arange(x.shape[0]) + torch.tensor(shifts).repeat_interleave(torch.tensor(sizes))
-    dest = dest.to(x.device)
-    x_p = x.new_zeros(start, x.shape[1]).index_copy(0, dest, x)
+    if kernel == "triton":
+        layout = group_layout(counts, x.shape[0])
+        dest, rows = layout.dest, layout.rows
+        linear, groups = _TritonGroupedLinear, layout
+    else:
+        sizes = counts.tolist()
+        bounds, start, shifts = [], 0, []
+        for size, taken in zip(sizes, itertools.accumulate([0, *sizes]), strict=False):
+            bounds.append((start, start + -(-size // TILE) * TILE))
+            shifts.append(start - taken)  # how far this expert's rows move
+            start = bounds[-1][1]
+        dest = torch.arange(x.shape[0]) + torch.tensor(shifts).repeat_interleave(torch.tensor(sizes))
+        dest, rows = dest.to(x.device), start
+        linear = _DeepGEMMGroupedLinear if kernel == "deep_gemm" else _FP8GroupedLinear
+        groups = bounds
+    x_p = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
     if gates is not None:  # the padding rows' gates are 0: they add nothing, and get no gradient
-        gates = gates.new_zeros(start).index_copy(0, dest, gates)
-    widths = (x.shape[1], w_gate_up.shape[1], w_down.shape[2])  # the GEMMs' K: Fprop and Dgrad of both
-    linear = _DeepGEMMGroupedLinear if deep_gemm_available(x, *widths) else _FP8GroupedLinear
-    gu = linear.apply(x_p, w_gate_up, bounds)
+        gates = gates.new_zeros(rows).index_copy(0, dest, gates)
+    gu = linear.apply(x_p, w_gate_up, groups)
     g, u = gu.chunk(2, dim=-1)
-    y = linear.apply(act(g, u, gates), w_down, bounds)
+    y = linear.apply(act(g, u, gates), w_down, groups)
     if taps is not None:
         taps += [(gu, w_gate_up), (y, w_down)]
     return y[dest]

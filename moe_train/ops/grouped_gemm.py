@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp8 import fp8_linear
-from .fp8_experts import expert_swiglu_fp8
+from .fp8_experts import expert_swiglu_fp8, fp8_experts_on_device
 from .fused import swiglu_act
 
 # (projection output, its weight) pairs a caller may ask for: a deferred weight-gradient pass starts from
@@ -115,7 +115,8 @@ def expert_swiglu(
     gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """impl: auto (grouped on CUDA, reference elsewhere) | grouped | reference | fp8 (both projections as FP8
-    GEMMs by DeepSeek-V3's recipe, `ops.fp8_experts.expert_swiglu_fp8`, on any device).
+    GEMMs by DeepSeek-V3's recipe, `ops.fp8_experts.expert_swiglu_fp8`, on any device; on an FP8 GPU with
+    Triton every index stays on the device).
 
     x may end in padding rows past the counts' sum (a fixed-size buffer, parallel/dispatch/bounded.py): the
     grouped GEMM never computes them, and the paths that read the counts on the host give them zero rows.
@@ -124,6 +125,8 @@ def expert_swiglu(
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
     ):
         return expert_swiglu_grouped(x, counts, w_gate_up, w_down, act, taps, gates)
+    if impl == "fp8" and fp8_experts_on_device(x):  # takes the tail rows itself, reads nothing on the host
+        return expert_swiglu_fp8(x, counts, w_gate_up, w_down, act, taps, gates)
     used = int(counts.sum())  # these paths read the counts on the host anyway
     rows, tail = x[:used] if used < x.shape[0] else x, x.shape[0] - used
     if gates is not None:
