@@ -16,7 +16,12 @@ here in the same process:
 The sum is the bound; `--measured TOKENS_PER_S` (the trainer's own, from metrics.jsonl) prints the fraction
 of it reached. Matmul FLOPs for MFU are `train_flops_per_token`'s.
 
-Usage (GPU machine): python bench/roofline.py [overrides] [--measured 72207]
+`--fp8` also times every GEMM `trainer.dtype=fp8` runs in FP8 (each eligible linear but the head through
+`fp8_linear`, the routed experts through `expert_swiglu_fp8`, casts included) against its bf16 time above, and
+prints Amdahl's bound on the FP8 trainer's speed-up: the measured bf16 step (`--measured`, else the bound)
+with each GEMM's bf16 time replaced by its FP8 time, everything else unchanged.
+
+Usage (GPU machine): python bench/roofline.py [overrides] [--measured 72207] [--fp8]
 CPU smoke test: python bench/roofline.py --device cpu --tiny
 """
 
@@ -36,6 +41,7 @@ from moe_train.config import load_config, to_object  # noqa: E402
 from moe_train.model import build_model, train_flops_per_token  # noqa: E402
 from moe_train.model.moe import RoutedExperts  # noqa: E402
 from moe_train.model.norm import RMSNorm  # noqa: E402
+from moe_train.ops.fp8 import fp8_eligible, fp8_linear, swiglu_fp8_cached  # noqa: E402
 from moe_train.ops.grouped_gemm import expert_swiglu  # noqa: E402
 
 YARDSTICK = [
@@ -63,6 +69,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a small model, for a CPU smoke test")
     ap.add_argument("--measured", type=float, default=None, help="the trainer's tokens/s to compare")
+    ap.add_argument("--fp8", action="store_true", help="FP8 GEMM times and the FP8 trainer's Amdahl bound")
     a, overrides = ap.parse_known_args()
     cfg = to_object(load_config([*(TINY if a.tiny else YARDSTICK), *overrides]))
     m, d = cfg.model, a.device
@@ -74,6 +81,15 @@ def main() -> None:
     linears = Counter(
         (mod.in_features, mod.out_features) for mod in model.modules() if isinstance(mod, torch.nn.Linear)
     )
+    # what trainer.dtype=fp8 runs in FP8 (model/fp8.convert_to_fp8): every eligible linear but the head
+    fp8_linears = Counter(
+        (mod.in_features, mod.out_features)
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+        and name.split(".")[-1] != "lm_head"
+        and fp8_eligible(mod.in_features, mod.out_features)
+    )
+    gemms: list[tuple[str, float, float]] = []  # (GEMM, bf16 ms, FP8 ms) per micro-batch, under --fp8
     experts = [mod for mod in model.modules() if isinstance(mod, RoutedExperts)]
     norms = [mod for mod in model.modules() if isinstance(mod, RMSNorm)]
     params = sum(p.numel() for p in model.parameters())
@@ -86,7 +102,12 @@ def main() -> None:
     for (fan_in, fan_out), n in sorted(linears.items()):
         x, w = leaf(tokens, fan_in), leaf(fan_out, fan_in)
         go = torch.randn(tokens, fan_out, device=d, dtype=dtype)
-        dense_ms += n * median_ms(lambda x=x, w=w, go=go: F.linear(x, w).backward(go), 5, 3, d)
+        one = median_ms(lambda x=x, w=w, go=go: F.linear(x, w).backward(go), 5, 3, d)
+        dense_ms += n * one
+        if a.fp8 and fp8_linears[fan_in, fan_out]:
+            n8 = fp8_linears[fan_in, fan_out]
+            low = median_ms(lambda x=x, w=w, go=go: fp8_linear(x, w).backward(go), 5, 3, d)
+            gemms.append((f"linear {fan_in}→{fan_out} ×{n8}", n8 * one, n8 * low))
     flops = 6.0 * tokens * sum(i * o * n for (i, o), n in linears.items())
     rows.append(("dense matmuls", f"{len(linears)} shapes, {flops / dense_ms / 1e9:.0f} TFLOP/s", dense_ms))
 
@@ -100,6 +121,13 @@ def main() -> None:
         one = median_ms(lambda: expert_swiglu(x, counts, gu, dn).backward(go), 5, 3, d)
         flops = 6.0 * x.shape[0] * 3 * m.hidden_size * m.moe_intermediate_size
         rows.append(("routed experts", f"grouped GEMM, {flops / one / 1e9:.0f} TFLOP/s", one * len(experts)))
+        if a.fp8 and fp8_eligible(m.hidden_size, m.moe_intermediate_size):
+
+            def fp8_experts() -> None:
+                expert_swiglu(x, counts, gu, dn, "fp8", swiglu_fp8_cached).backward(go)
+
+            low = median_ms(fp8_experts, 5, 3, d)
+            gemms.append((f"routed experts ×{len(experts)}", one * len(experts), low * len(experts)))
 
     layers = m.num_hidden_layers + m.num_nextn_predict_layers
     dqk, dv, H = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim, m.num_attention_heads
@@ -143,6 +171,17 @@ def main() -> None:
     print(f"| **bound** | {best:,.0f} tokens/s, {best * fpt / 1e12:.0f} TFLOP/s | **{total:.2f}** | |")
     if a.measured:
         print(f"measured {a.measured:,.0f} tokens/s: {a.measured / best:.0%} of the bound")
+    if a.fp8:
+        step = tokens / a.measured * 1e3 if a.measured else total  # ms per micro-batch in bf16
+        print("| GEMM (forward + backward, per micro-batch) | bf16 ms | FP8 ms | speed-up |")
+        print("|---|---:|---:|---:|")
+        for what, hi, low in gemms:
+            print(f"| {what} | {hi:.2f} | {low:.2f} | {hi / low:.2f}× |")
+        hi, low = sum(g[1] for g in gemms), sum(g[2] for g in gemms)
+        bound = step / (step - hi + low)
+        share = f"{hi / step:.0%} of the bf16 step"
+        print(f"| all FP8 GEMMs ({share}) | {hi:.2f} | {low:.2f} | {hi / low:.2f}× |")
+        print(f"Amdahl's bound on the FP8 trainer against bf16: {bound:.2f}× (bf16 step {step:.1f} ms)")
 
 
 if __name__ == "__main__":
