@@ -27,8 +27,8 @@ def compile_mode(setting: str, device: torch.device, fp8: bool = False) -> str:
     kernels take the step's many small memory-bound ops off a step that is replayed from a CUDA graph, and
     `none` elsewhere (on CPU compiling costs more than it saves in short runs and tests, and the CPU
     experts' loop reads its row counts on the host, which recompiles a phase for every new set of counts)
-    and under FP8 training (`fp8`: its experts read their counts on the host too, and its quantising
-    linears have not been run compiled on a GPU; `phases` asks for it); any other value stands as given.
+    and under FP8 training (`fp8`: its quantising linears and grouped Triton experts have not been run
+    compiled on a GPU; `phases` asks for it); any other value stands as given.
     Evaluation compiles each phase once more (no gradients: another graph)."""
     if setting != "auto":
         return setting
