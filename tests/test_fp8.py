@@ -360,6 +360,7 @@ def triton_grouped_checks() -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a new process running both kernels in the interpreter
 def test_triton_grouped_fp8_kernels_match_the_reference_in_the_interpreter():
     """Needs Triton (the `cputest` extra, as in CI); bench/fp8_gemm.py compares them on the GPU. Triton picks
     the interpreter when kernels are defined: the checks run in a new process."""

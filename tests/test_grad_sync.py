@@ -6,6 +6,7 @@ really starts reductions inside backward, and that the sums equal the after-back
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from distributed import run_world
@@ -36,6 +37,7 @@ def _world(base: str) -> list[dict]:
     return [_case(f"{base}/dp", ()), _case(f"{base}/ep", ("parallel.ep=2",))]
 
 
+@pytest.mark.slow  # 2 processes, 2 runs: the fast tier's layout tests reduce gradients over dp too
 def test_reductions_start_inside_backward_and_sum_the_same(tmp_path):
     for rank_results in run_world(2, _world, str(tmp_path)):
         for r in rank_results:

@@ -139,6 +139,7 @@ def test_schedules_on_2_ranks():
     _assert_matches(cases, results, 2)
 
 
+@pytest.mark.slow  # the fast tier keeps the 2-rank schedules test
 def test_dualpipev_on_one_rank():
     """pp=1 DualPipeV: both chunks of the V on one rank, handed over locally."""
     cases = [("dualpipev", 2, True), ("dualpipev", 3, False)]
