@@ -278,7 +278,7 @@ def experts(
         ("fp8 per-expert loop", fp8_loop),
         ("fp8 grouped casts, a GEMM per expert", fp8_with("per_expert")),
     ]
-    if fp8_experts.fp8_experts_on_device(x):
+    if fp8_experts.fp8_experts_on_device(x.device):
         variants.append(("fp8 grouped casts, Triton grouped GEMMs", fp8_with("triton")))
     if deep_gemm:
         variants.append(("fp8 grouped casts, DeepGEMM grouped GEMMs", fp8_with("deep_gemm")))

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from deep_gemm_twin import deep_gemm_twin  # noqa: F401 - a fixture
+from grouped_fp8_twin import grouped_fp8_twin  # noqa: F401 - a fixture
 
 from moe_train.model.moe import MoE
 from moe_train.ops.fp8 import (
@@ -303,6 +304,71 @@ def test_device_group_layout_pads_every_group_to_128_rows_without_host_reads():
     assert lay.tile_expert.tolist() == [0, 2, 2, 3, 4] + [-1] * (lay.rows // TILE - 5)
 
 
+@pytest.mark.usefixtures("grouped_fp8_twin")
+def test_grouped_kernels_twin_equals_the_per_expert_gemms():
+    """The grouped kernels' contract (here their plain-torch twin, tests/grouped_fp8_twin.py) through the
+    experts: outputs, input, weight and gate gradients equal the per-expert GEMMs' on the same FP8 operands,
+    with an empty expert, groups under and over 128 rows and tail rows past the counts' sum (NaN: never read
+    into a group; they come out 0 and get 0)."""
+    from moe_train.ops.fp8 import swiglu_fp8_cached
+    from moe_train.ops.fp8_experts import expert_swiglu_fp8
+    from moe_train.ops.grouped_gemm import expert_swiglu
+
+    g = torch.Generator().manual_seed(8)
+    counts = torch.tensor([100, 0, 200, 1])
+    m = int(counts.sum())
+    x = torch.randn(m + 5, 2 * TILE, generator=g)
+    x[m:] = float("nan")
+    wgu, wd = (
+        torch.randn(4, 2 * TILE, 2 * TILE, generator=g) / 16,
+        torch.randn(4, 2 * TILE, TILE, generator=g) / 16,
+    )
+    gates, go = torch.rand(m + 5, generator=g), torch.randn(m + 5, 2 * TILE, generator=g)
+    results = []
+    for grouped in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, wgu, wd, gates)]
+        if grouped:  # what the model calls: the experts take the tail themselves, reading nothing back
+            y = expert_swiglu(
+                leaves[0], counts, leaves[1], leaves[2], "fp8", swiglu_fp8_cached, None, leaves[3]
+            )
+        else:
+            rows, row_gates = leaves[0][:m], leaves[3][:m]
+            y = expert_swiglu_fp8(
+                rows, counts, leaves[1], leaves[2], swiglu_fp8_cached, None, row_gates, "per_expert"
+            )
+            y = torch.cat([y, y.new_zeros(5, y.shape[1])])
+        grads = torch.autograd.grad(y, leaves, go, allow_unused=True)
+        grads = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads, strict=True)]
+        results.append([y.detach(), *grads])
+    assert not results[0][0][m:].any() and not results[0][1][m:].any()
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("grouped_fp8_twin")
+def test_an_fp8_step_reads_nothing_back_through_the_grouped_kernels(tmp_path):
+    """With the grouped kernels (an FP8 GPU's path; here their twin), a one-process FP8 step — FP8 linears,
+    FP8 experts, loss, backward, clipping, update, bias update — issues no host read: no scalar read, no
+    tolist or host copy. This is what lets a CUDA graph capture an FP8 micro-batch."""
+    from host_reads import HostReads, host_copies
+    from moe_train.train.trainer import Trainer
+    from tiny_cfg import tiny_cfg
+
+    fp8 = ("trainer.dtype=fp8", "model.hidden_size=128", "model.moe_intermediate_size=128")
+    t = Trainer(
+        tiny_cfg(str(tmp_path), "trainer.resume=none", "trainer.skip_nonfinite=true", *fp8, steps=2),
+        str(tmp_path),
+    )
+    groups = [{**g, "fused": True, "foreach": None} for g in t.engine.optimizer.param_groups]
+    t.engine.optimizer, t.defers_reads = torch.optim.AdamW(groups, fused=True), True
+    assert all(m.experts.impl == "fp8" for m in t.model.modules() if isinstance(m, MoE))
+    with host_copies() as host, HostReads() as r:
+        record = t.train_step(0)
+    assert (r.reads, host) == ([], [])
+    t.settle()
+    assert math.isfinite(record["loss"]) and record["fp8_gemm_share"] > 0.5
+
+
 def triton_grouped_checks() -> None:
     """The grouped FP8 Triton kernels on CPU tensors (TRITON_INTERPRET=1) against the reference.
 
@@ -344,7 +410,7 @@ def triton_grouped_checks() -> None:
     wgu = torch.randn(4, 2 * TILE, 2 * TILE, generator=g) / 16
     wd = torch.randn(4, 2 * TILE, TILE, generator=g) / 16
     gates, go = torch.rand(m + 7, generator=g), torch.randn(m + 7, 2 * TILE, generator=g)
-    assert fp8_experts_on_device(x)
+    assert fp8_experts_on_device(x.device)
     results = []
     for kernel in ("triton", "per_expert"):
         leaves = [t.clone().requires_grad_() for t in (x, wgu, wd, gates)]

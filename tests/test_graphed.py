@@ -5,9 +5,11 @@ CPU without a capture, and a step through it equals the eager step bit for bit."
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
+from grouped_fp8_twin import grouped_fp8_twin  # noqa: F401 - a fixture
 from ragged_twin import ragged_twin  # noqa: F401 - a fixture
 
 from moe_train.config import ConfigError
@@ -16,6 +18,7 @@ from moe_train.ops.cudnn_attention import RaggedDocs
 from moe_train.parallel.pipeline import one_f_one_b
 from moe_train.parallel.pipeline.graphed import GraphedMicroBatch, one_stage_order
 from moe_train.parallel.pipeline.schedules import interleaved_1f1b
+from moe_train.train import setup
 from moe_train.train.setup import graph_blocker, use_graphs
 from moe_train.train.trainer import Trainer
 from tiny_cfg import tiny_cfg
@@ -42,11 +45,9 @@ def _run(run_dir, graphed: bool, *overrides: str, deferred: bool = False) -> tup
     return t, records
 
 
-@pytest.mark.parametrize("dtype, deferred", [("fp32", False), ("bf16_master", False), ("bf16_master", True)])
-def test_graphed_micro_batches_equal_the_eager_step_bit_for_bit(tmp_path, dtype, deferred):
-    """deferred: both runs as one GPU runs them, the graphs' outputs read back at `settle`."""
-    eager, want = _run(tmp_path / "eager", False, f"trainer.dtype={dtype}", deferred=deferred)
-    graphed, got = _run(tmp_path / "graphed", True, f"trainer.dtype={dtype}", deferred=deferred)
+def _graphed_equals_eager(tmp_path, *overrides: str, deferred: bool) -> None:
+    eager, want = _run(tmp_path / "eager", False, *overrides, deferred=deferred)
+    graphed, got = _run(tmp_path / "graphed", True, *overrides, deferred=deferred)
     g = graphed.executor.graphed
     assert isinstance(g, GraphedMicroBatch) and g.captured  # micro-batches after the warm-up replayed
     keys = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "expert_load")
@@ -58,6 +59,33 @@ def test_graphed_micro_batches_equal_the_eager_step_bit_for_bit(tmp_path, dtype,
     buffers = dict(eager.model.named_buffers())  # the selection biases moved the same way
     for name, b in graphed.model.named_buffers():
         assert torch.equal(b, buffers[name]), name
+
+
+@pytest.mark.parametrize("dtype, deferred", [("fp32", False), ("bf16_master", False), ("bf16_master", True)])
+def test_graphed_micro_batches_equal_the_eager_step_bit_for_bit(tmp_path, dtype, deferred):
+    """deferred: both runs as one GPU runs them, the graphs' outputs read back at `settle`."""
+    _graphed_equals_eager(tmp_path, f"trainer.dtype={dtype}", deferred=deferred)
+
+
+FP8 = ("trainer.dtype=fp8", "model.hidden_size=128", "model.moe_intermediate_size=128")  # experts in FP8
+
+
+@pytest.mark.usefixtures("grouped_fp8_twin")
+def test_graphed_fp8_micro_batches_equal_the_eager_step_bit_for_bit(tmp_path):
+    """FP8 steps whose experts run the grouped kernels (here their twin: nothing read on the host) through
+    the graphed path, as on one FP8 GPU."""
+    _graphed_equals_eager(tmp_path, *FP8, deferred=True)
+
+
+def test_fp8_steps_are_graphed_only_where_their_experts_read_nothing_on_the_host(tmp_path, monkeypatch):
+    """On a GPU without the grouped kernels the FP8 experts read their counts on the host: no graphs there,
+    with the reason; with them, nothing blocks an FP8 step."""
+    t = Trainer(tiny_cfg(str(tmp_path), *BASE, *FP8, steps=2), str(tmp_path))
+    gpu = SimpleNamespace(device=torch.device("cuda"), world=1)
+    monkeypatch.setattr(setup, "fp8_experts_on_device", lambda device: False)
+    assert "fp8 reads each MoE layer's row counts on the host" in graph_blocker(t.cfg, gpu, t.executor)
+    monkeypatch.setattr(setup, "fp8_experts_on_device", lambda device: True)
+    assert graph_blocker(t.cfg, gpu, t.executor) is None
 
 
 def test_graphed_micro_batches_of_both_kinds_with_plain_rows_and_documents(tmp_path):

@@ -193,10 +193,14 @@ def _stack_blocks(k: FP8Kernels, w: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q.reshape(e, n, kk), s.reshape(e, n // TILE, kk // TILE)
 
 
-def _token_tiles(k: FP8Kernels, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] tiled by 128 along the rows, as Wgrad's b: values [K, M] (M contiguous), scales [K, M/128]."""
-    q, s = k.act_tokens(x)
-    return (q.t(), s.t()) if k.name == "torchao" else (q, s)
+def _token_tiles(cast: Callable, x: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Wgrad operand: x [M, C] cut by `cast` into 1×128 tiles along the rows M, as values [C, M] with M
+    contiguous (FP8 tensor-core operands run along their reduction) and scales [C, M/128]. `transposed`: the
+    cast returns them indexed [M, C] (torchao's cast for Wgrad's b)."""
+    q, s = cast(x)
+    if transposed:
+        q, s = q.t(), s.t()
+    return q.contiguous(), s
 
 
 class _TritonGroupedLinear(torch.autograd.Function):
@@ -211,7 +215,7 @@ class _TritonGroupedLinear(torch.autograd.Function):
 
         k = ctx.kernels = fp8_kernels(x)
         qa, sa = k.act(x)
-        ctx.save_for_backward(*_token_tiles(k, x), w)
+        ctx.save_for_backward(*_token_tiles(k.act_tokens, x, k.name == "torchao"), w)
         ctx.layout, ctx.x_dtype = layout, x.dtype
         return fgt.m_grouped_mm(qa, sa, *_stack_blocks(k, w), layout.tile_expert, x.dtype)
 
@@ -227,17 +231,18 @@ class _TritonGroupedLinear(torch.autograd.Function):
         dx = fgt.m_grouped_mm(
             qd, sd, qw.transpose(1, 2).contiguous(), sw.transpose(1, 2), layout.tile_expert, ctx.x_dtype
         )
-        qt, st = k.act_tokens_t(dy)
+        qt, st = _token_tiles(k.act_tokens_t, dy, False)
         dw = fgt.k_grouped_mm(qt, st, qx, sx, layout.starts, layout.ends, w.dtype)
         return dx, dw, None
 
 
-def fp8_experts_on_device(x: torch.Tensor) -> bool:
-    """Whether `expert_swiglu_fp8` runs x's experts with every index on the device (the grouped Triton
-    kernels): then it reads nothing on the host and takes a fixed-size buffer's tail rows as they are."""
+def fp8_experts_on_device(device: torch.device) -> bool:
+    """Whether `expert_swiglu_fp8` runs experts on `device` with every index on the device (the grouped
+    Triton kernels): then it reads nothing on the host and takes a fixed-size buffer's tail rows as they
+    are, so a step can be captured in a CUDA graph."""
     from . import fp8_grouped_triton as fgt
 
-    return fgt.runs_on(x)
+    return fgt.runs_on(device)
 
 
 def expert_swiglu_fp8(
@@ -263,7 +268,7 @@ def expert_swiglu_fp8(
     """
     if kernel == "auto":
         widths = (x.shape[1], w_gate_up.shape[1], w_down.shape[2])  # the GEMMs' K: Fprop and Dgrad of both
-        if fp8_experts_on_device(x):
+        if fp8_experts_on_device(x.device):
             kernel = "triton"
         else:
             kernel = "deep_gemm" if deep_gemm_available(x, *widths) else "per_expert"

@@ -39,14 +39,14 @@ def available() -> bool:
     return True
 
 
-def runs_on(x: torch.Tensor) -> bool:
-    """Whether these kernels run for tensors like x: an FP8-capable GPU (SM89 and later) with Triton, or CPU
-    tensors under Triton's interpreter (the tests)."""
+def runs_on(device: torch.device) -> bool:
+    """Whether these kernels run for tensors on `device`: an FP8-capable GPU (SM89 and later) with Triton, or
+    the CPU under Triton's interpreter (the tests)."""
     if not available():
         return False
-    if x.is_cuda:
-        return torch.cuda.get_device_capability(x.device) >= (8, 9)
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs(kind: str) -> list:

@@ -125,7 +125,7 @@ def expert_swiglu(
         impl == "auto" and grouped_mm_available(x) and _compute_dtype(x) == torch.bfloat16
     ):
         return expert_swiglu_grouped(x, counts, w_gate_up, w_down, act, taps, gates)
-    if impl == "fp8" and fp8_experts_on_device(x):  # takes the tail rows itself, reads nothing on the host
+    if impl == "fp8" and fp8_experts_on_device(x.device):  # takes the tail rows itself, no host read
         return expert_swiglu_fp8(x, counts, w_gate_up, w_down, act, taps, gates)
     used = int(counts.sum())  # these paths read the counts on the host anyway
     rows, tail = x[:used] if used < x.shape[0] else x, x.shape[0] - used

@@ -32,6 +32,7 @@ from ..model.fp8 import convert_to_fp8
 from ..model.memory import MemoryEstimate, estimate_memory
 from ..model.recompute import set_recompute
 from ..ops.fp8 import scaled_mm_available
+from ..ops.fp8_experts import fp8_experts_on_device
 from ..optim.master import param_dtype, precision
 from ..parallel.dispatch import BOUNDED, CommCounters
 from ..parallel.dispatch.bounded import bounded_memory
@@ -243,8 +244,8 @@ def graph_blocker(cfg: TrainConfig, mesh: Mesh, executor: PipelineExecutor) -> s
         return "parallel.overlap=true cuts every step at its all-to-alls"
     if cfg.optim.engine != "torch":
         return f"optim.engine={cfg.optim.engine} runs its own backward"
-    if resolved == "fp8":
-        return "trainer.dtype=fp8 reads each MoE layer's row counts on the host"
+    if resolved == "fp8" and not fp8_experts_on_device(mesh.device):
+        return "trainer.dtype=fp8 reads each MoE layer's row counts on the host without its Triton kernels"
     return None
 
 
