@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from interpreted import run_interpreted
 
 from distributed import run_world
 from host_reads import HostReads, host_copies
@@ -436,15 +435,8 @@ def triton_interpreter_checks() -> None:
 
 
 def test_triton_bag_kernels_match_references_in_the_interpreter():
-    """Needs Triton (the `cputest` extra on CPU machines, as in CI); bench/ep_dispatch.py checks the kernels
-    on the GPU too. Triton picks the interpreter when kernels are defined: the checks run in a new process."""
-    pytest.importorskip("triton")
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
-    code = "import test_expert_parallel as t; t.triton_interpreter_checks()"
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """bench/ep_dispatch.py checks the kernels on the GPU too."""
+    run_interpreted("test_expert_parallel", "triton_interpreter_checks")
 
 
 def test_bounded_buffers_enter_the_memory_estimate():

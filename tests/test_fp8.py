@@ -4,14 +4,12 @@ tile and block scales, and the blockwise GEMM with fp32 promotion every 128 elem
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from deep_gemm_twin import deep_gemm_twin  # noqa: F401 - a fixture
 from grouped_fp8_twin import grouped_fp8_twin  # noqa: F401 - a fixture
+from interpreted import run_interpreted
 
 from moe_train.model.moe import MoE
 from moe_train.ops.fp8 import (
@@ -428,15 +426,8 @@ def triton_grouped_checks() -> None:
 
 @pytest.mark.slow  # a new process running both kernels in the interpreter
 def test_triton_grouped_fp8_kernels_match_the_reference_in_the_interpreter():
-    """Needs Triton (the `cputest` extra, as in CI); bench/fp8_gemm.py compares them on the GPU. Triton picks
-    the interpreter when kernels are defined: the checks run in a new process."""
-    pytest.importorskip("triton")
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = [os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
-    code = "import test_fp8 as t; t.triton_grouped_checks()"
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """bench/fp8_gemm.py compares the kernels on the GPU."""
+    run_interpreted("test_fp8", "triton_grouped_checks")
 
 
 def test_fp8_cached_swiglu_weighs_rows_by_their_gates():

@@ -27,16 +27,9 @@ import os
 
 import torch
 
+from .gather_triton import available
+
 TILE = 128  # the recipe's tile: scales step every 128 elements along a reduction, groups align to it
-
-
-@functools.cache
-def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def runs_on(device: torch.device) -> bool:
