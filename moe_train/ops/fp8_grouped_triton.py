@@ -101,8 +101,8 @@ def _kernels(interpreted: bool):
         e = tl.program_id(2).to(tl.int64)
         start = tl.load(start_ptr + e).to(tl.int64)
         end = tl.load(end_ptr + e).to(tl.int64)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # times a row stride of M: 64-bit
+        rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
         rr = tl.arange(0, BLOCK_R)
         n_ok, k_ok = rn < N, rk < K
         a_ptrs = a_ptr + rn[:, None] * s_an + (start + rr)[None, :] * s_am
