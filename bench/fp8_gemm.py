@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import moe_train.ops.fp8 as fp8_ops  # noqa: E402
 import moe_train.ops.fp8_experts as fp8_experts  # noqa: E402
+import moe_train.ops.fp8_grouped_triton as fgt  # noqa: E402
 from bench.common import emit, median_ms  # noqa: E402
 from moe_train.ops.fp8 import (  # noqa: E402
     blockwise_mm,
@@ -219,6 +220,22 @@ def cast_breakdown(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, iters: in
             + " | ".join(f"{median_ms(lambda k=k, op=op: op(k), iters, 3):.3f}" for k in sets)
             + " |"
         )
+    if fgt.runs_on(x.device):  # the grouped Triton kernels on one group: beside cuBLAS's Fprop and Wgrad
+        m, k, n = x.shape[0], x.shape[1], w.shape[0]
+        one = torch.zeros(m // fp8_ops.TILE, dtype=torch.int32, device=x.device)
+        qw, sw = fp8_ops.cast_blocks(w)
+        a, b = fp8_ops.cast_tiles(x), (qw.view(1, n, k), sw.view(1, n // fp8_ops.TILE, k // fp8_ops.TILE))
+        ends = torch.tensor([0, m], dtype=torch.int32, device=x.device)
+        (qt, st), (qx, sx) = fp8_ops.cast_tiles(dy.t()), fp8_ops.cast_tiles(x.t())
+        ta, tb = (qt.contiguous(), st), (qx.contiguous(), sx)  # Wgrad's operands run along the tokens
+        rows = {
+            "Fprop, Triton m-grouped (1 group)": lambda: fgt.m_grouped_mm(*a, *b, one, torch.bfloat16),
+            "Wgrad, Triton k-grouped (1 group)": lambda: fgt.k_grouped_mm(
+                *ta, *tb, ends[:1], ends[1:], torch.bfloat16
+            ),
+        }
+        for name, op in rows.items():
+            out.append(f"| {name} | {median_ms(op, iters, 3):.3f} |" + " |" * (len(sets) - 1))
     if len(sets) > 1:
         ref, got = fp8_ops.REFERENCE.act(x), sets[1].act(x)
         differ = (ref[0].float() != got[0].float()).float().mean().item()
