@@ -302,30 +302,29 @@ def test_device_group_layout_pads_every_group_to_128_rows_without_host_reads():
     assert lay.tile_expert.tolist() == [0, 2, 2, 3, 4] + [-1] * (lay.rows // TILE - 5)
 
 
-@pytest.mark.usefixtures("grouped_fp8_twin")
-def test_grouped_kernels_twin_equals_the_per_expert_gemms():
-    """The grouped kernels' contract (here their plain-torch twin, tests/grouped_fp8_twin.py) through the
-    experts: outputs, input, weight and gate gradients equal the per-expert GEMMs' on the same FP8 operands,
-    with an empty expert, groups under and over 128 rows and tail rows past the counts' sum (NaN: never read
-    into a group; they come out 0 and get 0)."""
+def _grouped_experts_match_the_per_expert_gemms(seed: int) -> None:
+    """The experts as the model calls them (`expert_swiglu`, impl fp8: the grouped kernels take a buffer's
+    tail themselves) against the per-expert GEMMs on the same FP8 operands: outputs, input, weight and gate
+    gradients, with an empty expert, groups under and over 128 rows and tail rows past the counts' sum (NaN:
+    never read into a group; they come out 0 and get 0). fp32 rows: the interpreter rounds bf16 toward
+    zero."""
     from moe_train.ops.fp8 import swiglu_fp8_cached
-    from moe_train.ops.fp8_experts import expert_swiglu_fp8
+    from moe_train.ops.fp8_experts import expert_swiglu_fp8, fp8_experts_on_device
     from moe_train.ops.grouped_gemm import expert_swiglu
 
-    g = torch.Generator().manual_seed(8)
+    g = torch.Generator().manual_seed(seed)
     counts = torch.tensor([100, 0, 200, 1])
-    m = int(counts.sum())
-    x = torch.randn(m + 5, 2 * TILE, generator=g)
+    m, tail = int(counts.sum()), 5
+    x = torch.randn(m + tail, 2 * TILE, generator=g)
     x[m:] = float("nan")
-    wgu, wd = (
-        torch.randn(4, 2 * TILE, 2 * TILE, generator=g) / 16,
-        torch.randn(4, 2 * TILE, TILE, generator=g) / 16,
-    )
-    gates, go = torch.rand(m + 5, generator=g), torch.randn(m + 5, 2 * TILE, generator=g)
+    assert fp8_experts_on_device(x.device)
+    wgu = torch.randn(4, 2 * TILE, 2 * TILE, generator=g) / 16
+    wd = torch.randn(4, 2 * TILE, TILE, generator=g) / 16
+    gates, go = torch.rand(m + tail, generator=g), torch.randn(m + tail, 2 * TILE, generator=g)
     results = []
     for grouped in (True, False):
         leaves = [t.clone().requires_grad_() for t in (x, wgu, wd, gates)]
-        if grouped:  # what the model calls: the experts take the tail themselves, reading nothing back
+        if grouped:
             y = expert_swiglu(
                 leaves[0], counts, leaves[1], leaves[2], "fp8", swiglu_fp8_cached, None, leaves[3]
             )
@@ -334,13 +333,19 @@ def test_grouped_kernels_twin_equals_the_per_expert_gemms():
             y = expert_swiglu_fp8(
                 rows, counts, leaves[1], leaves[2], swiglu_fp8_cached, None, row_gates, "per_expert"
             )
-            y = torch.cat([y, y.new_zeros(5, y.shape[1])])
+            y = torch.cat([y, y.new_zeros(tail, y.shape[1])])
         grads = torch.autograd.grad(y, leaves, go, allow_unused=True)
         grads = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads, strict=True)]
         results.append([y.detach(), *grads])
     assert not results[0][0][m:].any() and not results[0][1][m:].any()
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("grouped_fp8_twin")
+def test_grouped_kernels_twin_equals_the_per_expert_gemms():
+    """The grouped kernels' contract, here through their plain-torch twin (tests/grouped_fp8_twin.py)."""
+    _grouped_experts_match_the_per_expert_gemms(8)
 
 
 @pytest.mark.usefixtures("grouped_fp8_twin")
@@ -374,10 +379,10 @@ def triton_grouped_checks() -> None:
     interpreter converts fp32 to bf16 toward zero where the GPU rounds to nearest, so bf16 outputs are
     compared on the GPU: bench/fp8_gemm.py); then the routed experts with fp32 rows — gates, an empty expert,
     groups under and over 128 rows, tail rows past the counts' sum — against the grouped casts with a GEMM
-    per expert: outputs and every gradient."""
+    per expert: outputs and every gradient (`_grouped_experts_match_the_per_expert_gemms`)."""
     from moe_train.ops import fp8_grouped_triton as fgt
-    from moe_train.ops.fp8 import blockwise_mm, cast_blocks, cast_tiles, swiglu_fp8_cached
-    from moe_train.ops.fp8_experts import expert_swiglu_fp8, fp8_experts_on_device, group_layout
+    from moe_train.ops.fp8 import blockwise_mm, cast_blocks, cast_tiles
+    from moe_train.ops.fp8_experts import group_layout
 
     g = torch.Generator().manual_seed(3)
     counts = torch.tensor([100, 0, 200, 1])
@@ -402,26 +407,7 @@ def triton_grouped_checks() -> None:
         want = blockwise_mm(qt[:, r0:r1].float(), st[:, t0:t1], qx[:, r0:r1].float(), sx[:, t0:t1])
         torch.testing.assert_close(got[x], want, rtol=1e-5, atol=1e-5)
 
-    m = int(counts.sum())
-    x = torch.randn(m + 7, 2 * TILE, generator=g)
-    x[m:] = float("nan")  # a fixed-size buffer's tail: never read into a group
-    wgu = torch.randn(4, 2 * TILE, 2 * TILE, generator=g) / 16
-    wd = torch.randn(4, 2 * TILE, TILE, generator=g) / 16
-    gates, go = torch.rand(m + 7, generator=g), torch.randn(m + 7, 2 * TILE, generator=g)
-    assert fp8_experts_on_device(x.device)
-    results = []
-    for kernel in ("triton", "per_expert"):
-        leaves = [t.clone().requires_grad_() for t in (x, wgu, wd, gates)]
-        rows, row_gates = (leaves[0], leaves[3]) if kernel == "triton" else (leaves[0][:m], leaves[3][:m])
-        y = expert_swiglu_fp8(rows, counts, leaves[1], leaves[2], swiglu_fp8_cached, None, row_gates, kernel)
-        if kernel != "triton":
-            y = torch.cat([y, y.new_zeros(7, y.shape[1])])
-        grads = torch.autograd.grad(y, leaves, go, allow_unused=True)
-        grads = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, grads, strict=True)]
-        results.append([y.detach(), *grads])
-    assert not results[0][0][m:].any() and not results[0][1][m:].any()  # the tail: zeros out and back
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _grouped_experts_match_the_per_expert_gemms(9)  # the experts through the kernels themselves
 
 
 @pytest.mark.slow  # a new process running both kernels in the interpreter
