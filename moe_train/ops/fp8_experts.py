@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import fp8_grouped_triton as fgt
 from .fp8 import REFERENCE, TILE, FP8Kernels, cast_blocks, fp8_kernels, fp8_roundtrip
 from .fused import swiglu_act
 
@@ -211,8 +212,6 @@ class _TritonGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, layout):  # noqa: ANN001, ANN205 - x [rows, K], w [E, N, K]
-        from . import fp8_grouped_triton as fgt
-
         k = ctx.kernels = fp8_kernels(x)
         qa, sa = k.act(x)
         ctx.save_for_backward(*_token_tiles(k.act_tokens, x, k.name == "torchao"), w)
@@ -221,8 +220,6 @@ class _TritonGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):  # noqa: ANN001, ANN205
-        from . import fp8_grouped_triton as fgt
-
         qx, sx, w = ctx.saved_tensors
         k, layout = ctx.kernels, ctx.layout
         dy = dy.contiguous()
@@ -240,8 +237,6 @@ def fp8_experts_on_device(device: torch.device) -> bool:
     """Whether `expert_swiglu_fp8` runs experts on `device` with every index on the device (the grouped
     Triton kernels): then it reads nothing on the host and takes a fixed-size buffer's tail rows as they
     are, so a step can be captured in a CUDA graph."""
-    from . import fp8_grouped_triton as fgt
-
     return fgt.runs_on(device)
 
 
@@ -266,12 +261,11 @@ def expert_swiglu_fp8(
     (`_FP8GroupedLinear`), or `auto`: triton where it runs (`fp8_experts_on_device`), else DeepGEMM where it
     runs, else per expert. The last two read the counts on the host and take exactly their sum of rows.
     """
-    if kernel == "auto":
-        widths = (x.shape[1], w_gate_up.shape[1], w_down.shape[2])  # the GEMMs' K: Fprop and Dgrad of both
-        if fp8_experts_on_device(x.device):
-            kernel = "triton"
-        else:
-            kernel = "deep_gemm" if deep_gemm_available(x, *widths) else "per_expert"
+    widths = (x.shape[1], w_gate_up.shape[1], w_down.shape[2])  # the GEMMs' K: Fprop and Dgrad of both
+    if kernel == "auto" and fp8_experts_on_device(x.device):
+        kernel = "triton"
+    elif kernel == "auto":
+        kernel = "deep_gemm" if deep_gemm_available(x, *widths) else "per_expert"
     x = fp8_roundtrip(x)
     if kernel == "triton":
         layout = group_layout(counts, x.shape[0])
